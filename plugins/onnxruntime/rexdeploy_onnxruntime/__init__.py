@@ -1,0 +1,1 @@
+"""rexdeploy builder plugin for onnxruntime (placeholder until the plugin lands)."""

@@ -1,0 +1,1 @@
+"""rexdeploy builder plugin for openvino (placeholder until the plugin lands)."""

@@ -1,0 +1,1 @@
+"""rexdeploy builder plugin for tensorrt (placeholder until the plugin lands)."""

@@ -1,0 +1,1 @@
+"""Engine builders: the Builder protocol, the plugin registry and timing statistics."""

@@ -1,0 +1,85 @@
+"""The Builder protocol every engine plugin implements, and the records that cross its boundary.
+
+A builder compiles an (expanded, Q/DQ) ONNX model into an engine for one backend and times it.
+Plugins live in ``plugins/<engine>/`` and are found through the ``rexdeploy.builders`` entry points
+(see :mod:`rexdeploy.builders.registry`); they import their engine lazily, inside the methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rexdeploy.builders.timing import Timing
+    from rexdeploy.profile import Profile
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """How to time an engine: warm-up by time, then a duration or a fixed number of runs."""
+
+    warmup_s: float = 0.2
+    duration_s: float = 3.0
+    runs: int | None = None
+    min_runs: int = 10
+    batch: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A compiled engine: where its files are, what it was built from, and a live handle to run it.
+
+    ``handle`` is the backend's in-process object (an OpenVINO ``CompiledModel``, a TensorRT
+    ``ICudaEngine``, an onnxruntime session); it is excluded from :meth:`to_dict`.
+    """
+
+    backend: str
+    device: str
+    model_path: Path
+    artifacts: tuple[Path, ...]
+    inputs: dict[str, tuple[int, ...]]
+    build_seconds: float
+    backend_version: str = ""
+    layer_precisions: dict[str, str] = field(default_factory=dict)
+    handle: Any = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "handle"}
+        out["model_path"] = str(self.model_path)
+        out["artifacts"] = [str(p) for p in self.artifacts]
+        out["inputs"] = {k: list(v) for k, v in self.inputs.items()}
+        return out
+
+
+@runtime_checkable
+class Builder(Protocol):
+    """What an engine plugin provides. ``name`` is the profile's ``engine`` value."""
+
+    name: str
+    pip_extra: str
+
+    def available(self) -> bool:
+        """True when the engine imports and can run here (never raises)."""
+        ...
+
+    def version(self) -> str:
+        """The engine's version string (raises EngineUnavailableError when not installed)."""
+        ...
+
+    def build(self, model: Path, profile: Profile, out_dir: Path) -> Engine:
+        """Compile ``model`` for ``profile`` and write the engine's files into ``out_dir``."""
+        ...
+
+    def time(self, engine: Engine, settings: TimingSettings) -> Timing:
+        """Measure the engine's latency; never builds."""
+        ...
+
+    def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one inference and return the outputs in the model's output order."""
+        ...

@@ -1,0 +1,119 @@
+"""Latency statistics the way trtexec / benchmark_app report them, and the timing loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from rexdeploy.builders.base import TimingSettings
+
+COV_WARN = 0.05  # warn when the coefficient of variation exceeds 5 %
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency statistics of one engine, in milliseconds (batch ``batch``)."""
+
+    runs: int
+    median_ms: float
+    mean_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+    std_ms: float
+    cov: float
+    throughput_fps: float
+    warmup_runs: int
+    warmup_s: float
+    duration_s: float
+    batch: int = 1
+    h2d_ms: float | None = None
+    d2h_ms: float | None = None
+
+    @property
+    def noisy(self) -> bool:
+        """True when the coefficient of variation is above 5 % (the timing is not trustworthy)."""
+        return self.cov > COV_WARN
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Timing:
+        return cls(**raw)
+
+
+def timing_from_samples(
+    samples_ms: np.ndarray | list[float],
+    *,
+    warmup_runs: int,
+    warmup_s: float,
+    duration_s: float,
+    batch: int = 1,
+    h2d_ms: float | None = None,
+    d2h_ms: float | None = None,
+) -> Timing:
+    """Summarize per-run latencies (ms). Percentiles use linear interpolation, like numpy's default."""
+    s = np.asarray(samples_ms, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError("timing needs at least one sample")
+    mean = float(s.mean())
+    std = float(s.std(ddof=1)) if s.size > 1 else 0.0
+    p90, p95, p99, median = (float(v) for v in np.percentile(s, [90, 95, 99, 50]))
+    return Timing(
+        runs=int(s.size),
+        median_ms=median,
+        mean_ms=mean,
+        p90_ms=p90,
+        p95_ms=p95,
+        p99_ms=p99,
+        min_ms=float(s.min()),
+        max_ms=float(s.max()),
+        std_ms=std,
+        cov=std / mean if mean > 0 else 0.0,
+        throughput_fps=batch * 1000.0 / mean if mean > 0 else 0.0,
+        warmup_runs=warmup_runs,
+        warmup_s=warmup_s,
+        duration_s=duration_s,
+        batch=batch,
+        h2d_ms=h2d_ms,
+        d2h_ms=d2h_ms,
+    )
+
+
+def measure(infer: Callable[[], object], settings: TimingSettings) -> Timing:
+    """Time a synchronous ``infer`` callable: warm up for ``warmup_s``, then run for ``duration_s``
+    (at least ``min_runs`` runs) or exactly ``runs`` runs when given."""
+    clock = time.perf_counter
+    warmup_runs = 0
+    start = clock()
+    while True:
+        infer()
+        warmup_runs += 1
+        if clock() - start >= settings.warmup_s:
+            break
+    samples: list[float] = []
+    t_begin = clock()
+    while True:
+        t0 = clock()
+        infer()
+        t1 = clock()
+        samples.append((t1 - t0) * 1000.0)
+        if settings.runs is not None:
+            if len(samples) >= settings.runs:
+                break
+        elif t1 - t_begin >= settings.duration_s and len(samples) >= settings.min_runs:
+            break
+    return timing_from_samples(
+        samples,
+        warmup_runs=warmup_runs,
+        warmup_s=settings.warmup_s,
+        duration_s=clock() - t_begin,
+        batch=settings.batch,
+    )
