@@ -19,9 +19,7 @@ def parse_budget(text: str) -> float:
     """
     match = _BUDGET_RE.match(text)
     if match is None:
-        raise BudgetError(
-            f"malformed budget {text!r}: give a positive number with a unit, e.g. 5ms, 800us or 0.005s"
-        )
+        raise BudgetError(f"malformed budget {text!r}: give a positive number with a unit, e.g. 5ms, 800us or 0.005s")
     value = float(match.group(1)) * _UNITS_TO_MS[match.group(2)]
     if not math.isfinite(value) or value <= 0.0:
         raise BudgetError(f"budget {text!r} must be a positive, finite latency, e.g. 5ms")

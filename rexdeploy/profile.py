@@ -78,6 +78,7 @@ class Profile:
     engine: str
     device: str
     description: str = ""
+    requires: tuple[str, ...] = ()  # CPU flags (/proc/cpuinfo names) the engine's int8 kernels need
     quantization: Quantization = field(default_factory=Quantization)
     parallel: Parallel = field(default_factory=Parallel)
     defaults: Defaults = field(default_factory=Defaults)
@@ -187,26 +188,26 @@ def _throughput(where: str, raw: Any) -> dict[str, dict[str, float]]:
         if not isinstance(per_precision, dict):
             raise ProfileError(f"{where}.{op_class}: expected a table of precisions, got {per_precision!r}")
         _check_keys(f"{where}.{op_class}", per_precision, list(PRECISIONS))
-        table[op_class] = {
-            p: _positive(f"{where}.{op_class}.{p}", v) for p, v in sorted(per_precision.items())
-        }
+        table[op_class] = {p: _positive(f"{where}.{op_class}.{p}", v) for p, v in sorted(per_precision.items())}
     return table
 
 
 def profile_from_dict(raw: dict[str, Any], source: str = "<profile>") -> Profile:
     """Validate a parsed profile document and build the frozen :class:`Profile`."""
-    allowed = ["name", "engine", "device", "description", *_SECTIONS]
+    allowed = ["name", "engine", "device", "description", "requires", *_SECTIONS]
     _check_keys(source, raw, allowed)
     for key in ("name", "engine", "device"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ProfileError(f"{source}: missing or empty string key {key!r}")
     if raw["engine"] not in ENGINES:
         raise ProfileError(f"{source}: engine {raw['engine']!r} unknown; allowed: {', '.join(ENGINES)}")
-    sections = {
-        name: _build_section(f"{source}: [{name}]", cls, raw.get(name, {})) for name, cls in _SECTIONS.items()
-    }
+    sections = {name: _build_section(f"{source}: [{name}]", cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
+    requires = raw.get("requires", [])
+    if not isinstance(requires, list) or not all(isinstance(f, str) and f for f in requires):
+        raise ProfileError(f'{source}: requires must be a list of CPU flag names, e.g. ["avx512_vnni"]')
     return Profile(
         name=raw["name"],
+        requires=tuple(requires),
         engine=raw["engine"],
         device=raw["device"],
         description=str(raw.get("description", "")),
@@ -221,13 +222,20 @@ def list_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
-    """Load a shipped profile by name (``x86-avx512``) or a profile TOML file by path."""
+    """Load a shipped profile by name (``x86-avx512``), ``auto`` (the shipped CPU profile matching
+    this host, see :mod:`rexdeploy.hostcpu`), or a profile TOML file by path."""
     text: str
+    if str(name_or_path) == "auto":
+        from rexdeploy.hostcpu import host_profile_name
+
+        name_or_path = host_profile_name()
     source = str(name_or_path)
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
-            raise ProfileError(f"profile file {source} not found; give a shipped name ({', '.join(list_profiles())}) or a .toml path")
+            raise ProfileError(
+                f"profile file {source} not found; give a shipped name ({', '.join(list_profiles())}) or a .toml path"
+            )
         text = path.read_text(encoding="utf-8")
     else:
         shipped = resources.files("rexdeploy.profiles") / f"{source}.toml"

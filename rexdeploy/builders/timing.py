@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -117,3 +117,26 @@ def measure(infer: Callable[[], object], settings: TimingSettings) -> Timing:
         duration_s=clock() - t_begin,
         batch=settings.batch,
     )
+
+
+def random_inputs(
+    shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype[Any]], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Fixed random inputs to time an engine with, one array per input, seeded and in each input's dtype.
+
+    Floats are standard normal; integers are 0 or 1 (safe as indices into any non-empty axis);
+    booleans are fair coin flips. The same seed gives the same arrays on every backend.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, shape in shapes.items():
+        dtype = np.dtype(dtypes[name])
+        if dtype.kind == "f":
+            out[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            out[name] = rng.random(shape) < 0.5
+        elif dtype.kind in "iu":
+            out[name] = rng.integers(0, 2, size=shape).astype(dtype)
+        else:
+            raise ValueError(f"cannot make random data for input {name!r} of dtype {dtype}")
+    return out

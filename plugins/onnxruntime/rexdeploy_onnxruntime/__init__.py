@@ -1,1 +1,209 @@
-"""rexdeploy builder plugin for onnxruntime (placeholder until the plugin lands)."""
+"""rexdeploy builder plugin for ONNX Runtime: the CPU reference and fallback engine.
+
+ONNX Runtime is a core dependency of rexdeploy, so this engine is always there: it runs any model the
+other engines are compared with, and it is what ``build`` falls back to on a machine with neither
+TensorRT nor OpenVINO. ``onnxruntime`` is still imported lazily, inside the methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time as _time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rexdeploy.builders.base import Engine, TimingSettings
+from rexdeploy.builders.registry import unavailable_error
+from rexdeploy.builders.timing import Timing, measure, random_inputs
+from rexdeploy.errors import BuildError, InputError
+
+if TYPE_CHECKING:
+    from rexdeploy.profile import Profile
+
+__all__ = ["OnnxRuntimeBuilder"]
+
+NAME = "onnxruntime"
+
+# ONNX Runtime's NodeArg.type strings → numpy dtypes.
+_DTYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(uint16)": "uint16",
+    "tensor(int32)": "int32",
+    "tensor(uint32)": "uint32",
+    "tensor(int64)": "int64",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise unavailable_error(NAME, "") from exc
+    return onnxruntime
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 400 else text[:399] + "…"
+
+
+def _external_files(model: Path) -> list[str]:
+    """Relative paths of the external-data files the model's initializers point to."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:
+        raise BuildError(f"cannot read {model.name} as ONNX: {_one_line(exc)}") from exc
+    files: set[str] = set()
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            files.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(files)
+
+
+def _static_shapes(model: Path, session: Any) -> dict[str, tuple[int, ...]]:
+    """Input shapes with a symbolic leading (batch) dimension fixed to 1; other symbolic dims fail."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for arg in session.get_inputs():
+        dims: list[int] = []
+        for axis, dim in enumerate(arg.shape):
+            if isinstance(dim, int) and dim >= 0:
+                dims.append(dim)
+            elif axis == 0:
+                dims.append(1)
+            else:
+                raise BuildError(
+                    f"input {arg.name!r} of {model.name} has dynamic dimension {axis} ({arg.shape}); "
+                    "only the batch dimension may be dynamic: export it with static shapes"
+                )
+        shapes[arg.name] = tuple(dims)
+    return shapes
+
+
+def _session(engine: Engine) -> Any:
+    if engine.backend != NAME or engine.handle is None:
+        raise BuildError(
+            f"this needs an onnxruntime engine built in this process (got a {engine.backend} engine"
+            f"{'' if engine.handle is not None else ' without a live handle'}); "
+            "build it with OnnxRuntimeBuilder().build(...)"
+        )
+    return engine.handle
+
+
+class OnnxRuntimeBuilder:
+    """Runs the ONNX model itself with ONNX Runtime's CPU execution provider.
+
+    ``build`` copies the model (and its external-data files) into ``out_dir`` and opens an
+    ``InferenceSession`` on the copy with every graph optimization (``ORT_ENABLE_ALL``, which also
+    fuses Q/DQ pairs into QLinear* integer kernels) and ``profile.parallel.cores`` intra-op threads
+    (0: ONNX Runtime's default). The profile's device is not used: this engine always runs on the CPU.
+    """
+
+    name = NAME
+    pip_extra = ""
+
+    def available(self) -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except Exception:
+            return False
+        return True
+
+    def version(self) -> str:
+        return str(_import_ort().__version__)
+
+    def build(self, model: Path, profile: Profile, out_dir: Path) -> Engine:
+        ort = _import_ort()
+        model, out_dir = Path(model), Path(out_dir)
+        if not model.is_file():
+            raise InputError(f"model file {model} not found")
+        start = _time.perf_counter()
+        files = [model.name, *_external_files(model)]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = profile.parallel.cores
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        staging = Path(tempfile.mkdtemp(prefix=".onnxruntime.", suffix=".tmp", dir=out_dir))
+        try:
+            for rel in files:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(model.parent / rel, staging / rel)
+                except OSError as exc:
+                    raise BuildError(f"cannot copy {rel} (needed by {model.name}): {exc.strerror}") from exc
+            try:
+                session = ort.InferenceSession(
+                    str(staging / model.name), sess_options=options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:
+                raise BuildError(f"onnxruntime cannot load {model.name}: {_one_line(exc)}") from exc
+            shapes = _static_shapes(model, session)
+            artifacts = tuple(out_dir / rel for rel in files)
+            for rel, target in zip(files, artifacts, strict=True):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / rel, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return Engine(
+            backend=NAME,
+            device="CPU",
+            model_path=model,
+            artifacts=artifacts,
+            inputs=shapes,
+            build_seconds=_time.perf_counter() - start,
+            backend_version=str(ort.__version__),
+            handle=session,
+        )
+
+    def time(self, engine: Engine, settings: TimingSettings) -> Timing:
+        """Latency of ``run_with_iobinding`` on fixed seeded random inputs bound once (no per-run
+        copies). ``Timing.batch`` is the engine's batch, fixed when it was built."""
+        session = _session(engine)
+        dtypes = {arg.name: np.dtype(_DTYPES.get(arg.type, "float32")) for arg in session.get_inputs()}
+        arrays = random_inputs(engine.inputs, dtypes, settings.seed)
+        first = next(iter(engine.inputs.values()), ())
+        batch = int(first[0]) if first else 1
+        try:
+            binding = session.io_binding()
+            for name, array in arrays.items():
+                binding.bind_cpu_input(name, array)
+            for out in session.get_outputs():
+                binding.bind_output(out.name, "cpu")
+
+            def infer() -> None:
+                session.run_with_iobinding(binding)
+
+            return measure(infer, dataclasses.replace(settings, batch=batch))
+        except Exception as exc:
+            raise BuildError(f"onnxruntime inference failed while timing: {_one_line(exc)}") from exc
+
+    def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        session = _session(engine)
+        missing = sorted(set(engine.inputs) - set(inputs))
+        unknown = sorted(set(inputs) - set(engine.inputs))
+        if missing or unknown:
+            raise InputError(
+                f"inputs do not match the engine: missing {missing or 'none'}, unknown {unknown or 'none'}; "
+                f"expected {sorted(engine.inputs)}"
+            )
+        try:
+            outputs = session.run(None, {name: np.asarray(inputs[name]) for name in engine.inputs})
+        except Exception as exc:
+            raise BuildError(f"onnxruntime inference failed: {_one_line(exc)}") from exc
+        return [np.asarray(o) for o in outputs]

@@ -1,0 +1,130 @@
+"""Shared OpenVINO plumbing: the lazy import, model loading to static shapes, compile settings, errors.
+
+Nothing here imports ``openvino`` at module import time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rexdeploy.builders.registry import unavailable_error
+from rexdeploy.errors import BuildError, InputError
+from rexdeploy_openvino.precisions import onnx_node_index
+
+if TYPE_CHECKING:
+    from rexdeploy.profile import Profile
+
+NAME = "openvino"
+PIP_EXTRA = "openvino"
+META_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
+_NOISE = re.compile(r"^(Exception from \S+|Check '.*' failed at \S+)$")
+
+
+def import_openvino() -> Any:
+    """``import openvino``, or the one-line EngineUnavailableError that names the pip extra."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise unavailable_error(NAME, PIP_EXTRA) from exc
+    return openvino
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """OpenVINO's multi-line exception text (``Exception from src/...`` frames) as one readable line."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    kept = [ln.rstrip(":").strip() for ln in lines if ln and not _NOISE.match(ln.rstrip(":"))]
+    text = "; ".join(kept) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def inference_precision(profile: Profile | None) -> str:
+    """``bf16`` when the profile supports bf16, else ``f32``.
+
+    OpenVINO's CPU plugin otherwise picks bf16 (or f16) for *float* layers on CPUs that have it,
+    which would silently turn an FP32 baseline into a bf16 one; pinning f32 keeps the float parts of a
+    model exact. Integer kernels coming from Q/DQ pairs are not affected by this hint.
+    """
+    return "bf16" if profile is not None and profile.quantization.bf16 else "f32"
+
+
+def compile_config(ov: Any, mode: str, precision: str) -> dict[str, Any]:
+    """Compile properties: ``PERFORMANCE_HINT`` (``LATENCY`` / ``THROUGHPUT``) and the inference precision."""
+    import openvino.properties.hint as hint
+
+    return {
+        hint.performance_mode: getattr(hint.PerformanceMode, mode),
+        hint.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
+    }
+
+
+def check_device(core: Any, device: str) -> None:
+    """Fail with one line when ``device`` is not one OpenVINO sees here (meta devices are not checked)."""
+    if ":" in device or device.split(".")[0] in META_DEVICES:
+        return
+    available = list(core.available_devices)
+    bases = {d.split(".")[0] for d in available}
+    if device not in available and device not in bases:
+        seen = ", ".join(available) or "none"
+        raise BuildError(
+            f"OpenVINO device {device!r} is not available here (available: {seen}); "
+            "use a profile whose device is one of them"
+        )
+
+
+def read_static_model(core: Any, model: Path) -> tuple[Any, dict[str, tuple[int, ...]], dict[str, str]]:
+    """Read an ONNX model (``openvino.convert_model``) or an IR ``.xml`` and fix its input shapes.
+
+    A dynamic leading (batch) dimension becomes 1; any other dynamic dimension is an error, since a
+    timed engine needs one shape. Returns the reshaped ``openvino.Model``, the input shapes, and the
+    ONNX node index of :func:`~rexdeploy_openvino.precisions.onnx_node_index` ({} for an IR).
+    """
+    ov = import_openvino()
+    if not model.is_file():
+        raise InputError(f"model file {model} not found")
+    nodes: dict[str, str] = {}
+    if model.suffix != ".xml":
+        # Parse with onnx first: a clear error for a file that is not ONNX (convert_model would try
+        # every other frontend on it), and the node names to map the execution graph back to.
+        import onnx
+
+        try:
+            proto = onnx.load(str(model), load_external_data=False)
+        except Exception as exc:
+            raise BuildError(f"cannot read {model.name} as ONNX: {one_line(exc)}") from exc
+        nodes = onnx_node_index(proto)
+        del proto
+    try:
+        ov_model = core.read_model(str(model)) if model.suffix == ".xml" else ov.convert_model(str(model))
+    except Exception as exc:
+        raise BuildError(f"OpenVINO cannot read {model.name}: {one_line(exc)}") from exc
+    shapes: dict[str, tuple[int, ...]] = {}
+    new_shapes: dict[int, Any] = {}
+    for position, port in enumerate(ov_model.inputs):
+        name = port.get_any_name() if port.get_names() else f"input_{position}"
+        pshape = port.get_partial_shape()
+        if pshape.rank.is_dynamic:
+            raise BuildError(
+                f"input {name!r} of {model.name} has an unknown rank; export it with static shapes"
+            )
+        dims: list[int] = []
+        for axis, dim in enumerate(pshape):
+            if dim.is_static:
+                dims.append(dim.get_length())
+            elif axis == 0:
+                dims.append(1)
+            else:
+                raise BuildError(
+                    f"input {name!r} of {model.name} has dynamic dimension {axis} ({pshape}); "
+                    "only the batch dimension may be dynamic: export it with static shapes"
+                )
+        shapes[name] = tuple(dims)
+        if pshape.is_dynamic:
+            new_shapes[position] = ov.PartialShape(dims)
+    if new_shapes:
+        try:
+            ov_model.reshape(new_shapes)
+        except Exception as exc:
+            raise BuildError(f"OpenVINO cannot fix the batch of {model.name} to 1: {one_line(exc)}") from exc
+    return ov_model, shapes, nodes

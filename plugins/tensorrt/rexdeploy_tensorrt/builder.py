@@ -1,0 +1,377 @@
+"""The TensorRT builder plugin: Q/DQ ONNX → serialized TensorRT engine, and its timing.
+
+Build steps (TensorRT 10.x Python API, as in Polygraphy's ``backend/trt/loader.py`` / ``config.py``):
+``trt.Builder`` → ``create_network`` (``STRONGLY_TYPED`` flag or none, per :mod:`.settings`) →
+``trt.OnnxParser.parse_from_file`` (parser errors → one-line :class:`BuildError`) →
+``IBuilderConfig`` (precision flags for weakly typed networks, ``WORKSPACE`` memory-pool limit,
+``max_aux_streams``, ``builder_optimization_level``, ``profiling_verbosity = DETAILED``, an
+optimization profile for a dynamic batch, the timing cache loaded from and saved to
+``timing.cache``) → ``build_serialized_network`` → ``engine.plan`` + ``engine.json`` written
+atomically → per-layer precisions from the engine inspector
+(``get_engine_information(LayerInformationFormat.JSON)``).
+Python API reference: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/index.html
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rexdeploy.builders.base import Engine, TimingSettings
+from rexdeploy.errors import BuildError, EngineUnavailableError, InputError
+from rexdeploy.fileio import atomic_path, write_text_atomic
+from rexdeploy_tensorrt.cuda_device import device_count, device_info
+from rexdeploy_tensorrt.engine_info import layer_precisions
+from rexdeploy_tensorrt.qdq_lint import errors, lint_qdq
+from rexdeploy_tensorrt.settings import TrtBuildSettings, device_index, load_onnx, select_settings
+
+if TYPE_CHECKING:
+    from rexdeploy.builders.timing import Timing
+    from rexdeploy.profile import Profile
+
+PIP_HINT = "pip install 'rexdeploy[tensorrt]'"
+PLAN_NAME = "engine.plan"
+META_NAME = "engine.json"
+CACHE_NAME = "timing.cache"
+
+# Runtimes that deserialized a live Engine.handle: TensorRT wants an IRuntime to outlive the engines it
+# made, so the few created by build() are kept for the life of the process.
+_RUNTIMES: list[Any] = []
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module, or :class:`EngineUnavailableError` naming the pip extra."""
+    try:
+        import tensorrt
+    except Exception:  # ImportError, or a stub wheel failing at import
+        raise EngineUnavailableError(
+            f"TensorRT is not installed here; run {PIP_HINT} on the machine with the target GPU "
+            "(or build there with the trtexec command rexdeploy writes)"
+        ) from None
+    return tensorrt
+
+
+def _make_logger(trt: Any) -> Any:
+    """A TensorRT logger that keeps warnings and errors instead of printing them."""
+
+    warning = int(trt.ILogger.Severity.WARNING)  # INTERNAL_ERROR=0 < ERROR=1 < WARNING=2 < INFO < VERBOSE
+    error = int(trt.ILogger.Severity.ERROR)
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[int, str]] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if int(severity) <= warning:
+                self.messages.append((int(severity), str(msg)))
+
+        def last_error(self) -> str:
+            errs = [m for s, m in self.messages if s <= error]
+            return errs[-1].splitlines()[0] if errs else ""
+
+    return _Logger()
+
+
+def _parser_error(err: Any) -> str:
+    desc = str(err.desc()).strip().splitlines()[0] if hasattr(err, "desc") else str(err)
+    where = ""
+    for attr in ("node_name", "node_operator"):
+        fn = getattr(err, attr, None)
+        if callable(fn):
+            value = str(fn())
+            if value:
+                where += f"{value} "
+    return f"{where.strip()}: {desc}" if where else desc
+
+
+def _trt_major(trt: Any) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def build_plan(trt: Any, model: Path, settings: TrtBuildSettings, timing_cache: Path) -> tuple[bytes, bytes]:
+    """Parse ``model`` and build a serialized engine; returns (plan bytes, timing-cache bytes)."""
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    if settings.strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(model)):
+        found = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        first = found[0] if found else (logger.last_error() or "no detail")
+        more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+        raise BuildError(
+            f"TensorRT's ONNX parser rejected {model.name}: {first}{more}; check the op and opset against "
+            "TensorRT's ONNX operator support"
+        )
+
+    config = builder.create_builder_config()
+    for flag in settings.builder_flags():
+        member = getattr(trt.BuilderFlag, flag, None)
+        if member is None:
+            raise BuildError(
+                f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (weakly typed builds need TensorRT "
+                "10); "
+                "install tensorrt<11 or build strongly typed (typing='strong')"
+            )
+        config.set_flag(member)
+    if settings.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+    config.max_aux_streams = settings.max_aux_streams
+    config.builder_optimization_level = settings.builder_optimization_level
+    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, settings.profiling_verbosity.upper())
+    if settings.dynamic:
+        profile = builder.create_optimization_profile()
+        for s in settings.shapes:
+            profile.set_shape(s.name, s.min, s.opt, s.max)
+        config.add_optimization_profile(profile)
+    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if cache is None or not config.set_timing_cache(cache, False):
+        # a cache from another GPU / TensorRT version is rejected: start from an empty one
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BuildError(
+            f"TensorRT could not build {model.name}: {logger.last_error() or 'no error logged'}; "
+            "run qdq_lint on the model and check the layer is supported in the chosen precision"
+        )
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
+
+
+def inspect_precisions(trt: Any, engine: Any, settings: TrtBuildSettings) -> dict[str, str]:
+    """Per-layer precisions from the engine inspector, with the opt shapes set so formats resolve."""
+    context = engine.create_execution_context()
+    inspector = engine.create_engine_inspector()
+    if context is not None:
+        for s in settings.shapes:
+            if s.dynamic:
+                context.set_input_shape(s.name, s.opt)
+        try:
+            inspector.execution_context = context
+        except AttributeError:  # TensorRT 8.x named it `context`
+            inspector.context = context
+    info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    del inspector, context
+    return layer_precisions(info)
+
+
+def _read_meta(engine: Engine) -> dict[str, Any]:
+    for path in engine.artifacts:
+        if Path(path).name == META_NAME and Path(path).is_file():
+            loaded: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
+            return loaded
+    return {}
+
+
+def _plan_path(engine: Engine) -> Path:
+    for path in engine.artifacts:
+        if Path(path).suffix in (".plan", ".engine", ".trt"):
+            return Path(path)
+    raise InputError("the Engine lists no .plan file; rebuild it with TensorRTBuilder.build")
+
+
+def engine_from_plan(plan: str | Path, device: str = "cuda:0") -> Engine:
+    """An :class:`Engine` record for an existing plan file (and its ``engine.json`` beside it, if any);
+    the plan is deserialized only when it is timed or run."""
+    plan = Path(plan)
+    if not plan.is_file():
+        raise InputError(f"engine plan {plan} not found; give the path of a TensorRT .plan file")
+    meta_path = plan.with_name(META_NAME)
+    meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    settings = meta.get("settings", {})
+    return Engine(
+        backend="tensorrt",
+        device=str(settings.get("device", device)),
+        model_path=Path(meta.get("model", "")),
+        artifacts=(plan, meta_path) if meta_path.is_file() else (plan,),
+        inputs={s["name"]: tuple(s["opt"]) for s in settings.get("shapes", [])},
+        build_seconds=float(meta.get("build_seconds", 0.0)),
+        backend_version=str(meta.get("tensorrt_version", "")),
+        layer_precisions=dict(meta.get("layer_precisions", {})),
+    )
+
+
+class TensorRTBuilder:
+    """Builds explicit-quantization (Q/DQ) ONNX models into TensorRT engines and times them.
+
+    The options are those of :func:`select_settings`; the defaults suit ``rexdeploy build``.
+    ``timing_cache`` defaults to ``<out_dir>/timing.cache``.
+    """
+
+    name = "tensorrt"
+    pip_extra = "tensorrt"
+
+    def __init__(
+        self,
+        *,
+        typing: str = "auto",
+        max_batch: int = 8,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        builder_optimization_level: int = 3,
+        workspace_mib: int | None = None,
+        timing_cache: str | Path | None = None,
+        use_cuda_graph: bool = False,
+    ) -> None:
+        self.typing = typing
+        self.max_batch = max_batch
+        self.input_shapes = dict(input_shapes) if input_shapes else None
+        self.builder_optimization_level = builder_optimization_level
+        self.workspace_mib = workspace_mib
+        self.timing_cache = Path(timing_cache) if timing_cache is not None else None
+        self.use_cuda_graph = use_cuda_graph
+
+    def available(self) -> bool:
+        """True when ``tensorrt`` imports and a CUDA GPU is visible (never raises)."""
+        try:
+            import_tensorrt()
+        except Exception:
+            return False
+        return device_count() > 0
+
+    def version(self) -> str:
+        return str(import_tensorrt().__version__)
+
+    def settings_for(
+        self,
+        model: str | Path,
+        profile: Profile,
+        compute_capability: tuple[int, int] | None,
+        out_dir: str | Path,
+    ) -> TrtBuildSettings:
+        """The settings :meth:`build` would use (pure; usable to write a trtexec command anywhere)."""
+        cache = self.timing_cache or Path(out_dir) / CACHE_NAME
+        return select_settings(
+            profile,
+            model,
+            compute_capability,
+            typing=self.typing,
+            max_batch=self.max_batch,
+            input_shapes=self.input_shapes,
+            builder_optimization_level=self.builder_optimization_level,
+            workspace_mib=self.workspace_mib,
+            timing_cache=cache,
+            use_cuda_graph=self.use_cuda_graph,
+        )
+
+    def build(self, model: Path, profile: Profile, out_dir: Path) -> Engine:
+        """Compile ``model`` for ``profile``; writes ``engine.plan``, ``engine.json`` and
+        ``timing.cache`` into ``out_dir``."""
+        trt = import_tensorrt()
+        model, out_dir = Path(model), Path(out_dir)
+        index = device_index(profile.device)
+        gpu = device_info(index)
+        if gpu is None:
+            raise EngineUnavailableError(
+                f"no CUDA GPU is visible as {profile.device} here; TensorRT builds on the target GPU: run "
+                "the build "
+                "there (rexdeploy_tensorrt.trtexec_command gives the equivalent trtexec line)"
+            )
+        proto = load_onnx(model)
+        settings = self.settings_for(model, profile, gpu.compute_capability, out_dir)
+        findings = lint_qdq(proto, int4_block_sizes=profile.quantization.int4_block_sizes)
+        hard = errors(findings)
+        if hard:
+            raise BuildError(
+                f"{model.name}: {len(hard)} Q/DQ problem(s) TensorRT rejects; first: {hard[0].node}: {hard[0].message}"
+            )
+        if _trt_major(trt) >= 11 and not settings.strongly_typed:
+            raise BuildError(
+                f"TensorRT {trt.__version__} builds strongly typed networks only, but "
+                f"{settings.typing_reason}; "
+                "install tensorrt<11 (pip install 'tensorrt>=10,<11') or cast the model's float layers to "
+                "float16"
+            )
+        if index != 0:
+            from rexdeploy_tensorrt.timing import _Cuda
+
+            _Cuda().call("cudaSetDevice", index)
+
+        cache_path = Path(settings.timing_cache) if settings.timing_cache else out_dir / CACHE_NAME
+        start = time.perf_counter()
+        plan, cache = build_plan(trt, model, settings, cache_path)
+        build_seconds = time.perf_counter() - start
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan_path, meta_path = out_dir / PLAN_NAME, out_dir / META_NAME
+        with atomic_path(plan_path) as tmp:
+            tmp.write_bytes(plan)
+        with atomic_path(cache_path) as tmp:
+            tmp.write_bytes(cache)
+
+        runtime = trt.Runtime(_make_logger(trt))
+        _RUNTIMES.append(runtime)
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise BuildError(f"TensorRT could not load the engine it just built from {model.name}; rebuild it")
+        precisions = inspect_precisions(trt, engine, settings)
+        meta = {
+            "model": str(model),
+            "plan": PLAN_NAME,
+            "tensorrt_version": str(trt.__version__),
+            "device_name": gpu.name,
+            "compute_capability": list(gpu.compute_capability),
+            "build_seconds": build_seconds,
+            "settings": settings.to_dict(),
+            "layer_precisions": precisions,
+            "lint_warnings": [str(f) for f in findings],
+        }
+        write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True))
+        return Engine(
+            backend=self.name,
+            device=profile.device,
+            model_path=model,
+            artifacts=(plan_path, meta_path, cache_path),
+            inputs={s.name: s.opt for s in settings.shapes},
+            build_seconds=build_seconds,
+            backend_version=str(trt.__version__),
+            layer_precisions=precisions,
+            handle=engine,
+        )
+
+    def _engine(self, trt: Any, engine: Engine) -> tuple[Any, Any]:
+        """(runtime or None, ICudaEngine): the live handle, else the plan deserialized."""
+        if engine.handle is not None and hasattr(engine.handle, "create_execution_context"):
+            return None, engine.handle
+        runtime = trt.Runtime(_make_logger(trt))
+        loaded = runtime.deserialize_cuda_engine(_plan_path(engine).read_bytes())
+        if loaded is None:
+            raise BuildError(
+                f"TensorRT {trt.__version__} cannot load {_plan_path(engine)}; a plan runs only with the "
+                "TensorRT "
+                "version and GPU that built it: rebuild it here"
+            )
+        return runtime, loaded
+
+    def time(self, engine: Engine, settings: TimingSettings) -> Timing:
+        """Latency of ``engine`` (GPU compute with CUDA events; host↔device copies reported apart)."""
+        from rexdeploy_tensorrt.timing import time_engine
+
+        trt = import_tensorrt()
+        meta = _read_meta(engine)
+        use_graph = self.use_cuda_graph or bool(meta.get("settings", {}).get("use_cuda_graph", False))
+        runtime, cuda_engine = self._engine(trt, engine)
+        timing = time_engine(trt, cuda_engine, device_index(engine.device), settings, use_graph)
+        del runtime
+        return timing
+
+    def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One inference; outputs in the engine's (= the ONNX model's) output order."""
+        from rexdeploy_tensorrt.timing import run_engine
+
+        trt = import_tensorrt()
+        runtime, cuda_engine = self._engine(trt, engine)
+        outputs = run_engine(trt, cuda_engine, device_index(engine.device), inputs)
+        del runtime
+        return outputs

@@ -1,0 +1,60 @@
+"""``rexdeploy build MODEL.onnx --profile NAME --budget 5ms``: expand, build, time vs FP32, report."""
+
+from __future__ import annotations
+
+import argparse
+
+from rexdeploy.cli import common
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "build",
+        help="expand, build and time a model for a profile; compare with FP32",
+        description="Expand MODEL with REx, build it with the profile's engine, time it next to the FP32 "
+        "engine built in the same run, and write expanded.onnx, the engines, plan.json and report.{json,md}.",
+    )
+    p.add_argument("model", help="FP32 ONNX model")
+    p.add_argument(
+        "--profile",
+        default="auto",
+        help="shipped profile name or .toml path (default auto: the CPU profile of this host)",
+    )
+    p.add_argument("--budget", help="latency budget, e.g. 5ms, 800us, 0.005s")
+    p.add_argument("--out", help="output directory (default rexdeploy-out/<model name>)")
+    p.add_argument("--calib", help="optional calibration batch (.npy, N x input shape); never required")
+    p.add_argument("--bits", type=int, help="weight bits 2..8 (default: the profile's)")
+    p.add_argument("--order", type=int, help="expansion order K (default: the profile's)")
+    p.add_argument("--act-bits", type=common.act_bits, help="8 or fp (weight-only)")
+    p.add_argument("--form", choices=("branches", "concat"), help="dense expansion form")
+    p.add_argument("--duration", type=common.duration, default=3.0, help="timed duration per engine (default 3s)")
+    p.add_argument("--warmup", type=common.duration, default=0.2, help="warm-up per engine (default 200ms)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rexdeploy.api import build
+    from rexdeploy.budget import parse_budget
+    from rexdeploy.builders.base import TimingSettings
+
+    budget = parse_budget(args.budget) if args.budget is not None else None
+    report = build(
+        args.model,
+        args.profile,
+        budget_ms=budget,
+        out_dir=args.out,
+        timing=TimingSettings(warmup_s=args.warmup, duration_s=args.duration),
+        calibration_path=args.calib,
+        progress=common.stderr,
+        bits=args.bits,
+        order=args.order,
+        act_bits=args.act_bits,
+        form=args.form,
+    )
+    if args.json:
+        print(report.to_json())
+    else:
+        for line in report.summary_lines():
+            common.stderr(line)
+    return 0

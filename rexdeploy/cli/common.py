@@ -1,0 +1,48 @@
+"""Argument helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rexdeploy.errors import InputError
+
+
+def stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def act_bits(text: str) -> int:
+    """``8`` → 8, ``fp`` / ``float`` → 0 (weight-only)."""
+    if text in ("fp", "float", "fp32"):
+        return 0
+    if text == "8":
+        return 8
+    raise argparse.ArgumentTypeError(f"invalid activation bits {text!r}: use 8 or fp")
+
+
+def ensemble(text: str) -> tuple[int, ...]:
+    try:
+        split = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid ensemble split {text!r}: use orders per predictor, e.g. 2,1"
+        ) from None
+    if not split or any(k < 1 for k in split):
+        raise argparse.ArgumentTypeError(f"invalid ensemble split {text!r}: each predictor needs >= 1 order")
+    return split
+
+
+def duration(text: str) -> float:
+    """``3s`` / ``500ms`` / ``2`` → seconds."""
+    from rexdeploy.budget import parse_budget
+
+    try:
+        return float(text) if text.replace(".", "", 1).isdigit() else parse_budget(text) / 1000.0
+    except Exception:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 3s or 500ms") from None
+
+
+def require_suffix(path: str, suffix: str, what: str) -> None:
+    if not path.endswith(suffix):
+        raise InputError(f"{what} {path!r} should end in {suffix}")

@@ -1,0 +1,44 @@
+"""``rexdeploy`` entry point: parse, dispatch to one subcommand module, turn RexErrors into exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rexdeploy import __version__
+from rexdeploy.cli import build_cmd, expand_cmd, profile_cmd
+from rexdeploy.errors import RexError
+
+SUBCOMMANDS = (build_cmd, expand_cmd, profile_cmd)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rexdeploy",
+        description="Deploy trained networks as fast quantized engines without training data "
+        "(REx: data-free residual quantization error expansion).",
+    )
+    parser.add_argument("--version", action="version", version=f"rexdeploy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except RexError as exc:
+        print(f"rexdeploy: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rexdeploy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

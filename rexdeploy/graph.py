@@ -1,0 +1,191 @@
+"""Loading, checking and saving ONNX models; BatchNormalization folding.
+
+Everything here works on plain ``onnx.ModelProto`` and raises :class:`~rexdeploy.errors.ModelError`
+subclasses whose message names the file or node and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from rexdeploy.errors import InputError, ModelError, UnsupportedModelError
+from rexdeploy.fileio import atomic_path
+
+MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear need opset >= 13
+TARGET_OPSET = 17
+ALREADY_QUANTIZED = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+    }
+)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_sha256(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ModelError("the model imports no default-domain (ai.onnx) opset; re-export it with a standard opset")
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read and check an FP32 ONNX model; upgrade opsets older than 13.
+
+    Raises InputError for a missing path and ModelError for anything that is not a usable ONNX model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model file {path} not found")
+    if not path.is_file():
+        raise InputError(f"{path} is not a file; give the path of an .onnx model")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises various on bad external data
+        raise ModelError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}); is the file truncated?"
+        ) from None
+    if not model.graph.node:
+        raise ModelError(f"{path} holds no graph nodes; is it an ONNX model file?")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise ModelError(f"{path} is not a valid ONNX model: {first}") from None
+    quantized = [n for n in model.graph.node if n.op_type in ALREADY_QUANTIZED]
+    if quantized:
+        node = quantized[0]
+        raise UnsupportedModelError(
+            f"{path} is already quantized (node {node.name or node.output[0]!r} is {node.op_type}); "
+            "give rexdeploy the FP32 model"
+        )
+    version = opset_version(model)
+    if version < MIN_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, TARGET_OPSET)
+        except Exception as exc:
+            raise ModelError(
+                f"{path} uses opset {version} and could not be upgraded to {TARGET_OPSET} ({exc}); "
+                f"re-export it with opset >= {MIN_OPSET}"
+            ) from None
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | Path, check: bool = True) -> Path:
+    """Check (full) and write a model atomically."""
+    path = Path(path)
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return path
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {init.name: init for init in model.graph.initializer}
+
+
+def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of a tensor that is an initializer or a Constant node's output, else None."""
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+    return None
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name:
+                out.setdefault(name, []).append(node)
+    return out
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Fold every ``Conv → BatchNormalization`` pair whose Conv output feeds only that BN.
+
+    Returns the folded model and, per folded BN output tensor, the BN's (beta, |gamma|): the
+    per-channel mean and standard deviation of that tensor under the statistics BN was trained
+    for — the data-free activation statistics :mod:`rexdeploy.ranges` propagates.
+    """
+    model_out = onnx.ModelProto()
+    model_out.CopyFrom(model)
+    graph = model_out.graph
+    inits = initializers(model_out)
+    users = consumers(model_out)
+    graph_outputs = {o.name for o in graph.output}
+    producers = {out: node for node in graph.node for out in node.output}
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    remove: list[onnx.NodeProto] = []
+    for bn in list(graph.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or conv.output[0] in graph_outputs:
+            continue
+        if len(users.get(conv.output[0], [])) != 1 or conv.input[1] not in inits:
+            continue
+        names = bn.input[1:5]
+        if not all(n in inits for n in names):
+            continue
+        scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in names)
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        factor = scale / np.sqrt(var + eps)
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        w_folded = w * factor.reshape(-1, *([1] * (w.ndim - 1)))
+        b = (
+            numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+            if len(conv.input) > 2 and conv.input[2]
+            else np.zeros(w.shape[0])
+        )
+        b_folded = (b - mean) * factor + beta
+        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
+        w_name = f"{conv.input[1]}_bnfolded"
+        b_name = f"{conv.input[1]}_bnfolded_bias"
+        graph.initializer.append(numpy_helper.from_array(w_folded.astype(dtype), w_name))
+        graph.initializer.append(numpy_helper.from_array(b_folded.astype(dtype), b_name))
+        x_name = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([x_name, w_name, b_name])
+        conv.output[0] = bn.output[0]
+        stats[bn.output[0]] = (beta, np.abs(scale))
+        remove.append(bn)
+    for node in remove:
+        graph.node.remove(node)
+    _drop_unused_initializers(model_out)
+    return model_out, stats
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)

@@ -1,0 +1,41 @@
+"""What the host CPU can do: its feature flags, and the shipped profile that matches it."""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of this host (Linux /proc/cpuinfo names); empty where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def host_profile_name() -> str:
+    """The shipped OpenVINO CPU profile for this host: AMX → xeon-spr, AVX-512 VNNI → x86-avx512,
+    AVX-VNNI → core-ultra, otherwise x86-avx2 (7-bit weights, no int16 overflow)."""
+    flags = cpu_flags()
+    if platform.machine().lower() not in ("x86_64", "amd64") and flags:
+        return "x86-avx2"
+    if "amx_int8" in flags:
+        return "xeon-spr"
+    if "avx512_vnni" in flags:
+        return "x86-avx512"
+    if "avx_vnni" in flags:
+        return "core-ultra"
+    return "x86-avx2"
+
+
+def missing_flags(required: tuple[str, ...]) -> list[str]:
+    """The required flags this host lacks (none when the host's flags are unknown)."""
+    flags = cpu_flags()
+    return [] if not flags else [f for f in required if f not in flags]

@@ -1,0 +1,185 @@
+"""The Plan: what the compiler pass carries out, per layer. Frozen, JSON round-trip, stable hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rexdeploy.errors import InputError, PlanError
+
+PLAN_FORMAT = 1
+FORMS = ("branches", "concat")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's REx setting.
+
+    bits: weight bit-width (2 = ternary … 8); order: K, the number of residual orders;
+    gamma: sparse budget of the orders ≥ 2 (paper §3.2), None = dense; split: the ensemble
+    grouping K_1..K_M of the orders (one predictor = ``(K,)``); act_bits: 8 (int8 Q/DQ on the
+    layer input) or 0 (the input stays float: weight-only); form: ``branches`` (one conv per
+    order, summed with Add) or ``concat`` (one conv over the concatenated kernels, then reduce).
+    """
+
+    bits: int = 8
+    order: int = 1
+    gamma: float | None = None
+    split: tuple[int, ...] = ()
+    act_bits: int = 8
+    form: str = "branches"
+
+    def __post_init__(self) -> None:
+        if not self.split:
+            object.__setattr__(self, "split", (self.order,))
+        object.__setattr__(self, "split", tuple(int(k) for k in self.split))
+        self.validate()
+
+    def validate(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise PlanError(f"weight bits {self.bits} not supported; use 2 (ternary) to 8")
+        if not 1 <= self.order <= 16:
+            raise PlanError(f"expansion order {self.order} not supported; use 1 to 16")
+        if self.gamma is not None and not self.gamma >= 0.0:
+            raise PlanError(f"sparsity budget gamma {self.gamma} must be >= 0 (e.g. 0.5 for +50 % compute)")
+        if any(k < 1 for k in self.split) or sum(self.split) != self.order:
+            raise PlanError(
+                f"ensemble split {','.join(map(str, self.split))} must be positive orders summing to K={self.order}"
+            )
+        if self.act_bits not in (0, 8):
+            raise PlanError(f"activation bits {self.act_bits} not supported; use 8 or fp (float)")
+        if self.form not in FORMS:
+            raise PlanError(f"form {self.form!r} unknown; use one of {', '.join(FORMS)}")
+
+    @property
+    def predictors(self) -> int:
+        return len(self.split)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole-network plan: a LayerPlan per quantized layer (by node name), plus provenance.
+
+    Layers absent from ``layers`` stay float. ``predicted_*`` and ``bound`` are filled by the
+    planner; a plan made from flags leaves them None.
+    """
+
+    layers: dict[str, LayerPlan]
+    profile: str = ""
+    model_sha256: str = ""
+    predicted_latency_ms: float | None = None
+    predicted_error: float | None = None
+    bound: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def predictors(self) -> int:
+        return max((lp.predictors for lp in self.layers.values()), default=1)
+
+    def summary(self) -> str:
+        """One line: the uniform setting if all layers agree, else the spread."""
+        settings = {(lp.bits, lp.order, lp.gamma, lp.split, lp.act_bits, lp.form) for lp in self.layers.values()}
+        if len(settings) == 1:
+            bits, order, gamma, split, act, form = settings.pop()
+            parts = [f"W{bits}A{act or 'fp'}", f"K={order}"]
+            if gamma is not None:
+                parts.append(f"gamma={gamma:g}")
+            if len(split) > 1:
+                parts.append(f"ensemble={','.join(map(str, split))}")
+            parts.append(form)
+            return " ".join(parts) + f" on {len(self.layers)} layers"
+        return f"per-layer plan over {len(self.layers)} layers ({len(settings)} distinct settings)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "profile": self.profile,
+            "model_sha256": self.model_sha256,
+            "predicted_latency_ms": self.predicted_latency_ms,
+            "predicted_error": self.predicted_error,
+            "bound": self.bound,
+            "notes": list(self.notes),
+            "layers": {name: _layer_dict(lp) for name, lp in sorted(self.layers.items())},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the layer settings + model + profile (not predictions)."""
+        core = {k: v for k, v in self.to_dict().items() if k in ("format", "profile", "model_sha256", "layers")}
+        return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Plan:
+        if not isinstance(raw, dict) or "layers" not in raw or not isinstance(raw["layers"], dict):
+            raise PlanError("not a rexdeploy plan: expected a JSON object with a 'layers' table")
+        if raw.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+            raise PlanError(f"plan format {raw.get('format')} unknown; this rexdeploy reads format {PLAN_FORMAT}")
+        allowed = set(LayerPlan.__dataclass_fields__)
+        layers: dict[str, LayerPlan] = {}
+        for name, lp in raw["layers"].items():
+            if not isinstance(lp, dict):
+                raise PlanError(f"plan layer {name!r}: expected an object")
+            unknown = sorted(set(lp) - allowed)
+            if unknown:
+                raise PlanError(f"plan layer {name!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+            values = dict(lp)
+            if "split" in values:
+                values["split"] = tuple(values["split"])
+            layers[name] = LayerPlan(**values)
+        return cls(
+            layers=layers,
+            profile=str(raw.get("profile", "")),
+            model_sha256=str(raw.get("model_sha256", "")),
+            predicted_latency_ms=raw.get("predicted_latency_ms"),
+            predicted_error=raw.get("predicted_error"),
+            bound=raw.get("bound"),
+            notes=tuple(raw.get("notes", ())),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from None
+        return cls.from_dict(raw)
+
+    def with_predictions(self, **kwargs: Any) -> Plan:
+        return replace(self, **kwargs)
+
+
+def _layer_dict(lp: LayerPlan) -> dict[str, Any]:
+    d = asdict(lp)
+    d["split"] = list(lp.split)
+    return d
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"plan file {path} not found")
+    return Plan.from_json(path.read_text(encoding="utf-8"))
+
+
+def uniform_plan(
+    layer_names: Iterable[str],
+    *,
+    bits: int,
+    order: int,
+    gamma: float | None = None,
+    split: Sequence[int] = (),
+    act_bits: int = 8,
+    form: str = "branches",
+    profile: str = "",
+    model_sha256: str = "",
+) -> Plan:
+    """The same LayerPlan on every named layer."""
+    lp = LayerPlan(bits=bits, order=order, gamma=gamma, split=tuple(split), act_bits=act_bits, form=form)
+    return Plan(layers={name: lp for name in layer_names}, profile=profile, model_sha256=model_sha256)

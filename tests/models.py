@@ -1,0 +1,88 @@
+"""Small ONNX models built inline for the tests (onnx.helper), with seeded random weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(value.astype(np.float32), name)
+
+
+def small_cnn(seed: int = 0, trans_b: bool = True, batchnorm: bool = True) -> onnx.ModelProto:
+    """x(N,3,8,8) → Conv3x3(8)+BN → Relu → depthwise Conv3x3 → Relu → Conv1x1(16, stride 2) → Relu
+    → GlobalAveragePool → Flatten → Gemm(10). Dynamic batch."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init("c1_w", rng.normal(0, 0.3, (8, 3, 3, 3))),
+        _init("c1_b", rng.normal(0, 0.1, 8)),
+        _init("dw_w", rng.normal(0, 0.4, (8, 1, 3, 3))),
+        _init("dw_b", rng.normal(0, 0.1, 8)),
+        _init("pw_w", rng.normal(0, 0.3, (16, 8, 1, 1))),
+        _init("fc_w", rng.normal(0, 0.3, (10, 16) if trans_b else (16, 10))),
+        _init("fc_b", rng.normal(0, 0.1, 10)),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "c1_w", "c1_b"], ["c1"], name="conv1", pads=[1, 1, 1, 1])]
+    c1_out = "c1"
+    if batchnorm:
+        inits += [
+            _init("bn_s", rng.uniform(0.5, 1.5, 8)),
+            _init("bn_b", rng.normal(0, 0.2, 8)),
+            _init("bn_m", rng.normal(0, 0.2, 8)),
+            _init("bn_v", rng.uniform(0.5, 2.0, 8)),
+        ]
+        nodes.append(
+            helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn1"], name="bn1")
+        )
+        c1_out = "bn1"
+    nodes += [
+        helper.make_node("Relu", [c1_out], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "dw_w", "dw_b"], ["dw"], name="dwconv", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Relu", ["dw"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "pw_w"], ["pw"], name="pwconv", strides=[2, 2]),
+        helper.make_node("Relu", ["pw"], ["r3"], name="relu3"),
+        helper.make_node("GlobalAveragePool", ["r3"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=int(trans_b), alpha=1.0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def no_conv_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        "relu_only",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def quantized_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="q"),
+            helper.make_node("DequantizeLinear", ["q", "s"], ["y"], name="dq"),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

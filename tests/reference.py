@@ -1,0 +1,103 @@
+"""An independent numpy interpreter for the small ONNX graphs the tests build, with REx fake
+quantization: the reference the emitted Q/DQ graphs (run by onnxruntime / OpenVINO) are held to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from rexdeploy.numerics import expand_weight, reconstruct
+
+
+def fake_quant_int8(x: np.ndarray, scale: float) -> np.ndarray:
+    """QuantizeLinear(int8, zp 0) then DequantizeLinear: round half to even, saturate to [-128, 127]."""
+    return (np.clip(np.rint(x / np.float32(scale)), -128, 127) * np.float32(scale)).astype(np.float32)
+
+
+def conv2d(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides: list[int], pads: list[int], group: int
+) -> np.ndarray:
+    n, c, _, _ = x.shape
+    cout, cin_g, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, :: strides[0], :: strides[1]]
+    win = win.reshape(n, group, c // group, *win.shape[2:])
+    wg = w.reshape(group, cout // group, cin_g, kh, kw)
+    y = np.einsum("ngchwij,gocij->ngohw", win.astype(np.float64), wg.astype(np.float64))
+    y = y.reshape(n, cout, *y.shape[3:])
+    if b is not None:
+        y = y + b.reshape(1, -1, 1, 1)
+    return y
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def run_reference(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    *,
+    weight_map: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    act_scales: dict[str, float] | None = None,
+) -> list[np.ndarray]:
+    """Interpret ``model`` in float64 numpy. ``weight_map(node_name, w)`` replaces a Conv/Gemm weight
+    (e.g. by its REx reconstruction); ``act_scales`` fake-quantizes a node's input tensor."""
+    env: dict[str, np.ndarray] = {k: v.astype(np.float64) for k, v in feeds.items()}
+    env.update({i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer})
+    for node in model.graph.node:
+        a = _attrs(node)
+        ins = [env[i] if i else None for i in node.input]
+        op = node.op_type
+        if op in ("Conv", "Gemm"):
+            x, w = ins[0], ins[1]
+            assert x is not None and w is not None
+            if act_scales and node.input[0] in act_scales:
+                x = fake_quant_int8(x.astype(np.float32), act_scales[node.input[0]]).astype(np.float64)
+            transposed = op == "Gemm" and not a.get("transB", 0)
+            if transposed:
+                w = w.T  # out-channel-major, like rexdeploy's numerics
+            if weight_map is not None:
+                w = weight_map(node.name, w)
+            b = ins[2] if len(ins) > 2 else None
+            if op == "Conv":
+                pads = list(a.get("pads", [0] * 4))  # type: ignore[call-overload]
+                out = conv2d(x, w, b, list(a.get("strides", [1, 1])), pads, int(a.get("group", 1)))  # type: ignore[call-overload]
+            else:
+                out = float(a.get("alpha", 1.0)) * x @ w.T  # type: ignore[arg-type]
+                if b is not None:
+                    out = out + float(a.get("beta", 1.0)) * b  # type: ignore[arg-type]
+        elif op == "Relu":
+            out = np.maximum(ins[0], 0.0)
+        elif op == "Clip":
+            lo = ins[1] if len(ins) > 1 and ins[1] is not None else -np.inf
+            hi = ins[2] if len(ins) > 2 and ins[2] is not None else np.inf
+            out = np.clip(ins[0], lo, hi)
+        elif op == "Add":
+            out = ins[0] + ins[1]
+        elif op == "GlobalAveragePool":
+            out = ins[0].mean(axis=(2, 3), keepdims=True)
+        elif op == "Flatten":
+            out = ins[0].reshape(ins[0].shape[0], -1)
+        elif op == "BatchNormalization":
+            x, s, bb, m, v = ins
+            eps = float(a.get("epsilon", 1e-5))  # type: ignore[arg-type]
+            sh = (1, -1, 1, 1)
+            out = (x - m.reshape(sh)) / np.sqrt(v.reshape(sh) + eps) * s.reshape(sh) + bb.reshape(sh)
+        else:
+            raise NotImplementedError(f"reference interpreter has no {op}")
+        env[node.output[0]] = out
+    return [env[o.name] for o in model.graph.output]
+
+
+def rex_weight_map(bits: int, order: int, gamma: float | None = None) -> Callable[[str, np.ndarray], np.ndarray]:
+    """Replace each weight by the sum of its dequantized residual orders (float32 scales, like the graph)."""
+
+    def fn(name: str, w: np.ndarray) -> np.ndarray:
+        orders = expand_weight(w, bits, order, gamma)
+        return reconstruct(orders, w.shape)
+
+    return fn

@@ -1,0 +1,146 @@
+"""The expansion pass: numbers against the independent numpy reference, op sequences, checker, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from models import no_conv_model, quantized_model, small_cnn
+from reference import rex_weight_map, run_reference
+
+from rexdeploy.api import expand_model
+from rexdeploy.errors import PlanError, UnsupportedModelError
+from rexdeploy.graph import fold_batchnorm
+from rexdeploy.plan import LayerPlan, Plan
+from rexdeploy.profile import load_profile
+
+PROFILE = load_profile("x86-avx512")
+
+
+def _run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """onnxruntime with graph optimizations off: the graph's exact ONNX semantics (its Q/DQ fusions
+    would swap in integer kernels with their own bias rounding)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def probe() -> np.ndarray:
+    return np.random.default_rng(7).standard_normal((16, 3, 8, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("trans_b", [True, False])
+@pytest.mark.parametrize(("bits", "order", "act_bits", "form"), [
+    (8, 1, 8, "branches"),
+    (8, 2, 8, "branches"),
+    (4, 3, 8, "branches"),
+    (4, 3, 0, "branches"),
+    (3, 2, 0, "concat"),
+    (5, 3, 8, "concat"),
+])  # fmt: skip
+def test_expanded_graph_matches_numpy_reference(
+    probe: np.ndarray, trans_b: bool, bits: int, order: int, act_bits: int, form: str
+) -> None:
+    model = small_cnn(trans_b=trans_b)
+    expanded = expand_model(model, profile=PROFILE, bits=bits, order=order, act_bits=act_bits, form=form)
+    onnx.checker.check_model(expanded.model, full_check=True)
+    got = _run_ort(expanded.model, probe)
+    folded, _ = fold_batchnorm(model)
+    want = run_reference(
+        folded,
+        {"x": probe},
+        weight_map=rex_weight_map(bits, order),
+        act_scales=expanded.activation_scales if act_bits == 8 else None,
+    )[0]
+    fp32 = _run_ort(model, probe)
+    quant_error = _rel(got, fp32)
+    # the graph computes exactly the simulated quantization: its distance to the reference is float32
+    # rounding, far below the quantization error itself
+    assert _rel(got, want) < 1e-5
+    assert quant_error > 1e-4
+    assert (act_bits == 0) == (not expanded.activation_scales)
+
+
+def test_weight_only_error_falls_with_order(probe: np.ndarray) -> None:
+    model = small_cnn()
+    fp32 = _run_ort(model, probe)
+    errors = [
+        _rel(_run_ort(expand_model(model, profile=PROFILE, bits=4, order=k, act_bits=0).model, probe), fp32)
+        for k in (1, 2, 3)
+    ]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[0] / errors[2] > 20.0
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_op_sequence_branches() -> None:
+    model = small_cnn(batchnorm=False)
+    ops = _ops(expand_model(model, profile=PROFILE, bits=8, order=2, act_bits=8).model)
+    assert ops[:7] == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "DequantizeLinear", "Conv", "Add"]
+    assert ops.count("Conv") == 6 and ops.count("Gemm") == 2
+    assert ops.count("QuantizeLinear") == 4  # one Q/DQ per quantized layer input
+    assert ops.count("DequantizeLinear") == 4 + 8  # activations + one per weight order
+    assert ops.count("Add") == 4
+    assert "BatchNormalization" not in ops
+
+
+def test_op_sequence_concat_and_weight_only() -> None:
+    model = small_cnn()
+    ops = _ops(expand_model(model, profile=PROFILE, bits=4, order=3, act_bits=0, form="concat").model)
+    assert ops[:4] == ["DequantizeLinear", "Conv", "Split", "Sum"]
+    assert "QuantizeLinear" not in ops
+    assert ops.count("Split") == 3  # the grouped depthwise conv falls back to branches
+    assert ops.count("Conv") == 2 + 3
+
+
+def test_order_one_keeps_the_node_output_and_bias() -> None:
+    model = small_cnn(batchnorm=False)
+    out = expand_model(model, profile=PROFILE, bits=8, order=1).model
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert [c.output[0] for c in convs] == ["c1", "dw", "pw"]
+    assert [len(c.input) for c in convs] == [3, 3, 2]
+    weights = {i.name: i for i in out.graph.initializer}
+    assert weights["conv1_w1_int8"].data_type == onnx.TensorProto.INT8
+    assert "c1_w" not in weights  # the float weight is gone
+
+
+def test_batchnorm_is_folded_exactly(probe: np.ndarray) -> None:
+    model = small_cnn()
+    folded, stats = fold_batchnorm(model)
+    assert "BatchNormalization" not in _ops(folded)
+    assert set(stats) == {"bn1"}
+    np.testing.assert_allclose(_run_ort(folded, probe), _run_ort(model, probe), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_for_another_model_is_refused() -> None:
+    plan = Plan(layers={"not_a_layer": LayerPlan()})
+    with pytest.raises(PlanError, match="not_a_layer.*was it made for another model"):
+        expand_model(small_cnn(), plan)
+
+
+def test_bits_above_profile_limit_refused() -> None:
+    with pytest.raises(PlanError, match=r"8-bit weights exceed what profile 'x86-avx2'.*--bits 7"):
+        expand_model(small_cnn(), profile=load_profile("x86-avx2"), bits=8)
+
+
+def test_no_quantizable_layer_and_quantized_model(tmp_path: object) -> None:
+    with pytest.raises(UnsupportedModelError, match="no Conv or Gemm"):
+        expand_model(no_conv_model(), profile=PROFILE)
+    from pathlib import Path
+
+    from rexdeploy.graph import load_model
+
+    path = Path(str(tmp_path)) / "q.onnx"
+    onnx.save(quantized_model(), str(path))
+    with pytest.raises(UnsupportedModelError, match="already quantized.*QuantizeLinear.*FP32 model"):
+        load_model(path)
