@@ -51,7 +51,7 @@ def make_weights(seed: int = 0) -> list[np.ndarray]:
     out = []
     for shape in resnet50_shapes():
         fan_in = int(np.prod(shape[1:]))
-        out.append((rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))))
+        out.append(rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in)))
     return out
 
 
@@ -142,7 +142,7 @@ def main() -> None:
         "target_met": target < 1.0,
     }
 
-    header = f"| case | median s | best s | Mparam/s | rel L2 err | max abs err |\n|---|---:|---:|---:|---:|---:|"
+    header = "| case | median s | best s | Mparam/s | rel L2 err | max abs err |\n|---|---:|---:|---:|---:|---:|"
     lines = [
         f"| {r['case']} | {r['median_s']:.3f} | {r['best_s']:.3f} | {r['mparams_per_s']:.1f} "
         f"| {r['rel_l2']:.2e} | {r['max_abs']:.2e} |"

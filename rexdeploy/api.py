@@ -145,6 +145,17 @@ def measure_fidelity(
     return compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out))
 
 
+def _host_warnings(profile: Profile) -> list[str]:
+    missing = missing_flags(profile.requires) if profile.engine == "openvino" else []
+    if not missing:
+        return []
+    return [
+        f"profile {profile.name!r} is for CPUs with {', '.join(profile.requires)}, which this CPU lacks "
+        f"({', '.join(missing)}): its int8 kernels may overflow or run slower here; "
+        f"--profile auto picks {host_profile_name()!r} for this host"
+    ]
+
+
 def build(
     model_path: str | Path,
     profile: Profile | str,
@@ -170,18 +181,12 @@ def build(
     sha = file_sha256(model_path)
     calibration = load_calibration(str(calibration_path), model) if calibration_path else None
     builder = builder_for(profile)
-    warnings: list[str] = []
-    missing = missing_flags(profile.requires) if profile.engine == "openvino" else []
-    if missing:
-        warnings.append(
-            f"profile {profile.name!r} is for CPUs with {', '.join(profile.requires)}, which this CPU lacks "
-            f"({', '.join(missing)}): its int8 kernels may overflow or run slower here; "
-            f"--profile auto picks {host_profile_name()!r} for this host"
-        )
-        say(f"warning: {warnings[-1]}")
     say(f"expanding {model_path.name} ...")
     expanded = expand_model(model, plan, profile=profile, calibration=calibration, model_sha256=sha, **overrides)
     say(f"expanded {len(expanded.plan.layers)} layers in {expanded.seconds:.2f} s: {expanded.plan.summary()}")
+    warnings = _host_warnings(profile)
+    for warning in warnings:
+        say(f"warning: {warning}")
     out = Path(out_dir) if out_dir is not None else Path("rexdeploy-out") / model_path.stem
     with atomic_dir(out) as tmp:
         rex_onnx = save_model(expanded.model, tmp / "expanded.onnx")

@@ -60,7 +60,7 @@ __all__ = [
 
 MIN_BITS = 2  # ternary {-1, 0, 1}
 MAX_BITS = 8  # int8 storage
-MAX_ORDER = 64  # far past float64 exactness (int8 reaches it at K ~ 5, ternary at K ~ 50)
+MAX_ORDER = 64  # far past float64 exactness (int8 reaches it at K ~ 6, ternary at K ~ 50)
 
 _TINY = np.finfo(np.float64).tiny  # below this a scale is subnormal and rint(w / s) may overshoot qmax
 
@@ -130,9 +130,7 @@ def _channel_amax(w2: np.ndarray) -> np.ndarray:
     amax = np.maximum(w2.max(axis=1), -w2.min(axis=1)).astype(np.float64)
     if not np.isfinite(amax).all():
         bad = np.flatnonzero(~np.isfinite(amax))
-        raise ModelError(
-            f"weight holds NaN or inf in output channel(s) {bad[:5].tolist()}; REx needs finite weights"
-        )
+        raise ModelError(f"weight holds NaN or inf in output channel(s) {bad[:5].tolist()}; REx needs finite weights")
     return amax
 
 
@@ -142,9 +140,7 @@ def _scale_from_amax(amax: np.ndarray, qm: int) -> np.ndarray:
     return scale
 
 
-def _quantize_rows(
-    r: np.ndarray, qm: int, dequant: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _quantize_rows(r: np.ndarray, qm: int, dequant: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Quantize the rows of ``r`` (C, n): ``(q int8, scale float64 (C,), Q^-1(q) float64 or None)``."""
     scale = _scale_from_amax(_channel_amax(r), qm)
     t = np.empty(r.shape, dtype=np.float64)
@@ -207,8 +203,7 @@ class ResidualOrder:
         """Full-shape float64 ``Q^-1(R^k)`` with zeros on the channels this order skips."""
         if self.n_channels and int(self.channels[-1]) >= out_channels:
             raise PlanError(
-                f"order {self.order} holds channel {int(self.channels[-1])}, "
-                f"beyond out_channels={out_channels}"
+                f"order {self.order} holds channel {int(self.channels[-1])}, beyond out_channels={out_channels}"
             )
         out = np.zeros((out_channels, *self.values.shape[1:]), dtype=np.float64)
         out[self.channels] = dequantize(self.values, self.scale)
@@ -388,9 +383,7 @@ def lemma_a1_bound(w: np.ndarray, bits: int, order: int, *, tight: bool = False)
     return bound.reshape(w2.shape[0], *([1] * (np.ndim(w) - 1)))
 
 
-def expansion_bound(
-    w: np.ndarray, bits: int, orders: Sequence[ResidualOrder], *, tight: bool = False
-) -> np.ndarray:
+def expansion_bound(w: np.ndarray, bits: int, orders: Sequence[ResidualOrder], *, tight: bool = False) -> np.ndarray:
     """Per-weight error bound of a possibly sparse expansion ``orders`` of ``w`` (shape ``(C, 1, ..)``).
 
     A channel quantized by n_c of the orders (order 1 always, then the sparse orders that picked it)
@@ -423,9 +416,7 @@ def _check_sizes(sizes: Sequence[int]) -> np.ndarray:
     if s.ndim != 1 or s.shape[0] == 0:
         raise PlanError("linear+ needs the sizes |W_l| of at least one layer")
     if not np.all(np.isfinite(s)) or np.any(s <= 0) or np.any(s != np.floor(s)):
-        raise PlanError(
-            f"layer sizes must be positive integers (parameter counts |W_l|); got {list(sizes)[:8]}"
-        )
+        raise PlanError(f"layer sizes must be positive integers (parameter counts |W_l|); got {list(sizes)[:8]}")
     return s
 
 
@@ -565,9 +556,7 @@ def check_ensemble_validity(bits: int, split: Sequence[int]) -> None:
         )
 
 
-def ensemble_weights(
-    orders: Sequence[ResidualOrder], split: Sequence[int], shape: tuple[int, ...]
-) -> list[np.ndarray]:
+def ensemble_weights(orders: Sequence[ResidualOrder], split: Sequence[int], shape: tuple[int, ...]) -> list[np.ndarray]:
     """Float64 weight of each predictor: the dense sum of the orders of its group
     (:func:`ensemble_groups`). Their sum is :func:`reconstruct` of all orders (to rounding)."""
     k_total = len(orders)
@@ -626,7 +615,7 @@ def bound_u_ens(order_norms: Sequence[Sequence[float]] | np.ndarray, split: Sequ
         return 0.0
     starts = np.asarray([g[0] - 1 for g in groups])
     per_group = np.add.reduceat(n, starts, axis=1)  # (L, M): sum over each predictor's orders
-    lead = float(n[-1].sum()) / 2.0 ** (n_layers)
+    lead = float(n[-1].sum()) / 2.0 ** (n_layers - 1)
     return lead * float(np.prod(per_group[:-1, 1:], axis=0).sum())
 
 
@@ -700,9 +689,7 @@ def network_bound(
         s[i] = _spectral(w2)
         need_orders = len(parts) > 1 or kept_channels(w2.shape[0], g, k_total) < w2.shape[0]
         orders = expand_weight(w2, b, k_total, g) if need_orders else []
-        beta = expansion_bound(w2, b, orders, tight=tight) if orders else lemma_a1_bound(
-            w2, b, k_total, tight=tight
-        )
+        beta = expansion_bound(w2, b, orders, tight=tight) if orders else lemma_a1_bound(w2, b, k_total, tight=tight)
         e[i] = math.sqrt(w2.shape[1] * float(np.square(beta).sum()))
         if len(parts) > 1:
             norms[i] = order_spectral_norms(orders)

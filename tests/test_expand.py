@@ -86,7 +86,15 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 def test_op_sequence_branches() -> None:
     model = small_cnn(batchnorm=False)
     ops = _ops(expand_model(model, profile=PROFILE, bits=8, order=2, act_bits=8).model)
-    assert ops[:7] == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "DequantizeLinear", "Conv", "Add"]
+    assert ops[:7] == [
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DequantizeLinear",
+        "Conv",
+        "DequantizeLinear",
+        "Conv",
+        "Add",
+    ]
     assert ops.count("Conv") == 6 and ops.count("Gemm") == 2
     assert ops.count("QuantizeLinear") == 4  # one Q/DQ per quantized layer input
     assert ops.count("DequantizeLinear") == 4 + 8  # activations + one per weight order

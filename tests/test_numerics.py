@@ -265,9 +265,7 @@ def reference_sparse(
     gamma=st.floats(0.05, 2.0),
     duplicate=st.booleans(),
 )
-def test_sparse_selects_top_l1_channels(
-    seed: int, bits: int, k: int, c: int, gamma: float, duplicate: bool
-) -> None:
+def test_sparse_selects_top_l1_channels(seed: int, bits: int, k: int, c: int, gamma: float, duplicate: bool) -> None:
     w = gaussian_weight(seed, c, 12)
     if duplicate:  # exact ties in the ranking
         w[c // 2 :] = w[: c - c // 2]
@@ -393,9 +391,7 @@ def test_check_ensemble_validity() -> None:
     split=st.lists(st.integers(1, 3), min_size=1, max_size=4),
     gamma=st.sampled_from([None, 0.5, 1.5]),
 )
-def test_ensemble_weights_sum_to_expansion(
-    seed: int, bits: int, split: list[int], gamma: float | None
-) -> None:
+def test_ensemble_weights_sum_to_expansion(seed: int, bits: int, split: list[int], gamma: float | None) -> None:
     w = gaussian_weight(seed, 10, 18).reshape(10, 2, 3, 3)
     k = sum(split)
     orders = expand_weight(w, bits, k, gamma)
@@ -453,7 +449,7 @@ def test_network_bound_dominates_measured_error(
 ) -> None:
     ws = mlp_weights(seed, dims)
     rng = np.random.default_rng(seed + 1)
-    bs = [rng.standard_normal(w.shape[0]) * (0.3 if with_bias else 0.0) for w in ws]
+    bs = [rng.standard_normal((w.shape[0],)) * (0.3 if with_bias else 0.0) for w in ws]
     wq = [reconstruct(expand_weight(w, bits, k, gamma), w.shape) for w in ws]
     x = rng.standard_normal((1024, dims[0]))
     x = np.concatenate([x, np.linalg.svd(ws[0])[2][:4]])  # plus W_1's top input directions
@@ -503,3 +499,20 @@ def test_resnet_like_conv_shapes() -> None:
     assert lemma_a1_bound(w, 4, 2).shape == (64, 1, 1, 1)
     with pytest.raises(PlanError, match="beyond out_channels"):
         orders[1].dense(int(orders[1].channels[-1]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), bits=st.integers(3, 8), gain=st.sampled_from([1e-2, 10.0, 300.0]))
+def test_network_bound_scales_with_the_network_gain(seed: int, bits: int, gain: float) -> None:
+    # The output error of a bias-free ReLU net is positively homogeneous in each layer's weight, so a
+    # valid bound must follow the network's gain; gains >> 1 are where Eq. 15 read literally fails.
+    ws = mlp_weights(seed, [12, 16, 16, 8])
+    scaled = [w * gain for w in ws]
+    u1, ug = network_bound(ws, bits, 2), network_bound(scaled, bits, 2)
+    assert ug == pytest.approx(u1 * gain**3, rel=1e-6)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2048, 12))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    zeros = [np.zeros(w.shape[0]) for w in ws]
+    wq = [reconstruct(expand_weight(w, bits, 2), w.shape) for w in scaled]
+    assert float(np.abs(mlp(scaled, zeros, x) - mlp(wq, zeros, x)).max()) <= ug

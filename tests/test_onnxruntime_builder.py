@@ -142,9 +142,7 @@ def test_dynamic_non_batch_dimension_is_refused(tmp_path: Path) -> None:
 def test_external_data_is_copied(tmp_path: Path) -> None:
     src = tmp_path / "src" / "ext.onnx"
     src.parent.mkdir()
-    onnx.save(
-        conv_relu_gemm(), str(src), save_as_external_data=True, location="ext.weights", size_threshold=0
-    )
+    onnx.save(conv_relu_gemm(), str(src), save_as_external_data=True, location="ext.weights", size_threshold=0)
     engine = OnnxRuntimeBuilder().build(src, PROFILE, tmp_path / "out")
     assert sorted(p.name for p in engine.artifacts) == ["ext.onnx", "ext.weights"]
     assert all(p.is_file() for p in engine.artifacts)

@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -155,7 +156,7 @@ def int4_matmul(block_size: int | None) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def _profile(name: str, **quant: bool) -> Profile:
+def _profile(name: str, **quant: Any) -> Profile:
     base = load_profile(name)
     return replace(base, quantization=replace(base.quantization, **quant))
 
@@ -267,6 +268,22 @@ def test_int4_weights_need_block_quantization() -> None:
     assert rules(lint_qdq(int4_matmul(block_size=16), int4_block_sizes=(64, 128))) == {("dq_w4", ql.INT4_BLOCK_SIZE)}
 
 
+def test_lint_and_settings_work_without_loading_external_weights(tmp_path: Path) -> None:
+    path = tmp_path / "ext.onnx"
+    onnx.save(
+        qdq_conv(cin=16, cout=32),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=1024,
+    )
+    light = onnx.load(str(path), load_external_data=False)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in light.graph.initializer)
+    assert lint_qdq(light) == []
+    assert select_settings(load_profile("a100"), path, (8, 0)).int8
+
+
 def test_finding_prints_on_one_line() -> None:
     (f,) = lint_qdq(qdq_conv(weight_dq=False))
     assert "\n" not in str(f) and str(f).startswith("warning: conv: [weight-not-quantized]")
@@ -282,13 +299,14 @@ def test_h100_on_sm90_allows_fp8_and_uses_aux_streams() -> None:
     assert s.max_aux_streams == load_profile("h100").parallel.aux_streams == 4
     # float32 graph + fp16 profile: weakly typed so TensorRT may run the float layers in fp16
     assert not s.strongly_typed and "float32" in s.typing_reason
-    assert s.builder_flags() == ("FP16", "BF16", "INT8", "FP8", "INT4")
+    # FP8 / INT4 are allowed but come only from Q/DQ types the model holds (int8 here)
+    assert s.builder_flags() == ("FP16", "BF16", "INT8")
     assert s.quantized_types == ("int8",) and s.compute_capability == (9, 0)
 
 
 def test_a100_and_orin_flags_and_streams() -> None:
     a100 = select_settings(load_profile("a100"), qdq_conv(), (8, 0))
-    assert not a100.fp8 and a100.builder_flags() == ("FP16", "BF16", "INT8", "INT4")
+    assert not a100.fp8 and a100.int4 and a100.builder_flags() == ("FP16", "BF16", "INT8")
     assert a100.max_aux_streams == 4
     orin = select_settings(load_profile("orin"), qdq_conv(), (8, 7))
     assert not orin.fp8 and orin.max_aux_streams == 2
@@ -309,7 +327,7 @@ def test_bf16_needs_ampere() -> None:
     with pytest.raises(BuildError, match=r"BF16 needs SM 8\.0"):
         select_settings(load_profile("a100"), qdq_conv(), (7, 5))
     s = select_settings(_profile("a100", bf16=False), qdq_conv(), (7, 5))
-    assert not s.bf16 and s.builder_flags() == ("FP16", "INT8", "INT4")
+    assert not s.bf16 and s.builder_flags() == ("FP16", "INT8")
 
 
 def test_int4_only_with_int4_weight_only_profile() -> None:
@@ -317,7 +335,7 @@ def test_int4_only_with_int4_weight_only_profile() -> None:
     with pytest.raises(BuildError, match="int4_weight_only = true"):
         select_settings(_profile("a100", int4_weight_only=False), int4_matmul(32), (8, 0))
     s = select_settings(load_profile("a100"), int4_matmul(32), (8, 0))
-    assert s.int4 and "int4" in s.quantized_types
+    assert s.int4 and "int4" in s.quantized_types and s.builder_flags() == ("FP16", "BF16", "INT4")
 
 
 def test_strongly_typed_when_the_graph_fixes_the_precision() -> None:
@@ -347,7 +365,7 @@ def test_untyped_model_falls_back_to_weak_typing_or_fails_when_strong_is_asked()
     with pytest.raises(BuildError, match="typing='strong' needs a fully typed ONNX"):
         select_settings(load_profile("a100"), _untyped_model(), (8, 0), typing="strong")
     weak = select_settings(_profile("a100", fp16=False, bf16=False), qdq_conv(), (8, 0), typing="weak")
-    assert not weak.strongly_typed and weak.builder_flags() == ("INT8", "INT4")
+    assert not weak.strongly_typed and weak.builder_flags() == ("INT8",)
 
 
 def test_dynamic_batch_becomes_one_one_max_batch() -> None:
@@ -362,7 +380,7 @@ def test_dynamic_batch_becomes_one_one_max_batch() -> None:
 def test_dynamic_non_batch_dimension_needs_input_shapes() -> None:
     model = qdq_conv()
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
-    with pytest.raises(BuildError, match=r"dynamic dimension\(s\) \[2\].*input_shapes"):
+    with pytest.raises(BuildError, match=r"dynamic dimension\(s\) \[2\].*input_shapes=\{'x': \(N, \.\.\.\)\}"):
         select_settings(load_profile("a100"), model, (8, 0))
     s = select_settings(load_profile("a100"), model, (8, 0), input_shapes={"x": (1, 4, 8, 8)}, max_batch=2)
     assert s.shapes[0].max == (2, 4, 8, 8)
@@ -391,7 +409,9 @@ def test_unsigned_and_fp8_models_are_rejected_by_profile() -> None:
             fp8.graph.initializer[i].CopyFrom(helper.make_tensor("x_zp", TensorProto.FLOAT8E4M3FN, [], [0.0]))
     with pytest.raises(BuildError, match="FP8 Q/DQ"):
         select_settings(load_profile("a100"), fp8, (8, 0))
-    assert "fp8" in select_settings(load_profile("h100"), fp8, (9, 0)).quantized_types
+    h100 = select_settings(load_profile("h100"), fp8, (9, 0))
+    assert h100.quantized_types == ("fp8", "int8") and "FP8" in h100.builder_flags()
+    assert "--fp8" in _args(trtexec_command("m.onnx", h100))
 
 
 def test_model_path_is_read(tmp_path: Path) -> None:
@@ -435,9 +455,9 @@ def test_trtexec_command_for_weakly_typed_dynamic_build(tmp_path: Path) -> None:
     assert args[0] == "trtexec"
     assert f"--onnx={tmp_path / 'my model.onnx'}" in args
     assert f"--saveEngine={tmp_path / 'out' / 'm.plan'}" in args
-    for flag in ("--fp16", "--bf16", "--int8", "--fp8", "--int4"):
+    for flag in ("--fp16", "--bf16", "--int8"):
         assert flag in args
-    assert "--stronglyTyped" not in args
+    assert not {"--stronglyTyped", "--fp8", "--int4"} & set(args)
     assert "--maxAuxStreams=4" in args and "--builderOptimizationLevel=3" in args
     assert "--memPoolSize=workspace:1024" in args
     assert f"--timingCacheFile={tmp_path / 'out' / 'timing.cache'}" in args

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
 from rexdeploy.builders.base import Engine, TimingSettings
 from rexdeploy.errors import BuildError, EngineUnavailableError, InputError
@@ -50,8 +51,8 @@ def import_tensorrt() -> Any:
         import tensorrt
     except Exception:  # ImportError, or a stub wheel failing at import
         raise EngineUnavailableError(
-            f"TensorRT is not installed here; run {PIP_HINT} on the machine with the target GPU "
-            "(or build there with the trtexec command rexdeploy writes)"
+            f"TensorRT is not installed here; run {PIP_HINT} on the machine with the target GPU (or build "
+            "there with the trtexec command rexdeploy writes)"
         ) from None
     return tensorrt
 
@@ -121,8 +122,7 @@ def build_plan(trt: Any, model: Path, settings: TrtBuildSettings, timing_cache: 
         if member is None:
             raise BuildError(
                 f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (weakly typed builds need TensorRT "
-                "10); "
-                "install tensorrt<11 or build strongly typed (typing='strong')"
+                "10); install tensorrt<11 or build strongly typed (typing='strong')"
             )
         config.set_flag(member)
     if settings.workspace_bytes is not None:
@@ -144,8 +144,8 @@ def build_plan(trt: Any, model: Path, settings: TrtBuildSettings, timing_cache: 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(
-            f"TensorRT could not build {model.name}: {logger.last_error() or 'no error logged'}; "
-            "run qdq_lint on the model and check the layer is supported in the chosen precision"
+            f"TensorRT could not build {model.name}: {logger.last_error() or 'no error logged'}; run "
+            "qdq_lint on the model and check the layer is supported in the chosen precision"
         )
     return bytes(plan), bytes(config.get_timing_cache().serialize())
 
@@ -165,6 +165,16 @@ def inspect_precisions(trt: Any, engine: Any, settings: TrtBuildSettings) -> dic
     info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     del inspector, context
     return layer_precisions(info)
+
+
+def _with_weights(path: Path, proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with its external weights loaded (so the lint sees the quantized values)."""
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        return proto
+    full = onnx.ModelProto()
+    full.CopyFrom(proto)
+    onnx.load_external_data_for_model(full, str(path.parent))
+    return full
 
 
 def _read_meta(engine: Engine) -> dict[str, Any]:
@@ -245,7 +255,7 @@ class TensorRTBuilder:
 
     def settings_for(
         self,
-        model: str | Path,
+        model: onnx.ModelProto | str | Path,
         profile: Profile,
         compute_capability: tuple[int, int] | None,
         out_dir: str | Path,
@@ -275,12 +285,11 @@ class TensorRTBuilder:
         if gpu is None:
             raise EngineUnavailableError(
                 f"no CUDA GPU is visible as {profile.device} here; TensorRT builds on the target GPU: run "
-                "the build "
-                "there (rexdeploy_tensorrt.trtexec_command gives the equivalent trtexec line)"
+                "the build there (rexdeploy_tensorrt.trtexec_command gives the trtexec line)"
             )
         proto = load_onnx(model)
-        settings = self.settings_for(model, profile, gpu.compute_capability, out_dir)
-        findings = lint_qdq(proto, int4_block_sizes=profile.quantization.int4_block_sizes)
+        settings = self.settings_for(proto, profile, gpu.compute_capability, out_dir)
+        findings = lint_qdq(_with_weights(model, proto), int4_block_sizes=profile.quantization.int4_block_sizes)
         hard = errors(findings)
         if hard:
             raise BuildError(
@@ -288,10 +297,8 @@ class TensorRTBuilder:
             )
         if _trt_major(trt) >= 11 and not settings.strongly_typed:
             raise BuildError(
-                f"TensorRT {trt.__version__} builds strongly typed networks only, but "
-                f"{settings.typing_reason}; "
-                "install tensorrt<11 (pip install 'tensorrt>=10,<11') or cast the model's float layers to "
-                "float16"
+                f"TensorRT {trt.__version__} builds strongly typed networks only, but the settings are "
+                f"{settings.typing_reason}; install tensorrt<11 or build with typing='strong'",
             )
         if index != 0:
             from rexdeploy_tensorrt.timing import _Cuda
@@ -349,8 +356,7 @@ class TensorRTBuilder:
         if loaded is None:
             raise BuildError(
                 f"TensorRT {trt.__version__} cannot load {_plan_path(engine)}; a plan runs only with the "
-                "TensorRT "
-                "version and GPU that built it: rebuild it here"
+                "TensorRT version and GPU that built it: rebuild it here"
             )
         return runtime, loaded
 

@@ -106,8 +106,14 @@ class _Graph:
         return self.names[id(node)]
 
     def const(self, tensor: str) -> np.ndarray | None:
+        """The constant's values; None when not a constant or its external data is not loaded."""
         t = self.consts.get(tensor)
-        return None if t is None else numpy_helper.to_array(t)
+        if t is None:
+            return None
+        try:
+            return numpy_helper.to_array(t)
+        except Exception:  # external data that was not loaded with the model
+            return None
 
     def is_weight(self, tensor: str) -> bool:
         """A constant, or the Q→DQ / DQ of a constant (float weights quantized in the graph)."""
@@ -121,9 +127,8 @@ class _Graph:
         return False
 
     def shape(self, tensor: str) -> tuple[int, ...] | None:
-        arr = self.const(tensor)
-        if arr is not None:
-            return tuple(arr.shape)
+        if tensor in self.consts:
+            return tuple(int(d) for d in self.consts[tensor].dims)
         node = self.producer.get(tensor)
         if node is not None and node.op_type in QDQ_OPS:
             return self.shape(node.input[0])
@@ -134,16 +139,16 @@ def _scale_checks(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
     name, out = g.name(node), list[Finding]()
     scale_name = node.input[1] if len(node.input) > 1 else ""
     scale = g.const(scale_name) if scale_name else None
-    if scale is None:
+    if scale_name not in g.consts:
         out.append(
             Finding(
                 name,
                 SCALE_NOT_CONSTANT,
-                f"scale {scale_name!r} is computed at run time; TensorRT needs a build-time constant "
-                "scale: store it as an initializer (or fold the Constant/Shape chain)",
+                f"scale {scale_name!r} is computed at run time; TensorRT needs a build-time constant scale: "
+                "store it as an initializer (or fold the Constant/Shape chain)",
             )
         )
-    else:
+    elif scale is not None:
         s = scale.astype(np.float64)
         bad = ~np.isfinite(s) | (s <= 0)
         if bad.any():
@@ -151,10 +156,9 @@ def _scale_checks(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
                 Finding(
                     name,
                     SCALE_NOT_POSITIVE,
-                    f"{int(bad.sum())} of {s.size} scale value(s) are zero, negative or not finite "
-                    f"(e.g. {float(s.flat[int(np.argmax(bad))])}); TensorRT needs strictly positive "
-                    "finite scales: recompute them from max|x| / 127 (use a tiny floor for all-zero "
-                    "channels)",
+                    f"{int(bad.sum())} of {s.size} scale value(s) are zero, negative or not finite (e.g. "
+                    f"{float(s.flat[int(np.argmax(bad))])}); TensorRT needs strictly positive finite scales: "
+                    "recompute them from max|x| / 127 (use a tiny floor for all-zero channels)",
                 )
             )
     zp_name = node.input[2] if len(node.input) > 2 else ""
@@ -164,14 +168,14 @@ def _scale_checks(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
                 Finding(
                     name,
                     ZERO_POINT_MISSING,
-                    "no zero-point: ONNX then quantizes to uint8 [0, 255] (onnxruntime does) while "
-                    "TensorRT uses int8; add an int8 zero-point initializer of 0",
+                    "no zero-point: ONNX then quantizes to uint8 [0, 255] (onnxruntime does) while TensorRT "
+                    "uses int8; add an int8 zero-point initializer of 0",
                     severity="warning",
                 )
             )
         return out
     zp = g.const(zp_name)
-    if zp is None:
+    if zp_name not in g.consts:
         out.append(
             Finding(
                 name,
@@ -190,6 +194,8 @@ def _scale_checks(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
                 "signed int8 (int4 weight-only, float8e4m3fn): use an int8 zero-point of 0",
             )
         )
+    if zp is None:
+        return out
     values = np.asarray(zp).astype(np.float64).ravel()
     nonzero = values[values != 0]
     if nonzero.size:
@@ -197,9 +203,8 @@ def _scale_checks(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
             Finding(
                 name,
                 ZERO_POINT_NONZERO,
-                f"zero-point holds {nonzero.size} non-zero value(s) (e.g. {nonzero[0]:g}); "
-                "TensorRT supports symmetric quantization only: re-quantize with zero-point 0 "
-                "and scale max|x| / 127",
+                f"zero-point holds {nonzero.size} non-zero value(s) (e.g. {nonzero[0]:g}); TensorRT supports "
+                "symmetric quantization only: re-quantize with zero-point 0 and scale max|x| / 127",
             )
         )
     return out
@@ -253,8 +258,8 @@ def _axis_checks(g: _Graph, node: onnx.NodeProto, int4_block_sizes: Sequence[int
                 Finding(
                     name,
                     INT4_NOT_BLOCKED,
-                    "INT4 weights need block quantization: DequantizeLinear (opset 21) with a scale of "
-                    "the weight's rank, an `axis` on the blocked dimension and `block_size` (e.g. 128)",
+                    "INT4 weights need block quantization: DequantizeLinear (opset 21) with a scale of the "
+                    "weight's rank, an `axis` on the blocked dimension and `block_size` (e.g. 128)",
                 )
             )
             return out
@@ -314,8 +319,8 @@ def _axis_checks(g: _Graph, node: onnx.NodeProto, int4_block_sizes: Sequence[int
                 Finding(
                     name,
                     WEIGHT_SCALE_SIZE,
-                    f"{scale.size} scale values for {shape[axis]} output channels of {cname}; give one "
-                    "scale per output channel",
+                    f"{scale.size} scale values for {shape[axis]} output channels of {cname}; give one scale "
+                    "per output channel",
                 )
             )
     if node.op_type == "DequantizeLinear" and x_type == TensorProto.INT8:
@@ -326,8 +331,7 @@ def _axis_checks(g: _Graph, node: onnx.NodeProto, int4_block_sizes: Sequence[int
                     name,
                     WEIGHT_INT8_RANGE,
                     f"{int(np.sum(w == -128))} weight value(s) are -128; TensorRT's symmetric weight range "
-                    "is "
-                    "[-127, 127]: clip the quantized weights to [-127, 127]",
+                    "is [-127, 127]: clip the quantized weights to [-127, 127]",
                     severity="warning",
                 )
             )
@@ -386,8 +390,8 @@ def _placement_checks(g: _Graph, node: onnx.NodeProto) -> list[Finding]:
                     Finding(
                         name,
                         ACTIVATION_NOT_QUANTIZED,
-                        f"activation {tensor!r} is dequantized but not produced by a QuantizeLinear; "
-                        "feed it through a Q→DQ pair",
+                        f"activation {tensor!r} is dequantized but not produced by a QuantizeLinear; feed it "
+                        "through a Q→DQ pair",
                         severity="warning",
                     )
                 )

@@ -98,15 +98,18 @@ class TrtBuildSettings:
     quantized_types: tuple[str, ...] = field(default=())
 
     def builder_flags(self) -> tuple[str, ...]:
-        """Names of the ``trt.BuilderFlag`` members to set (weakly typed networks only)."""
+        """Names of the ``trt.BuilderFlag`` members to set (weakly typed networks only). FP16/BF16
+        let TensorRT pick those for float layers; INT8/FP8/INT4 enable the Q/DQ types the model holds
+        (FP8/INT4 only appear through explicit quantization, so they are set only when present)."""
         if self.strongly_typed:
             return ()
+        qtypes = set(self.quantized_types)
         wanted = (
             ("FP16", self.fp16),
             ("BF16", self.bf16),
             ("INT8", self.int8),
-            ("FP8", self.fp8),
-            ("INT4", self.int4),
+            ("FP8", self.fp8 and "fp8" in qtypes),
+            ("INT4", self.int4 and "int4" in qtypes),
         )
         return tuple(name for name, on in wanted if on)
 
@@ -257,8 +260,7 @@ def input_shape_ranges(
         if missing:
             raise BuildError(
                 f"input {vi.name!r} has dynamic dimension(s) {missing} besides the batch; export the ONNX "
-                "with "
-                f"static shapes or pass input_shapes={{{vi.name!r}: (N, ...)}}"
+                f"with static shapes or pass input_shapes={{{vi.name!r}: (N, ...)}}"
             )
         if dims and dims[0] is None:
             rest = tuple(int(d) for d in dims[1:] if d is not None)
@@ -280,14 +282,12 @@ def _check_capability(profile: Profile, cc: tuple[int, int] | None) -> None:
     if profile.quantization.fp8 and cc < FP8_MIN_CC:
         raise BuildError(
             f"profile {profile.name!r} enables fp8 but the GPU is {sm}; FP8 needs SM 8.9 or newer (Ada, "
-            "Hopper): "
-            "set [quantization] fp8 = false in the profile or build on such a GPU"
+            "Hopper): set [quantization] fp8 = false in the profile or build on such a GPU"
         )
     if profile.quantization.bf16 and cc < BF16_MIN_CC:
         raise BuildError(
             f"profile {profile.name!r} enables bf16 but the GPU is {sm}; BF16 needs SM 8.0 or newer "
-            "(Ampere+): "
-            "set [quantization] bf16 = false in the profile or build on such a GPU"
+            "(Ampere+): set [quantization] bf16 = false in the profile or build on such a GPU"
         )
 
 
@@ -296,8 +296,7 @@ def _check_quantized_types(profile: Profile, qtypes: Sequence[str]) -> None:
     if unsigned:
         raise BuildError(
             f"the model quantizes to {', '.join(unsigned)} but TensorRT supports signed, symmetric "
-            "quantization only: "
-            "give every QuantizeLinear/DequantizeLinear an int8 zero-point of 0"
+            "quantization only: give every QuantizeLinear/DequantizeLinear an int8 zero-point of 0"
         )
     if "fp8" in qtypes and not profile.quantization.fp8:
         raise BuildError(
@@ -334,8 +333,8 @@ def select_settings(
     """
     if profile.engine != "tensorrt":
         raise BuildError(
-            f"profile {profile.name!r} targets {profile.engine}, not TensorRT; use a TensorRT profile "
-            "(a100, h100, orin)"
+            f"profile {profile.name!r} targets {profile.engine}, not TensorRT; use a TensorRT profile (a100, "
+            "h100, orin)"
         )
     if typing not in TYPINGS:
         raise BuildError(f"typing {typing!r} unknown; use one of {', '.join(TYPINGS)}")
@@ -361,8 +360,7 @@ def select_settings(
     if typing == "strong" and not fully_typed:
         raise BuildError(
             f"typing='strong' needs a fully typed ONNX but {len(types.untyped)} tensor(s) have no inferred "
-            "type "
-            f"(e.g. {', '.join(types.untyped[:3])}); run onnx shape inference / fix the graph, or use "
+            f"type (e.g. {', '.join(types.untyped[:3])}); run onnx shape inference / fix the graph, or use "
             "typing='auto'"
         )
     if typing == "strong" or (typing == "auto" and fully_typed and (types.reduced_float or not wants_reduced)):
@@ -378,16 +376,16 @@ def select_settings(
     elif not fully_typed:
         strong = False
         reason = (
-            f"weakly typed with precision flags: {len(types.untyped)} tensor(s) have no inferred type "
-            f"(e.g. {', '.join(types.untyped[:3])}) (TensorRT 10 only)"
+            f"weakly typed with precision flags: {len(types.untyped)} tensor(s) have no inferred type (e.g. "
+            f"{', '.join(types.untyped[:3])}) (TensorRT 10 only)"
         )
     else:
         strong = False
         reason = (
             "weakly typed with precision flags: the ONNX is float32 outside its Q/DQ and the profile allows "
             f"{'/'.join(p for p, on in (('fp16', fp16), ('bf16', bf16)) if on)}, so TensorRT may run the "
-            "float layers "
-            "in reduced precision (TensorRT 10 only; cast the graph to float16 for a strongly typed build)"
+            "float layers in reduced precision (TensorRT 10 only; cast the graph to float16 for a strongly "
+            "typed build)"
         )
     return TrtBuildSettings(
         profile_name=profile.name,

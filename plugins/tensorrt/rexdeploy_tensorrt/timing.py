@@ -103,8 +103,7 @@ def _dtype(trt: Any, trt_dtype: Any, name: str) -> np.dtype[Any]:
     except TypeError:
         raise BuildError(
             f"I/O tensor {name!r} has TensorRT type {trt_dtype}, which numpy cannot hold; keep the model's "
-            "inputs "
-            "and outputs float32/float16/int"
+            "inputs and outputs float32/float16/int"
         ) from None
 
 
@@ -138,6 +137,11 @@ class EngineSession:
         for name in self.inputs:
             built = tuple(self.engine.get_tensor_shape(name))
             if all(d >= 0 for d in built):
+                if built and built[0] != batch:
+                    raise InputError(
+                        f"input {name!r} is built for batch {built[0]}, not {batch}; time it with "
+                        f"TimingSettings(batch={built[0]}) or rebuild with a dynamic batch"
+                    )
                 shapes[name] = built
                 continue
             lo, opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0))
@@ -146,8 +150,7 @@ class EngineSession:
                 if not lo[0] <= batch <= hi[0]:
                     raise InputError(
                         f"batch {batch} is outside the engine's range {lo[0]}..{hi[0]} for input {name!r}; "
-                        "rebuild "
-                        "with a larger max_batch or time a smaller batch"
+                        "rebuild with a larger max_batch or time a smaller batch"
                     )
                 dims[0] = batch
             shapes[name] = tuple(dims)

@@ -1,0 +1,203 @@
+"""The CLI contract: exit codes, one-line errors without traceback, no partial output, --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from models import no_conv_model, small_cnn
+
+from rexdeploy.cli.main import main
+from rexdeploy.demo import demo_model_path
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], code: int, needle: str) -> None:
+    captured = capsys.readouterr()
+    assert code == 1
+    lines = captured.err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("rexdeploy: error: ")]
+    assert errors == [lines[-1]], captured.err  # one error line, last; progress lines may precede it
+    assert needle in lines[-1]
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+@pytest.fixture
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    good = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), str(good))
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    relu = tmp_path / "relu.onnx"
+    onnx.save(no_conv_model(), str(relu))
+    return {"text": text, "good": good, "truncated": truncated, "relu": relu, "missing": tmp_path / "nope.onnx"}
+
+
+@pytest.mark.parametrize(
+    ("which", "extra", "needle"),
+    [
+        ("missing", [], "not found"),
+        ("text", [], "is not a readable ONNX model"),
+        ("truncated", [], "is not a readable ONNX model"),
+        ("relu", [], "no Conv or Gemm node"),
+        ("good", ["--profile", "nope"], "unknown profile 'nope'"),
+        ("good", ["--budget", "5"], "malformed budget '5'"),
+        ("good", ["--budget=-1ms"], "malformed budget '-1ms'"),
+        ("good", ["--budget", "fast"], "malformed budget 'fast'"),
+        ("good", ["--bits", "9"], "9-bit weights exceed what profile 'x86-avx512'"),
+    ],
+)
+def test_build_bad_input(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    bad_files: dict[str, Path],
+    which: str,
+    extra: list[str],
+    needle: str,
+) -> None:
+    out = tmp_path / "out"
+    code = main(["build", str(bad_files[which]), "--out", str(out), "--profile", "x86-avx512", *extra])
+    _one_line_error(capsys, code, needle)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    ("which", "extra", "needle"),
+    [
+        ("missing", [], "not found"),
+        ("truncated", [], "is not a readable ONNX model"),
+        ("relu", [], "no Conv or Gemm node"),
+        ("good", ["--order", "3", "--ensemble", "1,1"], "summing to K=3"),
+        ("good", ["--plan", "missing.json"], "plan file missing.json not found"),
+    ],
+)
+def test_expand_bad_input(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    bad_files: dict[str, Path],
+    which: str,
+    extra: list[str],
+    needle: str,
+) -> None:
+    out = tmp_path / "x.onnx"
+    code = main(["expand", str(bad_files[which]), "-o", str(out), *extra])
+    _one_line_error(capsys, code, needle)
+    assert not out.exists()
+
+
+def test_expand_writes_checked_model_and_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, bad_files: dict[str, Path]
+) -> None:
+    out = tmp_path / "x.onnx"
+    code = main(
+        [
+            "expand",
+            str(bad_files["good"]),
+            "-o",
+            str(out),
+            "--profile",
+            "x86-avx512",
+            "--bits",
+            "4",
+            "--order",
+            "3",
+            "--json",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["plan"] == "W4A8 K=3 branches on 4 layers"
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_plan_file_and_flags_make_the_same_plan(
+    tmp_path: Path, bad_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rexdeploy.api import default_plan, quantizable_layers
+    from rexdeploy.graph import fold_batchnorm
+    from rexdeploy.profile import load_profile
+
+    folded, _ = fold_batchnorm(small_cnn())
+    plan = default_plan(quantizable_layers(folded), load_profile("x86-avx512"), bits=4, order=3)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(plan.to_json())
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert main(["expand", str(bad_files["good"]), "-o", str(a), "--plan", str(plan_path)]) == 0
+    assert (
+        main(["expand", str(bad_files["good"]), "-o", str(b), "--profile", "x86-avx512", "--bits", "4", "--order", "3"])
+        == 0
+    )
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    assert [n.op_type for n in ma.graph.node] == [n.op_type for n in mb.graph.node]
+    assert {i.name: i.raw_data for i in ma.graph.initializer} == {i.name: i.raw_data for i in mb.graph.initializer}
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["build"])
+    assert exc.value.code == 2
+
+
+def test_help_without_engines_and_no_traceback_in_subprocess(tmp_path: Path) -> None:
+    code = (
+        "import sys; from rexdeploy.cli.main import main; rc = main(['--help'])"
+        if False
+        else "import sys\nfrom rexdeploy.cli.main import make_parser\nmake_parser().format_help()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('openvino', 'tensorrt', 'onnxruntime', 'onnx')))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+    res = subprocess.run(
+        [sys.executable, "-m", "rexdeploy", "build", str(tmp_path / "none.onnx")], capture_output=True, text=True
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [f"rexdeploy: error: model file {tmp_path / 'none.onnx'} not found"]
+
+
+def test_profile_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "x86-avx512" in out and "h100" in out
+    assert main(["profile", "show", "a100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["engine"] == "tensorrt"
+
+
+@pytest.mark.openvino
+def test_build_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    out = tmp_path / "build"
+    code = main(
+        [
+            "build",
+            str(demo_model_path()),
+            "--budget",
+            "50ms",
+            "--out",
+            str(out),
+            "--duration",
+            "0.3s",
+            "--warmup",
+            "50ms",
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["fits_budget"] is True
+    assert report["rex"]["timing"]["median_ms"] > 0 and report["baselines"]["fp32"]["timing"]["median_ms"] > 0
+    assert report["ratios"]["rex_vs_fp32"] == pytest.approx(
+        report["rex"]["timing"]["median_ms"] / report["baselines"]["fp32"]["timing"]["median_ms"]
+    )
+    assert report["fidelity"]["cosine"] > 0.9
+    for name in ("expanded.onnx", "plan.json", "report.json", "report.md", "rex/model.xml", "fp32/model.xml"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text())["plan_hash"] == report["plan_hash"]
+    assert "expanding digits_cnn.onnx" in captured.err  # progress on stderr

@@ -1,0 +1,47 @@
+"""The demo model expanded and built with OpenVINO keeps its accuracy on all 1,797 digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from rexdeploy.api import expand_model
+from rexdeploy.builders.registry import get_builder
+from rexdeploy.demo import demo_model_path, load_digits_inputs
+from rexdeploy.graph import load_model, save_model
+from rexdeploy.profile import load_profile
+
+pytestmark = pytest.mark.openvino
+
+
+@pytest.mark.parametrize("bits", [8, None])  # None: the host profile's default (7 bits on AVX2-only CPUs)
+def test_demo_expanded_int8_keeps_accuracy_on_openvino(tmp_path: Path, bits: int | None) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("sklearn")
+    x, labels = load_digits_inputs()
+    builder = get_builder("openvino")
+    host = load_profile("auto")
+    profile = load_profile("x86-avx512") if bits == 8 else host
+    fp32_engine = builder.build(demo_model_path(), host, tmp_path / "fp32")
+    expanded = expand_model(load_model(demo_model_path()), profile=profile, bits=bits, order=2, act_bits=8)
+    path = save_model(expanded.model, tmp_path / "rex.onnx")
+    rex_engine = builder.build(path, host, tmp_path / "rex")
+
+    def accuracy(engine: object) -> float:
+        logits = np.concatenate([builder.run(engine, {"input": x[i : i + 1]})[0] for i in range(len(x))])  # type: ignore[arg-type]
+        return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+    fp32_acc, rex_acc = accuracy(fp32_engine), accuracy(rex_engine)
+    assert fp32_acc > 0.98
+    assert rex_acc >= fp32_acc - 0.005, (rex_acc, fp32_acc)
+    # the conv/gemm layers really ran as integer kernels
+    precisions = builder.precision_summary(rex_engine)  # type: ignore[attr-defined]
+    assert precisions.get("Convolution", {}).keys() & {"i8", "u8"}, precisions
+    if bits is None:  # on the host's own profile OpenVINO computes what the graph says (no int16 overflow)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        want = session.run(None, {"input": x[:64]})[0]
+        got = np.concatenate([builder.run(rex_engine, {"input": x[i : i + 1]})[0] for i in range(64)])
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
