@@ -1,4 +1,10 @@
-"""Layer discovery: the Conv / Gemm nodes with constant weights, their shapes, FLOPs and bytes."""
+"""Layer discovery: every Conv / ConvTranspose / Gemm / MatMul with a constant weight.
+
+A weight is constant when it is an initializer, a Constant node's output, or reached from one of
+those through Transpose / Reshape / Cast / Identity / Squeeze / Unsqueeze (folded here in numpy).
+Shared weights give one Layer per consuming node. Each Layer records where its output channels
+live: ``weight_axis`` in the weight as the node consumes it, ``out_axis`` in the node's output.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ from onnx import numpy_helper
 
 from rexdeploy.errors import UnsupportedModelError
 
-QUANTIZABLE_OPS = ("Conv", "Gemm")
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_PASS_THROUGH = ("Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze")
 
 
 @dataclass(frozen=True)
@@ -21,14 +28,17 @@ class Layer:
     name: str
     op_type: str
     op_class: str  # conv | pointwise | depthwise | gemm
-    input: str
+    input: str  # the activation input
     output: str
-    weight: str
+    weight: str  # the tensor the node reads as its weight (may be produced by a folded chain)
     bias: str | None
     weight_shape: tuple[int, ...]
     group: int
     macs: int  # multiply-accumulates per sample (batch 1)
-    weight_transposed: bool = False  # Gemm with transB = 0: the stored weight is (K, N)
+    weight_axis: int = 0  # output-channel axis of the weight as the node consumes it
+    out_axis: int = 1  # output-channel axis of the node's output (negative: from the end)
+    weight_index: int = 1  # which node input is the weight
+    act_index: int = 0  # which node input is the activation
 
     @property
     def out_channels(self) -> int:
@@ -37,6 +47,10 @@ class Layer:
     @property
     def weight_count(self) -> int:
         return int(np.prod(self.weight_shape))
+
+    @property
+    def weight_bytes_fp32(self) -> int:
+        return 4 * self.weight_count
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,12 +63,57 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
-def _shape_of(value_info: dict[str, onnx.ValueInfoProto], name: str) -> tuple[int, ...] | None:
-    info = value_info.get(name)
-    if info is None or not info.type.HasField("tensor_type"):
-        return None
-    dims = info.type.tensor_type.shape.dim
-    return tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)  # unknown (batch) → 1
+class ConstantResolver:
+    """Values of constant tensors: initializers, Constant nodes, and pass-through chains of them."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.producers = {out: node for node in model.graph.node for out in node.output}
+        self._cache: dict[str, np.ndarray | None] = {}
+
+    def value(self, name: str) -> np.ndarray | None:
+        if name not in self._cache:
+            self._cache[name] = self._resolve(name, depth=0)
+        return self._cache[name]
+
+    def is_constant(self, name: str) -> bool:
+        return self.value(name) is not None
+
+    def _resolve(self, name: str, depth: int) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producers.get(name)
+        if node is None or depth > 8:
+            return None
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+            return None
+        if node.op_type not in _PASS_THROUGH:
+            return None
+        x = self._resolve(node.input[0], depth + 1)
+        if x is None:
+            return None
+        if node.op_type == "Transpose":
+            perm = _attr(node, "perm", None)
+            return np.transpose(x, perm)
+        if node.op_type == "Cast":
+            to = int(_attr(node, "to", onnx.TensorProto.FLOAT))
+            return x.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        if node.op_type == "Identity":
+            return x
+        if node.op_type == "Reshape":
+            shape = self._resolve(node.input[1], depth + 1)
+            if shape is None:
+                return None
+            target = [x.shape[i] if s == 0 else int(s) for i, s in enumerate(shape.tolist())]
+            return x.reshape(target)
+        axes_value = self._resolve(node.input[1], depth + 1) if len(node.input) > 1 and node.input[1] else None
+        axes = axes_value.tolist() if axes_value is not None else _attr(node, "axes", None)
+        if node.op_type == "Squeeze":
+            return np.squeeze(x, axis=tuple(axes) if axes is not None else None)
+        return np.expand_dims(x, axis=tuple(axes))  # Unsqueeze
 
 
 def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -66,60 +125,90 @@ def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {v.name: v for v in [*g.value_info, *g.input, *g.output]}
 
 
+def _shape_of(infos: dict[str, onnx.ValueInfoProto], name: str) -> tuple[int, ...] | None:
+    info = infos.get(name)
+    if info is None or not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+        return None
+    dims = info.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)  # unknown (batch) → 1
+
+
+def _conv_class(w_shape: tuple[int, ...], group: int) -> str:
+    if group > 1 and group == w_shape[0] and w_shape[1] == 1:
+        return "depthwise"
+    return "pointwise" if all(k == 1 for k in w_shape[2:]) else "conv"
+
+
+def _layer_for(node: onnx.NodeProto, name: str, consts: ConstantResolver, infos: dict[str, Any]) -> Layer | None:
+    op = node.op_type
+    out_shape = _shape_of(infos, node.output[0])
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if op in ("Conv", "ConvTranspose"):
+        if len(node.input) < 2:
+            return None
+        w = consts.value(node.input[1])
+        if w is None:
+            return None
+        group = int(_attr(node, "group", 1))
+        spatial = int(np.prod(out_shape[2:])) if out_shape and len(out_shape) > 2 else 1
+        if op == "Conv":
+            return Layer(name, op, _conv_class(w.shape, group), node.input[0], node.output[0], node.input[1], bias,
+                         tuple(w.shape), group, int(w.size) * spatial)  # fmt: skip
+        if group != 1:
+            raise UnsupportedModelError(
+                f"ConvTranspose node {name!r} has group={group}; rexdeploy quantizes only group=1 ConvTranspose — "
+                "keep it float by leaving it out of the plan, or re-export it ungrouped"
+            )
+        in_shape = _shape_of(infos, node.input[0])
+        in_spatial = int(np.prod(in_shape[2:])) if in_shape and len(in_shape) > 2 else 1
+        out_major = (w.shape[1], w.shape[0], *w.shape[2:])
+        return Layer(name, op, "conv", node.input[0], node.output[0], node.input[1], bias, out_major, 1,
+                     int(w.size) * in_spatial, weight_axis=1)  # fmt: skip
+    if op == "Gemm":
+        w = consts.value(node.input[1]) if len(node.input) > 1 else None
+        if w is None or w.ndim != 2:
+            return None
+        if int(_attr(node, "transA", 0)):
+            raise UnsupportedModelError(
+                f"Gemm node {name!r} uses transA=1, which rexdeploy does not quantize; "
+                "re-export the model without a transposed Gemm input"
+            )
+        axis = 0 if int(_attr(node, "transB", 0)) else 1
+        out_major = (w.shape[axis], w.shape[1 - axis])
+        return Layer(name, op, "gemm", node.input[0], node.output[0], node.input[1], bias, out_major, 1,
+                     int(w.size), weight_axis=axis)  # fmt: skip
+    if op == "MatMul":
+        right, left = consts.value(node.input[1]), consts.value(node.input[0])
+        if right is not None and left is None and right.ndim == 2:  # y = x @ W, W (K, N): channels last
+            rows = int(np.prod(out_shape[:-1])) if out_shape else 1
+            return Layer(name, op, "gemm", node.input[0], node.output[0], node.input[1], None,
+                         (right.shape[1], right.shape[0]), 1, int(right.size) * rows, weight_axis=1, out_axis=-1)  # fmt: skip
+        if left is not None and right is None and left.ndim == 2:  # y = W @ x, W (M, K): channels at -2
+            cols = int(out_shape[-1]) if out_shape else 1
+            return Layer(name, op, "gemm", node.input[1], node.output[0], node.input[0], None,
+                         tuple(left.shape), 1, int(left.size) * cols, weight_axis=0, out_axis=-2,
+                         weight_index=0, act_index=1)  # fmt: skip
+        return None
+    return None
+
+
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Every Conv and Gemm whose weight is an initializer, in graph order, with its MACs per sample."""
-    inits = {init.name: init for init in model.graph.initializer}
+    """Every quantizable node with a constant weight, in graph order, with its MACs per sample."""
+    consts = ConstantResolver(model)
     infos = _value_infos(model)
     layers: list[Layer] = []
     for index, node in enumerate(model.graph.node):
-        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type not in QUANTIZABLE_OPS:
             continue
-        name = node.name or f"{node.op_type}_{index}"
-        w_shape = tuple(int(d) for d in inits[node.input[1]].dims)
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if node.op_type == "Conv":
-            group = int(_attr(node, "group", 1))
-            out_shape = _shape_of(infos, node.output[0])
-            spatial = int(np.prod(out_shape[2:])) if out_shape and len(out_shape) > 2 else 1
-            macs = int(np.prod(w_shape)) * spatial
-            kernel = w_shape[2:]
-            if group > 1 and group == w_shape[0] and w_shape[1] == 1:
-                op_class = "depthwise"
-            elif all(k == 1 for k in kernel):
-                op_class = "pointwise"
-            else:
-                op_class = "conv"
-            layers.append(
-                Layer(name, "Conv", op_class, node.input[0], node.output[0], node.input[1], bias, w_shape, group, macs)
-            )
-        else:
-            if int(_attr(node, "transA", 0)):
-                raise UnsupportedModelError(
-                    f"Gemm node {name!r} uses transA=1, which rexdeploy does not quantize yet; "
-                    "re-export the model without transposed Gemm inputs"
-                )
-            trans_b = bool(_attr(node, "transB", 0))
-            out_major = w_shape if trans_b else (w_shape[1], w_shape[0])
-            layers.append(
-                Layer(
-                    name,
-                    "Gemm",
-                    "gemm",
-                    node.input[0],
-                    node.output[0],
-                    node.input[1],
-                    bias,
-                    out_major,
-                    1,
-                    int(np.prod(w_shape)),
-                    weight_transposed=not trans_b,
-                )
-            )
+        layer = _layer_for(node, node.name or f"{node.op_type}_{index}", consts, infos)
+        if layer is not None:
+            layers.append(layer)
     return layers
 
 
-def layer_weight(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
-    """The layer's weight as float64, output-channel-major (Gemm weights transposed if needed)."""
-    init = next(i for i in model.graph.initializer if i.name == layer.weight)
-    w = numpy_helper.to_array(init).astype(np.float64)
-    return w.T if layer.weight_transposed else w
+def layer_weight(model: onnx.ModelProto, layer: Layer, consts: ConstantResolver | None = None) -> np.ndarray:
+    """The layer's weight as float64, output-channel-major."""
+    value = (consts or ConstantResolver(model)).value(layer.weight)
+    if value is None:  # pragma: no cover - find_layers only returns layers with constant weights
+        raise UnsupportedModelError(f"layer {layer.name!r}: its weight {layer.weight!r} is not constant")
+    return np.moveaxis(value.astype(np.float64), layer.weight_axis, 0)

@@ -86,3 +86,58 @@ def quantized_model() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def transformer_block(seed: int = 0, hidden: int = 32, seq: int = 6) -> onnx.ModelProto:
+    """x(N, seq, hidden) → MatMul(W_q, initializer) → Relu → MatMul(W from a Constant node via Transpose)
+    → Add(x) → MatMul with the weight on the left (W_l @ h) → Relu → MatMul(shared W_q). Dynamic batch."""
+    rng = np.random.default_rng(seed)
+    wq = rng.normal(0, 0.2, (hidden, hidden)).astype(np.float32)
+    w2_t = rng.normal(0, 0.2, (hidden, hidden)).astype(np.float32)  # stored transposed, Transpose node fixes it
+    wl = rng.normal(0, 0.3, (seq, seq)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["h1"], name="mm_q"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu_q"),
+        helper.make_node("Constant", [], ["w2_t"], name="const_w2", value=numpy_helper.from_array(w2_t, "w2_t_value")),
+        helper.make_node("Transpose", ["w2_t"], ["w2"], name="transpose_w2", perm=[1, 0]),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="mm_2"),
+        helper.make_node("Add", ["h2", "x"], ["res"], name="residual"),
+        helper.make_node("MatMul", ["wl", "res"], ["h3"], name="mm_left"),
+        helper.make_node("Relu", ["h3"], ["r3"], name="relu_l"),
+        helper.make_node("MatMul", ["r3", "wq"], ["y"], name="mm_shared"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "transformer_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seq, hidden])],
+        [_init("wq", wq), _init("wl", wl)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def deconv_model(seed: int = 0) -> onnx.ModelProto:
+    """x(N,4,5,5) → ConvTranspose 4→6, 3x3, stride 2 (+bias) → Relu → Conv 1x1 6→3."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConvTranspose", ["x", "dw", "db"], ["d"], name="deconv", strides=[2, 2]),
+            helper.make_node("Relu", ["d"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "cw"], ["y"], name="head"),
+        ],
+        "deconv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 11, 11])],
+        [
+            _init("dw", rng.normal(0, 0.3, (4, 6, 3, 3))),
+            _init("db", rng.normal(0, 0.1, 6)),
+            _init("cw", rng.normal(0, 0.3, (3, 6, 1, 1))),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -2,33 +2,47 @@
 
 Each quantized layer ``y = op(x, W, b)`` becomes (paper §3.1, Eq. 2-3)::
 
-    x_dq  = DequantizeLinear(QuantizeLinear(x, s_x, 0), s_x, 0)          (if act_bits == 8)
-    W_k   = DequantizeLinear(R^k int8, s^k per output channel, axis 0)    (k = 1..K)
+    x_dq = DequantizeLinear(QuantizeLinear(x, s_x, 0), s_x, 0)          (if act_bits == 8)
+    W_k  = DequantizeLinear(R^k int8, s^k per output channel, axis)      (k = 1..K)
     branches: y = op(x_dq, W_1, b) + op(x_dq, W_2) + ... + op(x_dq, W_K)
     concat:   y = Sum(Split(op(x_dq, DQ(concat_k R^k), concat(b, 0, ...)), K))   (paper §3.4)
 
-This is the explicit-quantization form both engines fuse into integer kernels: symmetric scales,
-zero-point 0, per-output-channel weight scales on axis 0, per-tensor activation scales
-(TensorRT developer guide, "Explicit Quantization": Q/DQ placement and per-channel weight scales;
-OpenVINO Low Precision Transformations: FakeQuantize/Q-DQ on activations and weights of
-Convolution / MatMul). The first version keeps every Conv/Gemm in float unless the Plan names it.
+A sparse order k (paper §3.2, Eq. 12) holds only its selected output channels S_k: it runs as a
+narrower layer ``op(x_dq, W_k[S_k])`` whose output is scattered into the full channel axis by a
+Pad (one zero channel) + Gather and added — its cost scales with |S_k|, not with the layer. A
+depthwise layer also gathers its input channels S_k. ``sparse_form="dense"`` instead keeps the full
+width with zero rows (no saving; the reference form).
+
+Ensembles (paper §3.3, Algorithm 1) are built by :mod:`rexdeploy.passes.ensemble` before this pass:
+it clones the network per predictor and tells this pass which orders each clone holds.
+
+Engine rules (cited where they apply): symmetric scales, zero-point 0 (int8), per-output-channel
+weight scales on the weight's output axis, per-tensor activation scales, one Q/DQ pair per
+activation tensor — TensorRT developer guide, "Explicit Quantization" / "Q/DQ Layer-Placement
+Recommendations" (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/
+work-quantized-types.html); OpenVINO Low Precision Transformations fuse DequantizeLinear on weights
++ Q/DQ on activations of Convolution / MatMul into int8 kernels
+(https://docs.openvino.ai/2024/documentation/openvino-extensibility/openvino-plugin-library/
+advanced-guides/low-precision-transformations.html).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rexdeploy.analyze import Layer, find_layers, layer_weight
+from rexdeploy.analyze import ConstantResolver, Layer, find_layers, layer_weight
 from rexdeploy.errors import PlanError
-from rexdeploy.numerics import ResidualOrder, expand_weight
+from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
 from rexdeploy.plan import LayerPlan, Plan
 
 ACT_QMAX = 127.0  # symmetric int8 activations: the range maps onto [-127, 127], zero-point 0
+SPARSE_FORMS = ("gather", "dense")
 
 
 @dataclass(frozen=True)
@@ -40,169 +54,286 @@ class ExpandResult:
     activation_scales: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LayerJob:
+    """What to emit for one node: its layer, its plan, which orders (1-based) and whether it carries the bias."""
+
+    layer: Layer
+    plan: LayerPlan
+    orders: tuple[int, ...]
+    bias: bool
+    tag: str = ""  # suffix for the names of this node's new tensors (predictor clones)
+
+
 def activation_scale(max_abs: float) -> float:
     """Symmetric int8 scale for a tensor whose largest magnitude is ``max_abs``."""
     return float(max_abs) / ACT_QMAX if max_abs > 0.0 and np.isfinite(max_abs) else 1.0
 
 
+def _safe(name: str) -> str:
+    return name.replace("/", "_").replace(":", "_").strip("_") or "t"
+
+
 class _Emitter:
     """Collects the new nodes and initializers of the expanded graph."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
+    def __init__(self, sparse_form: str) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.act_dq: dict[str, str] = {}
         self.act_scales: dict[str, float] = {}
+        self.sparse_form = sparse_form
 
     def const(self, name: str, value: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(value, name))
         return name
 
+    def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: object) -> None:
+        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, **attrs))
+
     def quantized_activation(self, tensor: str, scale: float) -> str:
         """One shared Q/DQ pair per activation tensor (engines want one scale per tensor)."""
         if tensor in self.act_dq:
             return self.act_dq[tensor]
-        s = self.const(f"{tensor}_act_scale", np.array(scale, dtype=np.float32))
-        zp = self.const(f"{tensor}_act_zp", np.array(0, dtype=np.int8))
-        q, dq = f"{tensor}_q", f"{tensor}_dq"
-        self.nodes.append(helper.make_node("QuantizeLinear", [tensor, s, zp], [q], name=f"{tensor}_QuantizeLinear"))
-        self.nodes.append(helper.make_node("DequantizeLinear", [q, s, zp], [dq], name=f"{tensor}_DequantizeLinear"))
+        base = _safe(tensor)
+        s = self.const(f"{base}_act_scale", np.array(scale, dtype=np.float32))
+        zp = self.const(f"{base}_act_zp", np.array(0, dtype=np.int8))
+        q, dq = f"{base}_q", f"{base}_dq"
+        self.node("QuantizeLinear", [tensor, s, zp], [q], f"{base}_QuantizeLinear")
+        self.node("DequantizeLinear", [q, s, zp], [dq], f"{base}_DequantizeLinear")
         self.act_dq[tensor] = dq
         self.act_scales[tensor] = scale
         return dq
 
-    def dequantized_weight(self, base: str, values: np.ndarray, scale: np.ndarray) -> str:
-        w = self.const(f"{base}_int8", values.astype(np.int8))
+    def dequantized_weight(self, base: str, values: np.ndarray, scale: np.ndarray, axis: int) -> str:
+        """int8 initializer in the layout the node consumes + per-channel DequantizeLinear on ``axis``."""
+        w = self.const(f"{base}_int8", np.ascontiguousarray(np.moveaxis(values, 0, axis)).astype(np.int8))
         s = self.const(f"{base}_scale", scale.astype(np.float32))
         zp = self.const(f"{base}_zp", np.zeros(scale.shape, dtype=np.int8))
         out = f"{base}_dq"
-        self.nodes.append(
-            helper.make_node("DequantizeLinear", [w, s, zp], [out], name=f"{base}_DequantizeLinear", axis=0)
-        )
+        self.node("DequantizeLinear", [w, s, zp], [out], f"{base}_DequantizeLinear", axis=axis)
         return out
 
 
-def _copy_layer_node(node: onnx.NodeProto, inputs: list[str], output: str, name: str) -> onnx.NodeProto:
+def _layer_node(node: onnx.NodeProto, layer: Layer, x: str, w: str, bias: str | None, output: str, name: str,
+                group: int | None = None) -> onnx.NodeProto:  # fmt: skip
+    inputs = ["", ""]
+    inputs[layer.act_index], inputs[layer.weight_index] = x, w
+    if bias:
+        inputs.append(bias)
     new = helper.make_node(node.op_type, inputs, [output], name=name)
     for attr in node.attribute:
-        if node.op_type == "Gemm" and attr.name == "transB":
-            continue
-        new.attribute.append(attr)
-    if node.op_type == "Gemm":
-        new.attribute.append(helper.make_attribute("transB", 1))  # weights are emitted (N, K)
+        if attr.name == "group" and group is not None:
+            new.attribute.append(helper.make_attribute("group", group))
+        else:
+            new.attribute.append(attr)
     return new
 
 
-def _emit_layer(
-    em: _Emitter,
-    node: onnx.NodeProto,
-    layer: Layer,
-    lp: LayerPlan,
-    orders: list[ResidualOrder],
-    x_scale: float | None,
+def _output_rank(layer: Layer) -> int:
+    return len(layer.weight_shape) if layer.op_type in ("Conv", "ConvTranspose") else 2
+
+
+def _emit_sparse_order(
+    em: _Emitter, node: onnx.NodeProto, layer: Layer, o: ResidualOrder, x: str, base: str, out: str
 ) -> None:
-    x = node.input[0] if x_scale is None else em.quantized_activation(node.input[0], x_scale)
-    bias = [layer.bias] if layer.bias else []
+    """A narrow layer over the selected channels, scattered back into the full channel axis."""
+    c = layer.out_channels
+    w = em.dequantized_weight(base, o.values, o.scale, layer.weight_axis)
+    narrow = f"{out}_narrow"
+    group = None
+    if layer.op_class == "depthwise":  # channel c reads input channel c: gather those inputs too
+        idx = em.const(f"{base}_in_idx", o.channels.astype(np.int64))
+        gathered = f"{out}_in"
+        em.node("Gather", [x, idx], [gathered], f"{base}_gather_in", axis=1)
+        x, group = gathered, len(o.channels)
+    em.nodes.append(_layer_node(node, layer, x, w, None, narrow, f"{base}_narrow", group=group))
+    rank = _output_rank(layer) if layer.out_axis >= 0 else None
+    axis = layer.out_axis if layer.out_axis >= 0 else layer.out_axis
+    # Pad one zero channel at the end of the channel axis, then Gather: channel j of the result is
+    # narrow channel position(j) if j is selected, else the zero channel.
+    position = np.full(c, len(o.channels), dtype=np.int64)
+    position[o.channels] = np.arange(len(o.channels), dtype=np.int64)
+    if rank is None:  # channel axis counted from the end (MatMul): pad via a zero slice + Concat
+        zero = f"{out}_zero"
+        sl = em.const(f"{base}_zslice", np.array([0], dtype=np.int64))
+        sl_end = em.const(f"{base}_zslice_end", np.array([1], dtype=np.int64))
+        ax = em.const(f"{base}_zslice_axis", np.array([axis], dtype=np.int64))
+        part = f"{out}_first"
+        em.node("Slice", [narrow, sl, sl_end, ax], [part], f"{base}_slice0")
+        zc = em.const(f"{base}_zero_c", np.array(0.0, dtype=np.float32))
+        em.node("Mul", [part, zc], [zero], f"{base}_zero")
+        padded = f"{out}_padded"
+        em.node("Concat", [narrow, zero], [padded], f"{base}_pad", axis=axis)
+    else:
+        pads = np.zeros(2 * rank, dtype=np.int64)
+        pads[rank + axis] = 1
+        padded = f"{out}_padded"
+        em.node("Pad", [narrow, em.const(f"{base}_pads", pads)], [padded], f"{base}_pad")
+    em.node("Gather", [padded, em.const(f"{base}_scatter_idx", position)], [out], f"{base}_scatter", axis=axis)
+
+
+def _full_width(o: ResidualOrder, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse order as full-width values with zero rows (scale 1) on the channels it skips."""
+    if o.n_channels == channels:
+        return o.values, o.scale
+    values = np.zeros((channels, *o.values.shape[1:]), dtype=np.int8)
+    values[o.channels] = o.values
+    scale = np.ones(channels, dtype=np.float64)
+    scale[o.channels] = o.scale
+    return values, scale
+
+
+def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[ResidualOrder], x_scale: float | None,
+                bias_value: np.ndarray | None) -> None:  # fmt: skip
+    layer, lp = job.layer, job.plan
+    x = node.input[layer.act_index] if x_scale is None else em.quantized_activation(node.input[layer.act_index], x_scale)
+    bias = layer.bias if job.bias else None
     out = node.output[0]
-    base = layer.name.replace("/", "_").strip("_") or layer.output
-    if lp.form == "concat" and len(orders) > 1 and layer.group == 1:  # grouped convs stay branches
-        _emit_concat(em, node, layer, orders, x, base)
-        return
-    branch_outputs: list[str] = []
-    for o in orders:
-        if len(o.channels) != layer.out_channels:
-            raise PlanError(
-                f"layer {layer.name!r}: sparse orders (gamma) are not emitted by this pass version; use a dense plan"
-            )
-        w = em.dequantized_weight(f"{base}_w{o.order}", o.values, o.scale)
-        y = out if len(orders) == 1 else f"{out}_order{o.order}"
-        inputs = [x, w, *(bias if o.order == 1 else [])]
-        em.nodes.append(_copy_layer_node(node, inputs, y, f"{layer.name}_order{o.order}"))
-        branch_outputs.append(y)
-    acc = branch_outputs[0]
-    for k, y in enumerate(branch_outputs[1:], start=2):
-        target = out if k == len(branch_outputs) else f"{out}_sum{k}"
-        em.nodes.append(helper.make_node("Add", [acc, y], [target], name=f"{layer.name}_add{k}"))
-        acc = target
+    base = _safe(layer.name) + job.tag
+    mine = [orders[k - 1] for k in job.orders]
+    narrow_ok = em.sparse_form == "gather" and (layer.group == 1 or layer.op_class == "depthwise")
+    sparse = [o for o in mine if o.n_channels < layer.out_channels and narrow_ok]
+    full = [o for o in mine if o not in sparse]
+    single = len(mine) == 1
+    outputs: list[str] = []
+    concat_ok = bias is None or (bias_value is not None and bias_value.ndim == 1)
+    if lp.form == "concat" and len(full) > 1 and layer.group == 1 and concat_ok:
+        cat_orders = [ResidualOrder(o.order, *_full_width(o, layer.out_channels)[:2], np.arange(layer.out_channels))
+                      for o in full]  # fmt: skip
+        outputs.append(_emit_concat(em, node, layer, cat_orders, x, bias, bias_value, base, out if not sparse else None))
+        bias = None
+    else:
+        for o in full:
+            y = out if single else f"{out}_order{o.order}{job.tag}"
+            values, scale = _full_width(o, layer.out_channels)
+            w = em.dequantized_weight(f"{base}_w{o.order}", values, scale, layer.weight_axis)
+            em.nodes.append(_layer_node(node, layer, x, w, bias, y, f"{layer.name}_order{o.order}{job.tag}"))
+            bias = None
+            outputs.append(y)
+    for o in sparse:
+        y = out if single else f"{out}_order{o.order}{job.tag}"
+        _emit_sparse_order(em, node, layer, o, x, f"{base}_w{o.order}", y)
+        outputs.append(y)
+    if bias is not None:  # pragma: no cover - order 1 is always dense and carries the bias
+        raise PlanError(f"layer {layer.name!r}: its bias has no dense order to ride on")
+    if len(outputs) > 1:
+        acc = outputs[0]
+        for k, y in enumerate(outputs[1:], start=2):
+            target = out if k == len(outputs) else f"{out}_acc{k}{job.tag}"
+            em.node("Add", [acc, y], [target], f"{layer.name}_add{k}{job.tag}")
+            acc = target
+    elif outputs[0] != out:
+        em.node("Identity", [outputs[0]], [out], f"{layer.name}_out{job.tag}")
 
 
-def _emit_concat(
-    em: _Emitter, node: onnx.NodeProto, layer: Layer, orders: list[ResidualOrder], x: str, base: str
-) -> None:
-    if any(len(o.channels) != layer.out_channels for o in orders):
-        raise PlanError(f"layer {layer.name!r}: the concat form needs dense orders (no gamma)")
+def _emit_concat(em: _Emitter, node: onnx.NodeProto, layer: Layer, orders: list[ResidualOrder], x: str,
+                 bias: str | None, bias_value: np.ndarray | None, base: str, out: str | None) -> str:  # fmt: skip
+    """One kernel over the concatenated orders (paper §3.4), then Split + Sum. Returns the sum's name."""
     k = len(orders)
     values = np.concatenate([o.values for o in orders], axis=0)
     scale = np.concatenate([o.scale for o in orders], axis=0)
-    w = em.dequantized_weight(f"{base}_wcat", values, scale)
-    inputs = [x, w]
-    if layer.bias:
-        b = numpy_helper.to_array(next(i for i in em.model.graph.initializer if i.name == layer.bias))
-        if b.ndim != 1:
-            raise PlanError(f"layer {layer.name!r}: the concat form needs a 1-D bias; use branches")
-        inputs.append(em.const(f"{base}_bcat", np.concatenate([b, np.zeros(b.size * (k - 1), dtype=b.dtype)])))
-    cat = f"{layer.output}_concat"
-    em.nodes.append(_copy_layer_node(node, inputs, cat, f"{layer.name}_concat"))
-    parts = [f"{layer.output}_part{i + 1}" for i in range(k)]
+    w = em.dequantized_weight(f"{base}_wcat", values, scale, layer.weight_axis)
+    b = None
+    if bias is not None and bias_value is not None:
+        cat_bias = np.concatenate([bias_value, np.zeros(bias_value.size * (k - 1), dtype=bias_value.dtype)])
+        b = em.const(f"{base}_bcat", cat_bias)
+    cat = f"{layer.output}{base}_concat"
+    em.nodes.append(_layer_node(node, layer, x, w, b, cat, f"{base}_concat"))
+    parts = [f"{cat}_part{i + 1}" for i in range(k)]
     sizes = em.const(f"{base}_split_sizes", np.full(k, layer.out_channels, dtype=np.int64))
-    em.nodes.append(helper.make_node("Split", [cat, sizes], parts, name=f"{layer.name}_split", axis=1))
-    em.nodes.append(helper.make_node("Sum", parts, [layer.output], name=f"{layer.name}_reduce"))
+    em.node("Split", [cat, sizes], parts, f"{base}_split", axis=layer.out_axis)
+    target = out if out is not None else f"{cat}_sum"
+    em.node("Sum", parts, [target], f"{base}_reduce")
+    return target
 
 
 def expand(
     model: onnx.ModelProto,
     plan: Plan,
     activation_ranges: dict[str, float] | None = None,
+    *,
+    jobs: dict[str, LayerJob] | None = None,
+    sparse_form: str = "gather",
 ) -> ExpandResult:
     """Return the expanded Q/DQ model that carries out ``plan`` on ``model`` (already BN-folded).
 
-    ``activation_ranges`` maps each quantized layer's input tensor to its data-free max |x|;
-    layers with ``act_bits == 8`` need one.
+    ``activation_ranges`` maps each int8-quantized layer's activation input tensor to its data-free
+    max |x|. ``jobs`` (from the ensemble pass) maps node names to the orders each node holds; by
+    default every planned layer holds all its orders and its bias.
     """
-    layers = {layer.name: layer for layer in find_layers(model)}
-    unknown = sorted(set(plan.layers) - set(layers))
-    if unknown:
-        raise PlanError(
-            f"the plan names layer(s) {', '.join(unknown[:5])} that are not quantizable Conv/Gemm nodes of this model; "
-            "was it made for another model?"
-        )
-    ranges = activation_ranges or {}
-    t_numerics = 0.0
+    if sparse_form not in SPARSE_FORMS:
+        raise PlanError(f"sparse form {sparse_form!r} unknown; use one of {', '.join(SPARSE_FORMS)}")
     t0 = time.perf_counter()
-    em = _Emitter(model)
-    by_node: dict[str, tuple[Layer, LayerPlan]] = {name: (layers[name], lp) for name, lp in plan.layers.items()}
+    layers = {layer.name: layer for layer in find_layers(model)}
+    if jobs is None:
+        unknown = sorted(set(plan.layers) - set(layers))
+        if unknown:
+            raise PlanError(
+                f"the plan names layer(s) {', '.join(unknown[:5])} that are not quantizable Conv/Gemm/MatMul nodes "
+                "of this model; was it made for another model?"
+            )
+        if plan.predictors > 1:
+            raise PlanError("an ensemble plan must go through rexdeploy.passes.ensemble (expand_model does this)")
+        jobs = {
+            name: LayerJob(layers[name], lp, tuple(range(1, lp.order + 1)), True) for name, lp in plan.layers.items()
+        }
+    ranges = activation_ranges or {}
+    consts = ConstantResolver(model)
+    em = _Emitter(sparse_form)
+    cache: dict[tuple[str, int, int, float | None], list[ResidualOrder]] = {}
+    t_numerics = 0.0
     for index, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{index}"
-        if name not in by_node:
+        job = jobs.get(name)
+        if job is None:
             em.nodes.append(node)
             continue
-        layer, lp = by_node[name]
-        if lp.predictors > 1:
-            raise PlanError(
-                f"layer {name!r}: ensembles of predictors are emitted by the network-level ensemble pass, "
-                "not per layer; use one predictor here"
-            )
+        lp, layer = job.plan, job.layer
         x_scale: float | None = None
         if lp.act_bits == 8:
-            if layer.input not in ranges:
-                raise PlanError(f"layer {name!r}: no activation range for its input {layer.input!r}")
-            x_scale = activation_scale(ranges[layer.input])
-        tn = time.perf_counter()
-        orders = expand_weight(layer_weight(model, layer), lp.bits, lp.order, lp.gamma)
-        t_numerics += time.perf_counter() - tn
-        _emit_layer(em, node, layer, lp, orders, x_scale)
+            tensor = node.input[layer.act_index]
+            if tensor not in ranges:
+                raise PlanError(f"layer {name!r}: no activation range for its input {tensor!r}")
+            x_scale = activation_scale(ranges[tensor])
+        key = (layer.weight, lp.bits, lp.order, lp.gamma)
+        if key not in cache:
+            tn = time.perf_counter()
+            cache[key] = expand_weight(layer_weight(model, layer, consts), lp.bits, lp.order, lp.gamma)
+            t_numerics += time.perf_counter() - tn
+        bias_value = consts.value(layer.bias) if layer.bias else None
+        _emit_layer(em, node, job, cache[key], x_scale, bias_value)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    replaced_weights = {layers[name].weight for name in plan.layers}
     del out.graph.node[:]
     out.graph.node.extend(em.nodes)
-    used = {i for n in em.nodes for i in n.input}
-    keep = [i for i in out.graph.initializer if i.name in used or i.name not in replaced_weights]
-    keep = [i for i in keep if i.name in used]
+    used = {i for n in em.nodes for i in n.input} | {o.name for o in out.graph.output}
+    keep = [i for i in out.graph.initializer if i.name in used]
     del out.graph.initializer[:]
     out.graph.initializer.extend([*keep, *em.inits])
+    _drop_dead_nodes(out)
     del out.graph.value_info[:]
     out.producer_name = "rexdeploy"
     t_graph = time.perf_counter() - t0 - t_numerics
-    return ExpandResult(out, len(plan.layers), t_numerics, t_graph, dict(em.act_scales))
+    return ExpandResult(out, len(jobs), t_numerics, t_graph, dict(em.act_scales))
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nobody reads (e.g. a Transpose that only fed a replaced weight)."""
+    graph = model.graph
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def order_groups(lp: LayerPlan) -> list[tuple[int, ...]]:
+    """The orders each predictor of ``lp`` holds (Algorithm 1)."""
+    return [tuple(g) for g in ensemble_groups(lp.order, lp.split)]

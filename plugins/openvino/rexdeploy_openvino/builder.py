@@ -1,4 +1,5 @@
-"""The OpenVINO builder: ONNX → IR (``model.xml`` / ``model.bin``) → compiled model, timed."""
+"""The OpenVINO builder: ONNX → IR (``model.xml`` / ``model.bin``) → compiled model, timed; or an IR
+written earlier, compiled as it is (:meth:`OpenVINOBuilder.load`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rexdeploy.builders.base import Engine, TimingSettings
-from rexdeploy.builders.timing import Timing, measure, random_inputs
+from rexdeploy.builders.timing import Timing, measure, random_inputs, timing_from_samples
 from rexdeploy.errors import BuildError, InputError
 from rexdeploy_openvino._runtime import (
     NAME,
@@ -58,10 +59,40 @@ def engine_batch(engine: Engine) -> int:
 def _input_arrays(engine: Engine, compiled: Any, seed: int) -> list[np.ndarray]:
     """Seeded random inputs in the compiled model's input order and dtypes."""
     names = list(engine.inputs)
-    dtypes = {
-        n: np.dtype(p.get_element_type().to_dtype()) for n, p in zip(names, compiled.inputs, strict=True)
-    }
+    dtypes = {n: np.dtype(p.get_element_type().to_dtype()) for n, p in zip(names, compiled.inputs, strict=True)}
     return list(random_inputs(engine.inputs, dtypes, seed).values())
+
+
+def _compile(ov: Any, core: Any, source: Any, name: str, device: str, precision: str) -> Any:
+    """``core.compile_model`` with the LATENCY hint and ``precision``; one-line BuildError on failure."""
+    try:
+        return core.compile_model(source, device, compile_config(ov, "LATENCY", precision))
+    except Exception as exc:
+        raise BuildError(f"OpenVINO cannot compile {name} for {device}: {one_line(exc)}") from exc
+
+
+def _engine(
+    ov: Any,
+    compiled: Any,
+    model: Path,
+    artifacts: tuple[Path, ...],
+    shapes: dict[str, tuple[int, ...]],
+    index: dict[str, str],
+    device: str,
+    build_seconds: float,
+) -> Engine:
+    """The Engine record of a compiled model, with the runtime precision of every layer."""
+    return Engine(
+        backend=NAME,
+        device=device,
+        model_path=model,
+        artifacts=artifacts,
+        inputs=shapes,
+        build_seconds=build_seconds,
+        backend_version=str(ov.get_version()),
+        layer_precisions=layer_precision_map(read_execution_graph(compiled, index)),
+        handle=compiled,
+    )
 
 
 class OpenVINOBuilder:
@@ -72,7 +103,8 @@ class OpenVINOBuilder:
     stays FP32), and compiles the saved IR with ``PERFORMANCE_HINT=LATENCY`` and
     ``INFERENCE_PRECISION_HINT`` f32 (bf16 when the profile supports bf16; see
     :func:`rexdeploy_openvino._runtime.inference_precision`). The engine's ``layer_precisions``
-    come from the execution graph: which precision each ONNX node really ran in.
+    come from the execution graph: which precision each ONNX node really ran in. ``load`` compiles an
+    IR written earlier (by ``build`` or by OpenVINO's tools) in place, with the same settings.
     """
 
     name = NAME
@@ -104,50 +136,70 @@ class OpenVINOBuilder:
                 ov.save_model(ov_model, str(staged), compress_to_fp16=False)
             except Exception as exc:
                 raise BuildError(f"OpenVINO cannot save the IR of {model.name}: {one_line(exc)}") from exc
-            try:
-                compiled = core.compile_model(
-                    str(staged), profile.device, compile_config(ov, "LATENCY", precision)
-                )
-            except Exception as exc:
-                raise BuildError(
-                    f"OpenVINO cannot compile {model.name} for {profile.device}: {one_line(exc)}"
-                ) from exc
+            compiled = _compile(ov, core, str(staged), model.name, profile.device, precision)
             artifacts = (out_dir / f"{IR_NAME}.xml", out_dir / f"{IR_NAME}.bin")
             os.replace(staged, artifacts[0])
             os.replace(staged.with_suffix(".bin"), artifacts[1])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         build_seconds = _time.perf_counter() - start
-        layers = read_execution_graph(compiled, index)
-        return Engine(
-            backend=NAME,
-            device=profile.device,
-            model_path=model,
-            artifacts=artifacts,
-            inputs=shapes,
-            build_seconds=build_seconds,
-            backend_version=str(ov.get_version()),
-            layer_precisions=layer_precision_map(layers),
-            handle=compiled,
-        )
+        return _engine(ov, compiled, model, artifacts, shapes, index, profile.device, build_seconds)
+
+    def load(self, ir: Path, profile: Profile) -> Engine:
+        """Compile an already-built OpenVINO IR (``model.xml`` with its ``.bin`` beside it) in place for
+        the profile's device, with the settings :meth:`build` uses; nothing is written.
+
+        A dynamic batch is fixed to 1 as in :meth:`build`. ``Engine.build_seconds`` is the time spent
+        reading and compiling the IR; ``Engine.artifacts`` are the given ``.xml`` and ``.bin``.
+        """
+        ov = import_openvino()
+        ir = Path(ir)
+        if ir.suffix != ".xml":
+            raise InputError(f"{ir} is not an OpenVINO IR: give the .xml file of model.xml / model.bin")
+        if ir.is_file() and not ir.with_suffix(".bin").is_file():
+            raise InputError(f"the weights of {ir.name} ({ir.with_suffix('.bin').name}) are missing beside it")
+        start = _time.perf_counter()
+        core = ov.Core()
+        check_device(core, profile.device)
+        ov_model, shapes, index = read_static_model(core, ir)
+        compiled = _compile(ov, core, ov_model, ir.name, profile.device, inference_precision(profile))
+        build_seconds = _time.perf_counter() - start
+        artifacts = (ir, ir.with_suffix(".bin"))
+        return _engine(ov, compiled, ir, artifacts, shapes, index, profile.device, build_seconds)
 
     def time(self, engine: Engine, settings: TimingSettings) -> Timing:
-        """Latency of one synchronous infer request on fixed seeded random inputs (set once, as
-        benchmark_app does). ``Timing.batch`` is the engine's batch, fixed when it was built."""
+        """Latency of one synchronous infer request on fixed seeded random inputs, set once.
+
+        As benchmark_app (``-hint latency``, sync API) does, each sample is the runtime's own measure
+        of the inference (``InferRequest.latency``), not a Python clock around the call: the Python
+        loop costs ~10-30 µs per call, which is most of a small model's latency and is not paid by a
+        C++ deployment. The loop (warm-up by time, then a duration or ``runs``) is
+        :func:`rexdeploy.builders.timing.measure`'s; ``Timing.duration_s`` is its wall time.
+        ``Timing.batch`` is the engine's batch, fixed when it was built.
+        """
         ov = import_openvino()
         compiled = compiled_model(engine)
         try:
             request = compiled.create_infer_request()
             for index, array in enumerate(_input_arrays(engine, compiled, settings.seed)):
                 request.set_input_tensor(index, ov.Tensor(array))
+            engine_ms: list[float] = []
 
             def infer() -> None:
-                request.start_async()
-                request.wait()
+                request.infer()
+                engine_ms.append(float(request.latency))
 
-            return measure(infer, dataclasses.replace(settings, batch=engine_batch(engine)))
+            settings = dataclasses.replace(settings, batch=engine_batch(engine))
+            loop = measure(infer, settings)
         except Exception as exc:
             raise BuildError(f"OpenVINO inference failed while timing: {one_line(exc)}") from exc
+        return timing_from_samples(
+            engine_ms[loop.warmup_runs :],
+            warmup_runs=loop.warmup_runs,
+            warmup_s=loop.warmup_s,
+            duration_s=loop.duration_s,
+            batch=loop.batch,
+        )
 
     def precision_summary(self, engine: Engine) -> dict[str, dict[str, int]]:
         """Execution-layer type → runtime precision → count; see
@@ -174,8 +226,6 @@ class OpenVINOBuilder:
         try:
             request = compiled.create_infer_request()
             request.infer({name: np.asarray(inputs[name]) for name in engine.inputs})
-            return [
-                np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(compiled.outputs))
-            ]
+            return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(compiled.outputs))]
         except Exception as exc:
             raise BuildError(f"OpenVINO inference failed: {one_line(exc)}") from exc

@@ -1,0 +1,100 @@
+"""Sparse orders and every layer kind (MatMul either side, Constant / Transpose weights, shared weights,
+ConvTranspose), weight-only, against onnxruntime running the original graph with the REx weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from models import deconv_model, small_cnn, transformer_block
+
+from rexdeploy.analyze import ConstantResolver, find_layers
+from rexdeploy.api import expand_model
+from rexdeploy.graph import fold_batchnorm
+from rexdeploy.numerics import expand_weight, reconstruct
+from rexdeploy.profile import load_profile
+
+PROFILE = load_profile("x86-avx512")
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def with_rex_weights(model: onnx.ModelProto, bits: int, order: int, gamma: float | None) -> onnx.ModelProto:
+    """The original graph, each layer's weight input rewired to its float REx reconstruction."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = ConstantResolver(model)
+    nodes = {n.name: n for n in out.graph.node}
+    for layer in find_layers(model):
+        w = consts.value(layer.weight).astype(np.float64)
+        w_major = np.moveaxis(w, layer.weight_axis, 0)
+        rec = reconstruct(expand_weight(w_major, bits, order, gamma), w_major.shape)
+        name = f"{layer.name}_rex_weight"
+        out.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.moveaxis(rec, 0, layer.weight_axis).astype(np.float32), name)
+        )
+        nodes[layer.name].input[layer.weight_index] = name
+    return out
+
+
+CASES = [
+    ("cnn", small_cnn, (12, 3, 8, 8)),
+    ("transformer", transformer_block, (5, 6, 32)),
+    ("deconv", deconv_model, (3, 4, 5, 5)),
+]
+
+
+@pytest.mark.parametrize(("kind", "make", "shape"), CASES)
+@pytest.mark.parametrize(("bits", "order", "gamma", "form"), [
+    (4, 2, None, "branches"),
+    (4, 3, 0.5, "branches"),
+    (4, 4, 1.0, "branches"),
+    (3, 3, 0.5, "concat"),
+    (8, 2, 0.25, "branches"),
+])  # fmt: skip
+def test_weight_only_expansion_equals_rex_weights(kind: str, make: object, shape: tuple[int, ...], bits: int,
+                                                   order: int, gamma: float | None, form: str) -> None:  # fmt: skip
+    model = make()  # type: ignore[operator]
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    expanded = expand_model(model, profile=PROFILE, bits=bits, order=order, gamma=gamma, act_bits=0, form=form)
+    onnx.checker.check_model(expanded.model, full_check=True)
+    folded, _ = fold_batchnorm(model)
+    got, want, fp32 = _run(expanded.model, x), _run(with_rex_weights(folded, bits, order, gamma), x), _run(model, x)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6
+    assert np.linalg.norm(got - fp32) / np.linalg.norm(fp32) > 1e-5  # it did quantize
+
+
+def test_layer_discovery_of_every_kind() -> None:
+    layers = {layer.name: layer for layer in find_layers(transformer_block())}
+    assert set(layers) == {"mm_q", "mm_2", "mm_left", "mm_shared"}
+    assert layers["mm_left"].weight_index == 0 and layers["mm_left"].out_axis == -2
+    assert layers["mm_2"].weight == "w2"  # the Transpose output, folded from the Constant
+    assert layers["mm_q"].weight == layers["mm_shared"].weight == "wq"  # shared
+    deconv = find_layers(deconv_model())[0]
+    assert (deconv.op_type, deconv.weight_axis, deconv.weight_shape) == ("ConvTranspose", 1, (6, 4, 3, 3))
+
+
+def test_sparse_order_costs_scale_with_gamma() -> None:
+    """The sparse orders are narrow layers: their weights hold gamma/(K-1) of the channels."""
+    model = small_cnn(batchnorm=False)
+    expanded = expand_model(model, profile=PROFILE, bits=4, order=3, gamma=0.5, act_bits=8)
+    inits = {i.name: i for i in expanded.model.graph.initializer}
+    assert list(inits["pwconv_w1_int8"].dims) == [16, 8, 1, 1]
+    assert list(inits["pwconv_w2_int8"].dims) == [4, 8, 1, 1]  # 25 % of 16 channels per sparse order
+    assert list(inits["pwconv_w3_int8"].dims) == [4, 8, 1, 1]
+    ops = [n.op_type for n in expanded.model.graph.node]
+    assert ops.count("Pad") == ops.count("Gather") - 2  # + the depthwise input gathers (2 orders)
+    assert "Transpose" not in ops
+
+
+def test_dead_weight_chain_is_removed() -> None:
+    expanded = expand_model(transformer_block(), profile=PROFILE, bits=8, order=2, act_bits=8)
+    ops = [n.op_type for n in expanded.model.graph.node]
+    assert "Transpose" not in ops and "Constant" not in ops
+    assert ops.count("MatMul") == 8
