@@ -31,6 +31,7 @@ _LAZY = {
     "load_model": ("rexdeploy.graph", "load_model"),
     "expand_model": ("rexdeploy.api", "expand_model"),
     "build": ("rexdeploy.api", "build"),
+    "bench": ("rexdeploy.bench", "bench"),
     "Plan": ("rexdeploy.plan", "Plan"),
     "LayerPlan": ("rexdeploy.plan", "LayerPlan"),
     "Timing": ("rexdeploy.builders.timing", "Timing"),
@@ -40,6 +41,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from rexdeploy.api import build, expand_model
+    from rexdeploy.bench import bench
     from rexdeploy.builders.base import TimingSettings
     from rexdeploy.builders.timing import Timing
     from rexdeploy.graph import load_model
@@ -75,6 +77,7 @@ __all__ = [
     "TimingSettings",
     "UnsupportedModelError",
     "__version__",
+    "bench",
     "build",
     "expand_model",
     "load_model",

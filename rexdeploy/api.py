@@ -23,6 +23,7 @@ from rexdeploy.fidelity import Fidelity, compare_outputs
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
+from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
 from rexdeploy.plan import Plan, uniform_plan
 from rexdeploy.profile import Profile, load_profile
@@ -93,6 +94,14 @@ def expand_model(
     layers = quantizable_layers(folded)
     if plan is None:
         plan = default_plan(layers, profile or load_profile("x86-avx512"), model_sha256, **overrides)
+    if plan.predictors > 1:  # paper §3.3: clone per predictor, each with its own activation ranges
+        ensemble = build_ensemble(folded, plan, layers)
+        taps = [_act_input(ensemble.model, n, j.layer) for n, j in ensemble.jobs.items() if j.plan.act_bits == 8]
+        ranges = probe_ranges(float_predictors(ensemble, folded), taps, calibration=calibration)
+        result = expand(ensemble.model, plan, ranges, jobs=ensemble.jobs)
+        return Expanded(
+            result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds
+        )
     by_name = {layer.name: layer for layer in layers}
     act_inputs = [by_name[n].input for n, lp in plan.layers.items() if n in by_name and lp.act_bits == 8]
     ranges = probe_ranges(folded, act_inputs, calibration=calibration)
@@ -100,6 +109,11 @@ def expand_model(
     return Expanded(
         result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds
     )
+
+
+def _act_input(model: onnx.ModelProto, node_name: str, layer: Layer) -> str:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return str(node.input[layer.act_index])
 
 
 def builder_for(profile: Profile) -> Builder:

@@ -132,7 +132,7 @@ def test_batchnorm_is_folded_exactly(probe: np.ndarray) -> None:
 
 def test_plan_for_another_model_is_refused() -> None:
     plan = Plan(layers={"not_a_layer": LayerPlan()})
-    with pytest.raises(PlanError, match="not_a_layer.*was it made for another model"):
+    with pytest.raises(PlanError, match=r"not_a_layer.*was it made for another model"):
         expand_model(small_cnn(), plan)
 
 
@@ -150,5 +150,5 @@ def test_no_quantizable_layer_and_quantized_model(tmp_path: object) -> None:
 
     path = Path(str(tmp_path)) / "q.onnx"
     onnx.save(quantized_model(), str(path))
-    with pytest.raises(UnsupportedModelError, match="already quantized.*QuantizeLinear.*FP32 model"):
+    with pytest.raises(UnsupportedModelError, match=r"already quantized.*QuantizeLinear.*FP32 model"):
         load_model(path)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -88,7 +89,7 @@ class _Emitter:
         self.inits.append(numpy_helper.from_array(value, name))
         return name
 
-    def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: object) -> None:
+    def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: Any) -> None:
         self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, **attrs))
 
     def quantized_activation(self, tensor: str, scale: float) -> str:
@@ -148,8 +149,8 @@ def _emit_sparse_order(
         em.node("Gather", [x, idx], [gathered], f"{base}_gather_in", axis=1)
         x, group = gathered, len(o.channels)
     em.nodes.append(_layer_node(node, layer, x, w, None, narrow, f"{base}_narrow", group=group))
-    rank = _output_rank(layer) if layer.out_axis >= 0 else None
-    axis = layer.out_axis if layer.out_axis >= 0 else layer.out_axis
+    axis = layer.out_axis
+    rank = _output_rank(layer) if axis >= 0 else None  # MatMul outputs: any rank, channel axis from the end
     # Pad one zero channel at the end of the channel axis, then Gather: channel j of the result is
     # narrow channel position(j) if j is selected, else the zero channel.
     position = np.full(c, len(o.channels), dtype=np.int64)

@@ -1,0 +1,295 @@
+"""BatchNorm statistics propagated through the graph: data-free per-channel activation statistics.
+
+A BatchNormalization layer was trained to emit, per channel c, values with mean ``beta_c`` and standard
+deviation ``|gamma_c|`` (its input is normalised by the running mean / variance, then scaled and
+shifted). :func:`rexdeploy.graph.fold_batchnorm` returns these pairs for every folded BN output. This
+module models each such channel as a Gaussian and carries the model forward, node by node, in numpy:
+
+* a tensor's channel c is ``clip(g_c, lo_c, hi_c)`` with ``g_c ~ N(mean_c, std_c²)`` (:class:`ChannelStats`);
+  ``lo``/``hi`` are ±inf until an activation clips;
+* ``Relu`` / ``Clip`` (ReLU6) only tighten ``lo``/``hi`` — the Gaussian underneath is kept, so the range of
+  a rectified tensor is the clipped upper tail ``min(hi, mean + n·std)``, not a Gaussian fitted to it;
+* ``Add`` / ``Sum`` / ``Sub`` of two known tensors: the moments of each (rectified / clipped Gaussian moments,
+  closed form with erf) are combined, means add, variances add (the inputs are assumed independent);
+  the result is again an unclipped Gaussian;
+* ``Add`` / ``Sub`` / ``Mul`` / ``Div`` by a scalar constant: an affine map of the channel;
+* ``Identity``, ``Dropout``, ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``, ``Resize``: identity (the
+  element values, hence the range, are unchanged; the channel axis is assumed to survive, as in the usual
+  ``(N, C, 1, 1) → (N, C)`` flatten);
+* ``MaxPool``: identity, as a bound (a max over a window never leaves the input's range);
+* ``GlobalAveragePool`` / ``AveragePool`` / ``ReduceMean``: the mean of the (clipped) channel is kept and its
+  standard deviation is multiplied by ``pool_std_factor`` (assumption: spatial averaging removes the
+  within-image variation and keeps the between-image one; the default keeps the full std, i.e. a bound);
+* ``Concat`` on axis 1: the channels are concatenated;
+* a ``BatchNormalization`` that was not folded: its (beta, |gamma|) directly;
+* anything else (Conv/Gemm without BN, Mul of two tensors, Sigmoid, ...): unknown.
+
+erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), vectorized; rexdeploy does not depend on scipy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from rexdeploy.graph import constant_value
+
+_SQRT2 = float(np.sqrt(2.0))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+_Z_LIMIT = 40.0  # standardised bounds beyond ±40 σ are treated as infinite (Φ(-40) underflows)
+_MIN_STD = 1e-12
+DEFAULT_N_STD = 3.0
+DEFAULT_POOL_STD_FACTOR = 1.0
+
+# Abramowitz & Stegun 7.1.26: erf(x) = 1 - (a1 t + a2 t² + a3 t³ + a4 t⁴ + a5 t⁵) e^{-x²}, t = 1 / (1 + p x), x ≥ 0
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def _erfc_nonneg(x: np.ndarray) -> np.ndarray:
+    """erfc(x) for x ≥ 0 by A&S 7.1.26 (the form keeps the small tail values accurate)."""
+    t = 1.0 / (1.0 + _AS_P * x)
+    a1, a2, a3, a4, a5 = _AS_A
+    poly = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))))
+    return poly * np.exp(-x * x)
+
+
+def erf(x: np.ndarray | float) -> np.ndarray:
+    """Vectorized error function, Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.sign(x) * (1.0 - _erfc_nonneg(np.abs(x)))
+
+
+def norm_cdf(z: np.ndarray) -> np.ndarray:
+    """Standard normal CDF Φ(z), via erfc so that both tails stay accurate."""
+    z = np.asarray(z, dtype=np.float64)
+    tail = 0.5 * _erfc_nonneg(np.abs(z) / _SQRT2)  # = Φ(-|z|)
+    return np.where(z < 0, tail, 1.0 - tail)
+
+
+def norm_pdf(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return _INV_SQRT_2PI * np.exp(-0.5 * z * z)
+
+
+def clipped_normal_moments(
+    mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of ``clip(g, lo, hi)``, ``g ~ N(mean, std²)``, elementwise (lo ≤ hi).
+
+    With α = (lo − μ)/σ, β = (hi − μ)/σ and Z clipped to [α, β] (φ, Φ the standard normal pdf / cdf):
+    E[Zc] = αΦ(α) + β(1 − Φ(β)) + φ(α) − φ(β);
+    E[Zc²] = α²Φ(α) + β²(1 − Φ(β)) + Φ(β) − Φ(α) + αφ(α) − βφ(β);
+    then E[x] = μ + σ E[Zc] and Var[x] = σ² (E[Zc²] − E[Zc]²). ``lo = 0, hi = inf`` is the rectified
+    Gaussian of a ReLU, ``lo = 0, hi = 6`` ReLU6.
+    """
+    mu = np.asarray(mean, dtype=np.float64)
+    sigma = np.maximum(np.asarray(std, dtype=np.float64), _MIN_STD)
+    alpha = np.clip((np.asarray(lo, dtype=np.float64) - mu) / sigma, -_Z_LIMIT, _Z_LIMIT)
+    beta = np.clip((np.asarray(hi, dtype=np.float64) - mu) / sigma, -_Z_LIMIT, _Z_LIMIT)
+    cdf_a, cdf_b = norm_cdf(alpha), norm_cdf(beta)
+    pdf_a, pdf_b = norm_pdf(alpha), norm_pdf(beta)
+    upper_tail = 1.0 - cdf_b
+    m1 = alpha * cdf_a + beta * upper_tail + pdf_a - pdf_b
+    m2 = alpha**2 * cdf_a + beta**2 * upper_tail + (cdf_b - cdf_a) + alpha * pdf_a - beta * pdf_b
+    var = np.maximum(m2 - m1 * m1, 0.0)
+    return mu + sigma * m1, sigma * np.sqrt(var)
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel statistics of a tensor: channel c is ``clip(g_c, lo_c, hi_c)``, ``g_c ~ N(mean_c, std_c²)``."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @classmethod
+    def gaussian(cls, mean: np.ndarray, std: np.ndarray) -> ChannelStats:
+        m = np.asarray(mean, dtype=np.float64).reshape(-1)
+        s = np.abs(np.asarray(std, dtype=np.float64).reshape(-1))
+        if m.shape != s.shape:
+            raise ValueError(f"mean and std shapes differ: {m.shape} vs {s.shape}")
+        return cls(m, s, np.full_like(m, -np.inf), np.full_like(m, np.inf))
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.size)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of each (clipped) channel."""
+        return clipped_normal_moments(self.mean, self.std, self.lo, self.hi)
+
+    def clip(self, lo: float, hi: float) -> ChannelStats:
+        """Statistics of ``clip(x, lo, hi)``: clip(clip(g, a, b), c, d) = clip(g, clip(a, c, d), clip(b, c, d))."""
+        return ChannelStats(self.mean, self.std, np.clip(self.lo, lo, hi), np.clip(self.hi, lo, hi))
+
+    def affine(self, scale: float, shift: float) -> ChannelStats:
+        """Statistics of ``scale · x + shift``."""
+        lo, hi = self.lo * scale + shift, self.hi * scale + shift
+        if scale < 0:
+            lo, hi = hi, lo
+        lo = np.where(np.isnan(lo), -np.inf, lo)  # 0 · inf
+        hi = np.where(np.isnan(hi), np.inf, hi)
+        return ChannelStats(self.mean * scale + shift, self.std * abs(scale), lo, hi)
+
+    def pooled(self, std_factor: float) -> ChannelStats:
+        """Statistics of a spatial average: the clipped mean kept, the std times ``std_factor``."""
+        mean, std = self.moments()
+        return ChannelStats.gaussian(mean, std * std_factor)
+
+    def max_abs(self, n_std: float) -> float:
+        """The tensor's range: the largest |value| over channels of ``clip(mean ± n_std·std, lo, hi)``."""
+        if self.mean.size == 0:
+            return 0.0
+        upper = np.clip(self.mean + n_std * self.std, self.lo, self.hi)
+        lower = np.clip(self.mean - n_std * self.std, self.lo, self.hi)
+        return float(np.max(np.maximum(np.abs(upper), np.abs(lower))))
+
+
+def _combine(a: ChannelStats, b: ChannelStats, sign: float) -> ChannelStats | None:
+    """``a + sign·b`` for independent channels (one of them may have a single channel, broadcast)."""
+    if a.channels != b.channels and 1 not in (a.channels, b.channels):
+        return None
+    (ma, sa), (mb, sb) = a.moments(), b.moments()
+    return ChannelStats.gaussian(ma + sign * mb, np.sqrt(sa * sa + sb * sb))
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def _scalar(model: onnx.ModelProto, name: str) -> float | None:
+    value = constant_value(model, name) if name else None
+    if value is None or value.size != 1:
+        return None
+    return float(value.reshape(()))
+
+
+def _clip_bounds(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[float, float] | None:
+    """(min, max) of a Clip node: inputs 1 and 2 (opset ≥ 11, optional) or attributes (older)."""
+    if len(node.input) > 1:
+        lo_name = node.input[1] if len(node.input) > 1 else ""
+        hi_name = node.input[2] if len(node.input) > 2 else ""
+        lo = _scalar(model, lo_name) if lo_name else -np.inf
+        hi = _scalar(model, hi_name) if hi_name else np.inf
+        if lo is None or hi is None:
+            return None
+        return lo, hi
+    lo_attr = _attr(node, "min", -np.inf)
+    hi_attr = _attr(node, "max", np.inf)
+    return float(lo_attr), float(hi_attr)  # type: ignore[arg-type]
+
+
+_IDENTITY_OPS = frozenset(
+    {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Upsample", "MaxPool"}
+)
+_POOL_OPS = frozenset({"GlobalAveragePool", "AveragePool", "ReduceMean"})
+
+
+def _bn_node_stats(model: onnx.ModelProto, node: onnx.NodeProto) -> ChannelStats | None:
+    gamma = constant_value(model, node.input[1]) if len(node.input) > 2 else None
+    beta = constant_value(model, node.input[2]) if len(node.input) > 2 else None
+    if gamma is None or beta is None or gamma.size != beta.size:
+        return None
+    return ChannelStats.gaussian(beta, np.abs(gamma))
+
+
+def _node_stats(
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    known: Mapping[str, ChannelStats],
+    pool_std_factor: float,
+) -> ChannelStats | None:
+    """The statistics of ``node.output[0]`` from those of its inputs, or None where they are unknown."""
+    op = node.op_type
+    first = known.get(node.input[0]) if node.input else None
+    if op == "BatchNormalization":
+        return _bn_node_stats(model, node)
+    if op in ("Add", "Sub", "Sum", "Concat"):
+        ins = [known.get(name) for name in node.input]
+        if op == "Concat":
+            if int(_attr(node, "axis", 1)) != 1 or any(s is None for s in ins):  # type: ignore[call-overload]
+                return None
+            parts = [s for s in ins if s is not None]
+            return ChannelStats(*(np.concatenate([getattr(s, f) for s in parts]) for f in ("mean", "std", "lo", "hi")))
+        if all(s is not None for s in ins):
+            acc = ins[0]
+            for other in ins[1:]:
+                if acc is None or other is None:
+                    return None
+                acc = _combine(acc, other, -1.0 if op == "Sub" else 1.0)
+            return acc
+        if op == "Sum" or len(ins) != 2:
+            return None
+        # one known tensor and a scalar constant
+        if ins[0] is not None:
+            c = _scalar(model, node.input[1])
+            return None if c is None else ins[0].affine(1.0, c if op == "Add" else -c)
+        if ins[1] is not None:
+            c = _scalar(model, node.input[0])
+            return None if c is None else ins[1].affine(1.0 if op == "Add" else -1.0, c)
+        return None
+    if op in ("Mul", "Div") and len(node.input) == 2:
+        if first is not None:
+            c = _scalar(model, node.input[1])
+            if c is None or (op == "Div" and c == 0.0):
+                return None
+            return first.affine(c if op == "Mul" else 1.0 / c, 0.0)
+        second = known.get(node.input[1])
+        c = _scalar(model, node.input[0])
+        if op == "Mul" and second is not None and c is not None:
+            return second.affine(c, 0.0)
+        return None
+    if first is None:
+        return None
+    if op == "Relu":
+        return first.clip(0.0, np.inf)
+    if op == "Clip":
+        bounds = _clip_bounds(model, node)
+        return None if bounds is None else first.clip(*bounds)
+    if op in _IDENTITY_OPS:
+        return first
+    if op in _POOL_OPS:
+        return first.pooled(pool_std_factor)
+    return None
+
+
+def propagate_bn_stats(
+    model: onnx.ModelProto,
+    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    pool_std_factor: float = DEFAULT_POOL_STD_FACTOR,
+) -> dict[str, ChannelStats]:
+    """Per-channel statistics of every tensor reachable from a BN output, in one pass over the
+    (topologically ordered) nodes. ``bn_stats`` maps a (folded) BN output tensor to its (beta, |gamma|)."""
+    known: dict[str, ChannelStats] = {name: ChannelStats.gaussian(m, s) for name, (m, s) in bn_stats.items()}
+    for node in model.graph.node:
+        if not node.output or node.output[0] in known:
+            continue
+        stats = _node_stats(model, node, known, pool_std_factor)
+        if stats is not None:
+            known[node.output[0]] = stats
+    return known
+
+
+def bn_ranges(
+    model: onnx.ModelProto,
+    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    tensors: Iterable[str],
+    n_std: float = DEFAULT_N_STD,
+    *,
+    pool_std_factor: float = DEFAULT_POOL_STD_FACTOR,
+) -> dict[str, float]:
+    """max |x| of each tensor in ``tensors`` whose statistics are known: the largest over channels of
+    ``clip(mean ± n_std·std, lo, hi)`` (for a ReLU / ReLU6 output, the clipped upper tail). Tensors with
+    unknown statistics are left out of the result."""
+    known = propagate_bn_stats(model, bn_stats, pool_std_factor=pool_std_factor)
+    return {name: known[name].max_abs(n_std) for name in dict.fromkeys(tensors) if name in known}
