@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,12 @@ from rexdeploy.fidelity import Fidelity, compare_outputs
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
+from rexdeploy.numerics import layer_gammas
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
 from rexdeploy.plan import Plan, uniform_plan
 from rexdeploy.profile import Profile, load_profile
-from rexdeploy.ranges import graph_inputs, load_calibration, probe_ranges, synthetic_inputs
+from rexdeploy.ranges import activation_ranges, graph_inputs, load_calibration, probe_ranges, synthetic_inputs
 from rexdeploy.report import EngineResult, Report
 
 Progress = Callable[[str], None]
@@ -71,12 +72,21 @@ def default_plan(layers: list[Layer], profile: Profile, model_sha256: str = "", 
                 f"{bits}-bit weights exceed what profile {profile.name!r} runs on {layer.op_class} layers "
                 f"(at most {max(allowed)} bits, e.g. layer {layer.name!r}); use --bits {max(allowed)} or lower"
             )
-    return uniform_plan(
+    plan = uniform_plan(
         [layer.name for layer in layers],
         profile=profile.name,
         model_sha256=model_sha256,
         **settings,  # type: ignore[arg-type]
     )
+    gamma = settings.get("gamma")
+    if gamma is None or len(layers) < 2 or len(plan.layers[layers[0].name].split) > 1:
+        return plan  # ensembles keep a uniform γ: linear+ can leave a layer 0 channels, killing a predictor
+    # paper Eq. 30 (linear+): later layers get more of the budget, sum |W_l| γ_l = γ sum |W_l|
+    gammas = layer_gammas(float(gamma), [layer.weight_count for layer in layers], int(settings["order"]))  # type: ignore[call-overload]
+    layer_plans = {
+        layer.name: replace(plan.layers[layer.name], gamma=g) for layer, g in zip(layers, gammas, strict=True)
+    }
+    return replace(plan, layers=layer_plans, notes=(*plan.notes, f"gamma={gamma:g} split linear+ over layers (Eq. 30)"))
 
 
 def expand_model(
@@ -90,7 +100,7 @@ def expand_model(
 ) -> Expanded:
     """Fold BN, find the layers, make (or take) the plan, derive activation ranges, run the pass."""
     t0 = time.perf_counter()
-    folded, _bn_stats = fold_batchnorm(model)
+    folded, bn_stats = fold_batchnorm(model)
     layers = quantizable_layers(folded)
     if plan is None:
         plan = default_plan(layers, profile or load_profile("x86-avx512"), model_sha256, **overrides)
@@ -100,11 +110,17 @@ def expand_model(
         ranges = probe_ranges(float_predictors(ensemble, folded), taps, calibration=calibration)
         result = expand(ensemble.model, plan, ranges, jobs=ensemble.jobs)
         return Expanded(
-            result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds
+            result.model,
+            plan,
+            tuple(layers),
+            result.activation_scales,
+            time.perf_counter() - t0,
+            result.numerics_seconds,
         )
     by_name = {layer.name: layer for layer in layers}
     act_inputs = [by_name[n].input for n, lp in plan.layers.items() if n in by_name and lp.act_bits == 8]
-    ranges = probe_ranges(folded, act_inputs, calibration=calibration)
+    # BN statistics where they reach, synthetic probes elsewhere; a user calibration batch overrides both
+    ranges = activation_ranges(folded, bn_stats, act_inputs, method="auto", calibration=calibration)
     result = expand(folded, plan, ranges)
     return Expanded(
         result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds

@@ -259,7 +259,7 @@ def _profile_for(kind: str, engine: str, profile: Profile | str | None) -> Profi
     if loaded.engine != engine:
         raise InputError(
             f"profile {loaded.name!r} is for {loaded.engine}, but {_KIND_NAMES[kind]} runs on {engine}: "
-            f"give an {engine} profile or leave --profile out"
+            f"give a profile whose engine is {engine}, or leave --profile out"
         )
     return loaded
 

@@ -81,13 +81,20 @@ class Plan:
         return max((lp.predictors for lp in self.layers.values()), default=1)
 
     def summary(self) -> str:
-        """One line: the uniform setting if all layers agree, else the spread."""
-        settings = {(lp.bits, lp.order, lp.gamma, lp.split, lp.act_bits, lp.form) for lp in self.layers.values()}
+        """One line: the uniform setting if all layers agree (γ may vary: linear+), else the spread."""
+        settings = {(lp.bits, lp.order, lp.split, lp.act_bits, lp.form) for lp in self.layers.values()}
+        gammas = sorted({lp.gamma for lp in self.layers.values()}, key=lambda g: -1.0 if g is None else g)
         if len(settings) == 1:
-            bits, order, gamma, split, act, form = settings.pop()
+            bits, order, split, act, form = settings.pop()
             parts = [f"W{bits}A{act or 'fp'}", f"K={order}"]
-            if gamma is not None:
-                parts.append(f"gamma={gamma:g}")
+            if gammas != [None] and order > 1:
+                if len(gammas) == 1:
+                    parts.append(f"gamma={gammas[0]:g}")
+                else:
+                    mean = sum(lp.gamma or 0.0 for lp in self.layers.values()) / len(self.layers)
+                    parts.append(
+                        f"gamma per layer {min(g or 0.0 for g in gammas):.2g}..{max(g or 0.0 for g in gammas):.2g} (mean {mean:.2g})"
+                    )
             if len(split) > 1:
                 parts.append(f"ensemble={','.join(map(str, split))}")
             parts.append(form)

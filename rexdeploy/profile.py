@@ -59,10 +59,13 @@ class Defaults:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Latency model coefficients (fitted by ``rexdeploy profile calibrate``).
+    """Latency model coefficients (fitted by ``rexdeploy profile calibrate``; the formula is in
+    :mod:`rexdeploy.costmodel`).
 
     ``throughput_gmacs[op_class][precision]`` is the sustained rate in GMAC/s; each layer also pays
-    ``layer_overhead_us`` and each extra branch ``branch_overhead_us``.
+    ``layer_overhead_us`` and each extra branch ``branch_overhead_us``; weights and extra orders' partial
+    outputs move at ``bandwidth_gbps`` (0: no memory term); a network pays ``model_overhead_us`` once per
+    inference; the concat form's extra orders cost ``concat_factor`` × what they cost as branches.
     """
 
     layer_overhead_us: float = 5.0
@@ -70,6 +73,8 @@ class CostModel:
     bandwidth_gbps: float = 20.0
     throughput_gmacs: dict[str, dict[str, float]] = field(default_factory=dict)
     calibrated: bool = False
+    model_overhead_us: float = 10.0
+    concat_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,10 @@ def _build_section(where: str, cls: type, raw: Any) -> Any:
             raise ProfileError(f"{where}.order: {section.order} out of range; allowed orders are 1..16")
         if section.act_bits not in (0, 8):
             raise ProfileError(f"{where}.act_bits: {section.act_bits} not allowed; use 8 or 0 (float)")
+    if isinstance(section, CostModel) and section.concat_factor <= 0.0:
+        raise ProfileError(
+            f"{where}.concat_factor: must be > 0, got {section.concat_factor!r} (1 = as fast as branches)"
+        )
     return section
 
 

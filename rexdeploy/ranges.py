@@ -1,20 +1,39 @@
-"""Data-free activation ranges.
+"""Data-free activation ranges: the max |x| of each quantized layer input, whose symmetric int8 scale
+is then ``max|x| / 127``.
 
-Synthetic probes: the FP32 model is run by onnxruntime on seeded standard-normal inputs (the
-distribution of normalised images/features) and each requested tensor's largest magnitude is
-recorded; the symmetric int8 scale of a tensor is then ``max|x| / 127``. No user data is needed;
-a user calibration array, when given, replaces the synthetic probes.
+Two sources, combined by :func:`activation_ranges`:
+
+* **BatchNorm statistics** (:mod:`rexdeploy.bnstats`): every folded BN output has per-channel mean
+  ``beta`` and std ``|gamma|``; propagated through Relu / Clip / Add / pooling / Concat, they give each
+  reachable tensor's range as ``max_c clip(mean_c ± n·std_c, lo_c, hi_c)``. No model run is needed.
+* **Synthetic probes** (:func:`probe_ranges`): the FP32 model is run by onnxruntime on seeded inputs —
+  standard-normal noise, or for image-shaped inputs smooth random fields with a natural-image 1/f
+  spectrum — and each tensor's largest magnitude (or a high percentile of |x|) is recorded.
+
+``method="auto"`` (what :func:`rexdeploy.api.expand_model` uses) takes BN statistics where they are
+known and probes elsewhere. A user calibration array, when given, replaces both (max |x| over it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rexdeploy.bnstats import DEFAULT_N_STD, DEFAULT_POOL_STD_FACTOR, bn_ranges
 from rexdeploy.errors import InputError, ModelError
+
+RangeMethod = Literal["auto", "bn", "probe"]
+ProbeKind = Literal["noise", "smooth"]
+RANGE_METHODS: tuple[str, ...] = ("auto", "bn", "probe")
+PROBE_KINDS: tuple[str, ...] = ("noise", "smooth")
+DEFAULT_PROBE: ProbeKind = "noise"
+DEFAULT_PERCENTILE: float | None = None
+SMOOTH_SPECTRUM_EXPONENT = 1.0  # amplitude ∝ 1/f (power ∝ 1/f²): the spectrum of natural images
+_CALIBRATION_CHUNK = 16  # samples per onnxruntime run when reducing a user calibration batch
 
 _NP_TYPES: dict[int, type[np.generic]] = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -40,8 +59,36 @@ def input_shape(info: onnx.ValueInfoProto, batch: int) -> tuple[int, ...]:
     )
 
 
-def synthetic_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded standard-normal float inputs (integers: zeros) of the model's input shapes."""
+def smooth_field(
+    shape: tuple[int, ...], rng: np.random.Generator, exponent: float = SMOOTH_SPECTRUM_EXPONENT
+) -> np.ndarray:
+    """Random fields over the last two axes with amplitude spectrum ∝ 1/f^exponent (natural images:
+    exponent ≈ 1), each (sample, channel) plane standardised to mean 0, std 1. Float64."""
+    h, w = shape[-2], shape[-1]
+    noise = rng.standard_normal(shape)
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    radius = np.sqrt(fy * fy + fx * fx)
+    radius[0, 0] = 1.0
+    gain = radius**-exponent
+    gain[0, 0] = 0.0  # the mean is set by the standardisation below
+    field = np.fft.irfft2(np.fft.rfft2(noise) * gain, s=(h, w))
+    field -= field.mean(axis=(-2, -1), keepdims=True)
+    std = field.std(axis=(-2, -1), keepdims=True)
+    return field / np.where(std > 0, std, 1.0)
+
+
+def synthetic_inputs(
+    model: onnx.ModelProto, batch: int = 8, seed: int = 0, kind: ProbeKind = "noise"
+) -> dict[str, np.ndarray]:
+    """Seeded synthetic float inputs (integers: zeros) of the model's input shapes.
+
+    ``kind="noise"``: i.i.d. standard normal. ``kind="smooth"``: for image-shaped inputs (rank ≥ 3, both
+    trailing dims ≥ 8) :func:`smooth_field` planes — unit variance like the noise, but spatially
+    correlated like a normalised photograph; other inputs stay standard normal.
+    """
+    if kind not in PROBE_KINDS:
+        raise InputError(f"unknown probe kind {kind!r}; use one of {', '.join(PROBE_KINDS)}")
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for info in graph_inputs(model):
@@ -50,15 +97,16 @@ def synthetic_inputs(model: onnx.ModelProto, batch: int = 8, seed: int = 0) -> d
         if dtype is None:
             raise ModelError(f"input {info.name!r} has an element type rexdeploy cannot synthesize ({elem})")
         shape = input_shape(info, batch)
-        if np.issubdtype(dtype, np.floating):
-            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
-        else:
+        if not np.issubdtype(dtype, np.floating):
             feeds[info.name] = np.zeros(shape, dtype=dtype)
+        elif kind == "smooth" and len(shape) >= 3 and min(shape[-2:]) >= 8:
+            feeds[info.name] = smooth_field(shape, rng).astype(dtype)
+        else:
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
 
-def run_with_taps(model: onnx.ModelProto, feeds: dict[str, np.ndarray], taps: Sequence[str]) -> dict[str, np.ndarray]:
-    """Run the model with onnxruntime and return the values of the tensors named in ``taps``."""
+def _tap_session(model: onnx.ModelProto, taps: Sequence[str]) -> ort.InferenceSession:
     tapped = onnx.ModelProto()
     tapped.CopyFrom(model)
     existing = {o.name for o in tapped.graph.output}
@@ -68,9 +116,22 @@ def run_with_taps(model: onnx.ModelProto, feeds: dict[str, np.ndarray], taps: Se
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    session = ort.InferenceSession(tapped.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    values = session.run(list(taps), feeds)
+    return ort.InferenceSession(tapped.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run_with_taps(model: onnx.ModelProto, feeds: dict[str, np.ndarray], taps: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run the model with onnxruntime and return the values of the tensors named in ``taps``."""
+    values = _tap_session(model, taps).run(list(taps), feeds)
     return dict(zip(taps, values, strict=True))
+
+
+def _magnitude(value: np.ndarray, percentile: float | None) -> float:
+    if not value.size:
+        return 0.0
+    magnitude = np.abs(value.astype(np.float32, copy=False)).reshape(-1)
+    if percentile is None or percentile >= 100.0:
+        return float(np.max(magnitude))
+    return float(np.percentile(magnitude, percentile))
 
 
 def probe_ranges(
@@ -80,19 +141,76 @@ def probe_ranges(
     batch: int = 16,
     seed: int = 0,
     calibration: np.ndarray | None = None,
+    probe: ProbeKind = DEFAULT_PROBE,
+    percentile: float | None = DEFAULT_PERCENTILE,
 ) -> dict[str, float]:
-    """Largest magnitude of each tensor over synthetic probes (or the user's calibration batch)."""
-    if not tensors:
+    """Largest magnitude of each tensor over synthetic probes (or the user's calibration batch).
+
+    ``probe`` picks the synthetic inputs (:func:`synthetic_inputs`); ``percentile`` (e.g. 99.99) takes
+    that percentile of |x| over the probes instead of the max, so that the rare extreme values of the
+    probes do not set the scale. A user ``calibration`` batch always gives the max |x| over all of it
+    (run in chunks of 16 samples to bound memory).
+    """
+    taps = list(dict.fromkeys(tensors))
+    if not taps:
         return {}
+    session = _tap_session(model, taps)
+    if calibration is None:
+        values = session.run(taps, synthetic_inputs(model, batch=batch, seed=seed, kind=probe))
+        return {name: _magnitude(v, percentile) for name, v in zip(taps, values, strict=True)}
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise InputError("a calibration .npy can only be used with a single-input model")
+    ranges = dict.fromkeys(taps, 0.0)
+    for start in range(0, max(len(calibration), 1), _CALIBRATION_CHUNK):
+        chunk = calibration[start : start + _CALIBRATION_CHUNK]
+        for name, v in zip(taps, session.run(taps, {inputs[0].name: chunk}), strict=True):
+            ranges[name] = max(ranges[name], _magnitude(v, None))
+    return ranges
+
+
+def activation_ranges(
+    model: onnx.ModelProto,
+    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    tensors: Sequence[str],
+    *,
+    method: RangeMethod = "auto",
+    calibration: np.ndarray | None = None,
+    n_std: float = DEFAULT_N_STD,
+    pool_std_factor: float = DEFAULT_POOL_STD_FACTOR,
+    probe: ProbeKind = DEFAULT_PROBE,
+    percentile: float | None = DEFAULT_PERCENTILE,
+    batch: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The max |x| of each tensor in ``tensors`` of the BN-folded ``model``.
+
+    ``bn_stats`` is what :func:`rexdeploy.graph.fold_batchnorm` returned. ``method``:
+
+    * ``"auto"``: BN statistics (:func:`rexdeploy.bnstats.bn_ranges`, ``mean ± n_std·std``) where the
+      tensor is reachable from a BN output, synthetic probes (:func:`probe_ranges`) for the others;
+    * ``"bn"``: BN statistics only; a tensor without statistics is a ModelError;
+    * ``"probe"``: synthetic probes only.
+
+    A user ``calibration`` batch overrides all of them: max |x| over it, for every tensor.
+    """
+    taps = list(dict.fromkeys(tensors))
+    if method not in RANGE_METHODS:
+        raise InputError(f"unknown activation range method {method!r}; use one of {', '.join(RANGE_METHODS)}")
     if calibration is not None:
-        inputs = graph_inputs(model)
-        if len(inputs) != 1:
-            raise InputError("a calibration .npy can only be used with a single-input model")
-        feeds = {inputs[0].name: calibration}
-    else:
-        feeds = synthetic_inputs(model, batch=batch, seed=seed)
-    values = run_with_taps(model, feeds, list(dict.fromkeys(tensors)))
-    return {name: float(np.max(np.abs(v))) if v.size else 0.0 for name, v in values.items()}
+        return probe_ranges(model, taps, calibration=calibration)
+    if method == "probe":
+        return probe_ranges(model, taps, batch=batch, seed=seed, probe=probe, percentile=percentile)
+    ranges = bn_ranges(model, bn_stats, taps, n_std, pool_std_factor=pool_std_factor)
+    missing = [name for name in taps if name not in ranges]
+    if missing and method == "bn":
+        raise ModelError(
+            f"no BatchNorm statistics reach tensor(s) {', '.join(repr(m) for m in missing[:5])}; "
+            "use method 'auto' (probes there) or give a calibration batch"
+        )
+    if missing:
+        ranges.update(probe_ranges(model, missing, batch=batch, seed=seed, probe=probe, percentile=percentile))
+    return {name: ranges[name] for name in taps}
 
 
 def load_calibration(path: str, model: onnx.ModelProto) -> np.ndarray:

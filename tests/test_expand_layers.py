@@ -13,6 +13,7 @@ from rexdeploy.analyze import ConstantResolver, find_layers
 from rexdeploy.api import expand_model
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.numerics import expand_weight, reconstruct
+from rexdeploy.plan import uniform_plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
@@ -25,8 +26,9 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {"x": x})[0])
 
 
-def with_rex_weights(model: onnx.ModelProto, bits: int, order: int, gamma: float | None) -> onnx.ModelProto:
-    """The original graph, each layer's weight input rewired to its float REx reconstruction."""
+def with_rex_weights(model: onnx.ModelProto, bits: int, order: int, gammas: dict[str, float | None]) -> onnx.ModelProto:
+    """The original graph, each layer's weight input rewired to its float REx reconstruction
+    (``gammas``: each layer's sparse budget, as the plan split it)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     consts = ConstantResolver(model)
@@ -34,7 +36,7 @@ def with_rex_weights(model: onnx.ModelProto, bits: int, order: int, gamma: float
     for layer in find_layers(model):
         w = consts.value(layer.weight).astype(np.float64)
         w_major = np.moveaxis(w, layer.weight_axis, 0)
-        rec = reconstruct(expand_weight(w_major, bits, order, gamma), w_major.shape)
+        rec = reconstruct(expand_weight(w_major, bits, order, gammas[layer.name]), w_major.shape)
         name = f"{layer.name}_rex_weight"
         out.graph.initializer.append(
             onnx.numpy_helper.from_array(np.moveaxis(rec, 0, layer.weight_axis).astype(np.float32), name)
@@ -65,7 +67,10 @@ def test_weight_only_expansion_equals_rex_weights(kind: str, make: object, shape
     expanded = expand_model(model, profile=PROFILE, bits=bits, order=order, gamma=gamma, act_bits=0, form=form)
     onnx.checker.check_model(expanded.model, full_check=True)
     folded, _ = fold_batchnorm(model)
-    got, want, fp32 = _run(expanded.model, x), _run(with_rex_weights(folded, bits, order, gamma), x), _run(model, x)
+    gammas = {name: lp.gamma for name, lp in expanded.plan.layers.items()}
+    if gamma is not None and len(gammas) > 1:  # the flag's budget is split linear+ over the layers (Eq. 30)
+        assert len(set(gammas.values())) > 1
+    got, want, fp32 = _run(expanded.model, x), _run(with_rex_weights(folded, bits, order, gammas), x), _run(model, x)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6
     assert np.linalg.norm(got - fp32) / np.linalg.norm(fp32) > 1e-5  # it did quantize
 
@@ -83,7 +88,8 @@ def test_layer_discovery_of_every_kind() -> None:
 def test_sparse_order_costs_scale_with_gamma() -> None:
     """The sparse orders are narrow layers: their weights hold gamma/(K-1) of the channels."""
     model = small_cnn(batchnorm=False)
-    expanded = expand_model(model, profile=PROFILE, bits=4, order=3, gamma=0.5, act_bits=8)
+    plan = uniform_plan(["conv1", "dwconv", "pwconv", "fc"], bits=4, order=3, gamma=0.5, act_bits=8)  # no linear+
+    expanded = expand_model(model, plan)
     inits = {i.name: i for i in expanded.model.graph.initializer}
     assert list(inits["pwconv_w1_int8"].dims) == [16, 8, 1, 1]
     assert list(inits["pwconv_w2_int8"].dims) == [4, 8, 1, 1]  # 25 % of 16 channels per sparse order

@@ -40,7 +40,9 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
     by_name = {layer.name: layer for layer in layers}
     unknown = sorted(set(plan.layers) - set(by_name))
     if unknown:
-        raise PlanError(f"the plan names layer(s) {', '.join(unknown[:5])} that are not quantizable nodes of this model")
+        raise PlanError(
+            f"the plan names layer(s) {', '.join(unknown[:5])} that are not quantizable nodes of this model"
+        )
     counts = {lp.predictors for lp in plan.layers.values()}
     if len(counts) != 1:
         raise PlanError(f"every layer of an ensemble plan needs the same number of predictors; got {sorted(counts)}")

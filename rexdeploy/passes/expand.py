@@ -188,11 +188,20 @@ def _full_width(o: ResidualOrder, channels: int) -> tuple[np.ndarray, np.ndarray
 def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[ResidualOrder], x_scale: float | None,
                 bias_value: np.ndarray | None) -> None:  # fmt: skip
     layer, lp = job.layer, job.plan
-    x = node.input[layer.act_index] if x_scale is None else em.quantized_activation(node.input[layer.act_index], x_scale)
+    x = (
+        node.input[layer.act_index]
+        if x_scale is None
+        else em.quantized_activation(node.input[layer.act_index], x_scale)
+    )
     bias = layer.bias if job.bias else None
     out = node.output[0]
     base = _safe(layer.name) + job.tag
-    mine = [orders[k - 1] for k in job.orders]
+    mine = [orders[k - 1] for k in job.orders if orders[k - 1].n_channels > 0]  # γ_l = 0 leaves orders empty
+    if not mine:
+        raise PlanError(
+            f"layer {layer.name!r}: predictor {job.tag.removeprefix('__p') or 1} holds no channel of its orders "
+            f"{list(job.orders)} (gamma too small); raise gamma or use fewer predictors"
+        )
     narrow_ok = em.sparse_form == "gather" and (layer.group == 1 or layer.op_class == "depthwise")
     sparse = [o for o in mine if o.n_channels < layer.out_channels and narrow_ok]
     full = [o for o in mine if o not in sparse]
@@ -202,7 +211,9 @@ def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[
     if lp.form == "concat" and len(full) > 1 and layer.group == 1 and concat_ok:
         cat_orders = [ResidualOrder(o.order, *_full_width(o, layer.out_channels)[:2], np.arange(layer.out_channels))
                       for o in full]  # fmt: skip
-        outputs.append(_emit_concat(em, node, layer, cat_orders, x, bias, bias_value, base, out if not sparse else None))
+        outputs.append(
+            _emit_concat(em, node, layer, cat_orders, x, bias, bias_value, base, out if not sparse else None)
+        )
         bias = None
     else:
         for o in full:

@@ -1,0 +1,240 @@
+"""Latency cost model: predict a layer's and a network's latency from the profile's ``[cost]`` coefficients.
+
+A layer of op class ``c`` (conv / pointwise / depthwise / gemm) with ``M`` multiply-accumulates per
+sample, ``W`` weights, ``E`` output elements and ``C`` output channels, computing in precision ``p``
+with ``K`` residual orders costs, in µs::
+
+    first   = layer_overhead_us  + M / T[c][p]        + W·b / BW
+    extra_k = branch_overhead_us + f_k · M / T[c][p]  + (f_k · W·b + A · E) / BW          k = 2..K
+    layer   = first + ρ · Σ_k extra_k
+    model   = model_overhead_us + Σ_layers layer                                          (ms = µs / 1000)
+
+- ``T[c][p]`` = ``throughput_gmacs[c][p]`` (GMAC/s = 10³ MAC/µs), ``BW`` = ``bandwidth_gbps`` (GB/s = 10³ B/µs;
+  0 drops the memory term).
+- ``b`` = bytes per stored weight: 4 for an fp32 layer, 2 for fp16/bf16, 1 for a quantized layer (the
+  pass stores every order as int8, whatever its bit-width), 0.5 for int4 weight-only.
+- ``f_k`` = ``kept_channels(C, γ, K) / C``, the fraction of output channels a residual order k ≥ 2
+  computes (paper §3.2; 1 for dense orders). An order that keeps no channel is not emitted and costs
+  nothing.
+- ``A · E``: the bytes each extra order's partial output costs to write and sum into the layer's output
+  (``A = activation_bytes`` = 4, fp32 partial sums), paid in full even by a sparse order.
+- ``ρ`` = ``concat_factor`` for the concat form (one kernel over the concatenated orders + Split/Sum),
+  which the pass emits for dense orders of ungrouped layers only; 1 for separate branches + Add.
+- ``p``: ``int8`` when the layer's input is quantized (W≤8 A8 Q/DQ); a weight-only layer
+  (``act_bits == 0``) computes in the profile's float precision, or ``int4`` for ≤ 4-bit weights where
+  the profile runs int4 weight-only kernels; a layer absent from the plan runs unquantized in the
+  profile's float precision (``fp32``, ``bf16`` on OpenVINO profiles with bf16, ``fp16`` on TensorRT
+  profiles with fp16). A precision missing from the table falls back (int4 → int8 → fp32, fp8 → fp16 →
+  bf16 → fp32).
+- An ensemble (split K_1..K_M) is costed as its K orders, with no credit for running predictors at once.
+
+Every term is linear in the coefficients except ρ, so ``rexdeploy profile calibrate`` fits them by
+non-negative least squares on measured micro-benchmarks, then ρ on the concat points alone
+(:mod:`rexdeploy.calibrate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from rexdeploy.analyze import Layer
+from rexdeploy.errors import PlanError, ProfileError
+from rexdeploy.numerics import kept_channels
+from rexdeploy.plan import LayerPlan, Plan
+from rexdeploy.profile import CostModel, Profile
+
+FALLBACK: dict[str, tuple[str, ...]] = {
+    "fp32": ("fp32",),
+    "bf16": ("bf16", "fp16", "fp32"),
+    "fp16": ("fp16", "bf16", "fp32"),
+    "fp8": ("fp8", "fp16", "bf16", "fp32"),
+    "int8": ("int8", "fp32"),
+    "int4": ("int4", "int8", "fp32"),
+}
+FLOAT_WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The quantities the coefficients multiply: per-layer and per-branch counts, MACs and bytes moved."""
+
+    layers: float = 0.0  # × layer_overhead_us
+    branches: float = 0.0  # × branch_overhead_us
+    macs: float = 0.0  # ÷ throughput_gmacs[op_class][precision]
+    bytes: float = 0.0  # ÷ bandwidth_gbps
+
+    def scaled(self, factor: float) -> Terms:
+        return Terms(self.layers * factor, self.branches * factor, self.macs * factor, self.bytes * factor)
+
+
+@dataclass(frozen=True)
+class LayerTerms:
+    """One layer's terms: its first order, its extra orders (scaled by ``concat_factor`` when ``concat``)."""
+
+    op_class: str
+    precision: str
+    first: Terms
+    extra: Terms
+    concat: bool = False
+
+
+def float_precision(profile: Profile) -> str:
+    """The precision the profile's engine runs unquantized (float) layers in."""
+    q = profile.quantization
+    if profile.engine == "openvino" and q.bf16:
+        return "bf16"
+    if profile.engine == "tensorrt" and q.fp16:
+        return "fp16"
+    return "fp32"
+
+
+def layer_precision(profile: Profile, *, bits: int | None, act_bits: int = 8) -> str:
+    """The precision a layer computes in: ``bits=None`` is an unquantized layer (see module docstring)."""
+    if bits is None:
+        return float_precision(profile)
+    if act_bits == 8:
+        return "int8"
+    if bits <= 4 and profile.quantization.int4_weight_only:
+        return "int4"
+    return float_precision(profile)
+
+
+def weight_bytes(precision: str, *, quantized: bool) -> float:
+    """Bytes per stored weight: the pass stores every quantized order as int8 (int4 weight-only: 0.5)."""
+    if quantized:
+        return 0.5 if precision == "int4" else 1.0
+    return FLOAT_WEIGHT_BYTES.get(precision, 4.0)
+
+
+def output_elements(layer: Layer) -> int:
+    """Output elements per sample: ``C`` × output positions (``macs = W × positions`` for Conv, ``W`` for Gemm)."""
+    w = layer.weight_count
+    return layer.macs * layer.out_channels // w if w else 0
+
+
+def throughput(cost: CostModel, op_class: str, precision: str, profile_name: str = "") -> float:
+    """``throughput_gmacs[op_class][precision]`` with the fallbacks of the module docstring."""
+    table = cost.throughput_gmacs.get(op_class, {})
+    for p in FALLBACK.get(precision, (precision,)):
+        if p in table:
+            return table[p]
+    name = f" {profile_name!r}" if profile_name else ""
+    raise ProfileError(
+        f"profile{name} has no [cost.throughput_gmacs.{op_class}] rate for {precision} (nor a fallback); "
+        f"add one or run `rexdeploy profile calibrate`"
+    )
+
+
+def layer_terms(
+    layer: Layer,
+    *,
+    precision: str,
+    bits: int | None = None,
+    order: int = 1,
+    gamma: float | None = None,
+    form: str = "branches",
+    activation_bytes: float = 4.0,
+) -> LayerTerms:
+    """The terms of one layer computing in ``precision`` with ``order`` orders (``bits=None``: unquantized)."""
+    if order < 1:
+        raise PlanError(f"expansion order {order} not supported; use 1 to 16")
+    w_bytes = layer.weight_count * weight_bytes(precision, quantized=bits is not None)
+    first = Terms(layers=1.0, macs=float(layer.macs), bytes=w_bytes)
+    extra = Terms()
+    c = layer.out_channels
+    n_extra = order - 1
+    if n_extra and c:
+        kept = kept_channels(c, gamma, order) / c
+        if kept > 0.0:
+            extra = Terms(
+                branches=float(n_extra),
+                macs=n_extra * kept * layer.macs,
+                bytes=n_extra * (kept * w_bytes + activation_bytes * output_elements(layer)),
+            )
+    concat = form == "concat" and n_extra > 0 and layer.group == 1 and (gamma is None or gamma >= order - 1)
+    return LayerTerms(layer.op_class, precision, first, extra, concat)
+
+
+def terms_us(cost: CostModel, op_class: str, precision: str, terms: Terms, profile_name: str = "") -> float:
+    """µs of a set of terms under the coefficients of ``cost``."""
+    us = cost.layer_overhead_us * terms.layers + cost.branch_overhead_us * terms.branches
+    if terms.macs:
+        us += terms.macs / (throughput(cost, op_class, precision, profile_name) * 1e3)
+    if terms.bytes and cost.bandwidth_gbps > 0.0:
+        us += terms.bytes / (cost.bandwidth_gbps * 1e3)
+    return us
+
+
+def layer_terms_us(cost: CostModel, lt: LayerTerms, profile_name: str = "") -> float:
+    """µs of one layer's terms: first order + ρ × extra orders."""
+    rho = cost.concat_factor if lt.concat else 1.0
+    first = terms_us(cost, lt.op_class, lt.precision, lt.first, profile_name)
+    return first + rho * terms_us(cost, lt.op_class, lt.precision, lt.extra, profile_name)
+
+
+def predict_layer_us(
+    profile: Profile,
+    layer: Layer,
+    *,
+    bits: int | None = None,
+    order: int = 1,
+    gamma: float | None = None,
+    act_bits: int = 8,
+    form: str = "branches",
+    precision: str | None = None,
+) -> float:
+    """Predicted latency (µs) of one layer; ``bits=None`` is the unquantized layer, ``precision=None`` derives
+    it from ``bits`` / ``act_bits`` (:func:`layer_precision`)."""
+    p = precision or layer_precision(profile, bits=bits, act_bits=act_bits)
+    lt = layer_terms(layer, precision=p, bits=bits, order=order, gamma=gamma, form=form)
+    return layer_terms_us(profile.cost, lt, profile.name)
+
+
+def plan_layer_terms(profile: Profile, layer: Layer, lp: LayerPlan | None) -> LayerTerms:
+    """A layer's terms under its LayerPlan (``None``: not in the plan, so unquantized)."""
+    if lp is None:
+        return layer_terms(layer, precision=float_precision(profile))
+    p = layer_precision(profile, bits=lp.bits, act_bits=lp.act_bits)
+    return layer_terms(layer, precision=p, bits=lp.bits, order=lp.order, gamma=lp.gamma, form=lp.form)
+
+
+def predict_layers_us(
+    profile: Profile, layers: Iterable[Layer], plan: Plan | Mapping[str, LayerPlan] | None = None
+) -> dict[str, float]:
+    """Predicted µs of every layer (by name) under ``plan``; layers the plan leaves out are unquantized."""
+    table = plan.layers if isinstance(plan, Plan) else (plan or {})
+    return {
+        layer.name: layer_terms_us(profile.cost, plan_layer_terms(profile, layer, table.get(layer.name)), profile.name)
+        for layer in layers
+    }
+
+
+def predict_model_ms(
+    profile: Profile, layers: Iterable[Layer], plan: Plan | Mapping[str, LayerPlan] | None = None
+) -> float:
+    """Predicted latency (ms) of a network: ``model_overhead_us`` + its Conv/Gemm layers under ``plan``.
+
+    ``plan=None`` (or an empty plan) predicts the unquantized engine. Other ops (activations, pooling,
+    ...) are assumed fused into the layers or negligible.
+    """
+    per_layer = predict_layers_us(profile, layers, plan)
+    return (profile.cost.model_overhead_us + sum(per_layer.values())) / 1000.0
+
+
+__all__ = [
+    "LayerTerms",
+    "Terms",
+    "float_precision",
+    "layer_precision",
+    "layer_terms",
+    "layer_terms_us",
+    "output_elements",
+    "plan_layer_terms",
+    "predict_layer_us",
+    "predict_layers_us",
+    "predict_model_ms",
+    "terms_us",
+    "throughput",
+    "weight_bytes",
+]
