@@ -139,6 +139,10 @@ def _conv_class(w_shape: tuple[int, ...], group: int) -> str:
     return "pointwise" if all(k == 1 for k in w_shape[2:]) else "conv"
 
 
+class _Skip(Exception):
+    """A quantizable op that stays float, with the reason."""
+
+
 def _layer_for(node: onnx.NodeProto, name: str, consts: ConstantResolver, infos: dict[str, Any]) -> Layer | None:
     op = node.op_type
     out_shape = _shape_of(infos, node.output[0])
@@ -155,10 +159,7 @@ def _layer_for(node: onnx.NodeProto, name: str, consts: ConstantResolver, infos:
             return Layer(name, op, _conv_class(w.shape, group), node.input[0], node.output[0], node.input[1], bias,
                          tuple(w.shape), group, int(w.size) * spatial)  # fmt: skip
         if group != 1:
-            raise UnsupportedModelError(
-                f"ConvTranspose node {name!r} has group={group}; rexdeploy quantizes only group=1 ConvTranspose — "
-                "keep it float by leaving it out of the plan, or re-export it ungrouped"
-            )
+            raise _Skip(f"ConvTranspose with group={group} (only group=1 is quantized)")
         in_shape = _shape_of(infos, node.input[0])
         in_spatial = int(np.prod(in_shape[2:])) if in_shape and len(in_shape) > 2 else 1
         out_major = (w.shape[1], w.shape[0], *w.shape[2:])
@@ -169,10 +170,7 @@ def _layer_for(node: onnx.NodeProto, name: str, consts: ConstantResolver, infos:
         if w is None or w.ndim != 2:
             return None
         if int(_attr(node, "transA", 0)):
-            raise UnsupportedModelError(
-                f"Gemm node {name!r} uses transA=1, which rexdeploy does not quantize; "
-                "re-export the model without a transposed Gemm input"
-            )
+            raise _Skip("Gemm with transA=1")
         axis = 0 if int(_attr(node, "transB", 0)) else 1
         out_major = (w.shape[axis], w.shape[1 - axis])
         return Layer(name, op, "gemm", node.input[0], node.output[0], node.input[1], bias, out_major, 1,
@@ -188,22 +186,49 @@ def _layer_for(node: onnx.NodeProto, name: str, consts: ConstantResolver, infos:
             return Layer(name, op, "gemm", node.input[1], node.output[0], node.input[0], None,
                          tuple(left.shape), 1, int(left.size) * cols, weight_axis=0, out_axis=-2,
                          weight_index=0, act_index=1)  # fmt: skip
+        if right is not None and left is not None:
+            raise _Skip("MatMul of two constants (fold it before quantizing)")
+        const = right if right is not None else left
+        if const is not None:
+            raise _Skip(f"MatMul with a {const.ndim}-D constant weight (only 2-D weights are quantized)")
         return None
     return None
 
 
-def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Every quantizable node with a constant weight, in graph order, with its MACs per sample."""
+@dataclass(frozen=True)
+class Skipped:
+    """A Conv / Gemm / MatMul node that stays float, and why."""
+
+    name: str
+    op_type: str
+    reason: str
+
+
+def discover(model: onnx.ModelProto) -> tuple[list[Layer], list[Skipped]]:
+    """The quantizable layers in graph order, and the Conv/Gemm/MatMul nodes that stay float (with why)."""
     consts = ConstantResolver(model)
     infos = _value_infos(model)
     layers: list[Layer] = []
+    skipped: list[Skipped] = []
     for index, node in enumerate(model.graph.node):
         if node.op_type not in QUANTIZABLE_OPS:
             continue
-        layer = _layer_for(node, node.name or f"{node.op_type}_{index}", consts, infos)
-        if layer is not None:
+        name = node.name or f"{node.op_type}_{index}"
+        try:
+            layer = _layer_for(node, name, consts, infos)
+        except _Skip as why:
+            skipped.append(Skipped(name, node.op_type, str(why)))
+            continue
+        if layer is None:
+            skipped.append(Skipped(name, node.op_type, "no constant weight (both inputs are activations)"))
+        else:
             layers.append(layer)
-    return layers
+    return layers, skipped
+
+
+def find_layers(model: onnx.ModelProto) -> list[Layer]:
+    """Every quantizable node with a constant weight, in graph order, with its MACs per sample."""
+    return discover(model)[0]
 
 
 def layer_weight(model: onnx.ModelProto, layer: Layer, consts: ConstantResolver | None = None) -> np.ndarray:

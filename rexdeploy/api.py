@@ -78,11 +78,12 @@ def default_plan(layers: list[Layer], profile: Profile, model_sha256: str = "", 
         model_sha256=model_sha256,
         **settings,  # type: ignore[arg-type]
     )
-    gamma = settings.get("gamma")
-    if gamma is None or len(layers) < 2 or len(plan.layers[layers[0].name].split) > 1:
+    first = plan.layers[layers[0].name]
+    gamma = first.gamma
+    if gamma is None or len(layers) < 2 or first.predictors > 1:
         return plan  # ensembles keep a uniform γ: linear+ can leave a layer 0 channels, killing a predictor
     # paper Eq. 30 (linear+): later layers get more of the budget, sum |W_l| γ_l = γ sum |W_l|
-    gammas = layer_gammas(float(gamma), [layer.weight_count for layer in layers], int(settings["order"]))  # type: ignore[call-overload]
+    gammas = layer_gammas(gamma, [layer.weight_count for layer in layers], first.order)
     layer_plans = {
         layer.name: replace(plan.layers[layer.name], gamma=g) for layer, g in zip(layers, gammas, strict=True)
     }

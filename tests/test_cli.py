@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from models import no_conv_model, small_cnn
@@ -201,3 +202,35 @@ def test_build_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         assert (out / name).is_file(), name
     assert json.loads((out / "report.json").read_text())["plan_hash"] == report["plan_hash"]
     assert "expanding digits_cnn.onnx" in captured.err  # progress on stderr
+
+
+def test_inspect_lists_layers_errors_and_float_nodes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+            helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["h", "ht"], ["y"], name="attention_scores"),
+        ],
+        "attn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])],
+        [onnx.numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "attn.onnx"
+    onnx.save(model, str(path))
+    assert main(["inspect", str(path), "--bits", "8,4", "--orders", "1,2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [layer["name"] for layer in report["layers"]] == ["proj"]
+    errors = report["layers"][0]["errors"]
+    assert errors["W8K2"] < errors["W8K1"] / 50 and errors["W4K2"] < errors["W4K1"] / 5
+    assert report["float_nodes"] == [
+        {"name": "attention_scores", "op_type": "MatMul", "reason": "no constant weight (both inputs are activations)"}
+    ]
+    assert main(["inspect", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "proj" in table and "stays float: attention_scores" in table
+    assert main(["inspect", str(path), "--bits", "9"]) == 1
+    assert "weight bits 9 not supported" in capsys.readouterr().err
