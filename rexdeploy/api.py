@@ -63,6 +63,8 @@ def default_plan(layers: list[Layer], profile: Profile, model_sha256: str = "", 
     """The uniform plan of the profile's [defaults], with flag overrides (bits, order, act_bits, form, ...)."""
     d = profile.defaults
     settings: dict[str, object] = {"bits": d.bits, "order": d.order, "act_bits": d.act_bits, "form": d.form}
+    if overrides.get("block"):  # int4 weight-only unless told otherwise
+        settings.update(bits=4, act_bits=0)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     bits = int(settings["bits"])  # type: ignore[call-overload]
     for layer in layers:
@@ -79,6 +81,8 @@ def default_plan(layers: list[Layer], profile: Profile, model_sha256: str = "", 
         **settings,  # type: ignore[arg-type]
     )
     first = plan.layers[layers[0].name]
+    if first.block:
+        return _int4_blocks(plan, layers, profile, first.block)
     gamma = first.gamma
     if gamma is None or len(layers) < 2 or first.predictors > 1:
         return plan  # ensembles keep a uniform γ: linear+ can leave a layer 0 channels, killing a predictor
@@ -88,6 +92,25 @@ def default_plan(layers: list[Layer], profile: Profile, model_sha256: str = "", 
         layer.name: replace(plan.layers[layer.name], gamma=g) for layer, g in zip(layers, gammas, strict=True)
     }
     return replace(plan, layers=layer_plans, notes=(*plan.notes, f"gamma={gamma:g} split linear+ over layers (Eq. 30)"))
+
+
+def _int4_blocks(plan: Plan, layers: list[Layer], profile: Profile, block: int) -> Plan:
+    """Blocked int4 weights where the engine has them (Gemm/MatMul whose input size the block divides);
+    the other layers keep per-channel int4 weights, weight-only."""
+    if not profile.quantization.int4_weight_only:
+        raise PlanError(
+            f"profile {profile.name!r} has no int4 weight-only kernels (int4_weight_only = false); drop --block"
+        )
+    if block not in profile.quantization.int4_block_sizes:
+        sizes = ", ".join(map(str, profile.quantization.int4_block_sizes))
+        raise PlanError(f"int4 block size {block} is not one profile {profile.name!r} supports ({sizes})")
+    layer_plans = {
+        layer.name: replace(plan.layers[layer.name], block=block)
+        if layer.op_type in ("Gemm", "MatMul") and layer.weight_shape[1] % block == 0
+        else replace(plan.layers[layer.name], block=0)
+        for layer in layers
+    }
+    return replace(plan, layers=layer_plans)
 
 
 def expand_model(

@@ -32,6 +32,7 @@ class LayerPlan:
     split: tuple[int, ...] = ()
     act_bits: int = 8
     form: str = "branches"
+    block: int = 0  # > 0: int4 weight-only with one scale per block of this many inputs (Gemm/MatMul)
 
     def __post_init__(self) -> None:
         if not self.split:
@@ -54,6 +55,11 @@ class LayerPlan:
             raise PlanError(f"activation bits {self.act_bits} not supported; use 8 or fp (float)")
         if self.form not in FORMS:
             raise PlanError(f"form {self.form!r} unknown; use one of {', '.join(FORMS)}")
+        if self.block:
+            if self.block < 16 or self.block & (self.block - 1):
+                raise PlanError(f"int4 block size {self.block} must be a power of two >= 16 (e.g. 64 or 128)")
+            if self.bits != 4 or self.act_bits != 0 or self.gamma is not None:
+                raise PlanError("block-quantized weights are int4 weight-only: use bits 4, act_bits fp and no gamma")
 
     @property
     def predictors(self) -> int:
@@ -86,7 +92,8 @@ class Plan:
         gammas = sorted({lp.gamma for lp in self.layers.values()}, key=lambda g: -1.0 if g is None else g)
         if len(settings) == 1:
             bits, order, split, act, form = settings.pop()
-            parts = [f"W{bits}A{act or 'fp'}", f"K={order}"]
+            blocks = sorted({lp.block for lp in self.layers.values() if lp.block})
+            parts = [f"W{bits}A{act or 'fp'}" + (f" (int4 blocks of {blocks[0]})" if blocks else ""), f"K={order}"]
             if gammas != [None] and order > 1:
                 if len(gammas) == 1:
                     parts.append(f"gamma={gammas[0]:g}")
@@ -184,9 +191,10 @@ def uniform_plan(
     split: Sequence[int] = (),
     act_bits: int = 8,
     form: str = "branches",
+    block: int = 0,
     profile: str = "",
     model_sha256: str = "",
 ) -> Plan:
     """The same LayerPlan on every named layer."""
-    lp = LayerPlan(bits=bits, order=order, gamma=gamma, split=tuple(split), act_bits=act_bits, form=form)
+    lp = LayerPlan(bits=bits, order=order, gamma=gamma, split=tuple(split), act_bits=act_bits, form=form, block=block)
     return Plan(layers={name: lp for name in layer_names}, profile=profile, model_sha256=model_sha256)

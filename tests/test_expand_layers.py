@@ -104,3 +104,44 @@ def test_dead_weight_chain_is_removed() -> None:
     ops = [n.op_type for n in expanded.model.graph.node]
     assert "Transpose" not in ops and "Constant" not in ops
     assert ops.count("MatMul") == 8
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_int4_blocked_weights(order: int) -> None:
+    """int4 weight-only with per-(channel, block) scales on Gemm/MatMul: opset 21 blocked DequantizeLinear."""
+    model = transformer_block(hidden=64)
+    x = np.random.default_rng(4).standard_normal((3, 6, 64)).astype(np.float32)
+    expanded = expand_model(model, profile=load_profile("h100"), block=64, order=order)
+    onnx.checker.check_model(expanded.model, full_check=True)
+    plan = expanded.plan.layers
+    assert plan["mm_q"].block == 64 and plan["mm_left"].block == 0  # 6 inputs: not divisible, per-channel
+    assert all(lp.bits == 4 and lp.act_bits == 0 for lp in plan.values())
+    int4 = [i for i in expanded.model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 3 * order  # mm_q, mm_2, mm_shared (wq expanded once per node)
+    dqs = [n for n in expanded.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_int4")]
+    assert {onnx.helper.get_attribute_value(a) for n in dqs for a in n.attribute if a.name == "block_size"} == {64}
+    # reference: numpy per-block quantization of the out-major weight, rows = blocks
+    consts = ConstantResolver(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = {n.name: n for n in out.graph.node}
+    for layer in find_layers(model):
+        w = np.moveaxis(consts.value(layer.weight).astype(np.float64), layer.weight_axis, 0)
+        rows = w.reshape(-1, 64) if plan[layer.name].block else w
+        rec = reconstruct(expand_weight(rows, 4, order), rows.shape).reshape(w.shape)
+        name = f"{layer.name}_ref"
+        out.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.moveaxis(rec, 0, layer.weight_axis).astype(np.float32), name)
+        )
+        nodes[layer.name].input[layer.weight_index] = name
+    got, want = _run(expanded.model, x), _run(out, x)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6
+
+
+def test_int4_blocks_need_a_profile_that_has_them() -> None:
+    from rexdeploy.errors import PlanError
+
+    with pytest.raises(PlanError, match="no int4 weight-only kernels"):
+        expand_model(transformer_block(hidden=64), profile=load_profile("x86-avx512"), block=64)
+    with pytest.raises(PlanError, match="block size 32 is not one profile 'h100' supports"):
+        expand_model(transformer_block(hidden=64), profile=load_profile("h100"), block=32)

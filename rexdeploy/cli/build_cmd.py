@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--order", type=int, help="expansion order K (default: the profile's)")
     p.add_argument("--act-bits", type=common.act_bits, help="8 or fp (weight-only)")
     p.add_argument("--form", choices=("branches", "concat"), help="dense expansion form")
+    p.add_argument("--block", type=int, help="int4 weight-only with per-block scales on Gemm/MatMul (e.g. 64)")
     p.add_argument("--duration", type=common.duration, default=3.0, help="timed duration per engine (default 3s)")
     p.add_argument("--warmup", type=common.duration, default=0.2, help="warm-up per engine (default 200ms)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         order=args.order,
         act_bits=args.act_bits,
         form=args.form,
+        block=args.block,
     )
     if args.json:
         print(report.to_json())

@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--ensemble", type=common.ensemble, help="orders per predictor, e.g. 2,1")
     p.add_argument("--act-bits", type=common.act_bits, help="8 or fp (weight-only)")
     p.add_argument("--form", choices=("branches", "concat"), help="dense expansion form")
+    p.add_argument("--block", type=int, help="int4 weight-only with per-block scales on Gemm/MatMul (e.g. 64)")
     p.add_argument("--calib", help="optional calibration batch (.npy)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=run)
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.ensemble,
         act_bits=args.act_bits,
         form=args.form,
+        block=args.block,
     )
     save_model(expanded.model, args.output)
     summary = {

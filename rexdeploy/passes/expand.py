@@ -39,11 +39,13 @@ from onnx import helper, numpy_helper
 
 from rexdeploy.analyze import ConstantResolver, Layer, find_layers, layer_weight
 from rexdeploy.errors import PlanError
+from rexdeploy.graph import add_initializer, drop_initializers
 from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
 from rexdeploy.plan import LayerPlan, Plan
 
 ACT_QMAX = 127.0  # symmetric int8 activations: the range maps onto [-127, 127], zero-point 0
 SPARSE_FORMS = ("gather", "dense")
+BLOCKED_DQ_OPSET = 21
 
 
 @dataclass(frozen=True)
@@ -78,15 +80,19 @@ def _safe(name: str) -> str:
 class _Emitter:
     """Collects the new nodes and initializers of the expanded graph."""
 
-    def __init__(self, sparse_form: str) -> None:
+    def __init__(self, sparse_form: str, inits: Any = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        # the output graph's initializer field when given: tensors are built in place, not copied in later
+        self.inits: Any = [] if inits is None else inits
         self.act_dq: dict[str, str] = {}
         self.act_scales: dict[str, float] = {}
         self.sparse_form = sparse_form
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(value, name))
+        if isinstance(self.inits, list):
+            self.inits.append(numpy_helper.from_array(value, name))
+        else:
+            add_initializer(self.inits, value, name)
         return name
 
     def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: Any) -> None:
@@ -105,6 +111,24 @@ class _Emitter:
         self.act_dq[tensor] = dq
         self.act_scales[tensor] = scale
         return dq
+
+    def dequantized_int4_blocks(
+        self, base: str, values: np.ndarray, scale: np.ndarray, layer: Layer, block: int
+    ) -> str:
+        """int4 weight with one scale per (output channel, block of inputs): a blocked DequantizeLinear
+        (ONNX opset 21 ``block_size``; TensorRT INT4 weight-only block quantization of Gemm/MatMul)."""
+        n, k_in = layer.weight_shape
+        q = np.moveaxis(values.reshape(n, k_in), 0, layer.weight_axis)
+        s = np.moveaxis(scale.reshape(n, k_in // block), 0, layer.weight_axis).astype(np.float32)
+        w = f"{base}_int4"
+        self.inits.append(
+            helper.make_tensor(w, onnx.TensorProto.INT4, list(q.shape), q.astype(np.int8).ravel().tolist())
+        )
+        sc = self.const(f"{base}_scale", np.ascontiguousarray(s))
+        out = f"{base}_dq"
+        self.node("DequantizeLinear", [w, sc], [out], f"{base}_DequantizeLinear", axis=1 - layer.weight_axis,
+                  block_size=block)  # fmt: skip
+        return out
 
     def dequantized_weight(self, base: str, values: np.ndarray, scale: np.ndarray, axis: int) -> str:
         """int8 initializer in the layout the node consumes + per-channel DequantizeLinear on ``axis``."""
@@ -208,7 +232,14 @@ def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[
     single = len(mine) == 1
     outputs: list[str] = []
     concat_ok = bias is None or (bias_value is not None and bias_value.ndim == 1)
-    if lp.form == "concat" and len(full) > 1 and layer.group == 1 and concat_ok:
+    if lp.block:  # int4 blocks: each order one blocked-DQ branch (numerics ran per block row)
+        for o in full:
+            y = out if single else f"{out}_order{o.order}{job.tag}"
+            w = em.dequantized_int4_blocks(f"{base}_w{o.order}", o.values, o.scale, layer, lp.block)
+            em.nodes.append(_layer_node(node, layer, x, w, bias, y, f"{layer.name}_order{o.order}{job.tag}"))
+            bias = None
+            outputs.append(y)
+    elif lp.form == "concat" and len(full) > 1 and layer.group == 1 and concat_ok:
         cat_orders = [ResidualOrder(o.order, *_full_width(o, layer.out_channels)[:2], np.arange(layer.out_channels))
                       for o in full]  # fmt: skip
         outputs.append(
@@ -277,8 +308,8 @@ def expand(
     if sparse_form not in SPARSE_FORMS:
         raise PlanError(f"sparse form {sparse_form!r} unknown; use one of {', '.join(SPARSE_FORMS)}")
     t0 = time.perf_counter()
-    layers = {layer.name: layer for layer in find_layers(model)}
     if jobs is None:
+        layers = {layer.name: layer for layer in find_layers(model)}
         unknown = sorted(set(plan.layers) - set(layers))
         if unknown:
             raise PlanError(
@@ -291,9 +322,13 @@ def expand(
             name: LayerJob(layers[name], lp, tuple(range(1, lp.order + 1)), True) for name, lp in plan.layers.items()
         }
     ranges = activation_ranges or {}
+    if any(j.plan.block for j in jobs.values()):
+        model = _upgrade_opset(model, BLOCKED_DQ_OPSET)
     consts = ConstantResolver(model)
-    em = _Emitter(sparse_form)
-    cache: dict[tuple[str, int, int, float | None], list[ResidualOrder]] = {}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # the new initializers go straight into it; its nodes are replaced below
+    em = _Emitter(sparse_form, out.graph.initializer)
+    cache: dict[tuple[str, int, int, float | None, int], list[ResidualOrder]] = {}
     t_numerics = 0.0
     for index, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{index}"
@@ -308,21 +343,23 @@ def expand(
             if tensor not in ranges:
                 raise PlanError(f"layer {name!r}: no activation range for its input {tensor!r}")
             x_scale = activation_scale(ranges[tensor])
-        key = (layer.weight, lp.bits, lp.order, lp.gamma)
+        key = (layer.weight, lp.bits, lp.order, lp.gamma, lp.block)
         if key not in cache:
             tn = time.perf_counter()
-            cache[key] = expand_weight(layer_weight(model, layer, consts), lp.bits, lp.order, lp.gamma)
+            w = layer_weight(model, layer, consts)
+            if lp.block:
+                if layer.op_type not in ("Gemm", "MatMul") or w.shape[1] % lp.block:
+                    raise PlanError(
+                        f"layer {name!r}: int4 blocks of {lp.block} need a Gemm/MatMul whose input size divides "
+                        f"by the block (weight {w.shape[0]}x{w.shape[1]})"
+                    )
+                w = w.reshape(-1, lp.block)  # one row per (output channel, block): per-row scales = per-block
+            cache[key] = expand_weight(w, lp.bits, lp.order, lp.gamma)
             t_numerics += time.perf_counter() - tn
         bias_value = consts.value(layer.bias) if layer.bias else None
         _emit_layer(em, node, job, cache[key], x_scale, bias_value)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
     del out.graph.node[:]
     out.graph.node.extend(em.nodes)
-    used = {i for n in em.nodes for i in n.input} | {o.name for o in out.graph.output}
-    keep = [i for i in out.graph.initializer if i.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend([*keep, *em.inits])
     _drop_dead_nodes(out)
     del out.graph.value_info[:]
     out.producer_name = "rexdeploy"
@@ -330,20 +367,31 @@ def expand(
     return ExpandResult(out, len(jobs), t_numerics, t_graph, dict(em.act_scales))
 
 
+def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """Blocked DequantizeLinear (``block_size``) and the int4 type need opset 21 / IR 10."""
+    from rexdeploy.graph import opset_version
+
+    if opset_version(model) >= version:
+        return model
+    try:
+        upgraded = onnx.version_converter.convert_version(model, version)
+    except Exception as exc:
+        raise PlanError(f"int4 blocks need opset {version}, and this model could not be upgraded ({exc})") from None
+    upgraded.ir_version = max(upgraded.ir_version, 10)
+    return upgraded
+
+
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:
     """Remove nodes whose outputs nobody reads (e.g. a Transpose that only fed a replaced weight)."""
     graph = model.graph
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        dead = [k for k, n in enumerate(graph.node) if not any(o in used for o in n.output)]
         if not dead:
             break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+        for k in reversed(dead):  # by position: NodeProto.remove() compares whole messages
+            del graph.node[k]
+    drop_initializers(graph, {i for n in graph.node for i in n.input})
 
 
 def order_groups(lp: LayerPlan) -> list[tuple[int, ...]]:
