@@ -30,7 +30,8 @@ _LAZY = {
     "Profile": ("rexdeploy.profile", "Profile"),
     "load_model": ("rexdeploy.graph", "load_model"),
     "expand_model": ("rexdeploy.api", "expand_model"),
-    "build": ("rexdeploy.api", "build"),
+    "build": ("rexdeploy.closedloop", "build"),
+    "plan": ("rexdeploy.api", "plan"),
     "bench": ("rexdeploy.bench", "bench"),
     "Plan": ("rexdeploy.plan", "Plan"),
     "LayerPlan": ("rexdeploy.plan", "LayerPlan"),
@@ -40,10 +41,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from rexdeploy.api import build, expand_model
+    from rexdeploy.api import expand_model, plan
     from rexdeploy.bench import bench
     from rexdeploy.builders.base import TimingSettings
     from rexdeploy.builders.timing import Timing
+    from rexdeploy.closedloop import build
     from rexdeploy.graph import load_model
     from rexdeploy.plan import LayerPlan, Plan
     from rexdeploy.profile import Profile, load_profile
@@ -82,4 +84,5 @@ __all__ = [
     "expand_model",
     "load_model",
     "load_profile",
+    "plan",
 ]

@@ -5,31 +5,27 @@ Nothing here prints or exits; progress goes to an optional callback and errors a
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from rexdeploy.analyze import Layer, find_layers
-from rexdeploy.budget import format_ms
-from rexdeploy.builders.base import Builder, Engine, TimingSettings
+from rexdeploy.builders.base import Builder, Engine
 from rexdeploy.builders.registry import get_builder
-from rexdeploy.errors import BudgetError, EngineUnavailableError, PlanError, UnsupportedModelError
+from rexdeploy.errors import EngineUnavailableError, PlanError, UnsupportedModelError
 from rexdeploy.fidelity import Fidelity, compare_outputs
-from rexdeploy.fileio import atomic_dir
-from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
-from rexdeploy.hostcpu import host_profile_name, missing_flags
+from rexdeploy.graph import file_sha256, fold_batchnorm, load_model
 from rexdeploy.numerics import layer_gammas
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
 from rexdeploy.plan import Plan, uniform_plan
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import activation_ranges, graph_inputs, load_calibration, probe_ranges, synthetic_inputs
-from rexdeploy.report import EngineResult, Report
 
 Progress = Callable[[str], None]
 
@@ -120,9 +116,11 @@ def expand_model(
     profile: Profile | None = None,
     calibration: np.ndarray | None = None,
     model_sha256: str = "",
+    ranges: dict[str, float] | None = None,
     **overrides: object,
 ) -> Expanded:
-    """Fold BN, find the layers, make (or take) the plan, derive activation ranges, run the pass."""
+    """Fold BN, find the layers, make (or take) the plan, derive activation ranges (unless given, e.g. by
+    the planner, which derived them the same way), run the pass."""
     t0 = time.perf_counter()
     folded, bn_stats = fold_batchnorm(model)
     layers = quantizable_layers(folded)
@@ -144,8 +142,9 @@ def expand_model(
     by_name = {layer.name: layer for layer in layers}
     act_inputs = [by_name[n].input for n, lp in plan.layers.items() if n in by_name and lp.act_bits == 8]
     # BN statistics where they reach, synthetic probes elsewhere; a user calibration batch overrides both
-    ranges = activation_ranges(folded, bn_stats, act_inputs, method="auto", calibration=calibration)
-    result = expand(folded, plan, ranges)
+    missing = [t for t in act_inputs if ranges is None or t not in ranges]
+    computed = activation_ranges(folded, bn_stats, missing, method="auto", calibration=calibration) if missing else {}
+    result = expand(folded, plan, {**(ranges or {}), **computed})
     return Expanded(
         result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds
     )
@@ -167,26 +166,6 @@ def builder_for(profile: Profile) -> Builder:
     return builder
 
 
-def _engine_result(
-    label: str, builder: Builder, engine: Engine, timing_settings: TimingSettings, root: Path
-) -> EngineResult:
-    timing = builder.time(engine, timing_settings)
-    precisions: dict[str, dict[str, int]] = {}
-    summary = getattr(builder, "precision_summary", None)
-    if callable(summary):
-        precisions = summary(engine)
-    return EngineResult(
-        label=label,
-        timing=timing,
-        build_seconds=engine.build_seconds,
-        artifacts=tuple(
-            str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in engine.artifacts
-        ),
-        backend_version=engine.backend_version,
-        precisions=precisions,
-    )
-
-
 def measure_fidelity(
     builder: Builder, reference: Engine, candidate: Engine, model: onnx.ModelProto, probes: int = 32, seed: int = 1
 ) -> Fidelity:
@@ -199,90 +178,35 @@ def measure_fidelity(
     return compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out))
 
 
-def _host_warnings(profile: Profile) -> list[str]:
-    missing = missing_flags(profile.requires) if profile.engine == "openvino" else []
-    if not missing:
-        return []
-    return [
-        f"profile {profile.name!r} is for CPUs with {', '.join(profile.requires)}, which this CPU lacks "
-        f"({', '.join(missing)}): its int8 kernels may overflow or run slower here; "
-        f"--profile auto picks {host_profile_name()!r} for this host"
-    ]
+if TYPE_CHECKING:
+    from rexdeploy.planner import PlanResult
+
+__all__ = [
+    "Expanded",
+    "builder_for",
+    "default_plan",
+    "expand_model",
+    "graph_inputs",
+    "measure_fidelity",
+    "quantizable_layers",
+]
 
 
-def build(
+def plan(
     model_path: str | Path,
     profile: Profile | str,
+    budget_ms: float,
     *,
-    budget_ms: float | None = None,
-    out_dir: str | Path | None = None,
-    plan: Plan | None = None,
-    timing: TimingSettings | None = None,
     calibration_path: str | Path | None = None,
-    progress: Progress | None = None,
-    **overrides: object,
-) -> Report:
-    """Expand ``model_path`` for ``profile``, build it and the FP32 baseline, time both, compare them.
+    latency_scale: float = 1.0,
+) -> PlanResult:
+    """Run the planner alone (no engine build): the chosen Plan and the explored Pareto front."""
+    from rexdeploy.planner import plan_model
 
-    Artifacts (expanded.onnx, plan.json, the engines, report.json, report.md) are written to
-    ``out_dir`` (default ``rexdeploy-out/<model stem>``) only when everything succeeded.
-    """
-    say = progress or _quiet
     profile = load_profile(profile) if isinstance(profile, str) else profile
-    model_path = Path(model_path)
-    timing = timing or TimingSettings()
     model = load_model(model_path)
-    sha = file_sha256(model_path)
     calibration = load_calibration(str(calibration_path), model) if calibration_path else None
-    builder = builder_for(profile)
-    say(f"expanding {model_path.name} ...")
-    expanded = expand_model(model, plan, profile=profile, calibration=calibration, model_sha256=sha, **overrides)
-    say(f"expanded {len(expanded.plan.layers)} layers in {expanded.seconds:.2f} s: {expanded.plan.summary()}")
-    warnings = _host_warnings(profile)
-    for warning in warnings:
-        say(f"warning: {warning}")
-    out = Path(out_dir) if out_dir is not None else Path("rexdeploy-out") / model_path.stem
-    with atomic_dir(out) as tmp:
-        rex_onnx = save_model(expanded.model, tmp / "expanded.onnx")
-        (tmp / "plan.json").write_text(expanded.plan.to_json(), encoding="utf-8")
-        fp32_onnx = tmp / "fp32.onnx"
-        shutil.copyfile(model_path, fp32_onnx)
-        say(f"building the REx engine with {profile.engine} ...")
-        rex_engine = builder.build(rex_onnx, profile, tmp / "rex")
-        say(f"building the FP32 baseline with {profile.engine} ...")
-        fp32_engine = builder.build(fp32_onnx, profile, tmp / "fp32")
-        say(f"timing the REx engine ({timing.duration_s:g} s) ...")
-        rex_result = _engine_result("rex", builder, rex_engine, timing, tmp)
-        say(f"timing the FP32 baseline ({timing.duration_s:g} s) ...")
-        fp32_result = _engine_result("fp32", builder, fp32_engine, timing, tmp)
-        say("measuring fidelity against FP32 on synthetic probes ...")
-        fidelity = measure_fidelity(builder, fp32_engine, rex_engine, model)
-        report = Report(
-            model=str(model_path),
-            model_sha256=sha,
-            profile=profile.name,
-            engine=profile.engine,
-            device=profile.device,
-            budget_ms=budget_ms,
-            plan=expanded.plan,
-            rex=rex_result,
-            baselines={"fp32": fp32_result},
-            fidelity=fidelity,
-            expand_seconds=expanded.seconds,
-            out_dir=str(out),
-            warnings=tuple(warnings),
-        )
-        (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
-        (tmp / "report.md").write_text(report.to_markdown(), encoding="utf-8")
-        del rex_engine, fp32_engine
-        if report.fits_budget is False:
-            fastest = min(rex_result.timing.median_ms, fp32_result.timing.median_ms)
-            raise BudgetError(
-                f"the REx engine ({expanded.plan.summary()}) measured {format_ms(rex_result.timing.median_ms)}, "
-                f"over the {format_ms(budget_ms or 0.0)} budget (FP32 measured {format_ms(fp32_result.timing.median_ms)}; "
-                f"fastest seen {format_ms(fastest)}): relax --budget or lower --order"
-            )
-    return report
-
-
-__all__ = ["Expanded", "build", "builder_for", "default_plan", "expand_model", "graph_inputs", "quantizable_layers"]
+    folded, _ = fold_batchnorm(model)
+    layers = quantizable_layers(folded, Path(model_path).name)
+    return plan_model(model, layers, profile, budget_ms, model_sha256=file_sha256(model_path),
+                      calibration=calibration, latency_scale=latency_scale)  # fmt: skip

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from rexdeploy.budget import format_ms
@@ -35,6 +36,21 @@ class EngineResult:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One round of the closed loop: what was built, predicted and measured."""
+
+    attempt: int
+    name: str  # the engine's folder / onnx name in the output directory
+    plan_summary: str
+    predicted_ms: float
+    measured_ms: float
+    latency_scale: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Report:
     model: str
     model_sha256: str
@@ -49,6 +65,15 @@ class Report:
     expand_seconds: float
     out_dir: str
     warnings: tuple[str, ...] = ()
+    attempts: tuple[Attempt, ...] = ()
+    front: tuple[dict[str, Any], ...] = ()  # the planner's explored Pareto front (predicted)
+
+    def with_warning(self, warning: str) -> Report:
+        return replace(self, warnings=(*self.warnings, warning))
+
+    @property
+    def plan_text(self) -> str:
+        return self.plan.summary() if self.plan.layers else "FP32 (no layer quantized: the exact engine fits)"
 
     @property
     def fits_budget(self) -> bool | None:
@@ -67,7 +92,7 @@ class Report:
             "device": self.device,
             "budget_ms": self.budget_ms,
             "fits_budget": self.fits_budget,
-            "plan_summary": self.plan.summary(),
+            "plan_summary": self.plan_text,
             "plan_hash": self.plan.hash,
             "plan": self.plan.to_dict(),
             "rex": self.rex.to_dict(),
@@ -77,6 +102,8 @@ class Report:
             "expand_seconds": self.expand_seconds,
             "out_dir": self.out_dir,
             "warnings": list(self.warnings),
+            "attempts": [a.to_dict() for a in self.attempts],
+            "pareto_front": list(self.front),
         }
 
     def to_json(self) -> str:
@@ -86,7 +113,12 @@ class Report:
         """A short human summary (the CLI prints it on stderr)."""
         t = self.rex.timing
         lines = [f"model    {self.model}  ({self.profile}: {self.engine} on {self.device})"]
-        lines.append(f"plan     {self.plan.summary()}  [{self.plan.hash[:12]}]")
+        lines.append(f"plan     {self.plan_text}  [{self.plan.hash[:12]}]")
+        for a in self.attempts:
+            lines.append(
+                f"attempt  {a.attempt}: {a.plan_summary}: predicted {format_ms(a.predicted_ms)}, "
+                f"measured {format_ms(a.measured_ms)}"
+            )
         lines.append(
             f"REx      median {format_ms(t.median_ms)}  p99 {format_ms(t.p99_ms)}  ({t.runs} runs, CoV {t.cov:.1%})"
         )
@@ -115,7 +147,7 @@ class Report:
             f"# rexdeploy build report: {self.model}",
             "",
             f"- profile: `{self.profile}` ({self.engine} on {self.device})",
-            f"- plan: {self.plan.summary()} (hash `{self.plan.hash[:12]}`)",
+            f"- plan: {self.plan_text} (hash `{self.plan.hash[:12]}`)",
             f"- budget: {format_ms(self.budget_ms) if self.budget_ms else 'none'}"
             + ("" if self.fits_budget is None else f" — {'met' if self.fits_budget else 'missed'}"),
             f"- expansion pass: {self.expand_seconds:.3f} s",
@@ -144,3 +176,39 @@ class Report:
             for layer_type, per in sorted(self.rex.precisions.items()):
                 out.append(f"- {layer_type}: " + ", ".join(f"{p} × {n}" for p, n in sorted(per.items())))
         return "\n".join(out) + "\n"
+
+
+def write_pareto_png(path: Path, report: Report, planned: Any) -> Path | None:
+    """Pareto plot: the planner's candidates and front (predicted), the measured chosen plan and baselines.
+    Returns None when matplotlib is not installed (it is the ``report`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    cands = planned.candidates
+    ax.scatter([c.predicted_latency_ms for c in cands], [max(c.predicted_error, 1e-7) for c in cands],
+               s=10, c="0.7", label="candidates (predicted)")  # fmt: skip
+    front = planned.front
+    ax.plot([c.predicted_latency_ms for c in front], [max(c.predicted_error, 1e-7) for c in front],
+            "-o", ms=3, color="tab:blue", label="Pareto front (predicted)")  # fmt: skip
+    chosen = planned.chosen
+    ax.scatter([report.rex.timing.median_ms], [max(chosen.predicted_error, 1e-7)], marker="*", s=160,
+               color="tab:red", zorder=5, label="chosen plan (measured latency)")  # fmt: skip
+    for name, base in report.baselines.items():
+        ax.axvline(base.timing.median_ms, ls=":", color="tab:green" if name == "fp32" else "tab:orange",
+                   label=f"{name} engine (measured)")  # fmt: skip
+    if report.budget_ms is not None:
+        ax.axvline(report.budget_ms, ls="--", color="black", label="budget")
+    ax.set_yscale("log")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("relative output error (predicted)")
+    ax.set_title(f"{Path(report.model).name} on {report.profile}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

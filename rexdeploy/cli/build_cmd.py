@@ -10,7 +10,7 @@ from rexdeploy.cli import common
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "build",
-        help="expand, build and time a model for a profile; compare with FP32",
+        help="plan for a budget, expand, build and time a model; compare with FP32",
         description="Expand MODEL with REx, build it with the profile's engine, time it next to the FP32 "
         "engine built in the same run, and write expanded.onnx, the engines, plan.json and report.{json,md}.",
     )
@@ -20,7 +20,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="auto",
         help="shipped profile name or .toml path (default auto: the CPU profile of this host)",
     )
-    p.add_argument("--budget", help="latency budget, e.g. 5ms, 800us, 0.005s")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget", help="latency budget, e.g. 5ms, 800us, 0.005s (the planner fits it)")
+    budget.add_argument(
+        "--budget-ratio", type=float, help="budget relative to the plain int8 engine measured in the same run, e.g. 1.2"
+    )
     p.add_argument("--out", help="output directory (default rexdeploy-out/<model name>)")
     p.add_argument("--calib", help="optional calibration batch (.npy, N x input shape); never required")
     p.add_argument("--bits", type=int, help="weight bits 2..8 (default: the profile's)")
@@ -35,15 +39,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from rexdeploy.api import build
     from rexdeploy.budget import parse_budget
     from rexdeploy.builders.base import TimingSettings
+    from rexdeploy.closedloop import build
 
     budget = parse_budget(args.budget) if args.budget is not None else None
+    if args.budget_ratio is not None and not args.budget_ratio > 0:
+        from rexdeploy.errors import BudgetError
+
+        raise BudgetError(f"--budget-ratio {args.budget_ratio} must be a positive number, e.g. 1.2")
     report = build(
         args.model,
         args.profile,
         budget_ms=budget,
+        budget_ratio=args.budget_ratio,
         out_dir=args.out,
         timing=TimingSettings(warmup_s=args.warmup, duration_s=args.duration),
         calibration_path=args.calib,

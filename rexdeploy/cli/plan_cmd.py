@@ -1,0 +1,52 @@
+"""``rexdeploy plan MODEL.onnx --profile P --budget 5ms [-o plan.json]``: the planner alone, no build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rexdeploy.cli import common
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="choose per-layer REx settings for a latency budget (no engine build)",
+        description="Predict latency (profile cost model) and error (data-free fidelity model) of uniform and "
+        "per-layer plans, and pick the most accurate one that fits the budget. The Plan goes to -o (or stdout "
+        "as JSON); the explored Pareto front is printed on stderr.",
+    )
+    p.add_argument("model", help="FP32 ONNX model")
+    p.add_argument("--profile", default="auto", help="shipped profile name or .toml path (default auto)")
+    p.add_argument("--budget", required=True, help="latency budget, e.g. 5ms, 800us, 0.005s")
+    p.add_argument("-o", "--output", help="write the plan JSON here (default: print it on stdout)")
+    p.add_argument("--calib", help="optional calibration batch (.npy); never required")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rexdeploy.api import plan
+    from rexdeploy.budget import format_ms, parse_budget
+    from rexdeploy.fileio import write_text_atomic
+
+    if args.output:
+        common.require_suffix(args.output, ".json", "output")
+    budget = parse_budget(args.budget)
+    result = plan(args.model, args.profile, budget, calibration_path=args.calib)
+    common.stderr(f"{'predicted latency':>18}  {'predicted error':>15}  candidate")
+    for c in result.front:
+        mark = "  <- chosen" if c.plan.hash == result.chosen.plan.hash else ""
+        summary = c.plan.summary() if c.plan.layers else "FP32"
+        common.stderr(
+            f"{format_ms(c.predicted_latency_ms):>18}  {c.predicted_error:>15.3e}  {c.label}: {summary}{mark}"
+        )
+    common.stderr(
+        f"budget {format_ms(budget)}: chose {result.chosen.label} ({len(result.candidates)} candidates, "
+        f"{result.seconds:.2f} s)"
+    )
+    if args.output:
+        write_text_atomic(args.output, result.plan.to_json() + "\n")
+        common.stderr(f"wrote {args.output}")
+    else:
+        print(json.dumps(result.plan.to_dict(), indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,216 @@
+"""The planner's search: uniform candidates, then per-layer allocation by greedy error-per-µs.
+
+Every layer gets a menu of options (float, or weight bits × K × γ × activation precision allowed by
+the profile), each with a predicted latency (:mod:`rexdeploy.costmodel`) and a predicted error
+(:mod:`rexdeploy.planner.fidelity`). Starting from the fastest option everywhere, the greedy step
+takes the option change with the largest reduction of the squared network error per added µs
+(free improvements first) until nothing improves; every step is a point of the explored front. The
+chosen plan is the most accurate point — uniform or per-layer — whose predicted latency fits the
+budget. This goes beyond the paper's one global setting (§5.1 limitation).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
+from rexdeploy.costmodel import predict_layer_us
+from rexdeploy.errors import BudgetError
+from rexdeploy.graph import fold_batchnorm
+from rexdeploy.plan import LayerPlan, Plan
+from rexdeploy.planner.fidelity import ErrorModel, LayerOption
+from rexdeploy.planner.sensitivity import measure_sensitivity
+from rexdeploy.profile import Profile
+from rexdeploy.ranges import activation_ranges, synthetic_inputs
+
+ORDERS = (1, 2, 3)
+GAMMAS = (None, 0.5)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    plan: Plan
+    predicted_latency_ms: float
+    predicted_error: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "label": self.label,
+            "predicted_latency_ms": self.predicted_latency_ms,
+            "predicted_error": self.predicted_error,
+            "plan_summary": self.plan.summary() if self.plan.layers else "FP32 (no layer quantized)",
+            "plan_hash": self.plan.hash,
+        }
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The chosen plan, every candidate explored, the Pareto front among them, and the planning time."""
+
+    plan: Plan
+    chosen: Candidate
+    candidates: tuple[Candidate, ...]
+    front: tuple[Candidate, ...]
+    budget_ms: float
+    seconds: float
+    ranges: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "budget_ms": self.budget_ms,
+            "chosen": self.chosen.to_dict(),
+            "plan": self.plan.to_dict(),
+            "front": [c.to_dict() for c in self.front],
+            "candidates": len(self.candidates),
+            "seconds": self.seconds,
+        }
+
+
+def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: int = 3) -> list[LayerOption]:
+    """The menu of one layer: float, and every (bits, K, γ, activation) the profile allows."""
+    options = [LayerOption(None, predict_layer_us(profile, layer), 0.0)]
+    allowed = sorted(set(profile.weight_bits(layer.op_class)), reverse=True)
+    bits_menu = [b for b in allowed if b in (allowed[0], 6, 4)]
+    acts = [8, 0] if profile.quantization.float_activations else [8]
+    for bits in bits_menu:
+        for order in (k for k in ORDERS if k <= max_order):
+            for gamma in GAMMAS if order > 1 else (None,):
+                for act in acts:
+                    lp = LayerPlan(bits=bits, order=order, gamma=gamma, act_bits=act, form=profile.defaults.form)
+                    us = predict_layer_us(profile, layer, bits=bits, order=order, gamma=gamma, act_bits=act,
+                                          form=lp.form)  # fmt: skip
+                    options.append(LayerOption(lp, us, model.layer_error(layer.name, lp)))
+    return options
+
+
+def _plan_of(layers: Sequence[Layer], picks: Sequence[LayerOption], base: Plan) -> Plan:
+    return Plan(
+        layers={layer.name: o.plan for layer, o in zip(layers, picks, strict=True) if o.plan is not None},
+        profile=base.profile,
+        model_sha256=base.model_sha256,
+    )
+
+
+def _evaluate(label: str, layers: Sequence[Layer], picks: Sequence[LayerOption], model: ErrorModel,
+              overhead_ms: float, scale: float, base: Plan) -> Candidate:  # fmt: skip
+    latency = (overhead_ms + sum(o.latency_us for o in picks) / 1000.0) * scale
+    error = model.network_error({layer.name: o.error for layer, o in zip(layers, picks, strict=True)})
+    plan = _plan_of(layers, picks, base).with_predictions(predicted_latency_ms=latency, predicted_error=error)
+    return Candidate(label, plan, latency, error)
+
+
+def _greedy(layers: Sequence[Layer], menus: list[list[LayerOption]], model: ErrorModel, overhead_ms: float,
+            scale: float, base: Plan) -> list[Candidate]:  # fmt: skip
+    gains2 = np.array([model.sensitivity.gains[layer.name] ** 2 for layer in layers])
+    lat = [np.array([o.latency_us for o in m]) for m in menus]
+    err2 = [np.array([o.error**2 for o in m]) for m in menus]
+    # start: the fastest option of each layer (ties: the more accurate)
+    current = [int(np.lexsort((e, t))[0]) for t, e in zip(lat, err2, strict=True)]
+    path = [
+        _evaluate(
+            "per-layer", layers, [m[i] for m, i in zip(menus, current, strict=True)], model, overhead_ms, scale, base
+        )
+    ]
+    for _ in range(20 * len(layers)):
+        best: tuple[float, float, int, int] | None = None  # (ratio, benefit, layer, option)
+        for li, (t, e) in enumerate(zip(lat, err2, strict=True)):
+            benefit = gains2[li] * (e[current[li]] - e)
+            cost = t - t[current[li]]
+            ok = benefit > 1e-18 * max(1.0, float(gains2[li]))
+            if not ok.any():
+                continue
+            ratio = np.where(cost <= 0, np.inf, benefit / np.maximum(cost, 1e-12))
+            ratio = np.where(ok, ratio, -np.inf)
+            oi = int(np.lexsort((-benefit, -ratio))[0])
+            key = (float(ratio[oi]), float(benefit[oi]), li, oi)
+            if best is None or key[:2] > best[:2]:
+                best = key
+        if best is None:
+            break
+        current[best[2]] = best[3]
+        picks = [m[i] for m, i in zip(menus, current, strict=True)]
+        path.append(_evaluate("per-layer", layers, picks, model, overhead_ms, scale, base))
+    return path
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates no other beats on both predicted latency and predicted error, by latency."""
+    front: list[Candidate] = []
+    for c in sorted(candidates, key=lambda c: (c.predicted_latency_ms, c.predicted_error)):
+        if not front or c.predicted_error < front[-1].predicted_error:
+            front.append(c)
+    return front
+
+
+def plan_model(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    profile: Profile,
+    budget_ms: float,
+    *,
+    model_sha256: str = "",
+    calibration: np.ndarray | None = None,
+    latency_scale: float = 1.0,
+    probes: int = 8,
+    seed: int = 0,
+) -> PlanResult:
+    """Choose the most accurate plan whose predicted latency fits ``budget_ms``.
+
+    ``model`` is the FP32 model (BN not yet folded), ``layers`` its quantizable layers after folding.
+    ``latency_scale`` multiplies every prediction (the closed loop's correction from a measurement).
+    Raises BudgetError naming the fastest predicted latency when nothing fits.
+    """
+    t0 = time.perf_counter()
+    folded, bn_stats = fold_batchnorm(model)
+    feeds = {k: v for k, v in synthetic_inputs(folded, batch=probes, seed=seed).items()}
+    if calibration is not None:
+        name = next(iter(feeds))
+        feeds = {name: calibration[: max(probes, 1)]}
+    sensitivity = measure_sensitivity(folded, layers, feeds, seed=seed)
+    ranges = activation_ranges(
+        folded, bn_stats, [layer.input for layer in layers], method="auto", calibration=calibration
+    )
+    consts = ConstantResolver(folded)
+    weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
+    errors = ErrorModel(layers, weights, sensitivity, ranges)
+    menus = [layer_options(profile, layer, errors) for layer in layers]
+    overhead_ms = profile.cost.model_overhead_us / 1000.0
+    base = Plan(layers={}, profile=profile.name, model_sha256=model_sha256)
+    candidates = [_evaluate("FP32", layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base)]
+    for bits in sorted({b for m in menus for o in m if o.plan for b in [o.plan.bits]}, reverse=True):
+        for order in ORDERS:
+            picks = []
+            for menu in menus:
+                fit = [
+                    o
+                    for o in menu
+                    if o.plan and o.plan.order == order and o.plan.gamma is None and o.plan.act_bits == 8
+                ]
+                same = [o for o in fit if o.plan and o.plan.bits == bits]
+                picks.append(same[0] if same else max(fit, key=lambda o: o.plan.bits if o.plan else 0))
+            candidates.append(
+                _evaluate(f"uniform W{bits}A8 K={order}", layers, picks, errors, overhead_ms, latency_scale, base)
+            )
+    candidates += _greedy(layers, menus, errors, overhead_ms, latency_scale, base)
+    fitting = [c for c in candidates if c.predicted_latency_ms <= budget_ms]
+    if not fitting:
+        fastest = min(candidates, key=lambda c: c.predicted_latency_ms)
+        raise BudgetError(
+            f"no plan is predicted to fit the {budget_ms:.3f} ms budget on {profile.name}: the fastest, "
+            f"{fastest.label} ({fastest.plan.summary() if fastest.plan.layers else 'FP32'}), is predicted at "
+            f"{fastest.predicted_latency_ms:.3f} ms; relax --budget or pick a faster profile"
+        )
+    chosen = min(fitting, key=lambda c: (c.predicted_error, c.predicted_latency_ms, c.label))
+    front = pareto_front(candidates)
+    notes = (f"planner: {chosen.label}, {len(candidates)} candidates, latency scale {latency_scale:.3f}",)
+    plan = chosen.plan.with_predictions(notes=notes)
+    return PlanResult(plan, chosen, tuple(candidates), tuple(front), budget_ms, time.perf_counter() - t0, dict(ranges))
+
+
+__all__ = ["Candidate", "PlanResult", "pareto_front", "plan_model"]
