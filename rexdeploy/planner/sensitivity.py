@@ -21,6 +21,7 @@ from rexdeploy.analyze import Layer
 from rexdeploy.ranges import run_with_taps
 
 NOISE = 1e-2  # relative noise injected: small enough to stay in the linear regime
+SAMPLE = 16384  # |x| values kept per layer input to estimate clipping
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class Sensitivity:
     gains: dict[str, float]  # layer name → g_l
     input_rms: dict[str, float]  # layer name → rms of its activation input over the probes
     output_rms: dict[str, float]
+    input_abs: dict[str, np.ndarray]  # layer name → a seeded sample of |x| of its input (for clipping)
+
+    def clip_ms(self, name: str, max_abs: float) -> float:
+        """Mean square of what a symmetric range ``max_abs`` clips off the layer's input on the probes."""
+        excess = np.maximum(self.input_abs[name] - max_abs, 0.0)
+        return float(np.mean(excess * excess))
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -74,8 +81,14 @@ def measure_sensitivity(
         on = {**masks, f"__mask_{i}": np.array(1.0, dtype=np.float32)}
         out = np.asarray(session.run(None, {**feeds, **on})[0], dtype=np.float64)
         gains[layer.name] = float(np.linalg.norm(out - reference) / ref_norm / NOISE)
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for layer in layers:
+        flat = np.abs(values[layer.input].ravel())
+        samples[layer.name] = flat if flat.size <= SAMPLE else rng.choice(flat, SAMPLE, replace=False)
     return Sensitivity(
         gains,
         {layer.name: rms[layer.input] for layer in layers},
         {layer.name: rms[layer.output] for layer in layers},
+        samples,
     )
