@@ -157,7 +157,7 @@ def plan_model(
     model_sha256: str = "",
     calibration: np.ndarray | None = None,
     latency_scale: float = 1.0,
-    probes: int = 8,
+    probes: int = 4,
     seed: int = 0,
 ) -> PlanResult:
     """Choose the most accurate plan whose predicted latency fits ``budget_ms``.

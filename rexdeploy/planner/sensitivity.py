@@ -1,7 +1,8 @@
 """How much each layer's output error reaches the network output (data-free, measured once).
 
 One onnxruntime session runs the FP32 model with Gaussian noise injectable at every layer output:
-``y_l + mask_l · δ · rms(y_l) · N(0, 1)``, the masks being scalar graph inputs. Switching one mask on
+``y_l + δ · rms(y_l) · N(0, 1)`` inside an ``If(mask_l)``, the masks being boolean graph inputs (only
+the layer being measured generates noise). Switching one mask on
 at a time gives the gain ``g_l = ||F'(x) - F(x)|| / (δ ||F(x)||)``: the relative output error per
 unit relative error at layer l. With independent errors the network's relative error is then
 ``E ≈ sqrt(Σ_l g_l² ε_l²)`` (:mod:`rexdeploy.planner.fidelity`).
@@ -60,25 +61,37 @@ def measure_sensitivity(
                 node.output[k] = rename[out]
     for i, layer in enumerate(layers):
         clean, mask = rename[layer.output], f"__mask_{i}"
-        graph.input.append(helper.make_tensor_value_info(mask, TensorProto.FLOAT, []))
-        amp = numpy_helper.from_array(np.array(NOISE * max(rms[layer.output], 1e-12), dtype=np.float32), f"__amp_{i}")
-        graph.initializer.append(amp)
-        graph.node.extend(
+        graph.input.append(helper.make_tensor_value_info(mask, TensorProto.BOOL, []))
+        amp = np.array(NOISE * max(rms[layer.output], 1e-12), dtype=np.float32)
+        # If(mask): only the layer being measured pays for its noise; the others pass y through
+        noisy_branch = helper.make_graph(
             [
                 helper.make_node("RandomNormalLike", [clean], [f"__n_{i}"], seed=float(seed + i)),
-                helper.make_node("Mul", [f"__n_{i}", amp.name], [f"__na_{i}"]),
-                helper.make_node("Mul", [f"__na_{i}", mask], [f"__nm_{i}"]),
-                helper.make_node("Add", [clean, f"__nm_{i}"], [layer.output]),
-            ]
+                helper.make_node("Mul", [f"__n_{i}", f"__amp_{i}"], [f"__na_{i}"]),
+                helper.make_node("Add", [clean, f"__na_{i}"], [f"__y_{i}"]),
+            ],
+            f"noisy_{i}",
+            [],
+            [helper.make_tensor_value_info(f"__y_{i}", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(amp, f"__amp_{i}")],
+        )
+        clean_branch = helper.make_graph(
+            [helper.make_node("Identity", [clean], [f"__c_{i}"])],
+            f"clean_{i}",
+            [],
+            [helper.make_tensor_value_info(f"__c_{i}", TensorProto.FLOAT, None)],
+        )
+        graph.node.append(
+            helper.make_node("If", [mask], [layer.output], then_branch=noisy_branch, else_branch=clean_branch)
         )
     del graph.value_info[:]
     session = _session(noisy)
-    masks = {f"__mask_{i}": np.array(0.0, dtype=np.float32) for i in range(len(layers))}
+    masks = {f"__mask_{i}": np.array(False) for i in range(len(layers))}
     reference = np.asarray(session.run(None, {**feeds, **masks})[0], dtype=np.float64)
     ref_norm = max(float(np.linalg.norm(reference)), 1e-30)
     gains: dict[str, float] = {}
     for i, layer in enumerate(layers):
-        on = {**masks, f"__mask_{i}": np.array(1.0, dtype=np.float32)}
+        on = {**masks, f"__mask_{i}": np.array(True)}
         out = np.asarray(session.run(None, {**feeds, **on})[0], dtype=np.float64)
         gains[layer.name] = float(np.linalg.norm(out - reference) / ref_norm / NOISE)
     rng = np.random.default_rng(seed)
