@@ -234,3 +234,30 @@ def test_inspect_lists_layers_errors_and_float_nodes(capsys: pytest.CaptureFixtu
     assert "proj" in table and "stays float: attention_scores" in table
     assert main(["inspect", str(path), "--bits", "9"]) == 1
     assert "weight bits 9 not supported" in capsys.readouterr().err
+
+
+@pytest.mark.openvino
+def test_build_with_planner_and_budget_ratio(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    out = tmp_path / "planned"
+    args = ["build", str(demo_model_path()), "--budget-ratio", "1.5", "--out", str(out), "--duration", "0.3s", "--json"]
+    code = main([*args, "--warmup", "50ms"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert set(report["baselines"]) == {"fp32", "int8"}
+    assert report["budget_ms"] == pytest.approx(1.5 * report["baselines"]["int8"]["timing"]["median_ms"])
+    assert report["attempts"] and report["attempts"][0]["predicted_ms"] > 0
+    assert report["pareto_front"]
+    assert report["fits_budget"] is True
+    assert (out / "pareto.png").is_file() and (out / "plan.json").is_file()
+    assert "plan (attempt 1)" in captured.err
+
+
+@pytest.mark.openvino
+def test_build_budget_nothing_fits(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    out = tmp_path / "none"
+    code = main(["build", str(demo_model_path()), "--budget", "1us", "--out", str(out), "--duration", "0.1s"])
+    _one_line_error(capsys, code, "no plan is predicted to fit the 0.001 ms budget")
+    assert not out.exists()
