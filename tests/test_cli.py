@@ -178,6 +178,8 @@ def test_build_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         [
             "build",
             str(demo_model_path()),
+            "--order",
+            "2",
             "--budget",
             "50ms",
             "--out",
