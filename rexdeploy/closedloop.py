@@ -82,12 +82,14 @@ class _Run:
     tmp: Path
     sha: str
     say: Progress
+    model_name: str = "the model"
     fp32_engine: Engine | None = None
 
     def engine_for(
         self, plan: Plan, name: str, calibration: object, ranges: dict[str, float] | None
     ) -> tuple[Engine, float]:
         """Expand ``plan``, save it as ``name``.onnx and build it; returns the engine and the expand seconds."""
+        self.say(f"expanding {self.model_name} for {name} ...")
         expanded = expand_model(self.model, plan, profile=self.profile, calibration=calibration,  # type: ignore[arg-type]
                                 model_sha256=self.sha, ranges=ranges)  # fmt: skip
         path = save_model(expanded.model, self.tmp / f"{name}.onnx")
@@ -135,7 +137,7 @@ def build(
         say(f"warning: {warning}")
     out = Path(out_dir) if out_dir is not None else Path("rexdeploy-out") / model_path.stem
     with atomic_dir(out) as tmp:
-        run = _Run(model, layers, profile, builder, timing, tmp, sha, say)
+        run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name)
         shutil.copyfile(model_path, tmp / "fp32.onnx")
         say(f"building the FP32 baseline with {profile.engine} ...")
         fp32_engine = builder.build(tmp / "fp32.onnx", profile, tmp / "fp32")
