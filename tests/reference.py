@@ -101,3 +101,14 @@ def rex_weight_map(bits: int, order: int, gamma: float | None = None) -> Callabl
         return reconstruct(orders, w.shape)
 
     return fn
+
+
+def run_exact(model: onnx.ModelProto, x: np.ndarray, name: str = "x") -> np.ndarray:
+    """onnxruntime with graph optimizations off: the graph's exact ONNX semantics (its Q/DQ fusions
+    would swap in integer kernels with their own bias rounding)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {name: x})[0])

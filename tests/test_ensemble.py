@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from models import small_cnn, transformer_block
+from reference import run_exact
 
 from rexdeploy.analyze import ConstantResolver, find_layers
 from rexdeploy.api import expand_model
@@ -17,13 +17,6 @@ from rexdeploy.numerics import ensemble_weights, expand_weight
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
-
-
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"x": x})[0])
 
 
 def predictor_model(
@@ -58,8 +51,8 @@ def test_weight_only_ensemble_is_the_sum_of_its_predictors(make: object, shape: 
     expanded = expand_model(model, profile=PROFILE, bits=bits, order=sum(split), split=split, gamma=gamma, act_bits=0)
     onnx.checker.check_model(expanded.model, full_check=True)
     folded, _ = fold_batchnorm(model)
-    want = sum(_run(predictor_model(folded, m, bits, split, gamma), x) for m in range(len(split)))
-    got = _run(expanded.model, x)
+    want = sum(run_exact(predictor_model(folded, m, bits, split, gamma), x) for m in range(len(split)))
+    got = run_exact(expanded.model, x)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6
 
 
@@ -77,10 +70,10 @@ def test_ensemble_graph_shape() -> None:
 def test_ensemble_error_falls_with_first_cluster() -> None:
     model = small_cnn()
     x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    fp32 = _run(model, x)
+    fp32 = run_exact(model, x)
 
     def err(**kw: object) -> float:
-        out = _run(expand_model(model, profile=PROFILE, bits=4, act_bits=0, **kw).model, x)  # type: ignore[arg-type]
+        out = run_exact(expand_model(model, profile=PROFILE, bits=4, act_bits=0, **kw).model, x)  # type: ignore[arg-type]
         return float(np.linalg.norm(out - fp32) / np.linalg.norm(fp32))
 
     k1, k4 = err(order=1), err(order=4)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from models import no_conv_model, quantized_model, small_cnn
-from reference import rex_weight_map, run_reference
+from reference import rex_weight_map, run_exact, run_reference
 
 from rexdeploy.api import expand_model
 from rexdeploy.errors import PlanError, UnsupportedModelError
@@ -16,15 +15,6 @@ from rexdeploy.plan import LayerPlan, Plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
-
-
-def _run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """onnxruntime with graph optimizations off: the graph's exact ONNX semantics (its Q/DQ fusions
-    would swap in integer kernels with their own bias rounding)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"x": x})[0])
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -51,7 +41,7 @@ def test_expanded_graph_matches_numpy_reference(
     model = small_cnn(trans_b=trans_b)
     expanded = expand_model(model, profile=PROFILE, bits=bits, order=order, act_bits=act_bits, form=form)
     onnx.checker.check_model(expanded.model, full_check=True)
-    got = _run_ort(expanded.model, probe)
+    got = run_exact(expanded.model, probe)
     folded, _ = fold_batchnorm(model)
     want = run_reference(
         folded,
@@ -59,7 +49,7 @@ def test_expanded_graph_matches_numpy_reference(
         weight_map=rex_weight_map(bits, order),
         act_scales=expanded.activation_scales if act_bits == 8 else None,
     )[0]
-    fp32 = _run_ort(model, probe)
+    fp32 = run_exact(model, probe)
     quant_error = _rel(got, fp32)
     # the graph computes exactly the simulated quantization: its distance to the reference is float32
     # rounding, far below the quantization error itself
@@ -70,9 +60,9 @@ def test_expanded_graph_matches_numpy_reference(
 
 def test_weight_only_error_falls_with_order(probe: np.ndarray) -> None:
     model = small_cnn()
-    fp32 = _run_ort(model, probe)
+    fp32 = run_exact(model, probe)
     errors = [
-        _rel(_run_ort(expand_model(model, profile=PROFILE, bits=4, order=k, act_bits=0).model, probe), fp32)
+        _rel(run_exact(expand_model(model, profile=PROFILE, bits=4, order=k, act_bits=0).model, probe), fp32)
         for k in (1, 2, 3)
     ]
     assert errors[0] > errors[1] > errors[2]
@@ -127,7 +117,7 @@ def test_batchnorm_is_folded_exactly(probe: np.ndarray) -> None:
     folded, stats = fold_batchnorm(model)
     assert "BatchNormalization" not in _ops(folded)
     assert set(stats) == {"bn1"}
-    np.testing.assert_allclose(_run_ort(folded, probe), _run_ort(model, probe), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_exact(folded, probe), run_exact(model, probe), rtol=1e-5, atol=1e-5)
 
 
 def test_plan_for_another_model_is_refused() -> None:

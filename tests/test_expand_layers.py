@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from models import deconv_model, small_cnn, transformer_block
+from reference import run_exact
 
 from rexdeploy.analyze import ConstantResolver, find_layers
 from rexdeploy.api import expand_model
@@ -17,13 +17,6 @@ from rexdeploy.plan import uniform_plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
-
-
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"x": x})[0])
 
 
 def with_rex_weights(model: onnx.ModelProto, bits: int, order: int, gammas: dict[str, float | None]) -> onnx.ModelProto:
@@ -70,7 +63,11 @@ def test_weight_only_expansion_equals_rex_weights(kind: str, make: object, shape
     gammas = {name: lp.gamma for name, lp in expanded.plan.layers.items()}
     if gamma is not None and len(gammas) > 1:  # the flag's budget is split linear+ over the layers (Eq. 30)
         assert len(set(gammas.values())) > 1
-    got, want, fp32 = _run(expanded.model, x), _run(with_rex_weights(folded, bits, order, gammas), x), _run(model, x)
+    got, want, fp32 = (
+        run_exact(expanded.model, x),
+        run_exact(with_rex_weights(folded, bits, order, gammas), x),
+        run_exact(model, x),
+    )
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6
     assert np.linalg.norm(got - fp32) / np.linalg.norm(fp32) > 1e-5  # it did quantize
 
@@ -134,7 +131,7 @@ def test_int4_blocked_weights(order: int) -> None:
             onnx.numpy_helper.from_array(np.moveaxis(rec, 0, layer.weight_axis).astype(np.float32), name)
         )
         nodes[layer.name].input[layer.weight_index] = name
-    got, want = _run(expanded.model, x), _run(out, x)
+    got, want = run_exact(expanded.model, x), run_exact(out, x)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6
 
 
