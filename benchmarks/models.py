@@ -146,7 +146,7 @@ def export_mobilenet_v2(cache_dir: Path | None = None, force: bool = False) -> P
         dynamo=False,
         opset_version=17,
         training=torch.onnx.TrainingMode.PRESERVE,  # in eval mode: keeps BN nodes (no Conv+BN fusion)
-        do_constant_folding=True,
+        do_constant_folding=False,  # the exporter turns it off in PRESERVE mode anyway
         input_names=["input"],
         output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
@@ -202,7 +202,7 @@ def natural_image_probes(n: int = 120, seed: int = 0, size: int = 224) -> np.nda
     for i in range(n):
         img = images[order[i % len(images)]]
         h, w = img.shape[:2]
-        side = int(round(min(h, w) * rng.uniform(0.5, 1.0)))
+        side = round(min(h, w) * rng.uniform(0.5, 1.0))
         top = int(rng.integers(0, h - side + 1))
         left = int(rng.integers(0, w - side + 1))
         crop = img[top : top + side, left : left + side]

@@ -16,10 +16,11 @@ module models each such channel as a Gaussian and carries the model forward, nod
 * ``Identity``, ``Dropout``, ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``, ``Resize``: identity (the
   element values, hence the range, are unchanged; the channel axis is assumed to survive, as in the usual
   ``(N, C, 1, 1) → (N, C)`` flatten);
-* ``MaxPool``: identity, as a bound (a max over a window never leaves the input's range);
-* ``GlobalAveragePool`` / ``AveragePool`` / ``ReduceMean``: the mean of the (clipped) channel is kept and its
-  standard deviation is multiplied by ``pool_std_factor`` (assumption: spatial averaging removes the
-  within-image variation and keeps the between-image one; the default keeps the full std, i.e. a bound);
+* ``MaxPool`` / ``AveragePool``: identity, as a bound (a max or a mean over a window never leaves the input's
+  range);
+* ``GlobalAveragePool`` / ``ReduceMean``: the mean of the (clipped) channel is kept and its standard deviation
+  is multiplied by ``pool_std_factor`` (assumption: a global average removes the within-image spread and keeps
+  the between-image one; default 0.6, the ratio measured on MobileNetV2 and the demo CNN; 1 is a bound);
 * ``Concat`` on axis 1: the channels are concatenated;
 * a ``BatchNormalization`` that was not folded: its (beta, |gamma|) directly;
 * anything else (Conv/Gemm without BN, Mul of two tensors, Sigmoid, ...): unknown.
@@ -31,18 +32,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
-
-from rexdeploy.graph import constant_value
+from onnx import numpy_helper
 
 _SQRT2 = float(np.sqrt(2.0))
 _INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
 _Z_LIMIT = 40.0  # standardised bounds beyond ±40 σ are treated as infinite (Φ(-40) underflows)
 _MIN_STD = 1e-12
-DEFAULT_N_STD = 3.0
-DEFAULT_POOL_STD_FACTOR = 1.0
+# n in mean ± n·std: measured on MobileNetV2 W8A8 (benchmarks/results/activation_ranges.md), the relative logit
+# error is flat for n = 3.5..4 and worse below 3 (clipping) and above 5 (resolution); 4 clips less of the heavy
+# tails real activations have beyond the Gaussian model
+DEFAULT_N_STD = 4.0
+# std of a global average over the std of its input, per channel: measured 0.54 (MobileNetV2, 7×7, natural
+# images) and 0.58 (demo digits CNN, 4×4); the averaging removes the within-image spread, not the between-image one
+DEFAULT_POOL_STD_FACTOR = 0.6
 
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - (a1 t + a2 t² + a3 t³ + a4 t⁴ + a5 t⁵) e^{-x²}, t = 1 / (1 + p x), x ≥ 0
 _AS_P = 0.3275911
@@ -159,51 +165,75 @@ def _combine(a: ChannelStats, b: ChannelStats, sign: float) -> ChannelStats | No
     return ChannelStats.gaussian(ma + sign * mb, np.sqrt(sa * sa + sb * sb))
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for attr in node.attribute:
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
 
 
-def _scalar(model: onnx.ModelProto, name: str) -> float | None:
-    value = constant_value(model, name) if name else None
-    if value is None or value.size != 1:
-        return None
-    return float(value.reshape(()))
+class _Constants:
+    """Name → value of a graph's initializers and Constant-node outputs, converted on demand."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._protos: dict[str, onnx.TensorProto] = {init.name: init for init in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    self._protos[node.output[0]] = value
+
+    def get(self, name: str) -> np.ndarray | None:
+        proto = self._protos.get(name) if name else None
+        return None if proto is None else numpy_helper.to_array(proto)
+
+    def scalar(self, name: str) -> float | None:
+        value = self.get(name)
+        return None if value is None or value.size != 1 else float(value.reshape(()))
 
 
-def _clip_bounds(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[float, float] | None:
+def _clip_bounds(consts: _Constants, node: onnx.NodeProto) -> tuple[float, float] | None:
     """(min, max) of a Clip node: inputs 1 and 2 (opset ≥ 11, optional) or attributes (older)."""
     if len(node.input) > 1:
-        lo_name = node.input[1] if len(node.input) > 1 else ""
+        lo_name = node.input[1]
         hi_name = node.input[2] if len(node.input) > 2 else ""
-        lo = _scalar(model, lo_name) if lo_name else -np.inf
-        hi = _scalar(model, hi_name) if hi_name else np.inf
+        lo = consts.scalar(lo_name) if lo_name else -np.inf
+        hi = consts.scalar(hi_name) if hi_name else np.inf
         if lo is None or hi is None:
             return None
         return lo, hi
     lo_attr = _attr(node, "min", -np.inf)
     hi_attr = _attr(node, "max", np.inf)
-    return float(lo_attr), float(hi_attr)  # type: ignore[arg-type]
+    return float(lo_attr), float(hi_attr)
 
 
 _IDENTITY_OPS = frozenset(
-    {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Upsample", "MaxPool"}
+    {
+        "Identity",
+        "Dropout",
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Resize",
+        "Upsample",
+        "MaxPool",
+        "AveragePool",
+    }
 )
-_POOL_OPS = frozenset({"GlobalAveragePool", "AveragePool", "ReduceMean"})
+_POOL_OPS = frozenset({"GlobalAveragePool", "ReduceMean"})
 
 
-def _bn_node_stats(model: onnx.ModelProto, node: onnx.NodeProto) -> ChannelStats | None:
-    gamma = constant_value(model, node.input[1]) if len(node.input) > 2 else None
-    beta = constant_value(model, node.input[2]) if len(node.input) > 2 else None
+def _bn_node_stats(consts: _Constants, node: onnx.NodeProto) -> ChannelStats | None:
+    gamma = consts.get(node.input[1]) if len(node.input) > 2 else None
+    beta = consts.get(node.input[2]) if len(node.input) > 2 else None
     if gamma is None or beta is None or gamma.size != beta.size:
         return None
     return ChannelStats.gaussian(beta, np.abs(gamma))
 
 
 def _node_stats(
-    model: onnx.ModelProto,
+    consts: _Constants,
     node: onnx.NodeProto,
     known: Mapping[str, ChannelStats],
     pool_std_factor: float,
@@ -212,11 +242,11 @@ def _node_stats(
     op = node.op_type
     first = known.get(node.input[0]) if node.input else None
     if op == "BatchNormalization":
-        return _bn_node_stats(model, node)
+        return _bn_node_stats(consts, node)
     if op in ("Add", "Sub", "Sum", "Concat"):
         ins = [known.get(name) for name in node.input]
         if op == "Concat":
-            if int(_attr(node, "axis", 1)) != 1 or any(s is None for s in ins):  # type: ignore[call-overload]
+            if int(_attr(node, "axis", 1)) != 1 or any(s is None for s in ins):
                 return None
             parts = [s for s in ins if s is not None]
             return ChannelStats(*(np.concatenate([getattr(s, f) for s in parts]) for f in ("mean", "std", "lo", "hi")))
@@ -231,20 +261,20 @@ def _node_stats(
             return None
         # one known tensor and a scalar constant
         if ins[0] is not None:
-            c = _scalar(model, node.input[1])
+            c = consts.scalar(node.input[1])
             return None if c is None else ins[0].affine(1.0, c if op == "Add" else -c)
         if ins[1] is not None:
-            c = _scalar(model, node.input[0])
+            c = consts.scalar(node.input[0])
             return None if c is None else ins[1].affine(1.0 if op == "Add" else -1.0, c)
         return None
     if op in ("Mul", "Div") and len(node.input) == 2:
         if first is not None:
-            c = _scalar(model, node.input[1])
+            c = consts.scalar(node.input[1])
             if c is None or (op == "Div" and c == 0.0):
                 return None
             return first.affine(c if op == "Mul" else 1.0 / c, 0.0)
         second = known.get(node.input[1])
-        c = _scalar(model, node.input[0])
+        c = consts.scalar(node.input[0])
         if op == "Mul" and second is not None and c is not None:
             return second.affine(c, 0.0)
         return None
@@ -253,13 +283,22 @@ def _node_stats(
     if op == "Relu":
         return first.clip(0.0, np.inf)
     if op == "Clip":
-        bounds = _clip_bounds(model, node)
+        bounds = _clip_bounds(consts, node)
         return None if bounds is None else first.clip(*bounds)
     if op in _IDENTITY_OPS:
         return first
-    if op in _POOL_OPS:
+    if op in _POOL_OPS and (op != "ReduceMean" or _spatial_reduction(consts, node)):
         return first.pooled(pool_std_factor)
     return None
+
+
+def _spatial_reduction(consts: _Constants, node: onnx.NodeProto) -> bool:
+    """Whether a ReduceMean averages only spatial axes (all ≥ 2): attribute ``axes`` or input 1 (opset 18)."""
+    axes = _attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = consts.get(node.input[1])
+        axes = None if value is None else value.reshape(-1).tolist()
+    return bool(axes) and all(int(a) >= 2 for a in axes)
 
 
 def propagate_bn_stats(
@@ -271,10 +310,11 @@ def propagate_bn_stats(
     """Per-channel statistics of every tensor reachable from a BN output, in one pass over the
     (topologically ordered) nodes. ``bn_stats`` maps a (folded) BN output tensor to its (beta, |gamma|)."""
     known: dict[str, ChannelStats] = {name: ChannelStats.gaussian(m, s) for name, (m, s) in bn_stats.items()}
+    consts = _Constants(model)
     for node in model.graph.node:
         if not node.output or node.output[0] in known:
             continue
-        stats = _node_stats(model, node, known, pool_std_factor)
+        stats = _node_stats(consts, node, known, pool_std_factor)
         if stats is not None:
             known[node.output[0]] = stats
     return known

@@ -1,0 +1,318 @@
+"""Data-free activation ranges: erf, clipped-Gaussian moments, BN-statistics propagation against Monte
+Carlo, the probe fallback, the calibration override, determinism and the expand_model wiring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from models import small_cnn
+from onnx import TensorProto, helper, numpy_helper
+
+from rexdeploy.api import expand_model
+from rexdeploy.bnstats import (
+    bn_ranges,
+    clipped_normal_moments,
+    erf,
+    norm_cdf,
+    propagate_bn_stats,
+)
+from rexdeploy.errors import InputError, ModelError
+from rexdeploy.graph import fold_batchnorm
+from rexdeploy.passes.expand import activation_scale
+from rexdeploy.profile import load_profile
+from rexdeploy.ranges import (
+    DEFAULT_PERCENTILE,
+    DEFAULT_PROBE,
+    activation_ranges,
+    probe_ranges,
+    run_with_taps,
+    smooth_field,
+    synthetic_inputs,
+)
+
+C = 4  # channels per BN branch
+H = W = 4
+
+
+@pytest.fixture(scope="module")
+def samples() -> np.ndarray:
+    """1e6 standard-normal draws for 5 channels, shared by the moment checks."""
+    return np.random.default_rng(0).standard_normal((1_000_000, 5))
+
+
+def test_erf_matches_math_erf_on_a_grid() -> None:
+    grid = np.linspace(-6.0, 6.0, 24001)
+    want = np.array([math.erf(v) for v in grid])
+    assert np.max(np.abs(erf(grid) - want)) < 1.5e-7
+    assert erf(0.0) == 0.0
+    # Φ through erfc keeps the tails: ~1 % relative accuracy even at 8 σ, where 1 - erf would give 0
+    z = np.array([-8.0, -5.0, -3.0, 3.0])
+    tail = np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in z])
+    np.testing.assert_allclose(norm_cdf(z), tail, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"),
+    [(0.0, np.inf), (0.0, 6.0), (-1.0, 2.0), (-np.inf, np.inf), (-np.inf, 0.5)],
+    ids=["relu", "relu6", "clip", "none", "min"],
+)
+def test_clipped_moments_match_sampling(samples: np.ndarray, lo: float, hi: float) -> None:
+    mean = np.array([-1.5, 0.0, 0.7, 3.0, 5.5])
+    std = np.array([1.0, 2.0, 0.3, 2.5, 1.2])
+    x = np.clip(samples * std + mean, lo, hi)
+    got_mean, got_std = clipped_normal_moments(mean, std, np.full(5, lo), np.full(5, hi))
+    # ~1 % of the Gaussian's scale (the sampling error itself is 0.1 %)
+    np.testing.assert_allclose(got_mean, x.mean(axis=0), atol=0.01 * std.min(), rtol=0.01)
+    np.testing.assert_allclose(got_std, x.std(axis=0), atol=0.01 * std.min(), rtol=0.01)
+
+
+def test_add_of_clipped_channels_matches_sampling() -> None:
+    """Clip(p, 0, 6) + q and Relu(p) - 2·q for independent Gaussian p, q (given as statistics of graph
+    inputs), against 1e6 samples of the same arithmetic."""
+    mean_p, std_p = np.array([0.5, -1.0, 4.0]), np.array([1.0, 2.0, 3.0])
+    mean_q, std_q = np.array([2.0, 0.0, -1.0]), np.array([0.5, 1.5, 1.0])
+    nodes = [
+        helper.make_node("Clip", ["p", "zero", "six"], ["p6"]),
+        helper.make_node("Add", ["p6", "q"], ["s"]),
+        helper.make_node("Relu", ["p"], ["pr"]),
+        helper.make_node("Mul", ["q", "two"], ["q2"]),
+        helper.make_node("Sub", ["pr", "q2"], ["d"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "moments",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in "pq"],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in "sd"],
+        [_const("zero", 0.0), _const("six", 6.0), _const("two", 2.0)],
+    )
+    known = propagate_bn_stats(helper.make_model(graph), {"p": (mean_p, std_p), "q": (mean_q, std_q)})
+    rng = np.random.default_rng(1)
+    gp = rng.standard_normal((1_000_000, 3)) * std_p + mean_p
+    gq = rng.standard_normal((1_000_000, 3)) * std_q + mean_q
+    sampled = {"s": np.clip(gp, 0.0, 6.0) + gq, "d": np.maximum(gp, 0.0) - 2.0 * gq}
+    for name, v in sampled.items():
+        mean, std = known[name].moments()
+        np.testing.assert_allclose(mean, v.mean(axis=0), rtol=0.01, atol=0.01, err_msg=name)
+        np.testing.assert_allclose(std, v.std(axis=0), rtol=0.01, err_msg=name)
+
+
+def _const(name: str, value: np.ndarray | float) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def _branch_model(with_ops: bool = True, seed: int = 0) -> onnx.ModelProto:
+    """x (N, 2C, H, W) → two 1×1 Convs that pick channel halves (A: 0..C-1, B: C..2C-1, identity weights)
+    → BN_a / BN_b; then Relu(a), Clip(b, 0, 6), Add and Sub of independent branches, Concat, Mul by 0.5,
+    GlobalAveragePool + Flatten, and a Conv without BN (statistics unknown). Feeding x ~ N(running_mean, running_var) per channel makes
+    both BN outputs exactly N(beta, gamma²)."""
+    rng = np.random.default_rng(seed)
+    eye = np.eye(2 * C, dtype=np.float32).reshape(2 * C, 2 * C, 1, 1)
+    inits = [
+        _const("wa", eye[:C]),
+        _const("wb", eye[C:]),
+        _const("w_tail", rng.normal(0, 0.5, (C, C, 1, 1))),
+        _const("zero", 0.0),
+        _const("six", 6.0),
+        _const("half", 0.5),
+    ]
+    for tag in "ab":
+        inits += [
+            _const(f"g_{tag}", rng.uniform(0.5, 2.0, C) * rng.choice([-1.0, 1.0], C)),
+            _const(f"b_{tag}", rng.normal(0.5, 1.0, C)),
+            _const(f"m_{tag}", rng.normal(0.0, 1.0, C)),
+            _const(f"v_{tag}", rng.uniform(0.5, 3.0, C)),
+        ]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["ca"], name="conv_a"),
+        helper.make_node("BatchNormalization", ["ca", "g_a", "b_a", "m_a", "v_a"], ["p"], name="bn_a"),
+        helper.make_node("Conv", ["x", "wb"], ["cb"], name="conv_b"),
+        helper.make_node("BatchNormalization", ["cb", "g_b", "b_b", "m_b", "v_b"], ["q"], name="bn_b"),
+    ]
+    outputs = {"p": [C], "q": [C]}
+    if with_ops:
+        nodes += [
+            helper.make_node("Relu", ["p"], ["relu"], name="relu"),
+            helper.make_node("Clip", ["q", "zero", "six"], ["relu6"], name="relu6"),
+            helper.make_node("Add", ["relu", "relu6"], ["sum"], name="add"),
+            helper.make_node("Sub", ["p", "relu6"], ["diff"], name="sub"),
+            helper.make_node("Concat", ["relu", "q"], ["cat"], name="concat", axis=1),
+            helper.make_node("Mul", ["cat", "half"], ["scaled"], name="mul"),
+            helper.make_node("GlobalAveragePool", ["relu6"], ["gap"], name="gap"),
+            helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+            helper.make_node("Conv", ["relu", "w_tail"], ["tail"], name="conv_tail"),
+            helper.make_node("Relu", ["tail"], ["tail_relu"], name="relu_tail"),
+        ]
+        outputs = {"sum": [C], "diff": [C], "scaled": [2 * C], "flat": [], "tail_relu": [C]}
+    graph = helper.make_graph(
+        nodes,
+        "branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2 * C, H, W])],
+        [
+            helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", C] if not ch else ["N", *ch, H, W])
+            for o, ch in outputs.items()
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _bn_true_inputs(model: onnx.ModelProto, n: int, seed: int = 0) -> np.ndarray:
+    """x whose channels have exactly the BN running mean / variance: then BN outputs are N(beta, gamma²)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    mean = np.concatenate([inits["m_a"], inits["m_b"]]).reshape(1, -1, 1, 1)
+    var = np.concatenate([inits["v_a"], inits["v_b"]]).reshape(1, -1, 1, 1)
+    z = np.random.default_rng(seed).standard_normal((n, 2 * C, H, W))
+    return (z * np.sqrt(var) + mean).astype(np.float32)
+
+
+def test_propagation_matches_monte_carlo_of_the_graph() -> None:
+    model = _branch_model()
+    folded, stats = fold_batchnorm(model)
+    assert set(stats) == {"p", "q"}
+    # with i.i.d. spatial positions a global average divides the std by sqrt(H·W)
+    known = propagate_bn_stats(folded, stats, pool_std_factor=1.0 / math.sqrt(H * W))
+    taps = ["p", "q", "relu", "relu6", "sum", "diff", "cat", "scaled", "flat"]
+    values = run_with_taps(model, {"x": _bn_true_inputs(model, 8000)}, taps)
+    for name in taps:
+        v = values[name].astype(np.float64)
+        axes = (0, 2, 3) if v.ndim == 4 else (0,)
+        mean, std = known[name].moments()
+        scale = float(np.max(std))
+        np.testing.assert_allclose(mean, v.mean(axis=axes), atol=0.02 * scale, err_msg=name)
+        np.testing.assert_allclose(std, v.std(axis=axes), rtol=0.02, atol=0.01 * scale, err_msg=name)
+    assert "tail" not in known and "tail_relu" not in known  # a Conv without BN: unknown
+
+
+def test_bn_range_is_the_clipped_tail_quantile() -> None:
+    model = _branch_model()
+    folded, stats = fold_batchnorm(model)
+    x = _bn_true_inputs(model, 8000, seed=3)
+    values = run_with_taps(model, {"x": x}, ["relu", "relu6", "q"])
+    for n_std in (2.0, 3.0):
+        ranges = bn_ranges(folded, stats, ["relu", "relu6", "q", "x"], n_std)
+        assert "x" not in ranges  # the graph input has no statistics
+        quantile = 100.0 * 0.5 * (1.0 + math.erf(n_std / math.sqrt(2.0)))  # P(g < mean + n·std)
+        for name in ("relu", "relu6"):  # one-sided: the rectified upper tail
+            per_channel = np.percentile(values[name].transpose(1, 0, 2, 3).reshape(C, -1), quantile, axis=1)
+            assert ranges[name] == pytest.approx(float(np.max(per_channel)), rel=0.03)
+        assert ranges["relu6"] <= 6.0
+        q = values["q"].transpose(1, 0, 2, 3).reshape(C, -1)
+        two_sided = np.maximum(np.percentile(q, quantile, axis=1), -np.percentile(q, 100.0 - quantile, axis=1))
+        assert ranges["q"] == pytest.approx(float(np.max(two_sided)), rel=0.03)
+
+
+def test_auto_falls_back_to_probes_where_stats_are_unknown() -> None:
+    model = _branch_model()
+    folded, stats = fold_batchnorm(model)
+    tensors = ["x", "relu", "scaled", "tail_relu"]
+    auto = activation_ranges(folded, stats, tensors, method="auto", n_std=3.0)
+    probes = probe_ranges(folded, tensors, probe=DEFAULT_PROBE, percentile=DEFAULT_PERCENTILE)
+    bn = bn_ranges(folded, stats, tensors, 3.0)
+    assert set(bn) == {"relu", "scaled"}
+    assert list(auto) == tensors
+    for name in tensors:
+        assert auto[name] == (bn[name] if name in bn else probes[name])
+    assert activation_ranges(folded, stats, tensors, method="probe") == probes
+    with pytest.raises(ModelError, match="tail_relu"):
+        activation_ranges(folded, stats, tensors, method="bn")
+    with pytest.raises(InputError, match="method"):
+        activation_ranges(folded, stats, tensors, method="magic")  # type: ignore[arg-type]
+
+
+def test_calibration_overrides_bn_and_probes() -> None:
+    model = _branch_model()
+    folded, stats = fold_batchnorm(model)
+    tensors = ["x", "relu", "scaled", "tail_relu"]
+    calibration = _bn_true_inputs(model, 40, seed=5) * 3.0
+    want = {k: float(np.max(np.abs(v))) for k, v in run_with_taps(folded, {"x": calibration}, tensors).items()}
+    for method in ("auto", "bn", "probe"):
+        got = activation_ranges(folded, stats, tensors, method=method, calibration=calibration)  # type: ignore[arg-type]
+        assert got == pytest.approx(want, rel=1e-6)
+    assert activation_ranges(folded, stats, tensors)["relu"] != pytest.approx(want["relu"], rel=1e-3)
+
+
+def test_ranges_are_deterministic() -> None:
+    model = _branch_model()
+    folded, stats = fold_batchnorm(model)
+    tensors = ["x", "relu", "diff", "tail_relu"]
+    for probe in ("noise", "smooth"):
+        first = activation_ranges(folded, stats, tensors, probe=probe, percentile=99.9)  # type: ignore[arg-type]
+        assert activation_ranges(folded, stats, tensors, probe=probe, percentile=99.9) == first  # type: ignore[arg-type]
+
+
+def test_percentile_and_smooth_probes() -> None:
+    model = small_cnn()
+    taps = ["x", "r1", "r2", "flat"]
+    full = probe_ranges(model, taps)
+    clipped = probe_ranges(model, taps, percentile=99.0)
+    assert all(0.0 < clipped[k] < full[k] for k in taps)
+    smooth = synthetic_inputs(model, batch=4, seed=2, kind="smooth")["x"]
+    assert smooth.shape == (4, 3, 8, 8) and smooth.dtype == np.float32
+    np.testing.assert_allclose(smooth.std(axis=(2, 3)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(smooth.mean(axis=(2, 3)), 0.0, atol=1e-6)
+    # a 1/f field is spatially correlated: neighbours agree far more than in white noise
+    field = smooth_field((64, 32, 32), np.random.default_rng(0))
+    corr = np.mean(field[:, :, 1:] * field[:, :, :-1])
+    assert corr > 0.5
+    with pytest.raises(InputError, match="probe"):
+        synthetic_inputs(model, kind="plasma")  # type: ignore[arg-type]
+
+
+def test_expand_model_uses_bn_ranges_and_calibration() -> None:
+    model = small_cnn()
+    profile = load_profile("x86-avx512")
+    expanded = expand_model(model, profile=profile, bits=8, order=1, act_bits=8)
+    folded, stats = fold_batchnorm(model)
+    want = activation_ranges(folded, stats, ["x", "r1", "r2", "flat"])
+    assert expanded.activation_scales == pytest.approx({k: activation_scale(v) for k, v in want.items()})
+    # r1 (BN → Relu) comes from the BN statistics, not from the probes
+    assert want["r1"] == bn_ranges(folded, stats, ["r1"])["r1"]
+    calibration = np.random.default_rng(9).standard_normal((8, 3, 8, 8)).astype(np.float32) * 4.0
+    calibrated = expand_model(model, profile=profile, bits=8, order=1, act_bits=8, calibration=calibration)
+    cal = probe_ranges(folded, ["x", "r1", "r2", "flat"], calibration=calibration)
+    assert calibrated.activation_scales == pytest.approx({k: activation_scale(v) for k, v in cal.items()})
+
+
+def test_op_rules_identity_pooling_and_unknowns() -> None:
+    """MaxPool / Reshape keep the statistics, a spatial ReduceMean pools them, a channel ReduceMean, a
+    Concat on another axis and a Sigmoid are unknown, an unfolded BN gives its own (beta, |gamma|)."""
+    nodes = [
+        helper.make_node("Relu", ["p"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["mp"], kernel_shape=[2, 2]),
+        helper.make_node("ReduceMean", ["r", "hw"], ["rm"], keepdims=1),
+        helper.make_node("ReduceMean", ["r", "ch"], ["rc"], keepdims=1),
+        helper.make_node("Concat", ["r", "r"], ["cat2"], axis=2),
+        helper.make_node("Sigmoid", ["r"], ["sig"]),
+        helper.make_node("BatchNormalization", ["sig", "g", "b", "m", "v"], ["bn"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "hw"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "ch"),
+        _const("g", [-2.0, 1.0]),
+        _const("b", [0.5, -3.0]),
+        _const("m", [0.0, 0.0]),
+        _const("v", [1.0, 1.0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ops",
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("mp", "rm", "rc", "cat2", "bn")],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    known = propagate_bn_stats(model, {"p": (np.array([1.0, -1.0]), np.array([1.0, 2.0]))}, pool_std_factor=0.5)
+    assert known["mp"] is known["r"]
+    mean, std = known["r"].moments()
+    np.testing.assert_allclose(known["rm"].mean, mean)
+    np.testing.assert_allclose(known["rm"].std, 0.5 * std)
+    assert not {"rc", "cat2", "sig"} & set(known)
+    np.testing.assert_allclose(known["bn"].mean, [0.5, -3.0])
+    np.testing.assert_allclose(known["bn"].std, [2.0, 1.0])
+    assert bn_ranges(model, {}, ["bn"], 2.0) == {"bn": pytest.approx(5.0)}
