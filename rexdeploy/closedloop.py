@@ -26,6 +26,7 @@ from rexdeploy.api import (
 )
 from rexdeploy.budget import format_ms
 from rexdeploy.builders.base import Builder, Engine, TimingSettings
+from rexdeploy.builders.cache import cached_build
 from rexdeploy.errors import BudgetError
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
@@ -83,6 +84,7 @@ class _Run:
     sha: str
     say: Progress
     model_name: str = "the model"
+    use_cache: bool = True
     fp32_engine: Engine | None = None
 
     def engine_for(
@@ -94,7 +96,13 @@ class _Run:
                                 model_sha256=self.sha, ranges=ranges)  # fmt: skip
         path = save_model(expanded.model, self.tmp / f"{name}.onnx")
         self.say(f"building {name} ({plan.summary()}) with {self.profile.engine} ...")
-        return self.builder.build(path, self.profile, self.tmp / name), expanded.seconds
+        return self.build(path, name), expanded.seconds
+
+    def build(self, path: Path, name: str) -> Engine:
+        engine, hit = cached_build(self.builder, path, self.profile, self.tmp / name, enabled=self.use_cache)
+        if hit:
+            self.say(f"{name}: engine cache hit, not rebuilt")
+        return engine
 
 
 def build(
@@ -108,11 +116,13 @@ def build(
     timing: TimingSettings | None = None,
     calibration_path: str | Path | None = None,
     progress: Progress | None = None,
+    use_cache: bool = True,
     **overrides: object,
 ) -> Report:
     """Plan (or take ``plan`` / the flag ``overrides``), expand, build, time next to the baselines, report.
 
     ``budget_ratio`` sets the budget relative to the plain int8 engine (K = 1) measured in the same run.
+    Engines are reused from the engine cache (:mod:`rexdeploy.builders.cache`) unless ``use_cache`` is off.
     Artifacts (expanded.onnx, plan.json, the engines, report.json, report.md, pareto.png) are written to
     ``out_dir`` (default ``rexdeploy-out/<model stem>``) only when everything succeeded.
     """
@@ -137,10 +147,10 @@ def build(
         say(f"warning: {warning}")
     out = Path(out_dir) if out_dir is not None else Path("rexdeploy-out") / model_path.stem
     with atomic_dir(out) as tmp:
-        run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name)
+        run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name, use_cache)
         shutil.copyfile(model_path, tmp / "fp32.onnx")
         say(f"building the FP32 baseline with {profile.engine} ...")
-        fp32_engine = builder.build(tmp / "fp32.onnx", profile, tmp / "fp32")
+        fp32_engine = run.build(tmp / "fp32.onnx", "fp32")
         run.fp32_engine = fp32_engine
         say(f"timing the FP32 baseline ({timing.duration_s:g} s) ...")
         baselines = {"fp32": engine_result("fp32", builder, fp32_engine, timing, tmp)}

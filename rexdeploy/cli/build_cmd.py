@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--block", type=int, help="int4 weight-only with per-block scales on Gemm/MatMul (e.g. 64)")
     p.add_argument("--duration", type=common.duration, default=3.0, help="timed duration per engine (default 3s)")
     p.add_argument("--warmup", type=common.duration, default=0.2, help="warm-up per engine (default 200ms)")
+    p.add_argument("--no-cache", action="store_true", help="rebuild engines even if the engine cache holds them")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout")
     p.set_defaults(func=run)
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         args.profile,
         budget_ms=budget,
         budget_ratio=args.budget_ratio,
+        use_cache=not args.no_cache,
         out_dir=args.out,
         timing=TimingSettings(warmup_s=args.warmup, duration_s=args.duration),
         calibration_path=args.calib,

@@ -347,6 +347,10 @@ class TensorRTBuilder:
             handle=engine,
         )
 
+    def load(self, plan: Path, profile: Profile) -> Engine:
+        """An already-built engine (``engine.plan`` with its ``engine.json``): no rebuild."""
+        return engine_from_plan(plan, profile.device)
+
     def _engine(self, trt: Any, engine: Engine) -> tuple[Any, Any]:
         """(runtime or None, ICudaEngine): the live handle, else the plan deserialized."""
         if engine.handle is not None and hasattr(engine.handle, "create_execution_context"):
