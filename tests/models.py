@@ -141,3 +141,60 @@ def deconv_model(seed: int = 0) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def mobilenet_v2_like(seed: int = 0, width: int = 16, size: int = 32) -> onnx.ModelProto:
+    """A MobileNetV2-shaped network: stem Conv3x3/2 + BN + ReLU6, inverted residual blocks (1x1 expand +
+    BN + ReLU6, depthwise 3x3 + BN + ReLU6, 1x1 project + BN, residual Add when shapes match), a 1x1 head
+    conv, GlobalAveragePool, Flatten, Gemm. He-initialised random weights; dynamic batch."""
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = [_init("six", np.array(6.0)), _init("zero", np.array(0.0))]
+    nodes: list[onnx.NodeProto] = []
+    counter = [0]
+
+    def conv_bn(x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1, relu6: bool = True) -> str:
+        i = counter[0] = counter[0] + 1
+        fan_in = cin // group * k * k
+        inits.append(_init(f"w{i}", rng.normal(0, np.sqrt(2.0 / fan_in), (cout, cin // group, k, k))))
+        for name, value in (("s", rng.uniform(0.5, 1.5, cout)), ("b", rng.normal(0, 0.1, cout)),
+                            ("m", rng.normal(0, 0.1, cout)), ("v", rng.uniform(0.5, 1.5, cout))):  # fmt: skip
+            inits.append(_init(f"bn{i}_{name}", value))
+        pad = k // 2
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", strides=[stride, stride],
+                                      pads=[pad] * 4, group=group))  # fmt: skip
+        nodes.append(helper.make_node("BatchNormalization", [f"c{i}", *(f"bn{i}_{n}" for n in "sbmv")], [f"n{i}"],
+                                      name=f"bn{i}"))  # fmt: skip
+        if not relu6:
+            return f"n{i}"
+        nodes.append(helper.make_node("Clip", [f"n{i}", "zero", "six"], [f"r{i}"], name=f"relu6_{i}"))
+        return f"r{i}"
+
+    x = conv_bn("x", 3, width, 3, stride=2)
+    cin = width
+    for cout, stride, expand in ((width, 1, 1), (24, 2, 4), (24, 1, 4), (32, 2, 4), (32, 1, 4)):
+        h = conv_bn(x, cin, cin * expand, 1) if expand > 1 else x
+        h = conv_bn(h, cin * expand, cin * expand, 3, stride=stride, group=cin * expand)
+        h = conv_bn(h, cin * expand, cout, 1, relu6=False)
+        if stride == 1 and cin == cout:
+            counter[0] += 1
+            nodes.append(helper.make_node("Add", [x, h], [f"res{counter[0]}"], name=f"add{counter[0]}"))
+            h = f"res{counter[0]}"
+        x, cin = h, cout
+    x = conv_bn(x, cin, 64, 1)
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    inits += [_init("fc_w", rng.normal(0, np.sqrt(1.0 / 64), (10, 64))), _init("fc_b", rng.normal(0, 0.01, 10))]
+    graph = helper.make_graph(
+        nodes,
+        "mobilenet_v2_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

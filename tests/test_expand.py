@@ -142,3 +142,26 @@ def test_no_quantizable_layer_and_quantized_model(tmp_path: object) -> None:
     onnx.save(quantized_model(), str(path))
     with pytest.raises(UnsupportedModelError, match=r"already quantized.*QuantizeLinear.*FP32 model"):
         load_model(path)
+
+
+@pytest.mark.parametrize("which", ["demo", "mobilenet_v2_like"])
+def test_int4_weight_only_k3_is_20x_better_than_k1(which: str) -> None:
+    """Issue acceptance: weights-only int4, K = 3 at least 20x smaller output error than K = 1."""
+    from models import mobilenet_v2_like
+
+    from rexdeploy.demo import demo_model_path, load_digits_inputs
+    from rexdeploy.graph import load_model
+
+    if which == "demo":
+        pytest.importorskip("sklearn")
+        model, name = load_model(demo_model_path()), "input"
+        x = load_digits_inputs()[0][:256]
+    else:
+        model, name = mobilenet_v2_like(), "x"
+        x = np.random.default_rng(2).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    fp32 = run_exact(model, x, name)
+    errors = [
+        _rel(run_exact(expand_model(model, profile=PROFILE, bits=4, order=k, act_bits=0).model, x, name), fp32)
+        for k in (1, 3)
+    ]
+    assert errors[0] > 20.0 * errors[1], errors
