@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from rexdeploy import __version__
-from rexdeploy.cli import bench_cmd, build_cmd, expand_cmd, inspect_cmd, plan_cmd, profile_cmd
+from rexdeploy.cli import bench_cmd, build_cmd, expand_cmd, export_cmd, inspect_cmd, plan_cmd, profile_cmd
 from rexdeploy.errors import RexError
 
-SUBCOMMANDS = (build_cmd, plan_cmd, expand_cmd, inspect_cmd, bench_cmd, profile_cmd)
+SUBCOMMANDS = (build_cmd, plan_cmd, expand_cmd, inspect_cmd, bench_cmd, profile_cmd, export_cmd)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,175 @@
+"""``rexdeploy export triton``: the model repository layout and the config.pbtxt fields, parsed back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rexdeploy.cli.main import main
+from rexdeploy.errors import InputError
+from rexdeploy.triton import export_triton
+
+DEMO = Path(__file__).resolve().parents[1] / "rexdeploy" / "demo" / "digits_cnn.onnx"
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="pip install 'rexdeploy[triton]'")
+text_format = pytest.importorskip("google.protobuf.text_format")
+
+
+def parse(path: Path) -> Any:
+    return text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def openvino_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("openvino")
+    out = tmp_path_factory.mktemp("build") / "digits"
+    rc = main([
+        "build", str(DEMO), "--profile", "x86-avx2", "--order", "2", "--out", str(out),
+        "--duration", "0.05s", "--warmup", "0.02s", "--no-cache",
+    ])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+@pytest.fixture()
+def tensorrt_build(tmp_path: Path) -> Path:
+    """A build directory as the TensorRT builder leaves it (the plan bytes are opaque to the export)."""
+    out = tmp_path / "trt-build"
+    (out / "rex").mkdir(parents=True)
+    shutil.copyfile(DEMO, out / "expanded.onnx")
+    shutil.copyfile(DEMO, out / "fp32.onnx")
+    (out / "rex" / "engine.plan").write_bytes(b"serialized-engine")
+    shapes = [{"name": "input", "min": [1, 1, 8, 8], "opt": [1, 1, 8, 8], "max": [16, 1, 8, 8]}]
+    (out / "rex" / "engine.json").write_text(json.dumps({"settings": {"shapes": shapes}}), encoding="utf-8")
+    report = {
+        "model": str(DEMO),
+        "engine": "tensorrt",
+        "plan": {"layers": {"/conv1/Conv": {}}},
+        "rex": {"artifacts": ["rex/engine.plan", "rex/engine.json"], "backend_version": "10.9.0"},
+        "baselines": {"fp32": {"artifacts": ["fp32/engine.plan"]}},
+    }
+    (out / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    return out
+
+
+def test_openvino_repository_layout_and_config(openvino_build: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    assert main(["export", "triton", str(repo), "--from", str(openvino_build)]) == 0
+    model_dir = repo / "digits_cnn"
+    assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()) == [
+        "1/model.bin",
+        "1/model.xml",
+        "config.pbtxt",
+    ]
+    assert (model_dir / "1" / "model.xml").read_bytes() == (openvino_build / "rex" / "model.xml").read_bytes()
+    config = parse(model_dir / "config.pbtxt")
+    assert config.name == "digits_cnn"
+    assert config.backend == "openvino"
+    assert config.platform == ""
+    assert config.max_batch_size == 1  # the demo has a dynamic batch axis: dims leave it out
+    assert [(i.name, model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == [
+        ("input", "TYPE_FP32", [1, 8, 8])
+    ]
+    assert [(o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in config.output] == [
+        ("logits", "TYPE_FP32", [10])
+    ]
+    assert len(config.instance_group) == 1
+    assert config.instance_group[0].count == 1
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    assert not config.HasField("dynamic_batching")
+
+
+def test_openvino_fp32_batched_throughput(
+    openvino_build: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "models"
+    argv = ["export", "triton", str(repo), "--from", str(openvino_build), "--which", "fp32", "--name", "digits-fp32",
+            "--max-batch", "8", "--instances", "3", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["validated"] is True
+    assert doc["files"] == ["config.pbtxt", "1/model.xml", "1/model.bin"]
+    model_dir = repo / "digits-fp32"
+    assert (model_dir / "1" / "model.bin").read_bytes() == (openvino_build / "fp32" / "model.bin").read_bytes()
+    config = parse(model_dir / "config.pbtxt")
+    assert config.max_batch_size == 8
+    assert config.HasField("dynamic_batching")
+    assert config.instance_group[0].count == 3
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "3", "ENABLE_BATCH_PADDING": "YES"}
+
+
+def test_export_keeps_other_models_and_replaces_its_own(openvino_build: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    (repo / "other" / "1").mkdir(parents=True)
+    (repo / "other" / "config.pbtxt").write_text('name: "other"\n', encoding="utf-8")
+    (repo / "digits_cnn").mkdir()
+    (repo / "digits_cnn" / "stale.txt").write_text("old", encoding="utf-8")
+    export_triton(openvino_build, repo)
+    assert (repo / "other" / "config.pbtxt").is_file()
+    assert not (repo / "digits_cnn" / "stale.txt").exists()
+    assert (repo / "digits_cnn" / "config.pbtxt").is_file()
+    assert [p.name for p in repo.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+def test_tensorrt_plan_config(tensorrt_build: Path, tmp_path: Path) -> None:
+    result = export_triton(tensorrt_build, tmp_path / "models", instances=2)
+    assert result.validated
+    assert result.files == ("config.pbtxt", "1/model.plan")
+    assert (result.model_dir / "1" / "model.plan").read_bytes() == b"serialized-engine"
+    config = parse(result.model_dir / "config.pbtxt")
+    assert (config.backend, config.platform) == ("tensorrt", "tensorrt_plan")
+    assert config.max_batch_size == 16  # the engine's optimization-profile max batch (engine.json)
+    assert list(config.input[0].dims) == [1, 8, 8]
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert config.instance_group[0].count == 2
+    assert dict(config.parameters) == {}
+    assert any("10.9.0" in n for n in result.notes)
+
+
+def test_tensorrt_max_batch_over_profile_is_refused(tensorrt_build: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"exceeds the TensorRT engine's optimization profile \(max batch 16\)"):
+        export_triton(tensorrt_build, tmp_path / "models", max_batch=32)
+    assert not (tmp_path / "models" / "digits_cnn").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--from", "{missing}"], "build directory {missing} not found"),
+        (["--from", "{build}", "--which", "int8"], "unknown engine 'int8': use one of rex, fp32"),
+        (["--from", "{empty}"], "no rex engine in {empty}"),
+        (["--from", "{build}", "--which", "fp32"], "no fp32 engine in {build}"),
+        (["--from", "{build}", "--name", "../up"], "is not a valid Triton model directory name"),
+    ],
+)
+def test_errors_are_one_line_exit_1(
+    tensorrt_build: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    paths = {"missing": tmp_path / "missing", "build": tensorrt_build, "empty": tmp_path / "empty"}
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(**paths) for a in argv]
+    assert main(["export", "triton", str(tmp_path / "models"), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rexdeploy: error: ")
+    assert message.format(**paths) in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_validation_skipped_without_tritonclient(
+    tensorrt_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)
+    result = export_triton(tensorrt_build, tmp_path / "models")
+    assert result.validated is False
+    assert any("rexdeploy[triton]" in n for n in result.notes)
+    assert (result.model_dir / "config.pbtxt").is_file()
