@@ -9,6 +9,7 @@ the budget and is faster than the REx engine is returned instead — it is exact
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from rexdeploy.ranges import load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png
 
 MAX_ATTEMPTS = 3
+log = logging.getLogger(__name__)
 
 
 def _quiet(_: str) -> None:
@@ -248,5 +250,7 @@ def _closed_loop(
         if measured.timing.median_ms <= budget_ms or attempt == MAX_ATTEMPTS:
             return plan, engine, measured, expand_s, result
         scale *= measured.timing.median_ms / max(result.chosen.predicted_latency_ms, 1e-9)
+        log.debug("attempt %d: predicted %.4f ms, measured %.4f ms, new scale %.3f", attempt,
+                  result.chosen.predicted_latency_ms, measured.timing.median_ms, scale)  # fmt: skip
         run.say(f"measured {format_ms(measured.timing.median_ms)} > budget: correcting the cost model by x{scale:.2f}")
     raise AssertionError("unreachable")  # pragma: no cover

@@ -263,3 +263,17 @@ def test_build_budget_nothing_fits(capsys: pytest.CaptureFixture[str], tmp_path:
     code = main(["build", str(demo_model_path()), "--budget", "1us", "--out", str(out), "--duration", "0.1s"])
     _one_line_error(capsys, code, "no plan is predicted to fit the 0.001 ms budget")
     assert not out.exists()
+
+
+def test_quiet_and_verbose(capsys: pytest.CaptureFixture[str], tmp_path: Path, bad_files: dict[str, Path]) -> None:
+    import logging
+
+    args = ["plan", str(bad_files["good"]), "--profile", "x86-avx512", "--budget", "1s"]
+    assert main(["-v", *args]) == 0
+    err = capsys.readouterr().err
+    assert "DEBUG rexdeploy.planner.search: planner:" in err
+    assert main(["-q", *args]) == 0
+    assert "DEBUG" not in capsys.readouterr().err
+    assert logging.getLogger("rexdeploy").level == logging.WARNING
+    with pytest.raises(SystemExit):
+        main(["-q", "-v", *args])

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         settings,
         out_dir=args.out,
         throughput=args.throughput,
-        progress=common.stderr,
+        progress=common.progress,
     )
     if args.json:
         print(result.to_json())

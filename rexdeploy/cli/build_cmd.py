@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         timing=TimingSettings(warmup_s=args.warmup, duration_s=args.duration),
         calibration_path=args.calib,
-        progress=common.stderr,
+        progress=common.progress,
         bits=args.bits,
         order=args.order,
         act_bits=args.act_bits,

@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from rexdeploy.errors import InputError
 
 
+class _Verbosity:
+    """The CLI's --quiet / --verbose (CLI state only; the library takes a progress callback)."""
+
+    quiet = False
+
+
+def set_verbosity(quiet: bool, verbose: bool) -> None:
+    """--quiet drops progress lines; --verbose adds the library's DEBUG logs (``logging`` 'rexdeploy')."""
+    _Verbosity.quiet = quiet
+    logger = logging.getLogger("rexdeploy")
+    if verbose and not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rexdeploy: %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def stderr(line: str) -> None:
+    """A result line for people (summaries, tables): always printed, on stderr."""
     print(line, file=sys.stderr, flush=True)
+
+
+def progress(line: str) -> None:
+    """A progress line: on stderr unless --quiet."""
+    if not _Verbosity.quiet:
+        print(line, file=sys.stderr, flush=True)
 
 
 def act_bits(text: str) -> int:

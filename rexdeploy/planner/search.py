@@ -11,6 +11,7 @@ budget. This goes beyond the paper's one global setting (§5.1 limitation).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from rexdeploy.profile import Profile
 from rexdeploy.ranges import activation_ranges, synthetic_inputs
 
 ORDERS = (1, 2, 3)
+log = logging.getLogger(__name__)
 GAMMAS = (None, 0.5)
 
 
@@ -179,7 +181,9 @@ def plan_model(
     consts = ConstantResolver(folded)
     weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
     errors = ErrorModel(layers, weights, sensitivity, ranges)
+    log.debug("planner: sensitivity and ranges of %d layers in %.2f s", len(layers), time.perf_counter() - t0)
     menus = [layer_options(profile, layer, errors) for layer in layers]
+    log.debug("planner: %d layer options in %.2f s", sum(len(m) for m in menus), time.perf_counter() - t0)
     overhead_ms = profile.cost.model_overhead_us / 1000.0
     base = Plan(layers={}, profile=profile.name, model_sha256=model_sha256)
     candidates = [_evaluate("FP32", layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base)]
