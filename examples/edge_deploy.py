@@ -18,7 +18,9 @@ from pathlib import Path
 import onnx
 
 import rexdeploy
-from rexdeploy.api import plan as plan_model  # `rexdeploy.plan` is shadowed by the rexdeploy.plan module once imported
+from rexdeploy.api import (
+    plan as plan_model,  # `rexdeploy.plans` is shadowed by the rexdeploy.plans module once imported
+)
 
 DEMO_MODEL = Path(rexdeploy.__file__).parent / "demo" / "digits_cnn.onnx"
 

@@ -30,11 +30,12 @@ _LAZY = {
     "Profile": ("rexdeploy.profile", "Profile"),
     "load_model": ("rexdeploy.graph", "load_model"),
     "expand_model": ("rexdeploy.api", "expand_model"),
+    "expand": ("rexdeploy.api", "expand_model"),
     "build": ("rexdeploy.closedloop", "build"),
     "plan": ("rexdeploy.api", "plan"),
-    "bench": ("rexdeploy.bench", "bench"),
-    "Plan": ("rexdeploy.plan", "Plan"),
-    "LayerPlan": ("rexdeploy.plan", "LayerPlan"),
+    "bench": ("rexdeploy.benchmark", "bench"),
+    "Plan": ("rexdeploy.plans", "Plan"),
+    "LayerPlan": ("rexdeploy.plans", "LayerPlan"),
     "Timing": ("rexdeploy.builders.timing", "Timing"),
     "TimingSettings": ("rexdeploy.builders.base", "TimingSettings"),
     "Report": ("rexdeploy.report", "Report"),
@@ -42,12 +43,12 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from rexdeploy.api import expand_model, plan
-    from rexdeploy.bench import bench
+    from rexdeploy.benchmark import bench
     from rexdeploy.builders.base import TimingSettings
     from rexdeploy.builders.timing import Timing
     from rexdeploy.closedloop import build
     from rexdeploy.graph import load_model
-    from rexdeploy.plan import LayerPlan, Plan
+    from rexdeploy.plans import LayerPlan, Plan
     from rexdeploy.profile import Profile, load_profile
     from rexdeploy.report import Report
 

@@ -116,13 +116,38 @@ class ConstantResolver:
         return np.expand_dims(x, axis=tuple(axes))  # Unsqueeze
 
 
+_LEAN_INIT_ELEMENTS = 1024  # initializers larger than this reach shape inference as typed inputs only
+
+
+def _without_big_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers are typed graph inputs instead (same name, type, shape).
+
+    Shape inference only needs a weight's shape; the values it reads (Reshape shapes, Slice starts, Pad
+    pads, ...) are small and stay. Serializing the weights for the C++ inference was most of its cost
+    on a 100 MB model.
+    """
+    lean = onnx.ModelProto()
+    lean.CopyFrom(model)
+    g = lean.graph
+    declared = {i.name for i in g.input}
+    big = [i for i, t in enumerate(g.initializer) if int(np.prod(t.dims, dtype=np.int64)) > _LEAN_INIT_ELEMENTS]
+    for i in big:
+        t = g.initializer[i]
+        if t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for i in reversed(big):
+        del g.initializer[i]
+    return lean
+
+
 def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(_without_big_initializers(model))
     except Exception:
         inferred = model
     g = inferred.graph
-    return {v.name: v for v in [*g.value_info, *g.input, *g.output]}
+    inputs = {i.name for i in model.graph.input}
+    return {v.name: v for v in [*g.value_info, *(i for i in g.input if i.name in inputs), *g.output]}
 
 
 def _shape_of(infos: dict[str, onnx.ValueInfoProto], name: str) -> tuple[int, ...] | None:

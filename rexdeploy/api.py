@@ -23,7 +23,7 @@ from rexdeploy.graph import file_sha256, fold_batchnorm, load_model
 from rexdeploy.numerics import layer_gammas
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
-from rexdeploy.plan import Plan, uniform_plan
+from rexdeploy.plans import Plan, uniform_plan
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import activation_ranges, graph_inputs, load_calibration, probe_ranges, synthetic_inputs
 

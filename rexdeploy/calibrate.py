@@ -3,8 +3,10 @@
 Each micro-benchmark is a small ONNX graph of ``depth`` identical stacked layers (Conv/Gemm + Relu) of
 one op class and size, so that per-layer cost dominates the fixed cost of an inference. Quantized
 variants are made by :func:`rexdeploy.api.expand_model`, so they are exactly the Q/DQ forms the pass
-emits (K = 1, K = 2 as branches + Add, K = 2 concatenated, sparse K = 2, weight-only), then built and
-timed with the profile's engine. One graph with no layer at all measures the per-inference overhead.
+emits (K = 1, K = 2 as branches + Add, K = 2 concatenated, sparse K = 2, weight-only), then built with
+the profile's engine. One graph with no layer at all measures the per-inference overhead. All graphs
+are built first, then timed in a few round-robin rounds; a point keeps the lowest of its round
+medians, so that a burst of load from other processes on a shared machine spoils a round, not a point.
 
 The coefficients of :mod:`rexdeploy.costmodel` are fitted in two steps: every coefficient but
 ``concat_factor`` by non-negative least squares on the relative error (each point's row divided by its
@@ -31,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rexdeploy.analyze import Layer, find_layers
 from rexdeploy.builders.base import Builder, TimingSettings
 from rexdeploy.builders.registry import get_builder
+from rexdeploy.builders.timing import Timing
 from rexdeploy.costmodel import LayerTerms, float_precision, layer_terms, layer_terms_us
 from rexdeploy.errors import BuildError, EngineUnavailableError, InputError, PlanError, RexError
 from rexdeploy.graph import save_model
@@ -42,6 +45,7 @@ Progress = Callable[[int, int, str], None]
 SIZES = ("small", "medium", "large")
 MAX_RATE = 1e6  # GMAC/s or GB/s written for a coefficient the fit drove to "free"
 MIN_CONCAT_FACTOR = 0.05
+BUILD_SHARE = 0.7  # building stops at this fraction of the time budget; the rest is for timing
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class CalibrationPoint:
     runs: int = 0
     predicted_ms: float | None = None
     kernels: str = ""
+    rounds_ms: tuple[float, ...] = ()  # the median of each timing round; measured_ms is the lowest
 
     @property
     def error(self) -> float | None:
@@ -134,6 +139,7 @@ class CalibrationPoint:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> CalibrationPoint:
         values = {k: v for k, v in raw.items() if k != "error"}
+        values["rounds_ms"] = tuple(values.get("rounds_ms", ()))
         if values.get("layer") is not None:
             layer = dict(values["layer"])
             layer["weight_shape"] = tuple(layer["weight_shape"])
@@ -162,7 +168,10 @@ class CalibrationReport:
     date: str
     grid: str
     wall_s: float
+    build_s: float  # building every micro-benchmark (expansion pass + engine build)
+    timing_s: float  # the timing rounds
     timing: TimingSettings
+    rounds: int
     points: tuple[CalibrationPoint, ...]
     skipped: tuple[tuple[str, str], ...]
     previous: CostModel
@@ -184,7 +193,10 @@ class CalibrationReport:
             "date": self.date,
             "grid": self.grid,
             "wall_s": self.wall_s,
+            "build_s": self.build_s,
+            "timing_s": self.timing_s,
             "timing": dataclasses.asdict(self.timing),
+            "rounds": self.rounds,
             "fit": {
                 "points": len(self.points),
                 "within_10pct": self.within_10,
@@ -214,7 +226,8 @@ class CalibrationReport:
         c = self.cost
         lines = [
             f"calibrated {self.profile} ({self.engine} {self.engine_version}, {self.device}) in {self.wall_s:.0f} s "
-            f"[{self.grid} grid; load average {self.loadavg_start[0]:.2f} → {self.loadavg_end[0]:.2f}]",
+            f"(building {self.build_s:.0f} s, timing {self.timing_s:.0f} s) [{self.grid} grid; load average "
+            f"{self.loadavg_start[0]:.2f} → {self.loadavg_end[0]:.2f}]",
             f"fit: {self.quality_line()}",
             f"model_overhead_us = {c.model_overhead_us:g}, layer_overhead_us = {c.layer_overhead_us:g}, "
             f"branch_overhead_us = {c.branch_overhead_us:g}, bandwidth_gbps = {c.bandwidth_gbps:g}, "
@@ -234,8 +247,10 @@ class CalibrationReport:
             f"# Cost-model calibration: {self.profile}",
             "",
             f"{self.engine} {self.engine_version} on {self.device}, {self.date}; {self.grid} grid, "
-            f"{len(self.points)} points measured in {self.wall_s:.0f} s (warm-up {self.timing.warmup_s:g} s, "
-            f"{self.timing.duration_s:g} s per point, median). Load average (1 min) "
+            f"{len(self.points)} points measured in {self.wall_s:.0f} s (building {self.build_s:.0f} s, timing "
+            f"{self.timing_s:.0f} s): {self.rounds} round-robin timing rounds "
+            f"(warm-up {self.timing.warmup_s:g} s, {self.timing.duration_s:g} s each), a point's time is the lowest "
+            f"of its round medians. Load average (1 min) "
             f"{self.loadavg_start[0]:.2f} at the start, {self.loadavg_end[0]:.2f} at the end.",
             "",
             f"**Fit quality**: {self.quality_line()}.",
@@ -272,7 +287,8 @@ class CalibrationReport:
 
 
 def settings_for(profile: Profile, op_class: str, quick: bool = False) -> list[Setting]:
-    """The compile settings measured for one op class of ``profile``."""
+    """The compile settings measured for one op class of ``profile``, most needed first (a run short of
+    time drops the last ones)."""
     q = profile.quantization
     bits = min(8, max(profile.weight_bits(op_class)))
     floats = [float_precision(profile)] if quick else _float_precisions(profile)
@@ -285,9 +301,12 @@ def settings_for(profile: Profile, op_class: str, quick: bool = False) -> list[S
         out.append(Setting(f"W{bits}A8 K=2 concat", "int8", bits, 2, form="concat"))
     if quick:
         return out
-    out += [Setting(f"W{bits}A8 K=2 gamma={g:g}", "int8", bits, 2, gamma=g) for g in (0.25, 0.5)]
     fp = float_precision(profile)
-    out.append(Setting(f"W{bits}A{fp} K=2 weight-only", fp, bits, 2, act_bits=0))
+    out += [
+        Setting(f"W{bits}A8 K=2 gamma=0.5", "int8", bits, 2, gamma=0.5),
+        Setting(f"W{bits}A{fp} K=2 weight-only", fp, bits, 2, act_bits=0),
+        Setting(f"W{bits}A8 K=2 gamma=0.25", "int8", bits, 2, gamma=0.25),
+    ]
     if q.int4_weight_only and 4 in profile.weight_bits(op_class):
         out += [Setting(f"W4A{fp} K={k} int4 weight-only", "int4", 4, k, act_bits=0) for k in (1, 2)]
     return out
@@ -518,27 +537,47 @@ def _kernels(builder: Builder, engine: Any) -> str:
     return ", ".join(f"{kind} {p}×{n}" for kind in kinds for p, n in table.get(kind, {}).items())
 
 
+@dataclass
+class _Built:
+    """A built micro-benchmark waiting to be timed (mutable: the rounds append their timings)."""
+
+    index: int
+    label: str
+    shape: Shape | None
+    setting: Setting
+    layer: Layer | None
+    engine: Any
+    kernels: str
+    timings: list[Timing] = field(default_factory=list)
+
+
 def calibrate(
     profile: Profile,
     *,
     progress: Progress | None = None,
     budget_s: float = 150.0,
     quick: bool = False,
+    rounds: int | None = None,
     timing: TimingSettings | None = None,
 ) -> tuple[Profile, CalibrationReport]:
     """Measure micro-benchmarks with ``profile``'s engine here and fit its cost model.
 
-    Returns the profile with the fitted ``[cost]`` (``calibrated = true``) and the report (every point
-    measured vs predicted, the skipped ones and why). Points are measured in order until ``budget_s``
-    seconds would be exceeded; the rest are skipped. ``quick`` measures a tiny grid (tests).
+    Every grid point is built first; then all of them are timed in ``rounds`` round-robin passes
+    (3; quick: 2) and each point keeps the lowest of its round medians, so that a burst of load from
+    other processes spoils one round of a point, not the point. Building stops at 70 % of
+    ``budget_s`` and further rounds are dropped when they would overrun it; points left out are
+    listed in the report with the reason. Returns the profile with the fitted ``[cost]``
+    (``calibrated = true``) and the report (every point measured vs predicted). ``quick`` measures a
+    tiny grid (tests).
     """
     builder = _builder(profile)
     t_start = time.perf_counter()
     load_start = os.getloadavg()
+    rounds = rounds or (2 if quick else 3)
     timing = timing or (
-        TimingSettings(warmup_s=0.05, duration_s=0.15, min_runs=5)
+        TimingSettings(warmup_s=0.03, duration_s=0.08, min_runs=3)
         if quick
-        else TimingSettings(warmup_s=0.1, duration_s=0.4, min_runs=10)
+        else TimingSettings(warmup_s=0.03, duration_s=0.12, min_runs=5)
     )
     notes: list[str] = []
     if profile.engine == "openvino":
@@ -548,27 +587,29 @@ def calibrate(
                 f"this CPU lacks {', '.join(missing)} that profile {profile.name!r} is for: the fitted coefficients "
                 f"describe this host; `--profile auto` is {host_profile_name()!r} here"
             )
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    per_shape = [settings_for(profile, shape.op_class, quick) for shape in shapes]
     jobs: list[tuple[Shape | None, Setting | None]] = [(None, None)]
-    for shape in QUICK_SHAPES if quick else FULL_SHAPES:
-        jobs += [(shape, s) for s in settings_for(profile, shape.op_class, quick)]
-    points: list[CalibrationPoint] = []
+    for rank in range(max(len(s) for s in per_shape)):  # every shape's first setting, then the second, ...
+        jobs += [(shape, s[rank]) for shape, s in zip(shapes, per_shape, strict=True) if rank < len(s)]
+    total = len(jobs) * (1 + rounds)
+    say = progress or (lambda done, total, label: None)
     skipped: list[tuple[str, str]] = []
-    measured_s: list[float] = []
+    built: list[_Built] = []
     with tempfile.TemporaryDirectory(prefix="rexdeploy-calibrate-") as tmp:
+        build_s: list[float] = []
         for index, (job_shape, setting) in enumerate(jobs):
             label = "empty graph (per-inference overhead)"
             if job_shape is not None and setting is not None:
                 label = f"{job_shape.op_class}/{job_shape.size} {setting.name}"
-            if progress is not None:
-                progress(index, len(jobs), label)
-            elapsed = time.perf_counter() - t_start
-            estimate = float(np.mean(measured_s)) if measured_s else 1.5
-            if elapsed + estimate > budget_s:
+            say(index, total, f"building {label}")
+            estimate = float(np.mean(build_s)) if build_s else 1.0
+            if time.perf_counter() - t_start + estimate > BUILD_SHARE * budget_s:
                 skipped.append((label, f"time budget of {budget_s:g} s reached"))
                 continue
             t0 = time.perf_counter()
             try:
-                point = _measure(builder, profile, job_shape, setting, label, timing, Path(tmp) / f"p{index}")
+                item = _build(builder, profile, index, job_shape, setting, label, Path(tmp) / f"p{index}")
             except PlanError as exc:
                 skipped.append((label, f"the expansion pass cannot emit it: {_first_line(exc)}"))
                 continue
@@ -577,15 +618,31 @@ def calibrate(
                     raise
                 skipped.append((label, f"the {profile.engine} engine failed on it: {_first_line(exc)}"))
                 continue
-            if point is None:
-                skipped.append(
-                    (label, f"the {profile.engine} builder cannot run float layers in {setting and setting.precision}")
-                )
+            if item is None:
+                precision = setting.precision if setting else ""
+                skipped.append((label, f"the {profile.engine} builder cannot run float layers in {precision}"))
                 continue
-            points.append(point)
-            measured_s.append(time.perf_counter() - t0)
-    if progress is not None:
-        progress(len(jobs), len(jobs), "fitting")
+            built.append(item)
+            build_s.append(time.perf_counter() - t0)
+        t_built = time.perf_counter()
+        round_s = 0.0
+        for r in range(rounds):
+            t_round = time.perf_counter()
+            if r and time.perf_counter() - t_start + round_s > budget_s:
+                notes.append(f"timed {r} of {rounds} rounds within the {budget_s:g} s time budget")
+                break
+            for item in built:
+                say(len(jobs) * (1 + r) + item.index, total, f"timing {item.label} (round {r + 1}/{rounds})")
+                if r == 0 and time.perf_counter() - t_start > budget_s:
+                    break
+                item.timings.append(builder.time(item.engine, timing))
+            round_s = time.perf_counter() - t_round
+        t_timed = time.perf_counter()
+        for item in built:
+            item.engine = None  # release the compiled model before its files go
+    say(total, total, "fitting")
+    points = [_point(item) for item in built if item.timings]
+    skipped += [(item.label, f"time budget of {budget_s:g} s reached") for item in built if not item.timings]
     if not points:
         raise InputError(
             f"no calibration point could be measured within the {budget_s:g} s time budget; raise --time-budget"
@@ -607,7 +664,10 @@ def calibrate(
         date=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         grid="quick" if quick else "full",
         wall_s=time.perf_counter() - t_start,
+        build_s=t_built - t_start,
+        timing_s=t_timed - t_built,
         timing=timing,
+        rounds=rounds,
         points=fit.points,
         skipped=tuple(skipped),
         previous=profile.cost,
@@ -623,15 +683,17 @@ def calibrate(
     return dataclasses.replace(profile, cost=fit.cost), report
 
 
-def _measure(
+def _build(
     builder: Builder,
     profile: Profile,
+    index: int,
     shape: Shape | None,
     setting: Setting | None,
     label: str,
-    timing: TimingSettings,
     work: Path,
-) -> CalibrationPoint | None:
+) -> _Built | None:
+    """Make the micro-benchmark graph (expanded by the pass when quantized) and build it; None when the
+    engine cannot run float layers in the setting's precision."""
     from rexdeploy.api import expand_model
 
     build_profile: Profile | None = profile
@@ -658,28 +720,31 @@ def _measure(
         return None
     path = save_model(model, work / "model.onnx", check=False)
     engine = builder.build(path, build_profile, work / "engine")
-    try:
-        t = builder.time(engine, timing)
-        kernels = _kernels(builder, engine)
-    finally:
-        del engine
+    return _Built(index, label, shape, setting, layer, engine, _kernels(builder, engine))
+
+
+def _point(item: _Built) -> CalibrationPoint:
+    """The point of a built micro-benchmark: the lowest of its round medians."""
+    best = min(item.timings, key=lambda t: t.median_ms)
+    shape, s = item.shape, item.setting
     return CalibrationPoint(
-        label=label,
+        label=item.label,
         op_class="" if shape is None else shape.op_class,
         size="" if shape is None else shape.size,
-        setting=setting.name,
-        precision=setting.precision,
-        bits=setting.bits,
-        order=setting.order,
-        gamma=setting.gamma,
-        act_bits=setting.act_bits,
-        form=setting.form,
+        setting=s.name,
+        precision=s.precision,
+        bits=s.bits,
+        order=s.order,
+        gamma=s.gamma,
+        act_bits=s.act_bits,
+        form=s.form,
         depth=0 if shape is None else shape.depth,
-        layer=layer,
-        measured_ms=t.median_ms,
-        cov=t.cov,
-        runs=t.runs,
-        kernels=kernels,
+        layer=item.layer,
+        measured_ms=best.median_ms,
+        cov=best.cov,
+        runs=sum(t.runs for t in item.timings),
+        kernels=item.kernels,
+        rounds_ms=tuple(t.median_ms for t in item.timings),
     )
 
 

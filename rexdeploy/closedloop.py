@@ -32,8 +32,8 @@ from rexdeploy.errors import BudgetError
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
-from rexdeploy.plan import Plan
 from rexdeploy.planner import PlanResult, plan_model
+from rexdeploy.plans import Plan
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png

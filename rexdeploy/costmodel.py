@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from rexdeploy.analyze import Layer
 from rexdeploy.errors import PlanError, ProfileError
 from rexdeploy.numerics import kept_channels
-from rexdeploy.plan import LayerPlan, Plan
+from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.profile import CostModel, Profile
 
 FALLBACK: dict[str, tuple[str, ...]] = {

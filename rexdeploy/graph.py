@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,6 +16,23 @@ from onnx import numpy_helper
 
 from rexdeploy.errors import InputError, ModelError, UnsupportedModelError
 from rexdeploy.fileio import atomic_path
+
+_PLAIN_TENSOR_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT64,
+        onnx.TensorProto.BOOL,
+    }
+)
 
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear need opset >= 13
 TARGET_OPSET = 17
@@ -61,7 +79,11 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not path.is_file():
         raise InputError(f"{path} is not a file; give the path of an .onnx model")
     try:
-        model = onnx.load(str(path))
+        data = path.read_bytes()
+        model = onnx.load_model_from_string(data)
+        external = _uses_external_data(model)
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various on bad external data
         raise ModelError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}); is the file truncated?"
@@ -69,7 +91,9 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelError(f"{path} holds no graph nodes; is it an ONNX model file?")
     try:
-        onnx.checker.check_model(model)
+        # the bytes just read (re-serializing a 100 MB model costs more than the check); the path when the
+        # weights live in external files, which the checker then finds beside the model
+        onnx.checker.check_model(str(path) if external else data)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelError(f"{path} is not a valid ONNX model: {first}") from None
@@ -95,11 +119,60 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 def save_model(model: onnx.ModelProto, path: str | Path, check: bool = True) -> Path:
     """Check (full) and write a model atomically."""
     path = Path(path)
+    if _uses_external_data(model):  # onnx.save writes the external tensors beside the model
+        if check:
+            onnx.checker.check_model(model, full_check=True)
+        with atomic_path(path) as tmp:
+            onnx.save(model, str(tmp))
+        return path
+    data = model.SerializeToString()  # once, for both the checker and the file
     if check:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(data, full_check=True)
     with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
+        tmp.write_bytes(data)
     return path
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any initializer or attribute tensor (subgraphs included) keeps its data in an external file."""
+    external = onnx.TensorProto.EXTERNAL
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        if any(t.data_location == external for t in g.initializer):
+            return True
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == external:
+                    return True
+                if attr.type in (onnx.AttributeProto.TENSORS, onnx.AttributeProto.GRAPHS, onnx.AttributeProto.GRAPH):
+                    if any(t.data_location == external for t in attr.tensors):
+                        return True
+                    stack.extend(attr.graphs)
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        stack.append(attr.g)
+    return False
+
+
+def add_initializer(container: Any, value: np.ndarray, name: str) -> None:
+    """Append ``numpy_helper.from_array(value, name)`` to a repeated TensorProto field, built in place.
+
+    Appending a finished TensorProto copies it (its raw data included) into the container; for plain
+    numeric dtypes this builds the element in the container instead: same fields, same bytes.
+    """
+    if value.dtype.kind not in "fiub" or value.dtype.itemsize == 0:
+        container.append(numpy_helper.from_array(value, name))
+        return
+    dtype = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+    if dtype not in _PLAIN_TENSOR_TYPES:
+        container.append(numpy_helper.from_array(value, name))
+        return
+    tensor = container.add()
+    tensor.dims.extend(value.shape)
+    if name:
+        tensor.name = name
+    tensor.raw_data = numpy_helper.tobytes_little_endian(value)
+    tensor.data_type = dtype
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -143,8 +216,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, t
     graph_outputs = {o.name for o in graph.output}
     producers = {out: node for node in graph.node for out in node.output}
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    remove: list[onnx.NodeProto] = []
-    for bn in list(graph.node):
+    remove: list[int] = []
+    for index, bn in enumerate(graph.node):
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
         conv = producers.get(bn.input[0])
@@ -158,27 +231,27 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, t
         scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in names)
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         factor = scale / np.sqrt(var + eps)
-        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-        w_folded = w * factor.reshape(-1, *([1] * (w.ndim - 1)))
+        w_raw = numpy_helper.to_array(inits[conv.input[1]])
+        w_folded = np.multiply(w_raw, factor.reshape(-1, *([1] * (w_raw.ndim - 1))), dtype=np.float64)
         b = (
             numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
             if len(conv.input) > 2 and conv.input[2]
-            else np.zeros(w.shape[0])
+            else np.zeros(w_raw.shape[0])
         )
         b_folded = (b - mean) * factor + beta
-        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
+        dtype = w_raw.dtype
         w_name = f"{conv.input[1]}_bnfolded"
         b_name = f"{conv.input[1]}_bnfolded_bias"
-        graph.initializer.append(numpy_helper.from_array(w_folded.astype(dtype), w_name))
-        graph.initializer.append(numpy_helper.from_array(b_folded.astype(dtype), b_name))
+        add_initializer(graph.initializer, w_folded.astype(dtype), w_name)
+        add_initializer(graph.initializer, b_folded.astype(dtype), b_name)
         x_name = conv.input[0]
         del conv.input[:]
         conv.input.extend([x_name, w_name, b_name])
         conv.output[0] = bn.output[0]
         stats[bn.output[0]] = (beta, np.abs(scale))
-        remove.append(bn)
-    for node in remove:
-        graph.node.remove(node)
+        remove.append(index)
+    for index in reversed(remove):  # by position: NodeProto.remove() compares whole messages
+        del graph.node[index]
     _drop_unused_initializers(model_out)
     return model_out, stats
 
@@ -186,6 +259,14 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, t
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    drop_initializers(model.graph, used)
+
+
+def drop_initializers(graph: onnx.GraphProto, keep: set[str] | frozenset[str]) -> None:
+    """Delete, in place and in order, the initializers of ``graph`` whose names are not in ``keep``.
+
+    By position: re-extending the field with the kept ones would copy every kept tensor's data.
+    """
+    unused = [i for i, init in enumerate(graph.initializer) if init.name not in keep]
+    for i in reversed(unused):
+        del graph.initializer[i]

@@ -10,7 +10,7 @@ from typing import Any
 from rexdeploy.budget import format_ms
 from rexdeploy.builders.timing import Timing
 from rexdeploy.fidelity import Fidelity
-from rexdeploy.plan import Plan
+from rexdeploy.plans import Plan
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from reference import rex_weight_map, run_exact, run_reference
 from rexdeploy.api import expand_model
 from rexdeploy.errors import PlanError, UnsupportedModelError
 from rexdeploy.graph import fold_batchnorm
-from rexdeploy.plan import LayerPlan, Plan
+from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")

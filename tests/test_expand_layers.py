@@ -13,7 +13,7 @@ from rexdeploy.analyze import ConstantResolver, find_layers
 from rexdeploy.api import expand_model
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.numerics import expand_weight, reconstruct
-from rexdeploy.plan import uniform_plan
+from rexdeploy.plans import uniform_plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rexdeploy.errors import InputError, PlanError
-from rexdeploy.plan import LayerPlan, Plan, load_plan, uniform_plan
+from rexdeploy.plans import LayerPlan, Plan, load_plan, uniform_plan
 
 
 def test_plan_json_round_trip_and_stable_hash(tmp_path: Path) -> None:
@@ -61,3 +61,14 @@ def test_bad_plan_documents(tmp_path: Path) -> None:
         Plan.from_json(json.dumps({"layers": {"c": {"bitz": 4}}}))
     with pytest.raises(InputError, match="not found"):
         load_plan(tmp_path / "none.json")
+
+
+def test_api_names_are_functions_even_after_submodule_imports() -> None:
+    import importlib
+
+    import rexdeploy
+
+    importlib.import_module("rexdeploy.plans")
+    importlib.import_module("rexdeploy.benchmark")
+    assert callable(rexdeploy.plan) and callable(rexdeploy.bench) and callable(rexdeploy.build)
+    assert rexdeploy.plan.__module__ == "rexdeploy.api"

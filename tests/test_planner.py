@@ -18,8 +18,8 @@ from rexdeploy.api import expand_model, quantizable_layers
 from rexdeploy.cli.main import main
 from rexdeploy.errors import BudgetError
 from rexdeploy.graph import fold_batchnorm
-from rexdeploy.plan import load_plan
 from rexdeploy.planner import plan_model
+from rexdeploy.plans import load_plan
 from rexdeploy.profile import Profile, load_profile
 
 

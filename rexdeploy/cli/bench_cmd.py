@@ -40,7 +40,7 @@ def _runs(text: str | None) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rexdeploy.bench import bench, parse_duration
+    from rexdeploy.benchmark import bench, parse_duration
     from rexdeploy.builders.base import TimingSettings
 
     settings = TimingSettings(

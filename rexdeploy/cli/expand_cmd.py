@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     from rexdeploy.api import expand_model
     from rexdeploy.graph import file_sha256, load_model, save_model
-    from rexdeploy.plan import load_plan
+    from rexdeploy.plans import load_plan
     from rexdeploy.profile import load_profile
     from rexdeploy.ranges import load_calibration
 

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     from rexdeploy.graph import load_model
     from rexdeploy.inspect import inspect_model
-    from rexdeploy.plan import LayerPlan
+    from rexdeploy.plans import LayerPlan
 
     for b in args.bits:
         LayerPlan(bits=b)  # validates: PlanError with the allowed range

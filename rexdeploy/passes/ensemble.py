@@ -12,17 +12,19 @@ Each predictor gets its own activation ranges (predictors m >= 2 carry small res
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
 from rexdeploy.errors import PlanError
-from rexdeploy.numerics import ensemble_groups, ensemble_weights, expand_weight
+from rexdeploy.graph import add_initializer, drop_initializers
+from rexdeploy.numerics import ResidualOrder, ensemble_groups, ensemble_weights, expand_weight
 from rexdeploy.passes.expand import LayerJob
-from rexdeploy.plan import Plan
+from rexdeploy.plans import Plan
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
 
     new_nodes: list[onnx.NodeProto] = []
     jobs: dict[str, LayerJob] = {}
+    shared: dict[tuple[str, int, int, float | None], tuple[list[ResidualOrder], float]] = {}
     for i, node in enumerate(graph.node):
         if i not in region:
             continue
@@ -107,7 +110,9 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
                 lp = plan.layers[names[i]]
                 groups = ensemble_groups(lp.order, lp.split)
                 tag = "" if m == 0 else _suffix(m)
-                jobs[clone.name] = LayerJob(by_name[names[i]], lp, tuple(groups[m]), bias=m == 0, tag=tag)
+                jobs[clone.name] = LayerJob(
+                    by_name[names[i]], lp, tuple(groups[m]), bias=m == 0, tag=tag, shared_orders=shared
+                )
     for t in crossing:
         new_nodes.append(
             helper.make_node("Sum", [t + _suffix(m) for m in range(m_count)], [t], name=f"{t}__ensemble_sum")
@@ -123,25 +128,37 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
 
 def float_predictors(ensemble: Ensemble, source: onnx.ModelProto) -> onnx.ModelProto:
     """The ensemble graph with each predictor's layers in float: weight = the float sum of its orders,
-    bias only in predictor 1. Running it gives each predictor's own activation statistics."""
+    bias only in predictor 1. Running it gives each predictor's own activation statistics.
+
+    ``source`` is the model the ensemble was built from. The residual orders computed here are kept
+    for the expansion pass (``LayerJob.shared_orders``), which then does not compute them again."""
     out = onnx.ModelProto()
     out.CopyFrom(ensemble.model)
     consts = ConstantResolver(source)
     nodes = {n.name: n for n in out.graph.node}
     cache: dict[tuple[str, int, int, float | None, tuple[int, ...]], list[np.ndarray]] = {}
+    names = {i.name for i in out.graph.initializer}
     for name, job in ensemble.jobs.items():
         layer, lp = job.layer, job.plan
         key = (layer.weight, lp.bits, lp.order, lp.gamma, lp.split)
         if key not in cache:
             w = layer_weight(source, layer, consts)
-            cache[key] = ensemble_weights(expand_weight(w, lp.bits, lp.order, lp.gamma), lp.split, w.shape)
+            t0 = time.perf_counter()
+            orders = expand_weight(w, lp.bits, lp.order, lp.gamma)
+            if job.shared_orders is not None and not lp.block:  # the expand pass takes these orders as they are
+                job.shared_orders.setdefault(key[:4], (orders, time.perf_counter() - t0))
+            cache[key] = ensemble_weights(orders, lp.split, w.shape)
         m = 0 if not job.tag else int(job.tag.removeprefix("__p")) - 1
         w_name = f"{layer.weight}__float{job.tag or '__p1'}"
-        if w_name not in {i.name for i in out.graph.initializer}:
+        if w_name not in names:
             value = np.moveaxis(cache[key][m], 0, layer.weight_axis).astype(np.float32)
-            out.graph.initializer.append(numpy_helper.from_array(value, w_name))
+            add_initializer(out.graph.initializer, value, w_name)
+            names.add(w_name)
         node = nodes[name]
         node.input[layer.weight_index] = w_name
         if not job.bias and len(node.input) > 2:
             del node.input[2:]
+    # the source weights the float ones replaced: dead weight for the probing session to load
+    g = out.graph
+    drop_initializers(g, {i for n in g.node for i in n.input} | {v.name for v in (*g.input, *g.output)})
     return out

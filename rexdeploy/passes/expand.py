@@ -10,8 +10,12 @@ Each quantized layer ``y = op(x, W, b)`` becomes (paper §3.1, Eq. 2-3)::
 A sparse order k (paper §3.2, Eq. 12) holds only its selected output channels S_k: it runs as a
 narrower layer ``op(x_dq, W_k[S_k])`` whose output is scattered into the full channel axis by a
 Pad (one zero channel) + Gather and added — its cost scales with |S_k|, not with the layer. A
-depthwise layer also gathers its input channels S_k. ``sparse_form="dense"`` instead keeps the full
-width with zero rows (no saving; the reference form).
+depthwise layer also gathers its input channels S_k. ``sparse_form="onehot"`` scatters the narrow
+output with a constant one-hot 1×1 Conv (MatMul for Gemm/MatMul) instead of Pad + Gather;
+``sparse_form="dense"`` keeps the full width with zero rows (no saving; the reference form);
+``sparse_form="auto"`` picks per layer: narrow (gather) where the saved compute outweighs the scatter
+(group-1 layers with a fan-in of at least ``AUTO_MIN_FAN_IN``, orders keeping at most ``AUTO_NARROW_MAX``
+of the channels), dense elsewhere — depthwise layers included.
 
 Ensembles (paper §3.3, Algorithm 1) are built by :mod:`rexdeploy.passes.ensemble` before this pass:
 it clones the network per predictor and tells this pass which orders each clone holds.
@@ -28,6 +32,7 @@ advanced-guides/low-precision-transformations.html).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,10 +46,19 @@ from rexdeploy.analyze import ConstantResolver, Layer, find_layers, layer_weight
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import add_initializer, drop_initializers
 from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
-from rexdeploy.plan import LayerPlan, Plan
+from rexdeploy.plans import LayerPlan, Plan
 
 ACT_QMAX = 127.0  # symmetric int8 activations: the range maps onto [-127, 127], zero-point 0
-SPARSE_FORMS = ("gather", "dense")
+SPARSE_FORMS = ("gather", "dense", "onehot", "auto")
+# sparse_form="auto": a sparse order runs narrow (Pad + Gather) only on a group-1 layer with at least
+# AUTO_MIN_FAN_IN multiply-accumulates per output value that keeps at most AUTO_NARROW_MAX of its output
+# channels; otherwise dense (zero rows). The scatter costs memory traffic per output value, the narrow layer
+# saves compute per output value: measured on OpenVINO CPU (benchmarks/results/sparse_forms.md), narrow costs
+# ≈ 0.05 + γ (3×3, 128 channels, fan-in 1152) and ≈ 0.2 + γ (1×1, 256 channels, fan-in 256) of a dense order,
+# so it wins up to 3/4 of the channels there, and loses at every γ on depthwise layers and on the small 1×1
+# convs of MobileNetV2 blocks (fan-in 24 / 144).
+AUTO_NARROW_MAX = 0.75
+AUTO_MIN_FAN_IN = 256
 BLOCKED_DQ_OPSET = 21
 
 
@@ -66,6 +80,11 @@ class LayerJob:
     orders: tuple[int, ...]
     bias: bool
     tag: str = ""  # suffix for the names of this node's new tensors (predictor clones)
+    # (weight, bits, order, gamma) → (orders, seconds) already computed by the ensemble pass
+    # (float_predictors) for the same weights; one dict shared by all jobs of an ensemble
+    shared_orders: dict[tuple[str, int, int, float | None], tuple[list[ResidualOrder], float]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 def activation_scale(max_abs: float) -> float:
@@ -173,6 +192,9 @@ def _emit_sparse_order(
         em.node("Gather", [x, idx], [gathered], f"{base}_gather_in", axis=1)
         x, group = gathered, len(o.channels)
     em.nodes.append(_layer_node(node, layer, x, w, None, narrow, f"{base}_narrow", group=group))
+    if em.sparse_form == "onehot":
+        _emit_onehot_scatter(em, layer, o, narrow, base, out)
+        return
     axis = layer.out_axis
     rank = _output_rank(layer) if axis >= 0 else None  # MatMul outputs: any rank, channel axis from the end
     # Pad one zero channel at the end of the channel axis, then Gather: channel j of the result is
@@ -196,6 +218,35 @@ def _emit_sparse_order(
         padded = f"{out}_padded"
         em.node("Pad", [narrow, em.const(f"{base}_pads", pads)], [padded], f"{base}_pad")
     em.node("Gather", [padded, em.const(f"{base}_scatter_idx", position)], [out], f"{base}_scatter", axis=axis)
+
+
+def _runs_narrow(sparse_form: str, layer: Layer, o: ResidualOrder) -> bool:
+    """Whether a sparse order is emitted as a narrow layer (else: full width with zero rows)."""
+    if sparse_form in ("gather", "onehot"):
+        return layer.group == 1 or layer.op_class == "depthwise"
+    if sparse_form == "auto":
+        fan_in = math.prod(layer.weight_shape[1:])
+        return layer.group == 1 and fan_in >= AUTO_MIN_FAN_IN and o.n_channels <= AUTO_NARROW_MAX * layer.out_channels
+    return False
+
+
+def _emit_onehot_scatter(em: _Emitter, layer: Layer, o: ResidualOrder, narrow: str, base: str, out: str) -> None:
+    """``sparse_form="onehot"``: the narrow output is put back into the full channel axis by a constant
+    one-hot matrix E (C × |S_k|, E[S_k[j], j] = 1) — a 1×1 Conv for conv layers, a MatMul for Gemm/MatMul —
+    so the scatter stays a (float) convolution the engine can fuse the following Add into. Exact in
+    float: every output channel is 1·x or a sum of zeros."""
+    c, k = layer.out_channels, o.n_channels
+    onehot = np.zeros((c, k), dtype=np.float32)
+    onehot[o.channels, np.arange(k)] = 1.0
+    if layer.op_type in ("Conv", "ConvTranspose"):  # output (N, C, spatial...): a 1×1 Conv
+        spatial = _output_rank(layer) - 2
+        e = em.const(f"{base}_onehot", onehot.reshape(c, k, *([1] * spatial)))
+        em.node("Conv", [narrow, e], [out], f"{base}_scatter", kernel_shape=[1] * spatial)
+    elif layer.out_axis == -2:  # y = W @ x: channels on the second-to-last axis
+        em.node("MatMul", [em.const(f"{base}_onehot", onehot), narrow], [out], f"{base}_scatter")
+    else:  # Gemm (N, C) and y = x @ W: channels last
+        e = em.const(f"{base}_onehot", np.ascontiguousarray(onehot.T))
+        em.node("MatMul", [narrow, e], [out], f"{base}_scatter")
 
 
 def _full_width(o: ResidualOrder, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,8 +277,7 @@ def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[
             f"layer {layer.name!r}: predictor {job.tag.removeprefix('__p') or 1} holds no channel of its orders "
             f"{list(job.orders)} (gamma too small); raise gamma or use fewer predictors"
         )
-    narrow_ok = em.sparse_form == "gather" and (layer.group == 1 or layer.op_class == "depthwise")
-    sparse = [o for o in mine if o.n_channels < layer.out_channels and narrow_ok]
+    sparse = [o for o in mine if o.n_channels < layer.out_channels and _runs_narrow(em.sparse_form, layer, o)]
     full = [o for o in mine if o not in sparse]
     single = len(mine) == 1
     outputs: list[str] = []
@@ -344,6 +394,10 @@ def expand(
                 raise PlanError(f"layer {name!r}: no activation range for its input {tensor!r}")
             x_scale = activation_scale(ranges[tensor])
         key = (layer.weight, lp.bits, lp.order, lp.gamma, lp.block)
+        shared = job.shared_orders.get(key[:4]) if job.shared_orders is not None and not lp.block else None
+        if key not in cache and shared is not None:  # same weight, same expansion: computed once
+            cache[key] = shared[0]
+            t_numerics += shared[1]
         if key not in cache:
             tn = time.perf_counter()
             w = layer_weight(model, layer, consts)

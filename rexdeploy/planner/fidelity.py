@@ -32,8 +32,8 @@ import numpy as np
 from rexdeploy.analyze import Layer
 from rexdeploy.numerics import expand_weight, weight_error
 from rexdeploy.passes.expand import activation_scale
-from rexdeploy.plan import LayerPlan
 from rexdeploy.planner.sensitivity import Sensitivity
+from rexdeploy.plans import LayerPlan
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
 from rexdeploy.costmodel import predict_layer_us
 from rexdeploy.errors import BudgetError
 from rexdeploy.graph import fold_batchnorm
-from rexdeploy.plan import LayerPlan, Plan
 from rexdeploy.planner.fidelity import ErrorModel, LayerOption
 from rexdeploy.planner.sensitivity import measure_sensitivity
+from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.profile import Profile
 from rexdeploy.ranges import activation_ranges, synthetic_inputs
 

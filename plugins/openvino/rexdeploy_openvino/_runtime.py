@@ -105,9 +105,7 @@ def read_static_model(core: Any, model: Path) -> tuple[Any, dict[str, tuple[int,
         name = port.get_any_name() if port.get_names() else f"input_{position}"
         pshape = port.get_partial_shape()
         if pshape.rank.is_dynamic:
-            raise BuildError(
-                f"input {name!r} of {model.name} has an unknown rank; export it with static shapes"
-            )
+            raise BuildError(f"input {name!r} of {model.name} has an unknown rank; export it with static shapes")
         dims: list[int] = []
         for axis, dim in enumerate(pshape):
             if dim.is_static:

@@ -72,9 +72,7 @@ def _source(engine_or_model: Engine | Path | str, profile: Profile | None) -> tu
             import openvino as ov
             import openvino.properties.hint as hint
 
-            precision = (
-                "bf16" if engine.handle.get_property(hint.inference_precision) == ov.Type.bf16 else "f32"
-            )
+            precision = "bf16" if engine.handle.get_property(hint.inference_precision) == ov.Type.bf16 else "f32"
         return ir, profile.device if profile is not None else engine.device, precision
     if profile is None:
         raise InputError("time_throughput on a model file needs a profile (it names the device)")
@@ -107,9 +105,7 @@ def time_throughput(
         n_requests = requests or int(compiled.get_property(props.optimal_number_of_infer_requests))
         streams = int(compiled.get_property(props.num_streams))
     except Exception as exc:
-        raise BuildError(
-            f"OpenVINO cannot compile {model.name} for {device} (throughput): {one_line(exc)}"
-        ) from exc
+        raise BuildError(f"OpenVINO cannot compile {model.name} for {device} (throughput): {one_line(exc)}") from exc
     if n_requests < 1:
         raise InputError(f"requests must be ≥ 1, got {n_requests}")
     dtypes = {n: p.get_element_type().to_dtype() for n, p in zip(shapes, compiled.inputs, strict=True)}

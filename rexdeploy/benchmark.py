@@ -234,6 +234,18 @@ def _check_settings(settings: TimingSettings) -> None:
         raise InputError(f"runs must be ≥ 1, got {settings.runs}")
 
 
+def _profile_builder(profile: Profile) -> Builder:
+    """The builder of the profile's engine, checked to run here (one line naming the pip extra if not)."""
+    builder = get_builder(profile.engine)
+    if not builder.available():
+        target = f"'rexdeploy[{builder.pip_extra}]'" if builder.pip_extra else "rexdeploy"
+        raise EngineUnavailableError(
+            f"the {profile.engine} engine of profile {profile.name!r} is not installed here: pip install {target} "
+            "(or bench the model on the target)"
+        )
+    return builder
+
+
 def _engine_builder(engine: str) -> Builder:
     """The builder of a prebuilt engine, checked to run here (one line naming the pip extra if not)."""
     builder = get_builder(engine)
@@ -341,10 +353,10 @@ def bench(
     settings = settings or TimingSettings()
     _check_settings(settings)
     if kind == "onnx":
-        from rexdeploy.api import builder_for
-
         loaded = profile if isinstance(profile, Profile) else load_profile(profile or "auto")
-        return _bench_onnx(path, loaded, builder_for(loaded), settings, out_dir, throughput, say)
+        return _bench_onnx(path, loaded, _profile_builder(loaded), settings, out_dir, throughput, say)
+    if out_dir is not None:
+        raise InputError(f"--out keeps the engine built from an ONNX model; {path.name} is already built")
     builder = _engine_builder(engine_name)
     prof = _profile_for(kind, engine_name, profile)
     say(f"loading {path.name} with {builder.name} ...")

@@ -1,0 +1,156 @@
+"""The latency cost model: known numbers on a hand-made profile, and how predictions move with the plan."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from rexdeploy.analyze import Layer
+from rexdeploy.costmodel import (
+    float_precision,
+    layer_precision,
+    output_elements,
+    predict_layer_us,
+    predict_layers_us,
+    predict_model_ms,
+    throughput,
+)
+from rexdeploy.errors import ProfileError
+from rexdeploy.plans import LayerPlan, Plan, uniform_plan
+from rexdeploy.profile import CostModel, Profile, Quantization, list_profiles, load_profile
+
+COST = CostModel(
+    layer_overhead_us=10.0,
+    branch_overhead_us=5.0,
+    bandwidth_gbps=10.0,  # 10 kB per µs
+    throughput_gmacs={
+        "conv": {"fp32": 100.0, "int8": 200.0},  # 100 / 200 kMAC per µs
+        "pointwise": {"fp32": 50.0, "int8": 100.0},
+        "depthwise": {"fp32": 10.0},
+        "gemm": {"fp32": 20.0, "int8": 40.0, "int4": 80.0},
+    },
+    model_overhead_us=30.0,
+    concat_factor=1.5,
+)
+PROFILE = Profile(name="hand", engine="openvino", device="CPU", cost=COST)
+
+
+def conv(channels: int = 64, spatial: int = 28, name: str = "conv") -> Layer:
+    """A 3x3 conv, ``channels`` in and out, on a ``spatial``² map."""
+    w = (channels, channels, 3, 3)
+    macs = channels * channels * 9 * spatial * spatial
+    return Layer(name, "Conv", "conv", "x", "y", "w", "b", w, 1, macs)
+
+
+def depthwise(channels: int = 64, spatial: int = 28) -> Layer:
+    w = (channels, 1, 3, 3)
+    return Layer("dw", "Conv", "depthwise", "x", "y", "w", None, w, channels, channels * 9 * spatial * spatial)
+
+
+def gemm(n: int = 1024) -> Layer:
+    return Layer("fc", "Gemm", "gemm", "x", "y", "w", "b", (n, n), 1, n * n)
+
+
+def test_known_numbers_for_a_hand_made_profile() -> None:
+    layer = conv(64, 28)  # 28.9 MMAC, 36 864 weights, 50 176 output elements
+    macs, weights, outputs = 28_901_376, 36_864, 50_176
+    assert (layer.macs, layer.weight_count, output_elements(layer)) == (macs, weights, outputs)
+    fp32 = 10.0 + macs / 100e3 + 4 * weights / 10e3
+    assert predict_layer_us(PROFILE, layer) == pytest.approx(fp32)
+    int8_k1 = 10.0 + macs / 200e3 + weights / 10e3
+    assert predict_layer_us(PROFILE, layer, bits=8, order=1) == pytest.approx(int8_k1)
+    extra = 5.0 + macs / 200e3 + (weights + 4 * outputs) / 10e3
+    assert predict_layer_us(PROFILE, layer, bits=8, order=2) == pytest.approx(int8_k1 + extra)
+    assert predict_layer_us(PROFILE, layer, bits=8, order=3) == pytest.approx(int8_k1 + 2 * extra)
+    assert predict_layer_us(PROFILE, layer, bits=8, order=2, form="concat") == pytest.approx(int8_k1 + 1.5 * extra)
+
+
+def test_sparse_orders_scale_with_their_kept_channels() -> None:
+    layer = conv(64, 28)
+    macs, weights, outputs = layer.macs, layer.weight_count, output_elements(layer)
+    k1 = predict_layer_us(PROFILE, layer, bits=8, order=1)
+    # gamma 0.5 at K = 2: order 2 keeps 32 of 64 channels
+    half = 5.0 + 0.5 * macs / 200e3 + (0.5 * weights + 4 * outputs) / 10e3
+    assert predict_layer_us(PROFILE, layer, bits=8, order=2, gamma=0.5) == pytest.approx(k1 + half)
+    costs = [predict_layer_us(PROFILE, layer, bits=8, order=2, gamma=g) for g in (0.0, 0.25, 0.5, 1.0)]
+    assert costs[0] == pytest.approx(k1)  # gamma 0: the order keeps no channel and is not emitted
+    assert costs == sorted(costs) and len(set(costs)) == 4
+    assert costs[-1] == pytest.approx(predict_layer_us(PROFILE, layer, bits=8, order=2))  # gamma >= K-1: dense
+    # sparse orders are emitted as branches: the concat factor does not apply to them
+    sparse_concat = predict_layer_us(PROFILE, layer, bits=8, order=2, gamma=0.5, form="concat")
+    assert sparse_concat == pytest.approx(costs[2])
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_prediction_grows_with_order_and_macs(order: int) -> None:
+    small, big = conv(64, 14), conv(64, 28)
+    assert predict_layer_us(PROFILE, big, bits=8, order=order) > predict_layer_us(PROFILE, small, bits=8, order=order)
+    assert predict_layer_us(PROFILE, big, bits=8, order=order + 1) > predict_layer_us(PROFILE, big, bits=8, order=order)
+
+
+def test_precision_picks_the_right_throughput() -> None:
+    layer = gemm(1024)
+    macs, weights = layer.macs, layer.weight_count
+    assert layer_precision(PROFILE, bits=None) == "fp32"
+    assert layer_precision(PROFILE, bits=8, act_bits=8) == "int8"
+    assert layer_precision(PROFILE, bits=8, act_bits=0) == "fp32"  # weight-only computes in float
+    assert layer_precision(PROFILE, bits=4, act_bits=0) == "fp32"  # no int4 weight-only kernels
+    int4_profile = dataclasses.replace(PROFILE, quantization=Quantization(int4_weight_only=True))
+    assert layer_precision(int4_profile, bits=4, act_bits=0) == "int4"
+    assert predict_layer_us(PROFILE, layer) == pytest.approx(10.0 + macs / 20e3 + 4 * weights / 10e3)
+    assert predict_layer_us(PROFILE, layer, bits=8) == pytest.approx(10.0 + macs / 40e3 + weights / 10e3)
+    assert predict_layer_us(PROFILE, layer, bits=8, act_bits=0) == pytest.approx(10.0 + macs / 20e3 + weights / 10e3)
+    assert predict_layer_us(int4_profile, layer, bits=4, act_bits=0) == pytest.approx(
+        10.0 + macs / 80e3 + 0.5 * weights / 10e3
+    )
+    assert predict_layer_us(PROFILE, layer, bits=8, precision="fp32") == pytest.approx(
+        10.0 + macs / 20e3 + weights / 10e3
+    )
+
+
+def test_float_precision_follows_the_engine() -> None:
+    assert float_precision(PROFILE) == "fp32"
+    assert float_precision(dataclasses.replace(PROFILE, quantization=Quantization(bf16=True))) == "bf16"
+    assert float_precision(load_profile("xeon-spr")) == "bf16"
+    assert float_precision(load_profile("a100")) == "fp16"
+
+
+def test_missing_precision_falls_back_then_fails_with_a_hint() -> None:
+    assert throughput(COST, "depthwise", "int8") == 10.0  # int8 → fp32
+    assert throughput(COST, "gemm", "bf16") == 20.0  # bf16 → fp16 → fp32
+    with pytest.raises(ProfileError, match=r"no \[cost.throughput_gmacs.depthwise\] rate for int8.*calibrate"):
+        throughput(dataclasses.replace(COST, throughput_gmacs={"depthwise": {"int4": 1.0}}), "depthwise", "int8")
+
+
+def test_plan_level_sum_and_unplanned_layers_are_float() -> None:
+    layers = [conv(64, 28, "a"), conv(32, 14, "b"), depthwise(), gemm(256)]
+    fp32 = [predict_layer_us(PROFILE, layer) for layer in layers]
+    assert predict_model_ms(PROFILE, layers) == pytest.approx((30.0 + sum(fp32)) / 1e3)
+    assert predict_model_ms(PROFILE, layers, Plan(layers={})) == pytest.approx((30.0 + sum(fp32)) / 1e3)
+    plan = Plan(layers={"a": LayerPlan(bits=8, order=2), "fc": LayerPlan(bits=8, order=1, act_bits=0)})
+    per_layer = predict_layers_us(PROFILE, layers, plan)
+    assert per_layer["a"] == pytest.approx(predict_layer_us(PROFILE, layers[0], bits=8, order=2))
+    assert per_layer["b"] == pytest.approx(fp32[1])
+    assert per_layer["dw"] == pytest.approx(fp32[2])
+    assert per_layer["fc"] == pytest.approx(predict_layer_us(PROFILE, layers[3], bits=8, act_bits=0))
+    assert predict_model_ms(PROFILE, layers, plan) == pytest.approx((30.0 + sum(per_layer.values())) / 1e3)
+    assert predict_model_ms(PROFILE, layers, plan.layers) == predict_model_ms(PROFILE, layers, plan)
+    k3 = uniform_plan([layer.name for layer in layers], bits=8, order=3)
+    k2 = uniform_plan([layer.name for layer in layers], bits=8, order=2)
+    assert predict_model_ms(PROFILE, layers, k3) > predict_model_ms(PROFILE, layers, k2)
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_every_shipped_profile_predicts(name: str) -> None:
+    profile = load_profile(name)
+    layers = [conv(64, 28, "a"), depthwise(), gemm(512)]
+    plan = uniform_plan(["a", "dw", "fc"], bits=min(profile.weight_bits("conv")), order=2)
+    fp32, rex = predict_model_ms(profile, layers), predict_model_ms(profile, layers, plan)
+    assert 0.0 < fp32 < 1e4 and 0.0 < rex < 1e4
+
+
+def test_zero_bandwidth_drops_the_memory_term() -> None:
+    layer = conv(64, 28)
+    no_memory = dataclasses.replace(PROFILE, cost=dataclasses.replace(COST, bandwidth_gbps=0.0))
+    assert predict_layer_us(no_memory, layer) == pytest.approx(10.0 + layer.macs / 100e3)
