@@ -25,7 +25,14 @@ from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
 from rexdeploy.plans import Plan, uniform_plan
 from rexdeploy.profile import Profile, load_profile
-from rexdeploy.ranges import activation_ranges, graph_inputs, load_calibration, probe_ranges, synthetic_inputs
+from rexdeploy.ranges import (
+    activation_ranges,
+    graph_inputs,
+    load_calibration,
+    probe_batch,
+    probe_ranges,
+    synthetic_inputs,
+)
 
 Progress = Callable[[str], None]
 
@@ -129,7 +136,8 @@ def expand_model(
     if plan.predictors > 1:  # paper §3.3: clone per predictor, each with its own activation ranges
         ensemble = build_ensemble(folded, plan, layers)
         taps = [_act_input(ensemble.model, n, j.layer) for n, j in ensemble.jobs.items() if j.plan.act_bits == 8]
-        ranges = probe_ranges(float_predictors(ensemble, folded), taps, calibration=calibration)
+        batch = probe_batch(sum(layer.macs for layer in layers), plan.predictors)
+        ranges = probe_ranges(float_predictors(ensemble, folded), taps, calibration=calibration, batch=batch)
         result = expand(ensemble.model, plan, ranges, jobs=ensemble.jobs)
         return Expanded(
             result.model,
@@ -143,7 +151,12 @@ def expand_model(
     act_inputs = [by_name[n].input for n, lp in plan.layers.items() if n in by_name and lp.act_bits == 8]
     # BN statistics where they reach, synthetic probes elsewhere; a user calibration batch overrides both
     missing = [t for t in act_inputs if ranges is None or t not in ranges]
-    computed = activation_ranges(folded, bn_stats, missing, method="auto", calibration=calibration) if missing else {}
+    batch = probe_batch(sum(layer.macs for layer in layers))
+    computed = (
+        activation_ranges(folded, bn_stats, missing, method="auto", calibration=calibration, batch=batch)
+        if missing
+        else {}
+    )
     result = expand(folded, plan, {**(ranges or {}), **computed})
     return Expanded(
         result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds

@@ -136,6 +136,17 @@ def _magnitude(value: np.ndarray, percentile: float | None) -> float:
     return float(np.percentile(magnitude, percentile))
 
 
+PROBE_MACS = 16e9  # multiply-accumulates one probing run may spend (16 samples of a 1-GMAC network)
+
+
+def probe_batch(macs_per_sample: float, predictors: int = 1) -> int:
+    """How many synthetic probes to run: 16 for small networks, down to 2 for big ones (ResNet-50 at
+    224²: 2), so that probing stays a fraction of the pass; ranges from 2 samples measured within the
+    seed-to-seed spread of 16 on MobileNetV2 (benchmarks/results/expand_speed.md)."""
+    per_run = max(macs_per_sample, 1.0) * max(predictors, 1)
+    return int(min(16, max(2, PROBE_MACS // per_run)))
+
+
 def probe_ranges(
     model: onnx.ModelProto,
     tensors: Sequence[str],
@@ -156,10 +167,15 @@ def probe_ranges(
     taps = list(dict.fromkeys(tensors))
     if not taps:
         return {}
-    session = _tap_session(model, taps)
     if calibration is None:
-        values = session.run(taps, synthetic_inputs(model, batch=batch, seed=seed, kind=probe))
-        return {name: _magnitude(v, percentile) for name, v in zip(taps, values, strict=True)}
+        feeds = synthetic_inputs(model, batch=batch, seed=seed, kind=probe)
+        known = {name: _magnitude(feeds[name], percentile) for name in taps if name in feeds}  # graph inputs
+        rest = [name for name in taps if name not in known]
+        if not rest:
+            return known
+        values = _tap_session(model, rest).run(rest, feeds)
+        return {**known, **{name: _magnitude(v, percentile) for name, v in zip(rest, values, strict=True)}}
+    session = _tap_session(model, taps)
     inputs = graph_inputs(model)
     if len(inputs) != 1:
         raise InputError("a calibration .npy can only be used with a single-input model")

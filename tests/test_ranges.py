@@ -316,3 +316,11 @@ def test_op_rules_identity_pooling_and_unknowns() -> None:
     np.testing.assert_allclose(known["bn"].mean, [0.5, -3.0])
     np.testing.assert_allclose(known["bn"].std, [2.0, 1.0])
     assert bn_ranges(model, {}, ["bn"], 2.0) == {"bn": pytest.approx(5.0)}
+
+
+def test_probe_batch_scales_with_network_size() -> None:
+    from rexdeploy.ranges import probe_batch
+
+    assert probe_batch(5e6) == 16  # small networks keep 16 probes
+    assert probe_batch(4.1e9) == 3 and probe_batch(4.1e9, predictors=2) == 2  # ResNet-50-sized: 2-3
+    assert probe_batch(1e12) == 2  # never fewer than 2

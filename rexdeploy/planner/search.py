@@ -27,7 +27,7 @@ from rexdeploy.planner.fidelity import ErrorModel, LayerOption
 from rexdeploy.planner.sensitivity import measure_sensitivity
 from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.profile import Profile
-from rexdeploy.ranges import activation_ranges, synthetic_inputs
+from rexdeploy.ranges import activation_ranges, probe_batch, synthetic_inputs
 
 ORDERS = (1, 2, 3)
 log = logging.getLogger(__name__)
@@ -175,8 +175,9 @@ def plan_model(
         name = next(iter(feeds))
         feeds = {name: calibration[: max(probes, 1)]}
     sensitivity = measure_sensitivity(folded, layers, feeds, seed=seed)
+    batch = probe_batch(sum(layer.macs for layer in layers))  # the same probes expand_model would use
     ranges = activation_ranges(
-        folded, bn_stats, [layer.input for layer in layers], method="auto", calibration=calibration
+        folded, bn_stats, [layer.input for layer in layers], method="auto", calibration=calibration, batch=batch
     )
     consts = ConstantResolver(folded)
     weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
