@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from models import conv_relu_gemm
 from onnx.reference import ReferenceEvaluator
 from rexdeploy_onnxruntime import OnnxRuntimeBuilder
 
@@ -18,35 +18,6 @@ from rexdeploy.profile import Parallel, Profile
 
 FAST = TimingSettings(warmup_s=0.05, duration_s=0.2)
 PROFILE = Profile(name="test-cpu", engine="onnxruntime", device="CPU", parallel=Parallel(cores=1))
-
-
-def conv_relu_gemm(batch: int | str = "N", width: int | str = 8) -> onnx.ModelProto:
-    """x[N,3,8,W] → Conv(4, 3x3, pad 1) + bias → Relu → Flatten → Gemm(→ 5), FP32."""
-    rng = np.random.default_rng(0)
-    w_width = width if isinstance(width, int) else 8
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "conv_w"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32) * 0.1, "conv_b"),
-        numpy_helper.from_array(rng.standard_normal((5, 4 * 8 * w_width)).astype(np.float32) * 0.1, "fc_w"),
-        numpy_helper.from_array(rng.standard_normal(5).astype(np.float32) * 0.1, "fc_b"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"], name="relu"),
-        helper.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
-        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "conv_relu_gemm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=width == 8)
-    return model
 
 
 @pytest.fixture

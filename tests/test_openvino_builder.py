@@ -19,6 +19,7 @@ from rexdeploy.profile import Parallel, Profile, Quantization
 pytestmark = pytest.mark.openvino
 ov = pytest.importorskip("openvino")
 
+from models import conv_relu_gemm  # noqa: E402
 from rexdeploy_openvino import (  # noqa: E402  (after the importorskip on purpose)
     OpenVINOBuilder,
     ThroughputResult,
@@ -31,34 +32,6 @@ from rexdeploy_openvino import (  # noqa: E402  (after the importorskip on purpo
 
 FAST = TimingSettings(warmup_s=0.05, duration_s=0.2)
 CPU = Profile(name="test-cpu", engine="openvino", device="CPU", parallel=Parallel(cores=1))
-
-
-def conv_relu_gemm(batch: int | str = "N", width: int | str = 8) -> onnx.ModelProto:
-    """x[N,3,8,W] → Conv(4, 3x3, pad 1) + bias → Relu → Flatten → Gemm(→ 5), FP32."""
-    rng = np.random.default_rng(0)
-    w_width = width if isinstance(width, int) else 8
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "conv_w"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32) * 0.1, "conv_b"),
-        numpy_helper.from_array(rng.standard_normal((5, 4 * 8 * w_width)).astype(np.float32) * 0.1, "fc_w"),
-        numpy_helper.from_array(rng.standard_normal(5).astype(np.float32) * 0.1, "fc_b"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"], name="relu"),
-        helper.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
-        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "conv_relu_gemm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def qdq_conv(channels: int = 16, out_channels: int = 32) -> onnx.ModelProto:

@@ -83,3 +83,16 @@ class Builder(Protocol):
     def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one inference and return the outputs in the model's output order."""
         ...
+
+
+def check_inputs(engine: Engine, inputs: dict[str, np.ndarray]) -> None:
+    """InputError unless ``inputs`` names exactly the engine's inputs (every builder's ``run`` calls it)."""
+    from rexdeploy.errors import InputError
+
+    missing = sorted(set(engine.inputs) - set(inputs))
+    unknown = sorted(set(inputs) - set(engine.inputs))
+    if missing or unknown:
+        raise InputError(
+            f"inputs do not match the engine: missing {missing or 'none'}, unknown {unknown or 'none'}; "
+            f"expected {sorted(engine.inputs)}"
+        )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rexdeploy.builders.base import Engine, TimingSettings
+from rexdeploy.builders.base import Engine, TimingSettings, check_inputs
 from rexdeploy.builders.registry import unavailable_error
 from rexdeploy.builders.timing import Timing, measure, random_inputs
 from rexdeploy.errors import BuildError, InputError
@@ -195,13 +195,7 @@ class OnnxRuntimeBuilder:
 
     def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = _session(engine)
-        missing = sorted(set(engine.inputs) - set(inputs))
-        unknown = sorted(set(inputs) - set(engine.inputs))
-        if missing or unknown:
-            raise InputError(
-                f"inputs do not match the engine: missing {missing or 'none'}, unknown {unknown or 'none'}; "
-                f"expected {sorted(engine.inputs)}"
-            )
+        check_inputs(engine, inputs)
         try:
             outputs = session.run(None, {name: np.asarray(inputs[name]) for name in engine.inputs})
         except Exception as exc:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rexdeploy.builders.base import Engine, TimingSettings
+from rexdeploy.builders.base import Engine, TimingSettings, check_inputs
 from rexdeploy.builders.timing import Timing, measure, random_inputs, timing_from_samples
 from rexdeploy.errors import BuildError, InputError
 from rexdeploy_openvino._runtime import (
@@ -216,13 +216,7 @@ class OpenVINOBuilder:
 
     def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         compiled = compiled_model(engine)
-        missing = sorted(set(engine.inputs) - set(inputs))
-        unknown = sorted(set(inputs) - set(engine.inputs))
-        if missing or unknown:
-            raise InputError(
-                f"inputs do not match the engine: missing {missing or 'none'}, unknown {unknown or 'none'}; "
-                f"expected {sorted(engine.inputs)}"
-            )
+        check_inputs(engine, inputs)
         try:
             request = compiled.create_infer_request()
             request.infer({name: np.asarray(inputs[name]) for name in engine.inputs})
