@@ -30,9 +30,10 @@ def cost_section(cost: CostModel, report: CalibrationReport) -> str:
     """The ``[cost]`` tables as TOML, headed by a comment on when and how well they were fitted."""
     doc = Profile(name="x", engine="openvino", device="CPU", cost=cost).to_toml()
     body = doc[doc.index("[cost]") :]
+    version = report.engine_version.split("-")[0]
     comment = (
         f"# Calibrated on this machine by `rexdeploy profile calibrate` on {report.date} ({report.engine} "
-        f"{report.engine_version}, {report.wall_s:.0f} s,\n# load average {report.loadavg_start[0]:.2f} → "
+        f"{version}, {report.wall_s:.0f} s,\n# load average {report.loadavg_start[0]:.2f} → "
         f"{report.loadavg_end[0]:.2f}): {report.quality_line()}.\n"
         f"# Raw points: benchmarks/results/calibration_{report.profile}.md\n"
     )

@@ -305,7 +305,7 @@ def settings_for(profile: Profile, op_class: str, quick: bool = False) -> list[S
     out += [
         Setting(f"W{bits}A8 K=2 gamma=0.5", "int8", bits, 2, gamma=0.5),
         Setting(f"W{bits}A{fp} K=2 weight-only", fp, bits, 2, act_bits=0),
-        Setting(f"W{bits}A8 K=2 gamma=0.25", "int8", bits, 2, gamma=0.25),
+        Setting(f"W{bits}A8 K=2 gamma=0.25", "int8", bits, 2, gamma=0.25),  # dropped first when short of time
     ]
     if q.int4_weight_only and 4 in profile.weight_bits(op_class):
         out += [Setting(f"W4A{fp} K={k} int4 weight-only", "int4", 4, k, act_bits=0) for k in (1, 2)]
@@ -563,7 +563,7 @@ def calibrate(
     """Measure micro-benchmarks with ``profile``'s engine here and fit its cost model.
 
     Every grid point is built first; then all of them are timed in ``rounds`` round-robin passes
-    (3; quick: 2) and each point keeps the lowest of its round medians, so that a burst of load from
+    (5; quick: 2) and each point keeps the lowest of its round medians, so that a burst of load from
     other processes spoils one round of a point, not the point. Building stops at 70 % of
     ``budget_s`` and further rounds are dropped when they would overrun it; points left out are
     listed in the report with the reason. Returns the profile with the fitted ``[cost]``
@@ -573,11 +573,11 @@ def calibrate(
     builder = _builder(profile)
     t_start = time.perf_counter()
     load_start = os.getloadavg()
-    rounds = rounds or (2 if quick else 3)
+    rounds = rounds or (2 if quick else 5)
     timing = timing or (
         TimingSettings(warmup_s=0.03, duration_s=0.08, min_runs=3)
         if quick
-        else TimingSettings(warmup_s=0.03, duration_s=0.12, min_runs=5)
+        else TimingSettings(warmup_s=0.02, duration_s=0.08, min_runs=4)
     )
     notes: list[str] = []
     if profile.engine == "openvino":

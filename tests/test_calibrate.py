@@ -179,7 +179,8 @@ def test_calibrate_loop_with_a_fake_engine(monkeypatch: pytest.MonkeyPatch) -> N
     fake = FakeBuilder()
     monkeypatch.setattr(cal, "get_builder", lambda engine: fake)
     calls: list[tuple[int, int, str]] = []
-    profile = load_profile("x86-avx2")
+    shipped = load_profile("x86-avx2")
+    profile = dataclasses.replace(shipped, cost=dataclasses.replace(shipped.cost, calibrated=False))
     fitted, report = calibrate(profile, quick=True, progress=lambda d, t, label: calls.append((d, t, label)))
     assert fitted.cost.calibrated and not profile.cost.calibrated
     assert fitted.quantization == profile.quantization and fitted.name == profile.name
