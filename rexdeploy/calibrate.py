@@ -231,7 +231,7 @@ class CalibrationReport:
             f"fit: {self.quality_line()}",
             f"model_overhead_us = {c.model_overhead_us:g}, layer_overhead_us = {c.layer_overhead_us:g}, "
             f"branch_overhead_us = {c.branch_overhead_us:g}, bandwidth_gbps = {c.bandwidth_gbps:g}, "
-            f"concat_factor = {c.concat_factor:g}",
+            f"activation_bandwidth_gbps = {c.activation_bandwidth_gbps:g}, concat_factor = {c.concat_factor:g}",
         ]
         for op_class, rates in c.throughput_gmacs.items():
             lines.append(f"throughput_gmacs.{op_class}: " + ", ".join(f"{p} {v:g}" for p, v in rates.items()))
@@ -258,7 +258,7 @@ class CalibrationReport:
             "| coefficient | before | fitted |",
             "|---|---|---|",
         ]
-        for name in ("model_overhead_us", "layer_overhead_us", "branch_overhead_us", "bandwidth_gbps", "concat_factor"):
+        for name in (*SCALARS, "concat_factor"):
             out.append(f"| {name} | {getattr(prev, name):g} | {getattr(c, name):g} |")
         for op_class, rates in c.throughput_gmacs.items():
             for p, v in rates.items():
@@ -409,7 +409,13 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
     return x
 
 
-SCALARS = ("model_overhead_us", "layer_overhead_us", "branch_overhead_us", "bandwidth_gbps")
+SCALARS = (
+    "model_overhead_us",
+    "layer_overhead_us",
+    "branch_overhead_us",
+    "bandwidth_gbps",
+    "activation_bandwidth_gbps",
+)
 
 
 def _rate_columns(points: Sequence[CalibrationPoint]) -> list[tuple[str, str]]:
@@ -418,7 +424,7 @@ def _rate_columns(points: Sequence[CalibrationPoint]) -> list[tuple[str, str]]:
 
 
 def _row(point: CalibrationPoint, rates: list[tuple[str, str]], with_extra: bool) -> np.ndarray:
-    """Design-matrix row: the point's µs is ``row @ [model, layer, branch overheads, 1/BW, 1/T...]``."""
+    """Design-matrix row: the point's µs is ``row @ [model, layer, branch overheads, 1/BW, 1/BWa, 1/T...]``."""
     row = np.zeros(len(SCALARS) + len(rates))
     row[0] = 1.0
     lt = point.terms()
@@ -429,6 +435,7 @@ def _row(point: CalibrationPoint, rates: list[tuple[str, str]], with_extra: bool
         row[1] += point.depth * t.layers
         row[2] += point.depth * t.branches
         row[3] += point.depth * t.bytes / 1e3
+        row[4] += point.depth * t.act_bytes / 1e3
         row[len(SCALARS) + rates.index((lt.op_class, lt.precision))] += point.depth * t.macs / 1e3
     return row
 
@@ -468,9 +475,10 @@ def fit_cost_model(points: Sequence[CalibrationPoint], base: CostModel) -> Fit:
         if used[col]:
             values[name] = _round(x[col])
             fitted.append(name)
-    if used[3]:
-        values["bandwidth_gbps"] = _round(1.0 / x[3]) if x[3] > 1.0 / MAX_RATE else 0.0
-        fitted.append("bandwidth_gbps")
+    for col, name in ((3, "bandwidth_gbps"), (4, "activation_bandwidth_gbps")):
+        if used[col]:
+            values[name] = _round(1.0 / x[col]) if x[col] > 1.0 / MAX_RATE else 0.0
+            fitted.append(name)
     table = {op: dict(rates) for op, rates in base.throughput_gmacs.items()}
     for col, (op_class, precision) in enumerate(rates, start=len(SCALARS)):
         if used[col]:

@@ -4,20 +4,23 @@ A layer of op class ``c`` (conv / pointwise / depthwise / gemm) with ``M`` multi
 sample, ``W`` weights, ``E`` output elements and ``C`` output channels, computing in precision ``p``
 with ``K`` residual orders costs, in µs::
 
-    first   = layer_overhead_us  + M / T[c][p]        + W·b / BW
-    extra_k = branch_overhead_us + f_k · M / T[c][p]  + (f_k · W·b + A · E) / BW          k = 2..K
+    first   = layer_overhead_us  + M / T[c][p]        + W·b / BW       + A·E / BWa
+    extra_k = branch_overhead_us + f_k · M / T[c][p]  + f_k · W·b / BW + A·E / BWa        k = 2..K
     layer   = first + ρ · Σ_k extra_k
     model   = model_overhead_us + Σ_layers layer                                          (ms = µs / 1000)
 
-- ``T[c][p]`` = ``throughput_gmacs[c][p]`` (GMAC/s = 10³ MAC/µs), ``BW`` = ``bandwidth_gbps`` (GB/s = 10³ B/µs;
-  0 drops the memory term).
+- ``T[c][p]`` = ``throughput_gmacs[c][p]`` (GMAC/s = 10³ MAC/µs); ``BW`` = ``bandwidth_gbps``, the rate
+  weights stream at, and ``BWa`` = ``activation_bandwidth_gbps``, the rate activations are written and
+  read back at (GB/s = 10³ B/µs; 0 drops that term). A calibrated rate of 10⁶ means the fit found no
+  compute cost at all: such layers' time is overhead and memory traffic (e.g. fp32 depthwise on x86-avx2).
 - ``b`` = bytes per stored weight: 4 for an fp32 layer, 2 for fp16/bf16, 1 for a quantized layer (the
   pass stores every order as int8, whatever its bit-width), 0.5 for int4 weight-only.
 - ``f_k`` = ``kept_channels(C, γ, K) / C``, the fraction of output channels a residual order k ≥ 2
   computes (paper §3.2; 1 for dense orders). An order that keeps no channel is not emitted and costs
   nothing.
-- ``A · E``: the bytes each extra order's partial output costs to write and sum into the layer's output
-  (``A = activation_bytes`` = 4, fp32 partial sums), paid in full even by a sparse order.
+- ``A · E`` (``A`` = 4 bytes, fp32): the layer's output, and each extra order's partial output that is
+  written and summed into it (paid in full even by a sparse order, whose narrow output is scattered
+  back to every channel). This term is what makes depthwise layers memory-bound on CPUs.
 - ``ρ`` = ``concat_factor`` for the concat form (one kernel over the concatenated orders + Split/Sum),
   which the pass emits for dense orders of ungrouped layers only; 1 for separate branches + Add.
 - ``p``: ``int8`` when the layer's input is quantized (W≤8 A8 Q/DQ); a weight-only layer
@@ -62,10 +65,8 @@ class Terms:
     layers: float = 0.0  # × layer_overhead_us
     branches: float = 0.0  # × branch_overhead_us
     macs: float = 0.0  # ÷ throughput_gmacs[op_class][precision]
-    bytes: float = 0.0  # ÷ bandwidth_gbps
-
-    def scaled(self, factor: float) -> Terms:
-        return Terms(self.layers * factor, self.branches * factor, self.macs * factor, self.bytes * factor)
+    bytes: float = 0.0  # weight bytes, ÷ bandwidth_gbps
+    act_bytes: float = 0.0  # activation bytes, ÷ activation_bandwidth_gbps
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ def layer_terms(
     if order < 1:
         raise PlanError(f"expansion order {order} not supported; use 1 to 16")
     w_bytes = layer.weight_count * weight_bytes(precision, quantized=bits is not None)
-    first = Terms(layers=1.0, macs=float(layer.macs), bytes=w_bytes)
+    out_bytes = activation_bytes * output_elements(layer)
+    first = Terms(layers=1.0, macs=float(layer.macs), bytes=w_bytes, act_bytes=out_bytes)
     extra = Terms()
     c = layer.out_channels
     n_extra = order - 1
@@ -150,7 +152,8 @@ def layer_terms(
             extra = Terms(
                 branches=float(n_extra),
                 macs=n_extra * kept * layer.macs,
-                bytes=n_extra * (kept * w_bytes + activation_bytes * output_elements(layer)),
+                bytes=n_extra * kept * w_bytes,
+                act_bytes=n_extra * out_bytes,
             )
     concat = form == "concat" and n_extra > 0 and layer.group == 1 and (gamma is None or gamma >= order - 1)
     return LayerTerms(layer.op_class, precision, first, extra, concat)
@@ -163,6 +166,8 @@ def terms_us(cost: CostModel, op_class: str, precision: str, terms: Terms, profi
         us += terms.macs / (throughput(cost, op_class, precision, profile_name) * 1e3)
     if terms.bytes and cost.bandwidth_gbps > 0.0:
         us += terms.bytes / (cost.bandwidth_gbps * 1e3)
+    if terms.act_bytes and cost.activation_bandwidth_gbps > 0.0:
+        us += terms.act_bytes / (cost.activation_bandwidth_gbps * 1e3)
     return us
 
 

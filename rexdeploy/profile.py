@@ -63,8 +63,9 @@ class CostModel:
     :mod:`rexdeploy.costmodel`).
 
     ``throughput_gmacs[op_class][precision]`` is the sustained rate in GMAC/s; each layer also pays
-    ``layer_overhead_us`` and each extra branch ``branch_overhead_us``; weights and extra orders' partial
-    outputs move at ``bandwidth_gbps`` (0: no memory term); a network pays ``model_overhead_us`` once per
+    ``layer_overhead_us`` and each extra branch ``branch_overhead_us``; weights stream at ``bandwidth_gbps``
+    and activations (each layer's output, each extra order's partial output) at
+    ``activation_bandwidth_gbps`` (0: no such memory term); a network pays ``model_overhead_us`` once per
     inference; the concat form's extra orders cost ``concat_factor`` × what they cost as branches.
     """
 
@@ -75,6 +76,7 @@ class CostModel:
     calibrated: bool = False
     model_overhead_us: float = 10.0
     concat_factor: float = 1.0
+    activation_bandwidth_gbps: float = 0.0
 
 
 @dataclass(frozen=True)

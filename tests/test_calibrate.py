@@ -45,6 +45,7 @@ TRUE = CostModel(
     calibrated=True,
     model_overhead_us=21.0,
     concat_factor=1.375,
+    activation_bandwidth_gbps=6.5,
 )
 PROFILE = Profile(name="synthetic", engine="openvino", device="CPU", cost=CostModel())
 

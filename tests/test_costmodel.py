@@ -32,6 +32,7 @@ COST = CostModel(
     },
     model_overhead_us=30.0,
     concat_factor=1.5,
+    activation_bandwidth_gbps=5.0,  # 5 kB per µs
 )
 PROFILE = Profile(name="hand", engine="openvino", device="CPU", cost=COST)
 
@@ -56,11 +57,11 @@ def test_known_numbers_for_a_hand_made_profile() -> None:
     layer = conv(64, 28)  # 28.9 MMAC, 36 864 weights, 50 176 output elements
     macs, weights, outputs = 28_901_376, 36_864, 50_176
     assert (layer.macs, layer.weight_count, output_elements(layer)) == (macs, weights, outputs)
-    fp32 = 10.0 + macs / 100e3 + 4 * weights / 10e3
+    fp32 = 10.0 + macs / 100e3 + 4 * weights / 10e3 + 4 * outputs / 5e3
     assert predict_layer_us(PROFILE, layer) == pytest.approx(fp32)
-    int8_k1 = 10.0 + macs / 200e3 + weights / 10e3
+    int8_k1 = 10.0 + macs / 200e3 + weights / 10e3 + 4 * outputs / 5e3
     assert predict_layer_us(PROFILE, layer, bits=8, order=1) == pytest.approx(int8_k1)
-    extra = 5.0 + macs / 200e3 + (weights + 4 * outputs) / 10e3
+    extra = 5.0 + macs / 200e3 + weights / 10e3 + 4 * outputs / 5e3
     assert predict_layer_us(PROFILE, layer, bits=8, order=2) == pytest.approx(int8_k1 + extra)
     assert predict_layer_us(PROFILE, layer, bits=8, order=3) == pytest.approx(int8_k1 + 2 * extra)
     assert predict_layer_us(PROFILE, layer, bits=8, order=2, form="concat") == pytest.approx(int8_k1 + 1.5 * extra)
@@ -71,7 +72,7 @@ def test_sparse_orders_scale_with_their_kept_channels() -> None:
     macs, weights, outputs = layer.macs, layer.weight_count, output_elements(layer)
     k1 = predict_layer_us(PROFILE, layer, bits=8, order=1)
     # gamma 0.5 at K = 2: order 2 keeps 32 of 64 channels
-    half = 5.0 + 0.5 * macs / 200e3 + (0.5 * weights + 4 * outputs) / 10e3
+    half = 5.0 + 0.5 * macs / 200e3 + 0.5 * weights / 10e3 + 4 * outputs / 5e3
     assert predict_layer_us(PROFILE, layer, bits=8, order=2, gamma=0.5) == pytest.approx(k1 + half)
     costs = [predict_layer_us(PROFILE, layer, bits=8, order=2, gamma=g) for g in (0.0, 0.25, 0.5, 1.0)]
     assert costs[0] == pytest.approx(k1)  # gamma 0: the order keeps no channel and is not emitted
@@ -91,22 +92,21 @@ def test_prediction_grows_with_order_and_macs(order: int) -> None:
 
 def test_precision_picks_the_right_throughput() -> None:
     layer = gemm(1024)
-    macs, weights = layer.macs, layer.weight_count
+    macs, weights, out_us = layer.macs, layer.weight_count, 4 * 1024 / 5e3  # out_us: writing the output
     assert layer_precision(PROFILE, bits=None) == "fp32"
     assert layer_precision(PROFILE, bits=8, act_bits=8) == "int8"
     assert layer_precision(PROFILE, bits=8, act_bits=0) == "fp32"  # weight-only computes in float
     assert layer_precision(PROFILE, bits=4, act_bits=0) == "fp32"  # no int4 weight-only kernels
     int4_profile = dataclasses.replace(PROFILE, quantization=Quantization(int4_weight_only=True))
     assert layer_precision(int4_profile, bits=4, act_bits=0) == "int4"
-    assert predict_layer_us(PROFILE, layer) == pytest.approx(10.0 + macs / 20e3 + 4 * weights / 10e3)
-    assert predict_layer_us(PROFILE, layer, bits=8) == pytest.approx(10.0 + macs / 40e3 + weights / 10e3)
-    assert predict_layer_us(PROFILE, layer, bits=8, act_bits=0) == pytest.approx(10.0 + macs / 20e3 + weights / 10e3)
+    assert predict_layer_us(PROFILE, layer) == pytest.approx(10.0 + macs / 20e3 + 4 * weights / 10e3 + out_us)
+    assert predict_layer_us(PROFILE, layer, bits=8) == pytest.approx(10.0 + macs / 40e3 + weights / 10e3 + out_us)
+    weight_only = 10.0 + macs / 20e3 + weights / 10e3 + out_us
+    assert predict_layer_us(PROFILE, layer, bits=8, act_bits=0) == pytest.approx(weight_only)
     assert predict_layer_us(int4_profile, layer, bits=4, act_bits=0) == pytest.approx(
-        10.0 + macs / 80e3 + 0.5 * weights / 10e3
+        10.0 + macs / 80e3 + 0.5 * weights / 10e3 + out_us
     )
-    assert predict_layer_us(PROFILE, layer, bits=8, precision="fp32") == pytest.approx(
-        10.0 + macs / 20e3 + weights / 10e3
-    )
+    assert predict_layer_us(PROFILE, layer, bits=8, precision="fp32") == pytest.approx(weight_only)
 
 
 def test_float_precision_follows_the_engine() -> None:
@@ -152,5 +152,7 @@ def test_every_shipped_profile_predicts(name: str) -> None:
 
 def test_zero_bandwidth_drops_the_memory_term() -> None:
     layer = conv(64, 28)
-    no_memory = dataclasses.replace(PROFILE, cost=dataclasses.replace(COST, bandwidth_gbps=0.0))
+    no_memory = dataclasses.replace(
+        PROFILE, cost=dataclasses.replace(COST, bandwidth_gbps=0.0, activation_bandwidth_gbps=0.0)
+    )
     assert predict_layer_us(no_memory, layer) == pytest.approx(10.0 + layer.macs / 100e3)
