@@ -96,3 +96,16 @@ def check_inputs(engine: Engine, inputs: dict[str, np.ndarray]) -> None:
             f"inputs do not match the engine: missing {missing or 'none'}, unknown {unknown or 'none'}; "
             f"expected {sorted(engine.inputs)}"
         )
+
+
+def live_handle(engine: Engine, backend: str, builder_class: str) -> Any:
+    """The in-process handle of an engine this backend built; BuildError naming what to do otherwise."""
+    from rexdeploy.errors import BuildError
+
+    if engine.backend != backend or engine.handle is None:
+        raise BuildError(
+            f"this needs an {backend} engine built in this process (got a {engine.backend} engine"
+            f"{'' if engine.handle is not None else ' without a live handle'}); "
+            f"build it with {builder_class}().build(...)"
+        )
+    return engine.handle

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rexdeploy.builders.base import Engine, TimingSettings, check_inputs
+from rexdeploy.builders.base import Engine, TimingSettings, check_inputs, live_handle
 from rexdeploy.builders.registry import unavailable_error
 from rexdeploy.builders.timing import Timing, measure, random_inputs
 from rexdeploy.errors import BuildError, InputError
@@ -95,13 +95,7 @@ def _static_shapes(model: Path, session: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _session(engine: Engine) -> Any:
-    if engine.backend != NAME or engine.handle is None:
-        raise BuildError(
-            f"this needs an onnxruntime engine built in this process (got a {engine.backend} engine"
-            f"{'' if engine.handle is not None else ' without a live handle'}); "
-            "build it with OnnxRuntimeBuilder().build(...)"
-        )
-    return engine.handle
+    return live_handle(engine, NAME, "OnnxRuntimeBuilder")
 
 
 class OnnxRuntimeBuilder:

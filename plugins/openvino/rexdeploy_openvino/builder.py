@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rexdeploy.builders.base import Engine, TimingSettings, check_inputs
+from rexdeploy.builders.base import Engine, TimingSettings, check_inputs, live_handle
 from rexdeploy.builders.timing import Timing, measure, random_inputs, timing_from_samples
 from rexdeploy.errors import BuildError, InputError
 from rexdeploy_openvino._runtime import (
@@ -41,13 +41,7 @@ IR_NAME = "model"
 
 def compiled_model(engine: Engine) -> Any:
     """The live ``openvino.CompiledModel`` of an engine built in this process."""
-    if engine.backend != NAME or engine.handle is None:
-        raise BuildError(
-            f"this needs an OpenVINO engine built in this process (got a {engine.backend} engine"
-            f"{'' if engine.handle is not None else ' without a live handle'}); "
-            "build it with OpenVINOBuilder().build(...)"
-        )
-    return engine.handle
+    return live_handle(engine, NAME, "OpenVINOBuilder")
 
 
 def engine_batch(engine: Engine) -> int:
