@@ -13,6 +13,7 @@ from rexdeploy.errors import InputError, PlanError
 
 PLAN_FORMAT = 1
 FORMS = ("branches", "concat")
+MAX_ACT_ORDER = 3
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,10 @@ class LayerPlan:
     bits: weight bit-width (2 = ternary … 8); order: K, the number of residual orders;
     gamma: sparse budget of the orders ≥ 2 (paper §3.2), None = dense; split: the ensemble
     grouping K_1..K_M of the orders (one predictor = ``(K,)``); act_bits: 8 (int8 Q/DQ on the
-    layer input) or 0 (the input stays float: weight-only); form: ``branches`` (one conv per
-    order, summed with Add) or ``concat`` (one conv over the concatenated kernels, then reduce).
+    layer input) or 0 (the input stays float: weight-only); act_order: J, the number of residual
+    orders of the int8 input (x ≈ x_1 + … + x_J, each x_j an int8 Q/DQ of the previous remainder;
+    :mod:`rexdeploy.passes.expand`); form: ``branches`` (one conv per order, summed with Add) or
+    ``concat`` (one conv over the concatenated kernels, then reduce).
     """
 
     bits: int = 8
@@ -33,6 +36,7 @@ class LayerPlan:
     act_bits: int = 8
     form: str = "branches"
     block: int = 0  # > 0: int4 weight-only with one scale per block of this many inputs (Gemm/MatMul)
+    act_order: int = 1
 
     def __post_init__(self) -> None:
         if not self.split:
@@ -53,6 +57,12 @@ class LayerPlan:
             )
         if self.act_bits not in (0, 8):
             raise PlanError(f"activation bits {self.act_bits} not supported; use 8 or fp (float)")
+        if not 1 <= self.act_order <= MAX_ACT_ORDER:
+            raise PlanError(f"activation order {self.act_order} not supported; use 1 to {MAX_ACT_ORDER}")
+        if self.act_order > 1 and self.act_bits != 8:
+            raise PlanError(
+                f"activation order {self.act_order} expands an int8 input: it needs act_bits 8, not float"
+            )
         if self.form not in FORMS:
             raise PlanError(f"form {self.form!r} unknown; use one of {', '.join(FORMS)}")
         if self.block:
@@ -88,12 +98,14 @@ class Plan:
 
     def summary(self) -> str:
         """One line: the uniform setting if all layers agree (γ may vary: linear+), else the spread."""
-        settings = {(lp.bits, lp.order, lp.split, lp.act_bits, lp.form) for lp in self.layers.values()}
+        settings = {(lp.bits, lp.order, lp.split, lp.act_bits, lp.form, lp.act_order) for lp in self.layers.values()}
         gammas = sorted({lp.gamma for lp in self.layers.values()}, key=lambda g: -1.0 if g is None else g)
         if len(settings) == 1:
-            bits, order, split, act, form = settings.pop()
+            bits, order, split, act, form, act_order = settings.pop()
             blocks = sorted({lp.block for lp in self.layers.values() if lp.block})
             parts = [f"W{bits}A{act or 'fp'}" + (f" (int4 blocks of {blocks[0]})" if blocks else ""), f"K={order}"]
+            if act_order > 1:
+                parts.append(f"act_order={act_order}")
             if gammas != [None] and order > 1:
                 if len(gammas) == 1:
                     parts.append(f"gamma={gammas[0]:g}")
@@ -172,6 +184,8 @@ class Plan:
 def _layer_dict(lp: LayerPlan) -> dict[str, Any]:
     d = asdict(lp)
     d["split"] = list(lp.split)
+    if lp.act_order == 1:  # the default is left out: plans written before act_order keep their hash
+        del d["act_order"]
     return d
 
 
@@ -192,9 +206,11 @@ def uniform_plan(
     act_bits: int = 8,
     form: str = "branches",
     block: int = 0,
+    act_order: int = 1,
     profile: str = "",
     model_sha256: str = "",
 ) -> Plan:
     """The same LayerPlan on every named layer."""
-    lp = LayerPlan(bits=bits, order=order, gamma=gamma, split=tuple(split), act_bits=act_bits, form=form, block=block)
+    lp = LayerPlan(bits=bits, order=order, gamma=gamma, split=tuple(split), act_bits=act_bits, form=form, block=block,
+                   act_order=act_order)  # fmt: skip
     return Plan(layers={name: lp for name in layer_names}, profile=profile, model_sha256=model_sha256)

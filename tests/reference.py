@@ -43,9 +43,16 @@ def run_reference(
     *,
     weight_map: Callable[[str, np.ndarray], np.ndarray] | None = None,
     act_scales: dict[str, float] | None = None,
+    order_weights: Callable[[str, np.ndarray], list[np.ndarray]] | None = None,
+    terms: set[tuple[int, int]] | None = None,
+    act_order: int = 1,
 ) -> list[np.ndarray]:
     """Interpret ``model`` in float64 numpy. ``weight_map(node_name, w)`` replaces a Conv/Gemm weight
-    (e.g. by its REx reconstruction); ``act_scales`` fake-quantizes a node's input tensor."""
+    (e.g. by its REx reconstruction); ``act_scales`` fake-quantizes a node's input tensor.
+
+    Activation orders: with ``act_order`` J > 1 a quantized input becomes x_1 = fq(x, s), x_j =
+    fq(x − x_1 − … − x_{j−1}, s / 254^(j−1)), and the node computes Σ_{(j, k) in terms} op(x_j, W_k), where
+    ``order_weights(node_name, w)`` gives the dequantized weight orders W_1..W_K (bias once)."""
     env: dict[str, np.ndarray] = {k: v.astype(np.float64) for k, v in feeds.items()}
     env.update({i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer})
     for node in model.graph.node:
@@ -55,21 +62,26 @@ def run_reference(
         if op in ("Conv", "Gemm"):
             x, w = ins[0], ins[1]
             assert x is not None and w is not None
+            xs = [x]
             if act_scales and node.input[0] in act_scales:
-                x = fake_quant_int8(x.astype(np.float32), act_scales[node.input[0]]).astype(np.float64)
+                xs, rest, s1 = [], x.astype(np.float32), act_scales[node.input[0]]
+                for j in range(act_order):
+                    xs.append(fake_quant_int8(rest, float(np.float32(s1 / 254.0**j))))
+                    rest = (rest - xs[-1]).astype(np.float32)
             transposed = op == "Gemm" and not a.get("transB", 0)
             if transposed:
                 w = w.T  # out-channel-major, like rexdeploy's numerics
+            ws = [w]
             if weight_map is not None:
-                w = weight_map(node.name, w)
+                ws = [weight_map(node.name, w)]
+            if order_weights is not None:
+                ws = order_weights(node.name, w)
+            pairs = sorted(terms) if terms is not None and len(xs) > 1 else [(1, k) for k in range(1, len(ws) + 1)]
             b = ins[2] if len(ins) > 2 else None
-            if op == "Conv":
-                pads = list(a.get("pads", [0] * 4))  # type: ignore[call-overload]
-                out = conv2d(x, w, b, list(a.get("strides", [1, 1])), pads, int(a.get("group", 1)))  # type: ignore[call-overload]
-            else:
-                out = float(a.get("alpha", 1.0)) * x @ w.T  # type: ignore[arg-type]
-                if b is not None:
-                    out = out + float(a.get("beta", 1.0)) * b  # type: ignore[arg-type]
+            out = sum(
+                _layer(op, a, xs[j - 1].astype(np.float64), ws[k - 1], b if first else None)
+                for first, (j, k) in zip([True] + [False] * len(pairs), pairs, strict=False)
+            )
         elif op == "Relu":
             out = np.maximum(ins[0], 0.0)
         elif op == "Clip":
@@ -91,6 +103,25 @@ def run_reference(
             raise NotImplementedError(f"reference interpreter has no {op}")
         env[node.output[0]] = out
     return [env[o.name] for o in model.graph.output]
+
+
+def _layer(op: str, a: dict[str, object], x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    if op == "Conv":
+        pads = list(a.get("pads", [0] * 4))  # type: ignore[call-overload]
+        return conv2d(x, w, b, list(a.get("strides", [1, 1])), pads, int(a.get("group", 1)))  # type: ignore[call-overload]
+    out = float(a.get("alpha", 1.0)) * x @ w.T  # type: ignore[arg-type]
+    if b is not None:
+        out = out + float(a.get("beta", 1.0)) * b  # type: ignore[arg-type]
+    return np.asarray(out)
+
+
+def rex_order_weights(bits: int, order: int) -> Callable[[str, np.ndarray], list[np.ndarray]]:
+    """Each weight's dequantized residual orders W_1..W_K, one array each."""
+
+    def fn(name: str, w: np.ndarray) -> list[np.ndarray]:
+        return [reconstruct([o], w.shape) for o in expand_weight(w, bits, order)]
+
+    return fn
 
 
 def rex_weight_map(bits: int, order: int, gamma: float | None = None) -> Callable[[str, np.ndarray], np.ndarray]:

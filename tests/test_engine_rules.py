@@ -20,6 +20,9 @@ FORMS = [
     {"bits": 4, "order": 3, "gamma": 0.5},
     {"bits": 4, "order": 3, "form": "concat"},
     {"bits": 4, "order": 3, "split": (2, 1)},
+    {"bits": 8, "order": 2, "act_order": 2},
+    {"bits": 8, "order": 1, "act_order": 3, "form": "concat"},
+    {"bits": 8, "order": 3, "act_order": 2, "gamma": 0.5},
 ]
 
 

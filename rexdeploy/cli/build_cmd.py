@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--bits", type=int, help="weight bits 2..8 (default: the profile's)")
     p.add_argument("--order", type=int, help="expansion order K (default: the profile's)")
     p.add_argument("--act-bits", type=common.act_bits, help="8 or fp (weight-only)")
+    p.add_argument(
+        "--act-order", type=int, help="residual orders of each int8 layer input (1 default, 2 ~ FP32 fidelity at W8A8)"
+    )
     p.add_argument("--form", choices=("branches", "concat"), help="dense expansion form")
     p.add_argument("--block", type=int, help="int4 weight-only with per-block scales on Gemm/MatMul (e.g. 64)")
     p.add_argument("--duration", type=common.duration, default=3.0, help="timed duration per engine (default 3s)")
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         bits=args.bits,
         order=args.order,
         act_bits=args.act_bits,
+        act_order=args.act_order,
         form=args.form,
         block=args.block,
     )

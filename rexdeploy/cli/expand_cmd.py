@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--gamma", type=float, help="sparse budget of orders >= 2 (e.g. 0.5)")
     p.add_argument("--ensemble", type=common.ensemble, help="orders per predictor, e.g. 2,1")
     p.add_argument("--act-bits", type=common.act_bits, help="8 or fp (weight-only)")
+    p.add_argument(
+        "--act-order", type=int, help="residual orders of each int8 layer input (1 default, 2 ~ FP32 fidelity at W8A8)"
+    )
     p.add_argument("--form", choices=("branches", "concat"), help="dense expansion form")
     p.add_argument("--block", type=int, help="int4 weight-only with per-block scales on Gemm/MatMul (e.g. 64)")
     p.add_argument("--calib", help="optional calibration batch (.npy)")
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         gamma=args.gamma,
         split=args.ensemble,
         act_bits=args.act_bits,
+        act_order=args.act_order,
         form=args.form,
         block=args.block,
     )

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from rexdeploy.actorders import activation_order_scales, first_range, kept_terms
 from rexdeploy.analyze import ConstantResolver, Layer, find_layers, layer_weight
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import add_initializer, drop_initializers
@@ -104,10 +105,17 @@ class _Emitter:
         # the output graph's initializer field when given: tensors are built in place, not copied in later
         self.inits: Any = [] if inits is None else inits
         self.act_dq: dict[str, str] = {}
+        self.act_orders: dict[tuple[str, int], list[str]] = {}
         self.act_scales: dict[str, float] = {}
+        self.names: set[str] = set()
+        self.outputs: dict[str, str] = {}  # weight DQ outputs by base name
         self.sparse_form = sparse_form
 
     def const(self, name: str, value: np.ndarray) -> str:
+        """An initializer, once per name: a layer's activation orders share its weights and index tensors."""
+        if name in self.names:
+            return name
+        self.names.add(name)
         if isinstance(self.inits, list):
             self.inits.append(numpy_helper.from_array(value, name))
         else:
@@ -131,6 +139,32 @@ class _Emitter:
         self.act_scales[tensor] = scale
         return dq
 
+    def activation_orders(self, tensor: str, scale: float, act_order: int) -> list[str]:
+        """``x_1 … x_J`` of :mod:`rexdeploy.actorders`: a Q/DQ of ``tensor``, then of each remainder
+        (``Sub`` of the previous order's DQ), scale / 254 per order. One chain per (tensor, J)."""
+        if act_order == 1:
+            return [self.quantized_activation(tensor, scale)]
+        key = (tensor, act_order)
+        if key in self.act_orders:
+            return self.act_orders[key]
+        base = f"{_safe(tensor)}_a{act_order}"
+        zp = self.const(f"{base}_zp", np.array(0, dtype=np.int8))
+        outs: list[str] = []
+        current = tensor
+        for j, s_j in enumerate(activation_order_scales(scale, act_order), start=1):
+            s = self.const(f"{base}_x{j}_scale", np.array(s_j, dtype=np.float32))
+            q, dq = f"{base}_x{j}_q", f"{base}_x{j}"
+            self.node("QuantizeLinear", [current, s, zp], [q], f"{base}_x{j}_QuantizeLinear")
+            self.node("DequantizeLinear", [q, s, zp], [dq], f"{base}_x{j}_DequantizeLinear")
+            outs.append(dq)
+            if j < act_order:
+                rest = f"{base}_r{j}"
+                self.node("Sub", [current, dq], [rest], f"{base}_r{j}_Sub")
+                current = rest
+        self.act_orders[key] = outs
+        self.act_scales.setdefault(tensor, scale)
+        return outs
+
     def dequantized_int4_blocks(
         self, base: str, values: np.ndarray, scale: np.ndarray, layer: Layer, block: int
     ) -> str:
@@ -139,14 +173,18 @@ class _Emitter:
         n, k_in = layer.weight_shape
         q = np.moveaxis(values.reshape(n, k_in), 0, layer.weight_axis)
         s = np.moveaxis(scale.reshape(n, k_in // block), 0, layer.weight_axis).astype(np.float32)
+        out = f"{base}_dq"
+        if self.outputs.get(base) == out:
+            return out
         w = f"{base}_int4"
+        self.names.add(w)
         self.inits.append(
             helper.make_tensor(w, onnx.TensorProto.INT4, list(q.shape), q.astype(np.int8).ravel().tolist())
         )
         sc = self.const(f"{base}_scale", np.ascontiguousarray(s))
-        out = f"{base}_dq"
         self.node("DequantizeLinear", [w, sc], [out], f"{base}_DequantizeLinear", axis=1 - layer.weight_axis,
                   block_size=block)  # fmt: skip
+        self.outputs[base] = out
         return out
 
     def dequantized_weight(self, base: str, values: np.ndarray, scale: np.ndarray, axis: int) -> str:
@@ -155,7 +193,10 @@ class _Emitter:
         s = self.const(f"{base}_scale", scale.astype(np.float32))
         zp = self.const(f"{base}_zp", np.zeros(scale.shape, dtype=np.int8))
         out = f"{base}_dq"
+        if self.outputs.get(base) == out:
+            return out
         self.node("DequantizeLinear", [w, s, zp], [out], f"{base}_DequantizeLinear", axis=axis)
+        self.outputs[base] = out
         return out
 
 
@@ -179,7 +220,7 @@ def _output_rank(layer: Layer) -> int:
 
 
 def _emit_sparse_order(
-    em: _Emitter, node: onnx.NodeProto, layer: Layer, o: ResidualOrder, x: str, base: str, out: str
+    em: _Emitter, node: onnx.NodeProto, layer: Layer, o: ResidualOrder, x: str, base: str, out: str, suffix: str = ""
 ) -> None:
     """A narrow layer over the selected channels, scattered back into the full channel axis."""
     c = layer.out_channels
@@ -189,11 +230,11 @@ def _emit_sparse_order(
     if layer.op_class == "depthwise":  # channel c reads input channel c: gather those inputs too
         idx = em.const(f"{base}_in_idx", o.channels.astype(np.int64))
         gathered = f"{out}_in"
-        em.node("Gather", [x, idx], [gathered], f"{base}_gather_in", axis=1)
+        em.node("Gather", [x, idx], [gathered], f"{base}_gather_in{suffix}", axis=1)
         x, group = gathered, len(o.channels)
-    em.nodes.append(_layer_node(node, layer, x, w, None, narrow, f"{base}_narrow", group=group))
+    em.nodes.append(_layer_node(node, layer, x, w, None, narrow, f"{base}_narrow{suffix}", group=group))
     if em.sparse_form == "onehot":
-        _emit_onehot_scatter(em, layer, o, narrow, base, out)
+        _emit_onehot_scatter(em, layer, o, narrow, base, out, suffix)
         return
     axis = layer.out_axis
     rank = _output_rank(layer) if axis >= 0 else None  # MatMul outputs: any rank, channel axis from the end
@@ -207,17 +248,17 @@ def _emit_sparse_order(
         sl_end = em.const(f"{base}_zslice_end", np.array([1], dtype=np.int64))
         ax = em.const(f"{base}_zslice_axis", np.array([axis], dtype=np.int64))
         part = f"{out}_first"
-        em.node("Slice", [narrow, sl, sl_end, ax], [part], f"{base}_slice0")
+        em.node("Slice", [narrow, sl, sl_end, ax], [part], f"{base}_slice0{suffix}")
         zc = em.const(f"{base}_zero_c", np.array(0.0, dtype=np.float32))
-        em.node("Mul", [part, zc], [zero], f"{base}_zero")
+        em.node("Mul", [part, zc], [zero], f"{base}_zero{suffix}")
         padded = f"{out}_padded"
-        em.node("Concat", [narrow, zero], [padded], f"{base}_pad", axis=axis)
+        em.node("Concat", [narrow, zero], [padded], f"{base}_pad{suffix}", axis=axis)
     else:
         pads = np.zeros(2 * rank, dtype=np.int64)
         pads[rank + axis] = 1
         padded = f"{out}_padded"
-        em.node("Pad", [narrow, em.const(f"{base}_pads", pads)], [padded], f"{base}_pad")
-    em.node("Gather", [padded, em.const(f"{base}_scatter_idx", position)], [out], f"{base}_scatter", axis=axis)
+        em.node("Pad", [narrow, em.const(f"{base}_pads", pads)], [padded], f"{base}_pad{suffix}")
+    em.node("Gather", [padded, em.const(f"{base}_scatter_idx", position)], [out], f"{base}_scatter{suffix}", axis=axis)
 
 
 def _runs_narrow(sparse_form: str, layer: Layer, o: ResidualOrder) -> bool:
@@ -230,7 +271,9 @@ def _runs_narrow(sparse_form: str, layer: Layer, o: ResidualOrder) -> bool:
     return False
 
 
-def _emit_onehot_scatter(em: _Emitter, layer: Layer, o: ResidualOrder, narrow: str, base: str, out: str) -> None:
+def _emit_onehot_scatter(
+    em: _Emitter, layer: Layer, o: ResidualOrder, narrow: str, base: str, out: str, suffix: str = ""
+) -> None:
     """``sparse_form="onehot"``: the narrow output is put back into the full channel axis by a constant
     one-hot matrix E (C × |S_k|, E[S_k[j], j] = 1) — a 1×1 Conv for conv layers, a MatMul for Gemm/MatMul —
     so the scatter stays a (float) convolution the engine can fuse the following Add into. Exact in
@@ -241,12 +284,12 @@ def _emit_onehot_scatter(em: _Emitter, layer: Layer, o: ResidualOrder, narrow: s
     if layer.op_type in ("Conv", "ConvTranspose"):  # output (N, C, spatial...): a 1×1 Conv
         spatial = _output_rank(layer) - 2
         e = em.const(f"{base}_onehot", onehot.reshape(c, k, *([1] * spatial)))
-        em.node("Conv", [narrow, e], [out], f"{base}_scatter", kernel_shape=[1] * spatial)
+        em.node("Conv", [narrow, e], [out], f"{base}_scatter{suffix}", kernel_shape=[1] * spatial)
     elif layer.out_axis == -2:  # y = W @ x: channels on the second-to-last axis
-        em.node("MatMul", [em.const(f"{base}_onehot", onehot), narrow], [out], f"{base}_scatter")
+        em.node("MatMul", [em.const(f"{base}_onehot", onehot), narrow], [out], f"{base}_scatter{suffix}")
     else:  # Gemm (N, C) and y = x @ W: channels last
         e = em.const(f"{base}_onehot", np.ascontiguousarray(onehot.T))
-        em.node("MatMul", [narrow, e], [out], f"{base}_scatter")
+        em.node("MatMul", [narrow, e], [out], f"{base}_scatter{suffix}")
 
 
 def _full_width(o: ResidualOrder, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -262,54 +305,26 @@ def _full_width(o: ResidualOrder, channels: int) -> tuple[np.ndarray, np.ndarray
 
 def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[ResidualOrder], x_scale: float | None,
                 bias_value: np.ndarray | None) -> None:  # fmt: skip
+    """Emit one node's terms ``R^k·x_j`` (:func:`rexdeploy.actorders.kept_terms`; J = 1 without act_order)
+    and sum them into the node's output."""
     layer, lp = job.layer, job.plan
-    x = (
-        node.input[layer.act_index]
-        if x_scale is None
-        else em.quantized_activation(node.input[layer.act_index], x_scale)
-    )
-    bias = layer.bias if job.bias else None
-    out = node.output[0]
-    base = _safe(layer.name) + job.tag
+    tensor = node.input[layer.act_index]
+    xs = [tensor] if x_scale is None else em.activation_orders(tensor, x_scale, lp.act_order)
     mine = [orders[k - 1] for k in job.orders if orders[k - 1].n_channels > 0]  # γ_l = 0 leaves orders empty
     if not mine:
         raise PlanError(
             f"layer {layer.name!r}: predictor {job.tag.removeprefix('__p') or 1} holds no channel of its orders "
             f"{list(job.orders)} (gamma too small); raise gamma or use fewer predictors"
         )
-    sparse = [o for o in mine if o.n_channels < layer.out_channels and _runs_narrow(em.sparse_form, layer, o)]
-    full = [o for o in mine if o not in sparse]
-    single = len(mine) == 1
+    terms = set(kept_terms(lp.bits, lp.order, len(xs)))
+    per_input = [[o for o in mine if (j, o.order) in terms] for j in range(1, len(xs) + 1)]
+    out = node.output[0]
+    sole = out if sum(1 for chosen in per_input if chosen) == 1 else None
     outputs: list[str] = []
-    concat_ok = bias is None or (bias_value is not None and bias_value.ndim == 1)
-    if lp.block:  # int4 blocks: each order one blocked-DQ branch (numerics ran per block row)
-        for o in full:
-            y = out if single else f"{out}_order{o.order}{job.tag}"
-            w = em.dequantized_int4_blocks(f"{base}_w{o.order}", o.values, o.scale, layer, lp.block)
-            em.nodes.append(_layer_node(node, layer, x, w, bias, y, f"{layer.name}_order{o.order}{job.tag}"))
-            bias = None
-            outputs.append(y)
-    elif lp.form == "concat" and len(full) > 1 and layer.group == 1 and concat_ok:
-        cat_orders = [ResidualOrder(o.order, *_full_width(o, layer.out_channels)[:2], np.arange(layer.out_channels))
-                      for o in full]  # fmt: skip
-        outputs.append(
-            _emit_concat(em, node, layer, cat_orders, x, bias, bias_value, base, out if not sparse else None)
-        )
-        bias = None
-    else:
-        for o in full:
-            y = out if single else f"{out}_order{o.order}{job.tag}"
-            values, scale = _full_width(o, layer.out_channels)
-            w = em.dequantized_weight(f"{base}_w{o.order}", values, scale, layer.weight_axis)
-            em.nodes.append(_layer_node(node, layer, x, w, bias, y, f"{layer.name}_order{o.order}{job.tag}"))
-            bias = None
-            outputs.append(y)
-    for o in sparse:
-        y = out if single else f"{out}_order{o.order}{job.tag}"
-        _emit_sparse_order(em, node, layer, o, x, f"{base}_w{o.order}", y)
-        outputs.append(y)
-    if bias is not None:  # pragma: no cover - order 1 is always dense and carries the bias
-        raise PlanError(f"layer {layer.name!r}: its bias has no dense order to ride on")
+    for j, (x, chosen) in enumerate(zip(xs, per_input, strict=True), start=1):
+        suffix = "" if j == 1 else f"_a{j}"
+        bias = layer.bias if job.bias and j == 1 else None
+        outputs += _emit_terms(em, node, job, chosen, x, bias, bias_value, sole, suffix)
     if len(outputs) > 1:
         acc = outputs[0]
         for k, y in enumerate(outputs[1:], start=2):
@@ -320,24 +335,71 @@ def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[
         em.node("Identity", [outputs[0]], [out], f"{layer.name}_out{job.tag}")
 
 
+def _emit_terms(em: _Emitter, node: onnx.NodeProto, job: LayerJob, mine: list[ResidualOrder], x: str,
+                bias: str | None, bias_value: np.ndarray | None, sole: str | None, suffix: str) -> list[str]:  # fmt: skip
+    """The weight orders ``mine`` applied to one (activation-order) input ``x``; returns the partial outputs.
+    ``sole``: the node's output name when these are the layer's only terms (a single term or a concat
+    writes it directly). ``suffix`` tells apart the node and tensor names of activation orders ≥ 2
+    (initializers are shared: same names)."""
+    layer, lp = job.layer, job.plan
+    single_out = sole if len(mine) == 1 else None
+    base = _safe(layer.name) + job.tag
+    out = node.output[0]
+    sparse = [o for o in mine if o.n_channels < layer.out_channels and _runs_narrow(em.sparse_form, layer, o)]
+    full = [o for o in mine if o not in sparse]
+    outputs: list[str] = []
+    concat_ok = bias is None or (bias_value is not None and bias_value.ndim == 1)
+    if lp.block:  # int4 blocks: each order one blocked-DQ branch (numerics ran per block row)
+        for o in full:
+            y = single_out or f"{out}_order{o.order}{job.tag}{suffix}"
+            w = em.dequantized_int4_blocks(f"{base}_w{o.order}", o.values, o.scale, layer, lp.block)
+            em.nodes.append(_layer_node(node, layer, x, w, bias, y, f"{layer.name}_order{o.order}{job.tag}{suffix}"))
+            bias = None
+            outputs.append(y)
+    elif lp.form == "concat" and len(full) > 1 and layer.group == 1 and concat_ok:
+        cat_orders = [ResidualOrder(o.order, *_full_width(o, layer.out_channels)[:2], np.arange(layer.out_channels))
+                      for o in full]  # fmt: skip
+        outputs.append(
+            _emit_concat(em, node, layer, cat_orders, x, bias, bias_value, base, sole if not sparse else None, suffix)
+        )
+        bias = None
+    else:
+        for o in full:
+            y = single_out or f"{out}_order{o.order}{job.tag}{suffix}"
+            values, scale = _full_width(o, layer.out_channels)
+            w = em.dequantized_weight(f"{base}_w{o.order}", values, scale, layer.weight_axis)
+            em.nodes.append(_layer_node(node, layer, x, w, bias, y, f"{layer.name}_order{o.order}{job.tag}{suffix}"))
+            bias = None
+            outputs.append(y)
+    for o in sparse:
+        y = single_out or f"{out}_order{o.order}{job.tag}{suffix}"
+        _emit_sparse_order(em, node, layer, o, x, f"{base}_w{o.order}", y, suffix)
+        outputs.append(y)
+    if bias is not None:  # pragma: no cover - order 1 is always dense and carries the bias
+        raise PlanError(f"layer {layer.name!r}: its bias has no dense order to ride on")
+    return outputs
+
+
 def _emit_concat(em: _Emitter, node: onnx.NodeProto, layer: Layer, orders: list[ResidualOrder], x: str,
-                 bias: str | None, bias_value: np.ndarray | None, base: str, out: str | None) -> str:  # fmt: skip
+                 bias: str | None, bias_value: np.ndarray | None, base: str, out: str | None,
+                 suffix: str = "") -> str:  # fmt: skip
     """One kernel over the concatenated orders (paper §3.4), then Split + Sum. Returns the sum's name."""
     k = len(orders)
     values = np.concatenate([o.values for o in orders], axis=0)
     scale = np.concatenate([o.scale for o in orders], axis=0)
+    base = f"{base}_o{'_'.join(str(o.order) for o in orders)}"  # activation orders ≥ 2 may concatenate fewer
     w = em.dequantized_weight(f"{base}_wcat", values, scale, layer.weight_axis)
     b = None
     if bias is not None and bias_value is not None:
         cat_bias = np.concatenate([bias_value, np.zeros(bias_value.size * (k - 1), dtype=bias_value.dtype)])
         b = em.const(f"{base}_bcat", cat_bias)
-    cat = f"{layer.output}{base}_concat"
-    em.nodes.append(_layer_node(node, layer, x, w, b, cat, f"{base}_concat"))
+    cat = f"{layer.output}{base}_concat{suffix}"
+    em.nodes.append(_layer_node(node, layer, x, w, b, cat, f"{base}_concat{suffix}"))
     parts = [f"{cat}_part{i + 1}" for i in range(k)]
     sizes = em.const(f"{base}_split_sizes", np.full(k, layer.out_channels, dtype=np.int64))
-    em.node("Split", [cat, sizes], parts, f"{base}_split", axis=layer.out_axis)
+    em.node("Split", [cat, sizes], parts, f"{base}_split{suffix}", axis=layer.out_axis)
     target = out if out is not None else f"{cat}_sum"
-    em.node("Sum", parts, [target], f"{base}_reduce")
+    em.node("Sum", parts, [target], f"{base}_reduce{suffix}")
     return target
 
 
@@ -392,7 +454,7 @@ def expand(
             tensor = node.input[layer.act_index]
             if tensor not in ranges:
                 raise PlanError(f"layer {name!r}: no activation range for its input {tensor!r}")
-            x_scale = activation_scale(ranges[tensor])
+            x_scale = activation_scale(first_range(ranges[tensor], lp.act_order))
         key = (layer.weight, lp.bits, lp.order, lp.gamma, lp.block)
         shared = job.shared_orders.get(key[:4]) if job.shared_orders is not None and not lp.block else None
         if key not in cache and shared is not None:  # same weight, same expansion: computed once
