@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rexdeploy.errors import ProfileError
+from rexdeploy.plans import MAX_ACT_ORDER
 
 ENGINES = ("openvino", "tensorrt", "onnxruntime")
 OP_CLASSES = ("conv", "pointwise", "depthwise", "gemm")
@@ -33,6 +34,7 @@ class Quantization:
     int4_weight_only: bool = False
     int4_block_sizes: tuple[int, ...] = (64, 128)
     float_activations: bool = True
+    max_act_order: int = 2  # the most activation residual orders the planner may give a layer (1: none)
     fp16: bool = False
     bf16: bool = False
     fp8: bool = False
@@ -66,7 +68,9 @@ class CostModel:
     ``layer_overhead_us`` and each extra branch ``branch_overhead_us``; weights stream at ``bandwidth_gbps``
     and activations (each layer's output, each extra order's partial output) at
     ``activation_bandwidth_gbps`` (0: no such memory term); a network pays ``model_overhead_us`` once per
-    inference; the concat form's extra orders cost ``concat_factor`` × what they cost as branches.
+    inference; the concat form's extra orders cost ``concat_factor`` × what they cost as branches;
+    int8 activations are quantized at ``quantize_bandwidth_gbps`` (fp32 bytes of each quantized layer input,
+    0: no such term) and every sparse order pays ``sparse_overhead_us`` for its gather/scatter.
     """
 
     layer_overhead_us: float = 5.0
@@ -77,6 +81,8 @@ class CostModel:
     model_overhead_us: float = 10.0
     concat_factor: float = 1.0
     activation_bandwidth_gbps: float = 0.0
+    quantize_bandwidth_gbps: float = 0.0
+    sparse_overhead_us: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,11 @@ def _build_section(where: str, cls: type, raw: Any) -> Any:
             raise ProfileError(f"{where}.order: {section.order} out of range; allowed orders are 1..16")
         if section.act_bits not in (0, 8):
             raise ProfileError(f"{where}.act_bits: {section.act_bits} not allowed; use 8 or 0 (float)")
+    if isinstance(section, Quantization) and not 1 <= section.max_act_order <= MAX_ACT_ORDER:
+        raise ProfileError(
+            f"{where}.max_act_order: {section.max_act_order} out of range; use 1 (no activation orders) to "
+            f"{MAX_ACT_ORDER}"
+        )
     if isinstance(section, CostModel) and section.concat_factor <= 0.0:
         raise ProfileError(
             f"{where}.concat_factor: must be > 0, got {section.concat_factor!r} (1 = as fast as branches)"

@@ -56,6 +56,8 @@ def test_unknown_section_key_lists_allowed() -> None:
     [
         ("quantization", "conv_weight_bits", [1, 8], r"out of range; allowed bit-widths are 2\.\.8"),
         ("quantization", "fp16", "yes", "expected true or false"),
+        ("quantization", "max_act_order", 4, r"max_act_order: 4 out of range; use 1 \(no activation orders\) to 3"),
+        ("quantization", "max_act_order", 0, "max_act_order: 0 out of range"),
         ("parallel", "streams", -1, "non-negative integer"),
         ("defaults", "form", "tree", "allowed: branches, concat"),
         ("defaults", "order", 0, "allowed orders are 1..16"),
