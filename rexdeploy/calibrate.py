@@ -231,7 +231,9 @@ class CalibrationReport:
             f"fit: {self.quality_line()}",
             f"model_overhead_us = {c.model_overhead_us:g}, layer_overhead_us = {c.layer_overhead_us:g}, "
             f"branch_overhead_us = {c.branch_overhead_us:g}, bandwidth_gbps = {c.bandwidth_gbps:g}, "
-            f"activation_bandwidth_gbps = {c.activation_bandwidth_gbps:g}, concat_factor = {c.concat_factor:g}",
+            f"activation_bandwidth_gbps = {c.activation_bandwidth_gbps:g}, "
+            f"quantize_bandwidth_gbps = {c.quantize_bandwidth_gbps:g}, sparse_overhead_us = {c.sparse_overhead_us:g}, "
+            f"concat_factor = {c.concat_factor:g}",
         ]
         for op_class, rates in c.throughput_gmacs.items():
             lines.append(f"throughput_gmacs.{op_class}: " + ", ".join(f"{p} {v:g}" for p, v in rates.items()))
@@ -415,6 +417,8 @@ SCALARS = (
     "branch_overhead_us",
     "bandwidth_gbps",
     "activation_bandwidth_gbps",
+    "quantize_bandwidth_gbps",
+    "sparse_overhead_us",
 )
 
 
@@ -424,7 +428,8 @@ def _rate_columns(points: Sequence[CalibrationPoint]) -> list[tuple[str, str]]:
 
 
 def _row(point: CalibrationPoint, rates: list[tuple[str, str]], with_extra: bool) -> np.ndarray:
-    """Design-matrix row: the point's µs is ``row @ [model, layer, branch overheads, 1/BW, 1/BWa, 1/T...]``."""
+    """Design-matrix row: the point's µs is ``row @ [model, layer, branch overheads, 1/BW, 1/BWa, 1/BWq,
+    sparse overhead, 1/T...]``."""
     row = np.zeros(len(SCALARS) + len(rates))
     row[0] = 1.0
     lt = point.terms()
@@ -436,6 +441,8 @@ def _row(point: CalibrationPoint, rates: list[tuple[str, str]], with_extra: bool
         row[2] += point.depth * t.branches
         row[3] += point.depth * t.bytes / 1e3
         row[4] += point.depth * t.act_bytes / 1e3
+        row[5] += point.depth * t.quant_bytes / 1e3
+        row[6] += point.depth * t.sparse_orders
         row[len(SCALARS) + rates.index((lt.op_class, lt.precision))] += point.depth * t.macs / 1e3
     return row
 
@@ -475,10 +482,13 @@ def fit_cost_model(points: Sequence[CalibrationPoint], base: CostModel) -> Fit:
         if used[col]:
             values[name] = _round(x[col])
             fitted.append(name)
-    for col, name in ((3, "bandwidth_gbps"), (4, "activation_bandwidth_gbps")):
+    for col, name in ((3, "bandwidth_gbps"), (4, "activation_bandwidth_gbps"), (5, "quantize_bandwidth_gbps")):
         if used[col]:
             values[name] = _round(1.0 / x[col]) if x[col] > 1.0 / MAX_RATE else 0.0
             fitted.append(name)
+    if used[6]:
+        values["sparse_overhead_us"] = _round(x[6])
+        fitted.append("sparse_overhead_us")
     table = {op: dict(rates) for op, rates in base.throughput_gmacs.items()}
     for col, (op_class, precision) in enumerate(rates, start=len(SCALARS)):
         if used[col]:
@@ -511,6 +521,119 @@ def _fit_concat(cost: CostModel, points: Sequence[CalibrationPoint]) -> float:
     w = 1.0 / y**2
     rho = float(np.sum(w * extra * (y - first)) / np.sum(w * extra**2)) if np.any(extra > 0) else 1.0
     return _round(max(MIN_CONCAT_FACTOR, rho))
+
+
+# --------------------------------------------------------------------------------------------------
+# whole networks
+
+
+@dataclass(frozen=True)
+class NetworkPoint:
+    """A whole network measured under one plan: its layers' terms (:func:`rexdeploy.costmodel.plan_layer_terms`)
+    and the measured median."""
+
+    model: str
+    label: str
+    terms: tuple[LayerTerms, ...]
+    measured_ms: float
+
+
+def coefficient_vector(cost: CostModel, rates: Sequence[tuple[str, str]]) -> np.ndarray:
+    """``cost`` in the design-matrix layout of :func:`network_row` (overheads in µs, 1/rates; 0 for a rate
+    of 0, which drops its term)."""
+
+    def inv(rate: float) -> float:
+        return 1.0 / rate if rate > 0.0 else 0.0
+
+    head = [
+        cost.model_overhead_us,
+        cost.layer_overhead_us,
+        cost.branch_overhead_us,
+        inv(cost.bandwidth_gbps),
+        inv(cost.activation_bandwidth_gbps),
+        inv(cost.quantize_bandwidth_gbps),
+        cost.sparse_overhead_us,
+    ]
+    tail = [inv(cost.throughput_gmacs.get(op, {}).get(p, 0.0)) for op, p in rates]
+    return np.array(head + tail)
+
+
+def network_row(point: NetworkPoint, rates: Sequence[tuple[str, str]], concat_factor: float = 1.0) -> np.ndarray:
+    """Design-matrix row of a network: its predicted µs is ``row @ coefficient_vector(cost, rates)``."""
+    row = np.zeros(len(SCALARS) + len(rates))
+    row[0] = 1.0
+    for lt in point.terms:
+        for t, w in ((lt.first, 1.0), (lt.extra, concat_factor if lt.concat else 1.0)):
+            row[1] += w * t.layers
+            row[2] += w * t.branches
+            row[3] += w * t.bytes / 1e3
+            row[4] += w * t.act_bytes / 1e3
+            row[5] += w * t.quant_bytes / 1e3
+            row[6] += w * t.sparse_orders
+            row[len(SCALARS) + list(rates).index((lt.op_class, lt.precision))] += w * t.macs / 1e3
+    return row
+
+
+def _precision_rates(cost: CostModel, points: Sequence[NetworkPoint]) -> list[tuple[str, str]]:
+    """The (op class, table precision) columns the points use, after the fallbacks of the cost model."""
+    from rexdeploy.costmodel import FALLBACK
+
+    out = set()
+    for pt in points:
+        for lt in pt.terms:
+            table = cost.throughput_gmacs.get(lt.op_class, {})
+            p = next((q for q in FALLBACK.get(lt.precision, (lt.precision,)) if q in table), lt.precision)
+            out.add((lt.op_class, p))
+    return sorted(out)
+
+
+def _resolved(cost: CostModel, point: NetworkPoint) -> NetworkPoint:
+    """The point with each layer's precision replaced by the table entry it falls back to."""
+    from rexdeploy.costmodel import FALLBACK
+
+    terms = []
+    for lt in point.terms:
+        table = cost.throughput_gmacs.get(lt.op_class, {})
+        p = next((q for q in FALLBACK.get(lt.precision, (lt.precision,)) if q in table), lt.precision)
+        terms.append(dataclasses.replace(lt, precision=p))
+    return dataclasses.replace(point, terms=tuple(terms))
+
+
+def fit_network_terms(points: Sequence[NetworkPoint], base: CostModel, names: Sequence[str]) -> CostModel:
+    """Refit the coefficients ``names`` (scalar names of ``SCALARS`` or ``throughput_gmacs.<class>.<precision>``)
+    on whole-network measurements, the others fixed at ``base``: non-negative least squares on the relative
+    error, as :func:`fit_cost_model` does on micro-benchmarks. Evaluate the result on networks or plans not
+    in ``points`` (hold-out)."""
+    if not points:
+        raise RexError("no network point was measured; nothing to fit")
+    resolved = [_resolved(base, p) for p in points]
+    rates = _precision_rates(base, points)
+    columns = [*SCALARS, *(f"throughput_gmacs.{op}.{p}" for op, p in rates)]
+    unknown = sorted(set(names) - set(columns))
+    if unknown:
+        raise RexError(f"cannot fit {unknown} on these networks; the points determine {columns}")
+    a = np.stack([network_row(p, rates, base.concat_factor) for p in resolved])
+    y = np.array([p.measured_ms * 1e3 for p in points])
+    x = coefficient_vector(base, rates)
+    free = np.array([c in names for c in columns])
+    fixed = a[:, ~free] @ x[~free]
+    weighted = a[:, free] / y[:, None]
+    scale = np.linalg.norm(weighted, axis=0)
+    scale[scale == 0.0] = 1.0
+    x[free] = nnls(weighted / scale, 1.0 - fixed / y) / scale
+    values: dict[str, Any] = {}
+    table = {op: dict(r) for op, r in base.throughput_gmacs.items()}
+    for col, name in enumerate(columns):
+        if not free[col]:
+            continue
+        if name.startswith("throughput_gmacs."):
+            _, op, p = name.split(".")
+            table.setdefault(op, {})[p] = _round(min(MAX_RATE, 1.0 / x[col]) if x[col] > 0 else MAX_RATE)
+        elif name.endswith("_gbps"):
+            values[name] = _round(1.0 / x[col]) if x[col] > 1.0 / MAX_RATE else 0.0
+        else:
+            values[name] = _round(x[col])
+    return dataclasses.replace(base, throughput_gmacs=table, **values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -772,14 +895,18 @@ __all__ = [
     "CalibrationPoint",
     "CalibrationReport",
     "Fit",
+    "NetworkPoint",
     "Progress",
     "Setting",
     "Shape",
     "calibrate",
     "calibrated_toml",
+    "coefficient_vector",
     "empty_model",
     "fit_cost_model",
+    "fit_network_terms",
     "micro_model",
+    "network_row",
     "nnls",
     "predict_point_ms",
     "settings_for",

@@ -4,8 +4,8 @@ A layer of op class ``c`` (conv / pointwise / depthwise / gemm) with ``M`` multi
 sample, ``W`` weights, ``E`` output elements and ``C`` output channels, computing in precision ``p``
 with ``K`` residual orders costs, in µs::
 
-    first   = layer_overhead_us  + M / T[c][p]        + W·b / BW       + A·E / BWa
-    extra_k = branch_overhead_us + f_k · M / T[c][p]  + f_k · W·b / BW + A·E / BWa        k = 2..K
+    first   = layer_overhead_us  + M / T[c][p]        + W·b / BW       + A·E / BWa  + n_p · A·I / BWq
+    extra_k = branch_overhead_us + f_k · M / T[c][p]  + f_k · W·b / BW + A·E / BWa  + [f_k < 1] · S
     layer   = first + ρ · Σ_k extra_k
     model   = model_overhead_us + Σ_layers layer                                          (ms = µs / 1000)
 
@@ -21,6 +21,11 @@ with ``K`` residual orders costs, in µs::
 - ``A · E`` (``A`` = 4 bytes, fp32): the layer's output, and each extra order's partial output that is
   written and summed into it (paid in full even by a sparse order, whose narrow output is scattered
   back to every channel). This term is what makes depthwise layers memory-bound on CPUs.
+- ``A · I / BWq`` (``BWq`` = ``quantize_bandwidth_gbps``, 0 drops the term): quantizing the layer's
+  input (``I`` = input elements per sample, fp32) to int8 — the QuantizeLinear / DequantizeLinear pair on
+  the activation, paid only by layers whose input is quantized (``p = int8``), once per ensemble
+  predictor (``n_p``: each predictor quantizes its own input, paper §3.3).
+- ``S`` = ``sparse_overhead_us``: the gather / scatter a sparse order adds (``f_k < 1``).
 - ``ρ`` = ``concat_factor`` for the concat form (one kernel over the concatenated orders + Split/Sum),
   which the pass emits for dense orders of ungrouped layers only; 1 for separate branches + Add.
 - ``p``: ``int8`` when the layer's input is quantized (W≤8 A8 Q/DQ); a weight-only layer
@@ -67,6 +72,8 @@ class Terms:
     macs: float = 0.0  # ÷ throughput_gmacs[op_class][precision]
     bytes: float = 0.0  # weight bytes, ÷ bandwidth_gbps
     act_bytes: float = 0.0  # activation bytes, ÷ activation_bandwidth_gbps
+    quant_bytes: float = 0.0  # fp32 bytes of activations quantized to int8, ÷ quantize_bandwidth_gbps
+    sparse_orders: float = 0.0  # × sparse_overhead_us
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,14 @@ def output_elements(layer: Layer) -> int:
     return layer.macs * layer.out_channels // w if w else 0
 
 
+def input_elements(layer: Layer) -> int:
+    """Input elements per sample: output positions × input channels (stride ignored)."""
+    w = layer.weight_count
+    if not w or len(layer.weight_shape) < 2:
+        return 0
+    return layer.macs // w * layer.weight_shape[1] * max(layer.group, 1)
+
+
 def throughput(cost: CostModel, op_class: str, precision: str, profile_name: str = "") -> float:
     """``throughput_gmacs[op_class][precision]`` with the fallbacks of the module docstring."""
     table = cost.throughput_gmacs.get(op_class, {})
@@ -136,13 +151,16 @@ def layer_terms(
     gamma: float | None = None,
     form: str = "branches",
     activation_bytes: float = 4.0,
+    predictors: int = 1,
 ) -> LayerTerms:
-    """The terms of one layer computing in ``precision`` with ``order`` orders (``bits=None``: unquantized)."""
+    """The terms of one layer computing in ``precision`` with ``order`` orders (``bits=None``: unquantized);
+    an int8 layer quantizes its input once per ensemble predictor."""
     if order < 1:
         raise PlanError(f"expansion order {order} not supported; use 1 to 16")
     w_bytes = layer.weight_count * weight_bytes(precision, quantized=bits is not None)
     out_bytes = activation_bytes * output_elements(layer)
-    first = Terms(layers=1.0, macs=float(layer.macs), bytes=w_bytes, act_bytes=out_bytes)
+    quant = activation_bytes * input_elements(layer) * predictors if bits is not None and precision == "int8" else 0.0
+    first = Terms(layers=1.0, macs=float(layer.macs), bytes=w_bytes, act_bytes=out_bytes, quant_bytes=quant)
     extra = Terms()
     c = layer.out_channels
     n_extra = order - 1
@@ -154,6 +172,7 @@ def layer_terms(
                 macs=n_extra * kept * layer.macs,
                 bytes=n_extra * kept * w_bytes,
                 act_bytes=n_extra * out_bytes,
+                sparse_orders=float(n_extra) if kept < 1.0 else 0.0,
             )
     concat = form == "concat" and n_extra > 0 and layer.group == 1 and (gamma is None or gamma >= order - 1)
     return LayerTerms(layer.op_class, precision, first, extra, concat)
@@ -168,6 +187,9 @@ def terms_us(cost: CostModel, op_class: str, precision: str, terms: Terms, profi
         us += terms.bytes / (cost.bandwidth_gbps * 1e3)
     if terms.act_bytes and cost.activation_bandwidth_gbps > 0.0:
         us += terms.act_bytes / (cost.activation_bandwidth_gbps * 1e3)
+    if terms.quant_bytes and cost.quantize_bandwidth_gbps > 0.0:
+        us += terms.quant_bytes / (cost.quantize_bandwidth_gbps * 1e3)
+    us += cost.sparse_overhead_us * terms.sparse_orders
     return us
 
 
@@ -201,7 +223,8 @@ def plan_layer_terms(profile: Profile, layer: Layer, lp: LayerPlan | None) -> La
     if lp is None:
         return layer_terms(layer, precision=float_precision(profile))
     p = layer_precision(profile, bits=lp.bits, act_bits=lp.act_bits)
-    return layer_terms(layer, precision=p, bits=lp.bits, order=lp.order, gamma=lp.gamma, form=lp.form)
+    return layer_terms(layer, precision=p, bits=lp.bits, order=lp.order, gamma=lp.gamma, form=lp.form,
+                       predictors=lp.predictors)  # fmt: skip
 
 
 def predict_layers_us(
@@ -231,6 +254,7 @@ __all__ = [
     "LayerTerms",
     "Terms",
     "float_precision",
+    "input_elements",
     "layer_precision",
     "layer_terms",
     "layer_terms_us",

@@ -74,9 +74,11 @@ class PlanResult:
         }
 
 
-def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: int = 3) -> list[LayerOption]:
-    """The menu of one layer: float, and every (bits, K, γ, activation) the profile allows."""
-    options = [LayerOption(None, predict_layer_us(profile, layer), 0.0)]
+def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: int = 3,
+                  allow_float: bool = True) -> list[LayerOption]:  # fmt: skip
+    """The menu of one layer: float (unless ``allow_float`` is False), and every (bits, K, γ, activation)
+    the profile allows."""
+    options = [LayerOption(None, predict_layer_us(profile, layer), 0.0)] if allow_float else []
     allowed = sorted(set(profile.weight_bits(layer.op_class)), reverse=True)
     bits_menu = [b for b in allowed if b in (allowed[0], 6, 4)]
     acts = [8, 0] if profile.quantization.float_activations else [8]
@@ -161,11 +163,13 @@ def plan_model(
     latency_scale: float = 1.0,
     probes: int = 4,
     seed: int = 0,
+    allow_float: bool = True,
 ) -> PlanResult:
     """Choose the most accurate plan whose predicted latency fits ``budget_ms``.
 
     ``model`` is the FP32 model (BN not yet folded), ``layers`` its quantizable layers after folding.
     ``latency_scale`` multiplies every prediction (the closed loop's correction from a measurement).
+    ``allow_float=False`` quantizes every layer (no float layer, no FP32 candidate).
     Raises BudgetError naming the fastest predicted latency when nothing fits.
     """
     t0 = time.perf_counter()
@@ -183,11 +187,15 @@ def plan_model(
     weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
     errors = ErrorModel(layers, weights, sensitivity, ranges)
     log.debug("planner: sensitivity and ranges of %d layers in %.2f s", len(layers), time.perf_counter() - t0)
-    menus = [layer_options(profile, layer, errors) for layer in layers]
+    menus = [layer_options(profile, layer, errors, allow_float=allow_float) for layer in layers]
     log.debug("planner: %d layer options in %.2f s", sum(len(m) for m in menus), time.perf_counter() - t0)
     overhead_ms = profile.cost.model_overhead_us / 1000.0
     base = Plan(layers={}, profile=profile.name, model_sha256=model_sha256)
-    candidates = [_evaluate("FP32", layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base)]
+    candidates = (
+        [_evaluate("FP32", layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base)]
+        if allow_float
+        else []
+    )
     for bits in sorted({b for m in menus for o in m if o.plan for b in [o.plan.bits]}, reverse=True):
         for order in ORDERS:
             picks = []
