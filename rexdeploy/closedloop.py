@@ -241,7 +241,8 @@ def _closed_loop(
         attempts.append(
             Attempt(attempt, name, plan.summary(), result.chosen.predicted_latency_ms, measured.timing.median_ms, scale)
         )
-        if fp32.timing.median_ms <= budget_ms and fp32.timing.median_ms < measured.timing.median_ms:
+        float_ok = run.profile.quantization.float_activations  # an int8-only device cannot run the FP32 engine
+        if float_ok and fp32.timing.median_ms <= budget_ms and fp32.timing.median_ms < measured.timing.median_ms:
             run.say("the FP32 engine fits the budget and is faster: returning it (exact)")
             fp32_plan = Plan(layers={}, profile=run.profile.name, model_sha256=run.sha,
                              notes=("FP32 measured faster than the REx engine and within budget",))  # fmt: skip

@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from rexdeploy.actorders import kept_terms
 from rexdeploy.analyze import Layer
 from rexdeploy.errors import PlanError, ProfileError
 from rexdeploy.numerics import kept_channels
@@ -152,29 +153,40 @@ def layer_terms(
     form: str = "branches",
     activation_bytes: float = 4.0,
     predictors: int = 1,
+    act_order: int = 1,
 ) -> LayerTerms:
     """The terms of one layer computing in ``precision`` with ``order`` orders (``bits=None``: unquantized);
-    an int8 layer quantizes its input once per ensemble predictor."""
+    an int8 layer quantizes its input once per ensemble predictor, and once more per activation order
+    (the remainder's Sub + Q/DQ), whose products ``R^k·x_j`` (j ≥ 2, :func:`rexdeploy.actorders.kept_terms`)
+    are extra branches like weight orders."""
     if order < 1:
         raise PlanError(f"expansion order {order} not supported; use 1 to 16")
+    quantized_input = bits is not None and precision == "int8"
     w_bytes = layer.weight_count * weight_bytes(precision, quantized=bits is not None)
     out_bytes = activation_bytes * output_elements(layer)
-    quant = activation_bytes * input_elements(layer) * predictors if bits is not None and precision == "int8" else 0.0
+    quant = activation_bytes * input_elements(layer) * predictors * act_order if quantized_input else 0.0
     first = Terms(layers=1.0, macs=float(layer.macs), bytes=w_bytes, act_bytes=out_bytes, quant_bytes=quant)
-    extra = Terms()
     c = layer.out_channels
-    n_extra = order - 1
-    if n_extra and c:
-        kept = kept_channels(c, gamma, order) / c
-        if kept > 0.0:
-            extra = Terms(
-                branches=float(n_extra),
-                macs=n_extra * kept * layer.macs,
-                bytes=n_extra * kept * w_bytes,
-                act_bytes=n_extra * out_bytes,
-                sparse_orders=float(n_extra) if kept < 1.0 else 0.0,
-            )
-    concat = form == "concat" and n_extra > 0 and layer.group == 1 and (gamma is None or gamma >= order - 1)
+    kept = kept_channels(c, gamma, order) / c if c and order > 1 else 1.0
+    products = (
+        kept_terms(bits, order, act_order)
+        if quantized_input and bits is not None
+        else [(1, k) for k in range(1, order + 1)]
+    )
+    # every product but (1, 1) is an extra branch; an order k ≥ 2 that keeps no channel is not emitted
+    extra_ks = [k for j, k in products if (j, k) != (1, 1) and (k == 1 or kept > 0.0)]
+    n_sparse = sum(1 for k in extra_ks if k > 1 and kept < 1.0)
+    extra = Terms()
+    if extra_ks:
+        fraction = len(extra_ks) - n_sparse + n_sparse * kept
+        extra = Terms(
+            branches=float(len(extra_ks)),
+            macs=fraction * layer.macs,
+            bytes=fraction * w_bytes,
+            act_bytes=len(extra_ks) * out_bytes,
+            sparse_orders=float(n_sparse),
+        )
+    concat = form == "concat" and order > 1 and layer.group == 1 and (gamma is None or gamma >= order - 1)
     return LayerTerms(layer.op_class, precision, first, extra, concat)
 
 
@@ -210,11 +222,12 @@ def predict_layer_us(
     act_bits: int = 8,
     form: str = "branches",
     precision: str | None = None,
+    act_order: int = 1,
 ) -> float:
     """Predicted latency (µs) of one layer; ``bits=None`` is the unquantized layer, ``precision=None`` derives
     it from ``bits`` / ``act_bits`` (:func:`layer_precision`)."""
     p = precision or layer_precision(profile, bits=bits, act_bits=act_bits)
-    lt = layer_terms(layer, precision=p, bits=bits, order=order, gamma=gamma, form=form)
+    lt = layer_terms(layer, precision=p, bits=bits, order=order, gamma=gamma, form=form, act_order=act_order)
     return layer_terms_us(profile.cost, lt, profile.name)
 
 
@@ -224,7 +237,7 @@ def plan_layer_terms(profile: Profile, layer: Layer, lp: LayerPlan | None) -> La
         return layer_terms(layer, precision=float_precision(profile))
     p = layer_precision(profile, bits=lp.bits, act_bits=lp.act_bits)
     return layer_terms(layer, precision=p, bits=lp.bits, order=lp.order, gamma=lp.gamma, form=lp.form,
-                       predictors=lp.predictors)  # fmt: skip
+                       predictors=lp.predictors, act_order=lp.act_order)  # fmt: skip
 
 
 def predict_layers_us(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,11 +20,13 @@ from rexdeploy.actorders import (
     kept_terms,
     term_bound,
 )
-from rexdeploy.api import expand_model
+from rexdeploy.api import expand_model, quantizable_layers
+from rexdeploy.costmodel import layer_terms
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import fold_batchnorm
+from rexdeploy.planner import plan_model
 from rexdeploy.plans import LayerPlan, Plan, uniform_plan
-from rexdeploy.profile import load_profile
+from rexdeploy.profile import Profile, load_profile
 
 PROFILE = load_profile("x86-avx512")
 
@@ -204,3 +207,57 @@ def test_reference_fake_quant_matches_numerics() -> None:
     parts = expand_activation(x, s)
     np.testing.assert_array_equal(parts[0], fake_quant_int8(x, s[0]))
     np.testing.assert_array_equal(parts[1], fake_quant_int8(x - parts[0], s[1]))
+
+
+# cost model and planner
+
+
+def _layer() -> object:
+    model = small_cnn(batchnorm=False)
+    return next(layer for layer in quantizable_layers(model) if layer.group == 1)
+
+
+def test_cost_terms_count_the_kept_products() -> None:
+    layer = _layer()
+    base = layer_terms(layer, precision="int8", bits=8, order=2)  # type: ignore[arg-type]
+    two = layer_terms(layer, precision="int8", bits=8, order=2, act_order=2)  # type: ignore[arg-type]
+    seven = layer_terms(layer, precision="int8", bits=7, order=2, act_order=2)  # type: ignore[arg-type]
+    assert (base.extra.branches, two.extra.branches, seven.extra.branches) == (1.0, 3.0, 2.0)
+    assert two.extra.macs == 3 * layer.macs  # type: ignore[attr-defined]
+    assert two.first.quant_bytes == 2 * base.first.quant_bytes > 0  # one more Q/DQ (+ Sub) of the input
+    weight_only = layer_terms(layer, precision="fp32", bits=8, order=2, act_order=1)  # type: ignore[arg-type]
+    assert weight_only.first.quant_bytes == 0.0
+
+
+def _planner_profile(**quantization: object) -> Profile:
+    base = load_profile("x86-avx512")
+    table = {c: {**p, "fp32": 1.0} for c, p in base.cost.throughput_gmacs.items()}
+    cost = dataclasses.replace(base.cost, throughput_gmacs=table, layer_overhead_us=0.5, branch_overhead_us=0.5)
+    return dataclasses.replace(base, cost=cost, quantization=dataclasses.replace(base.quantization, **quantization))
+
+
+def test_int8_only_profile_never_plans_float_and_uses_activation_orders() -> None:
+    model = small_cnn()
+    layers = quantizable_layers(fold_batchnorm(model)[0])
+    result = plan_model(model, layers, _planner_profile(float_activations=False), 1e9)
+    assert all(c.label != "FP32" for c in result.candidates)
+    assert all(len(c.plan.layers) == len(layers) and all(lp.act_bits == 8 for lp in c.plan.layers.values())
+               for c in result.candidates)  # fmt: skip
+    assert any(lp.act_order == 2 for lp in result.plan.layers.values())  # the most accurate plan needs them
+    capped = plan_model(model, layers, _planner_profile(float_activations=False, max_act_order=1), 1e9)
+    assert all(lp.act_order == 1 for c in capped.candidates for lp in c.plan.layers.values())
+    assert result.chosen.predicted_error < capped.chosen.predicted_error
+
+
+def test_fidelity_model_sees_what_activation_orders_buy() -> None:
+    model = small_cnn(batchnorm=False)
+    layers = quantizable_layers(model)
+    result = plan_model(model, layers, _planner_profile(float_activations=False), 1e9)
+    by_label = {c.label: c for c in result.candidates}
+    one, two = by_label["uniform W8A8 K=2"], by_label["uniform W8A8 K=2 act order 2"]
+    x = np.random.default_rng(5).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    fp32 = run_exact(model, x)
+    measured = [_rel(run_exact(expand_model(model, c.plan).model, x), fp32) for c in (one, two)]
+    assert two.predicted_error < one.predicted_error / 5
+    assert measured[1] < measured[0] / 5
+    assert two.predicted_latency_ms > one.predicted_latency_ms

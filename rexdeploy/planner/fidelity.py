@@ -7,7 +7,9 @@ noise-like sources (each output channel sums its own row of W against the input)
   ``E||ΔW x||² ≈ ||ΔW||_F² · rms(x)² · P`` over P output positions;
 - activations (int8 Q/DQ on the input): rounding noise of step ``s = range/127`` (RMS ``s/√12``), plus
   what the range clips off (mean square of ``(|x| - range)_+`` on the probes), adds
-  ``||W||_F² · (s²/12 + clip) · P``;
+  ``||W||_F² · (s²/12 + clip) · P``; with J activation orders (:mod:`rexdeploy.actorders`) the step is
+  ``s_1/254^(J-1)`` over the widened first range, the clip starts ``s_1/2`` further out, and each cross
+  term the pass drops adds ``||R^k||² · s_{j-1}²/12``;
 
 relative to ``||y||² = C_out · rms(y)² · P``::
 
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from rexdeploy.actorders import ACT_STEP, first_range, kept_terms
 from rexdeploy.analyze import Layer
 from rexdeploy.numerics import expand_weight, weight_error
 from rexdeploy.passes.expand import activation_scale
@@ -50,7 +53,8 @@ class LayerOption:
             return "float"
         lp = self.plan
         gamma = "" if lp.gamma is None else f"g{lp.gamma:g}"
-        return f"W{lp.bits}A{lp.act_bits or 'fp'}K{lp.order}{gamma}"
+        act_order = f"J{lp.act_order}" if lp.act_order > 1 else ""
+        return f"W{lp.bits}A{lp.act_bits or 'fp'}K{lp.order}{gamma}{act_order}"
 
 
 class ErrorModel:
@@ -78,9 +82,27 @@ class ErrorModel:
         the probes (0 for a float input)."""
         if lp.act_bits == 0:
             return 0.0
-        max_abs = self.ranges.get(self.layers[name].input, 0.0)
-        step = activation_scale(max_abs)
-        return math.sqrt(step * step / 12.0 + self.sensitivity.clip_ms(name, max_abs))
+        first = first_range(self.ranges.get(self.layers[name].input, 0.0), lp.act_order)
+        s1 = activation_scale(first)
+        step = s1 / ACT_STEP ** (lp.act_order - 1)
+        # the orders j ≥ 2 absorb up to 127·s_2 = s_1/2 beyond the first range (then they saturate too)
+        reach = first + (s1 / 2.0 if lp.act_order > 1 else 0.0)
+        return math.sqrt(step * step / 12.0 + self.sensitivity.clip_ms(name, reach))
+
+    def dropped_terms_error(self, name: str, lp: LayerPlan) -> float:
+        """RMS (per unit of ||W||) of the cross terms R^k·x_j that :func:`kept_terms` leaves out: x_j is the
+        remainder of order j-1 (uniform in ±s_{j-1}/2: RMS s_{j-1}/√12), ||R^k|| the weight error of K = k-1."""
+        if lp.act_bits == 0 or lp.act_order == 1:
+            return 0.0
+        kept = set(kept_terms(lp.bits, lp.order, lp.act_order))
+        s1 = activation_scale(first_range(self.ranges.get(self.layers[name].input, 0.0), lp.act_order))
+        total = 0.0
+        for j in range(2, lp.act_order + 1):
+            for k in range(2, lp.order + 1):
+                if (j, k) not in kept:
+                    r_k = self.weight_error(name, replace(lp, order=k - 1, gamma=None, split=(k - 1,)))
+                    total += (r_k * s1 / ACT_STEP ** (j - 2) / math.sqrt(12.0)) ** 2
+        return math.sqrt(total)
 
     def layer_error(self, name: str, lp: LayerPlan | None) -> float:
         """ε_l: the relative error the option adds to the layer's output (module docstring)."""
@@ -89,7 +111,7 @@ class ErrorModel:
         w_norm = self._norms[name]
         rms_x, rms_y = self.sensitivity.input_rms[name], self.sensitivity.output_rms[name]
         weight_term = self.weight_error(name, lp) * w_norm * rms_x
-        act_term = w_norm * self.activation_noise(name, lp)
+        act_term = w_norm * math.hypot(self.activation_noise(name, lp), self.dropped_terms_error(name, lp))
         denom = math.sqrt(self.layers[name].out_channels) * rms_y
         return math.hypot(weight_term, act_term) / denom if denom > 0 else 0.0
 

@@ -77,18 +77,20 @@ class PlanResult:
 def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: int = 3,
                   allow_float: bool = True) -> list[LayerOption]:  # fmt: skip
     """The menu of one layer: float (unless ``allow_float`` is False), and every (bits, K, γ, activation)
-    the profile allows."""
+    the profile allows; an int8 input may take 1..``max_act_order`` activation orders."""
     options = [LayerOption(None, predict_layer_us(profile, layer), 0.0)] if allow_float else []
     allowed = sorted(set(profile.weight_bits(layer.op_class)), reverse=True)
     bits_menu = [b for b in allowed if b in (allowed[0], 6, 4)]
-    acts = [8, 0] if profile.quantization.float_activations else [8]
+    q = profile.quantization
+    acts = [(8, j) for j in range(1, q.max_act_order + 1)] + ([(0, 1)] if q.float_activations else [])
     for bits in bits_menu:
         for order in (k for k in ORDERS if k <= max_order):
             for gamma in GAMMAS if order > 1 else (None,):
-                for act in acts:
-                    lp = LayerPlan(bits=bits, order=order, gamma=gamma, act_bits=act, form=profile.defaults.form)
+                for act, act_order in acts:
+                    lp = LayerPlan(bits=bits, order=order, gamma=gamma, act_bits=act, form=profile.defaults.form,
+                                   act_order=act_order)  # fmt: skip
                     us = predict_layer_us(profile, layer, bits=bits, order=order, gamma=gamma, act_bits=act,
-                                          form=lp.form)  # fmt: skip
+                                          form=lp.form, act_order=act_order)  # fmt: skip
                     options.append(LayerOption(lp, us, model.layer_error(layer.name, lp)))
     return options
 
@@ -173,6 +175,7 @@ def plan_model(
     Raises BudgetError naming the fastest predicted latency when nothing fits.
     """
     t0 = time.perf_counter()
+    allow_float = allow_float and profile.quantization.float_activations  # int8-only devices: no float layer
     folded, bn_stats = fold_batchnorm(model)
     feeds = {k: v for k, v in synthetic_inputs(folded, batch=probes, seed=seed).items()}
     if calibration is not None:
@@ -197,19 +200,22 @@ def plan_model(
         else []
     )
     for bits in sorted({b for m in menus for o in m if o.plan for b in [o.plan.bits]}, reverse=True):
-        for order in ORDERS:
+        for order, act_order in ((k, j) for j in range(1, profile.quantization.max_act_order + 1) for k in ORDERS):
             picks = []
             for menu in menus:
                 fit = [
                     o
                     for o in menu
-                    if o.plan and o.plan.order == order and o.plan.gamma is None and o.plan.act_bits == 8
+                    if o.plan
+                    and o.plan.order == order
+                    and o.plan.gamma is None
+                    and o.plan.act_bits == 8
+                    and o.plan.act_order == act_order
                 ]
                 same = [o for o in fit if o.plan and o.plan.bits == bits]
                 picks.append(same[0] if same else max(fit, key=lambda o: o.plan.bits if o.plan else 0))
-            candidates.append(
-                _evaluate(f"uniform W{bits}A8 K={order}", layers, picks, errors, overhead_ms, latency_scale, base)
-            )
+            label = f"uniform W{bits}A8 K={order}" + (f" act order {act_order}" if act_order > 1 else "")
+            candidates.append(_evaluate(label, layers, picks, errors, overhead_ms, latency_scale, base))
     candidates += _greedy(layers, menus, errors, overhead_ms, latency_scale, base)
     fitting = [c for c in candidates if c.predicted_latency_ms <= budget_ms]
     if not fitting:
