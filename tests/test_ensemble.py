@@ -10,10 +10,11 @@ from models import small_cnn, transformer_block
 from reference import run_exact
 
 from rexdeploy.analyze import ConstantResolver, find_layers
-from rexdeploy.api import expand_model
+from rexdeploy.api import expand_model, quantizable_layers
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.numerics import ensemble_weights, expand_weight
+from rexdeploy.plans import uniform_plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
@@ -84,5 +85,16 @@ def test_ensemble_error_falls_with_first_cluster() -> None:
 
 
 def test_ensemble_errors() -> None:
-    with pytest.raises(PlanError, match="ternary ensemble needs K_1 >= 4"):
+    with pytest.raises(PlanError, match=r"not valid for ternary weights: .* K_1 >= 4 orders"):
         expand_model(small_cnn(), profile=PROFILE, bits=2, order=4, split=(2, 2))
+    with pytest.raises(PlanError, match=r"not valid for int3 weights: .* K_1 >= 2 orders"):
+        expand_model(small_cnn(), profile=PROFILE, bits=3, order=3, split=(1, 2))
+
+
+def test_single_ternary_predictor_is_valid() -> None:
+    from rexdeploy.passes.ensemble import build_ensemble
+
+    folded, _ = fold_batchnorm(small_cnn())
+    layers = quantizable_layers(folded)
+    plan = uniform_plan([layer.name for layer in layers], bits=2, order=2, act_bits=0)
+    assert build_ensemble(folded, plan, layers).predictors == 1

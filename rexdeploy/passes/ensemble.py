@@ -22,7 +22,13 @@ from onnx import helper
 from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import add_initializer, drop_initializers
-from rexdeploy.numerics import ResidualOrder, ensemble_groups, ensemble_weights, expand_weight
+from rexdeploy.numerics import (
+    ResidualOrder,
+    check_ensemble_validity,
+    ensemble_groups,
+    ensemble_weights,
+    expand_weight,
+)
 from rexdeploy.passes.expand import LayerJob
 from rexdeploy.plans import Plan
 
@@ -50,10 +56,10 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
         raise PlanError(f"every layer of an ensemble plan needs the same number of predictors; got {sorted(counts)}")
     m_count = counts.pop()
     for name, lp in plan.layers.items():
-        if lp.bits == 2 and lp.split[0] < 4:
-            raise PlanError(
-                f"layer {name!r}: a ternary ensemble needs K_1 >= 4 orders in predictor 1 (paper §3.3); got {lp.split[0]}"
-            )
+        try:
+            check_ensemble_validity(lp.bits, lp.split)  # one rule for the pass and the numerics
+        except PlanError as exc:
+            raise PlanError(f"layer {name!r}: {exc}") from None
     graph = model.graph
     names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(graph.node)]
     producers = {out: i for i, n in enumerate(graph.node) for out in n.output}
