@@ -61,6 +61,7 @@ FALLBACK: dict[str, tuple[str, ...]] = {
     "int8": ("int8", "fp32"),
     "int4": ("int4", "int8", "fp32"),
 }
+MATRIX_ROWS = 8  # rows per sample from which a Gemm/MatMul is costed as a matrix product (cost_class)
 FLOAT_WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
 
 
@@ -187,7 +188,16 @@ def layer_terms(
             sparse_orders=float(n_sparse),
         )
     concat = form == "concat" and order > 1 and layer.group == 1 and (gamma is None or gamma >= order - 1)
-    return LayerTerms(layer.op_class, precision, first, extra, concat)
+    return LayerTerms(cost_class(layer), precision, first, extra, concat)
+
+
+def cost_class(layer: Layer) -> str:
+    """The op class whose rates a layer is costed with: a Gemm/MatMul over at least ``MATRIX_ROWS`` rows per
+    sample (a transformer's tokens) is a matrix product like a 1×1 convolution over as many positions, so it
+    takes the ``pointwise`` rates; the ``gemm`` rates are calibrated on batch-1 vector products."""
+    if layer.op_class == "gemm" and layer.weight_count and layer.macs // layer.weight_count >= MATRIX_ROWS:
+        return "pointwise"
+    return layer.op_class
 
 
 def terms_us(cost: CostModel, op_class: str, precision: str, terms: Terms, profile_name: str = "") -> float:

@@ -156,3 +156,18 @@ def test_zero_bandwidth_drops_the_memory_term() -> None:
         PROFILE, cost=dataclasses.replace(COST, bandwidth_gbps=0.0, activation_bandwidth_gbps=0.0)
     )
     assert predict_layer_us(no_memory, layer) == pytest.approx(10.0 + layer.macs / 100e3)
+
+
+def test_matrix_products_take_the_pointwise_rates() -> None:
+    from models import transformer_block
+
+    from rexdeploy.analyze import find_layers
+    from rexdeploy.costmodel import cost_class, layer_terms
+
+    tokens = [layer for layer in find_layers(transformer_block(seq=16)) if layer.op_type == "MatMul"]
+    vector = [layer for layer in find_layers(transformer_block(seq=1)) if layer.name != "mm_left"]
+    assert tokens and vector
+    assert {cost_class(layer) for layer in tokens} == {"pointwise"}  # 16 rows: a matrix product
+    assert {cost_class(layer) for layer in vector} == {"gemm"}  # batch-1 vector product, as calibrated
+    # (mm_left, W_l @ h, multiplies its 1x1 weight into the 32 columns of h: a matrix product again)
+    assert layer_terms(tokens[0], precision="int8", bits=8).op_class == "pointwise"
