@@ -13,8 +13,11 @@ with ``K`` residual orders costs, in µs::
   weights stream at, and ``BWa`` = ``activation_bandwidth_gbps``, the rate activations are written and
   read back at (GB/s = 10³ B/µs; 0 drops that term). A calibrated rate of 10⁶ means the fit found no
   compute cost at all: such layers' time is overhead and memory traffic (e.g. fp32 depthwise on x86-avx2).
-- ``b`` = bytes per stored weight: 4 for an fp32 layer, 2 for fp16/bf16, 1 for a quantized layer (the
-  pass stores every order as int8, whatever its bit-width), 0.5 for int4 weight-only.
+- ``b`` = bytes per weight the kernel streams: 4 for an fp32 layer, 2 for fp16/bf16, 1 for an int8 layer (the
+  pass stores every order as int8, whatever its bit-width), 0.5 for int4 weight-only kernels. A weight-only
+  layer computing in a float precision streams float weights: the engine dequantizes them once at load
+  (measured on OpenVINO CPU: such layers run in f32, no faster than the FP32 layer), so weight-only
+  quantization buys no speed there — only int4 weight-only kernels do.
 - ``f_k`` = ``kept_channels(C, γ, K) / C``, the fraction of output channels a residual order k ≥ 2
   computes (paper §3.2; 1 for dense orders). An order that keeps no channel is not emitted and costs
   nothing.
@@ -163,7 +166,7 @@ def layer_terms(
     if order < 1:
         raise PlanError(f"expansion order {order} not supported; use 1 to 16")
     quantized_input = bits is not None and precision == "int8"
-    w_bytes = layer.weight_count * weight_bytes(precision, quantized=bits is not None)
+    w_bytes = layer.weight_count * weight_bytes(precision, quantized=bits is not None and precision in ("int8", "int4"))
     out_bytes = activation_bytes * output_elements(layer)
     quant = activation_bytes * input_elements(layer) * predictors * act_order if quantized_input else 0.0
     first = Terms(layers=1.0, macs=float(layer.macs), bytes=w_bytes, act_bytes=out_bytes, quant_bytes=quant)

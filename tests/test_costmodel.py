@@ -101,7 +101,9 @@ def test_precision_picks_the_right_throughput() -> None:
     assert layer_precision(int4_profile, bits=4, act_bits=0) == "int4"
     assert predict_layer_us(PROFILE, layer) == pytest.approx(10.0 + macs / 20e3 + 4 * weights / 10e3 + out_us)
     assert predict_layer_us(PROFILE, layer, bits=8) == pytest.approx(10.0 + macs / 40e3 + weights / 10e3 + out_us)
-    weight_only = 10.0 + macs / 20e3 + weights / 10e3 + out_us
+    # weight-only in float streams float weights (dequantized once at load): exactly the FP32 layer's cost
+    weight_only = 10.0 + macs / 20e3 + 4 * weights / 10e3 + out_us
+    assert weight_only == pytest.approx(predict_layer_us(PROFILE, layer))
     assert predict_layer_us(PROFILE, layer, bits=8, act_bits=0) == pytest.approx(weight_only)
     assert predict_layer_us(int4_profile, layer, bits=4, act_bits=0) == pytest.approx(
         10.0 + macs / 80e3 + 0.5 * weights / 10e3 + out_us
