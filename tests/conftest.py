@@ -3,7 +3,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+
+@pytest.fixture(scope="module")
+def probe() -> np.ndarray:
+    """Seeded N(0, 1) inputs for the small CNN of tests/models.py (16 × 3 × 8 × 8)."""
+    return np.random.default_rng(7).standard_normal((16, 3, 8, 8)).astype(np.float32)
 
 
 @pytest.fixture(autouse=True)

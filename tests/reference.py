@@ -12,6 +12,11 @@ from onnx import numpy_helper
 from rexdeploy.numerics import expand_weight, reconstruct
 
 
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Relative L2 distance ``‖a − b‖ / ‖b‖``."""
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def fake_quant_int8(x: np.ndarray, scale: float) -> np.ndarray:
     """QuantizeLinear(int8, zp 0) then DequantizeLinear: round half to even, saturate to [-128, 127]."""
     return (np.clip(np.rint(x / np.float32(scale)), -128, 127) * np.float32(scale)).astype(np.float32)

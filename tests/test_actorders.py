@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import small_cnn
-from reference import fake_quant_int8, rex_order_weights, run_exact, run_reference
+from reference import fake_quant_int8, rel_error, rex_order_weights, run_exact, run_reference
 
 from rexdeploy.actorders import (
     activation_order_scales,
@@ -29,15 +29,6 @@ from rexdeploy.plans import LayerPlan, Plan, uniform_plan
 from rexdeploy.profile import Profile, load_profile
 
 PROFILE = load_profile("x86-avx512")
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def probe() -> np.ndarray:
-    return np.random.default_rng(11).standard_normal((16, 3, 8, 8)).astype(np.float32)
 
 
 # numerics
@@ -148,18 +139,18 @@ def test_graph_matches_numpy_reference(
     # float32 (onnxruntime) vs float64 (reference) upstream of a layer flips a few codes of x_2, whose step is
     # 254x finer than x_1's: on these 4 layers that is ~1e-5 relative (each input quantizer matches bit for
     # bit when fed the same tensor) — still 100x below what the activation orders change
-    assert _rel(got, want) < 5e-5
+    assert rel_error(got, want) < 5e-5
     # the reference without the activation orders is far off: the test sees them
     single = run_reference(folded, {"x": probe}, order_weights=rex_order_weights(bits, order),
                            act_scales=expanded.activation_scales)[0]  # fmt: skip
-    assert _rel(got, single) > 100 * _rel(got, want)
+    assert rel_error(got, single) > 100 * rel_error(got, want)
 
 
 def test_second_activation_order_cuts_the_error(probe: np.ndarray) -> None:
     model = small_cnn()
     fp32 = run_exact(model, probe)
     err = {
-        j: _rel(run_exact(expand_model(model, profile=PROFILE, bits=8, order=2, act_order=j).model, probe), fp32)
+        j: rel_error(run_exact(expand_model(model, profile=PROFILE, bits=8, order=2, act_order=j).model, probe), fp32)
         for j in (1, 2)
     }
     assert err[1] / err[2] > 20.0
@@ -198,7 +189,7 @@ def test_ensemble_with_activation_orders(probe: np.ndarray) -> None:
     ens = expand_model(model, profile=PROFILE, bits=4, order=4, split=(2, 2), act_order=2)
     onnx.checker.check_model(ens.model, full_check=True)
     plain = expand_model(model, profile=PROFILE, bits=4, order=4, split=(2, 2), act_order=1)
-    assert _rel(run_exact(ens.model, probe), fp32) < _rel(run_exact(plain.model, probe), fp32)
+    assert rel_error(run_exact(ens.model, probe), fp32) < rel_error(run_exact(plain.model, probe), fp32)
 
 
 def test_reference_fake_quant_matches_numerics() -> None:
@@ -257,7 +248,7 @@ def test_fidelity_model_sees_what_activation_orders_buy() -> None:
     one, two = by_label["uniform W8A8 K=2"], by_label["uniform W8A8 K=2 act order 2"]
     x = np.random.default_rng(5).standard_normal((32, 3, 8, 8)).astype(np.float32)
     fp32 = run_exact(model, x)
-    measured = [_rel(run_exact(expand_model(model, c.plan).model, x), fp32) for c in (one, two)]
+    measured = [rel_error(run_exact(expand_model(model, c.plan).model, x), fp32) for c in (one, two)]
     assert two.predicted_error < one.predicted_error / 5
     assert measured[1] < measured[0] / 5
     assert two.predicted_latency_ms > one.predicted_latency_ms

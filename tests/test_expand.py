@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from models import no_conv_model, quantized_model, small_cnn
-from reference import rex_weight_map, run_exact, run_reference
+from reference import rel_error, rex_weight_map, run_exact, run_reference
 
 from rexdeploy.api import expand_model
 from rexdeploy.errors import PlanError, UnsupportedModelError
@@ -15,15 +15,6 @@ from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def probe() -> np.ndarray:
-    return np.random.default_rng(7).standard_normal((16, 3, 8, 8)).astype(np.float32)
 
 
 @pytest.mark.parametrize("trans_b", [True, False])
@@ -50,10 +41,10 @@ def test_expanded_graph_matches_numpy_reference(
         act_scales=expanded.activation_scales if act_bits == 8 else None,
     )[0]
     fp32 = run_exact(model, probe)
-    quant_error = _rel(got, fp32)
+    quant_error = rel_error(got, fp32)
     # the graph computes exactly the simulated quantization: its distance to the reference is float32
     # rounding, far below the quantization error itself
-    assert _rel(got, want) < 1e-5
+    assert rel_error(got, want) < 1e-5
     assert quant_error > 1e-4
     assert (act_bits == 0) == (not expanded.activation_scales)
 
@@ -62,7 +53,7 @@ def test_weight_only_error_falls_with_order(probe: np.ndarray) -> None:
     model = small_cnn()
     fp32 = run_exact(model, probe)
     errors = [
-        _rel(run_exact(expand_model(model, profile=PROFILE, bits=4, order=k, act_bits=0).model, probe), fp32)
+        rel_error(run_exact(expand_model(model, profile=PROFILE, bits=4, order=k, act_bits=0).model, probe), fp32)
         for k in (1, 2, 3)
     ]
     assert errors[0] > errors[1] > errors[2]
@@ -161,7 +152,7 @@ def test_int4_weight_only_k3_is_20x_better_than_k1(which: str) -> None:
         x = np.random.default_rng(2).standard_normal((16, 3, 32, 32)).astype(np.float32)
     fp32 = run_exact(model, x, name)
     errors = [
-        _rel(run_exact(expand_model(model, profile=PROFILE, bits=4, order=k, act_bits=0).model, x, name), fp32)
+        rel_error(run_exact(expand_model(model, profile=PROFILE, bits=4, order=k, act_bits=0).model, x, name), fp32)
         for k in (1, 3)
     ]
     assert errors[0] > 20.0 * errors[1], errors
