@@ -86,6 +86,8 @@ FULL_SHAPES = (
     Shape("pointwise", "small", 64, 14, 6),
     Shape("depthwise", "small", 32, 28, 6),
     Shape("gemm", "small", 256, 0, 6),
+    Shape("matmul", "medium", 256, 64, 3),  # spatial = token rows per sample
+    Shape("matmul", "small", 128, 32, 4),
 )
 QUICK_SHAPES = (Shape("conv", "small", 32, 14, 4), Shape("gemm", "small", 256, 0, 4))
 
@@ -347,6 +349,10 @@ def micro_model(shape: Shape, seed: int = 0) -> onnx.ModelProto:
         if shape.op_class == "gemm":
             w = rng.normal(0.0, 1.0 / np.sqrt(c), (c, c)).astype(np.float32)
             node = helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"y{i}"], name=f"layer{i}", transB=1)
+        elif shape.op_class == "matmul":  # (1, rows, c) @ (c, c) + b: a transformer's linear layer
+            w = rng.normal(0.0, 1.0 / np.sqrt(c), (c, c)).astype(np.float32)
+            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"layer{i}"))
+            node = helper.make_node("Add", [f"m{i}", f"b{i}"], [f"y{i}"], name=f"bias{i}")
         else:
             k, group = (1, 1) if shape.op_class == "pointwise" else (3, c if shape.op_class == "depthwise" else 1)
             w = rng.normal(0.0, 1.0 / np.sqrt(c // group * k * k), (c, c // group, k, k)).astype(np.float32)
@@ -357,7 +363,7 @@ def micro_model(shape: Shape, seed: int = 0) -> onnx.ModelProto:
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         nodes += [node, helper.make_node("Relu", [f"y{i}"], [f"r{i}"], name=f"relu{i}")]
         x = f"r{i}"
-    dims = [1, c] if shape.op_class == "gemm" else [1, c, hw, hw]
+    dims = {"gemm": [1, c], "matmul": [1, hw, c]}.get(shape.op_class, [1, c, hw, hw])
     return _model(nodes, inits, dims, x)
 
 

@@ -136,7 +136,9 @@ def input_elements(layer: Layer) -> int:
 
 def throughput(cost: CostModel, op_class: str, precision: str, profile_name: str = "") -> float:
     """``throughput_gmacs[op_class][precision]`` with the fallbacks of the module docstring."""
-    table = cost.throughput_gmacs.get(op_class, {})
+    table = cost.throughput_gmacs.get(op_class) or (
+        cost.throughput_gmacs.get("pointwise", {}) if op_class == "matmul" else {}  # uncalibrated: as a 1×1 conv
+    )
     for p in FALLBACK.get(precision, (precision,)):
         if p in table:
             return table[p]
@@ -196,10 +198,11 @@ def layer_terms(
 
 def cost_class(layer: Layer) -> str:
     """The op class whose rates a layer is costed with: a Gemm/MatMul over at least ``MATRIX_ROWS`` rows per
-    sample (a transformer's tokens) is a matrix product like a 1×1 convolution over as many positions, so it
-    takes the ``pointwise`` rates; the ``gemm`` rates are calibrated on batch-1 vector products."""
+    sample (a transformer's tokens) is a matrix product, ``matmul`` (calibrated on token-row MatMuls; a profile
+    without ``matmul`` rates uses its ``pointwise`` ones, a 1×1 convolution being a matrix product too); the
+    ``gemm`` rates are batch-1 vector products."""
     if layer.op_class == "gemm" and layer.weight_count and layer.macs // layer.weight_count >= MATRIX_ROWS:
-        return "pointwise"
+        return "matmul"
     return layer.op_class
 
 

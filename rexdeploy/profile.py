@@ -18,7 +18,7 @@ from rexdeploy.errors import ProfileError
 from rexdeploy.plans import MAX_ACT_ORDER
 
 ENGINES = ("openvino", "tensorrt", "onnxruntime")
-OP_CLASSES = ("conv", "pointwise", "depthwise", "gemm")
+OP_CLASSES = ("conv", "pointwise", "depthwise", "gemm", "matmul")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 FORMS = ("branches", "concat")
 
@@ -102,7 +102,7 @@ class Profile:
         q = self.quantization
         if op_class == "depthwise":
             return q.depthwise_weight_bits
-        if op_class == "gemm":
+        if op_class in ("gemm", "matmul"):
             return q.gemm_weight_bits
         return q.conv_weight_bits
 

@@ -41,6 +41,7 @@ TRUE = CostModel(
         "pointwise": {"fp32": 33.0, "int8": 47.0},
         "depthwise": {"fp32": 4.5, "int8": 3.25},
         "gemm": {"fp32": 9.5, "int8": 14.0},
+        "matmul": {"fp32": 27.5, "int8": 16.5},
     },
     calibrated=True,
     model_overhead_us=21.0,

@@ -160,7 +160,7 @@ def test_zero_bandwidth_drops_the_memory_term() -> None:
     assert predict_layer_us(no_memory, layer) == pytest.approx(10.0 + layer.macs / 100e3)
 
 
-def test_matrix_products_take_the_pointwise_rates() -> None:
+def test_matrix_products_take_the_matmul_rates() -> None:
     from models import transformer_block
 
     from rexdeploy.analyze import find_layers
@@ -169,7 +169,11 @@ def test_matrix_products_take_the_pointwise_rates() -> None:
     tokens = [layer for layer in find_layers(transformer_block(seq=16)) if layer.op_type == "MatMul"]
     vector = [layer for layer in find_layers(transformer_block(seq=1)) if layer.name != "mm_left"]
     assert tokens and vector
-    assert {cost_class(layer) for layer in tokens} == {"pointwise"}  # 16 rows: a matrix product
+    assert {cost_class(layer) for layer in tokens} == {"matmul"}  # 16 rows: a matrix product
     assert {cost_class(layer) for layer in vector} == {"gemm"}  # batch-1 vector product, as calibrated
     # (mm_left, W_l @ h, multiplies its 1x1 weight into the 32 columns of h: a matrix product again)
-    assert layer_terms(tokens[0], precision="int8", bits=8).op_class == "pointwise"
+    assert layer_terms(tokens[0], precision="int8", bits=8).op_class == "matmul"
+    # a profile without matmul rates costs them as 1×1 convolutions
+    profile = load_profile("x86-avx512")
+    assert "matmul" not in profile.cost.throughput_gmacs
+    assert throughput(profile.cost, "matmul", "int8") == throughput(profile.cost, "pointwise", "int8")

@@ -83,7 +83,7 @@ def test_bad_engine_and_missing_name() -> None:
 def test_unknown_cost_op_class() -> None:
     raw = _base()
     raw["cost"]["throughput_gmacs"]["attention"] = {"fp32": 1.0}  # type: ignore[index]
-    with pytest.raises(ProfileError, match="allowed keys are: conv, depthwise, gemm, pointwise"):
+    with pytest.raises(ProfileError, match="allowed keys are: conv, depthwise, gemm, matmul, pointwise"):
         profile_from_dict(raw)
 
 
