@@ -45,3 +45,24 @@ def test_demo_expanded_int8_keeps_accuracy_on_openvino(tmp_path: Path, bits: int
         want = session.run(None, {"input": x[:64]})[0]
         got = np.concatenate([builder.run(rex_engine, {"input": x[i : i + 1]})[0] for i in range(64)])
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+
+
+@pytest.mark.openvino
+@pytest.mark.slow
+def test_int8_only_profile_builds_a_quantized_engine_even_where_fp32_is_faster(tmp_path: Path) -> None:
+    """On an int8-only device (float_activations = false) the FP32 engine is only a baseline: the planner
+    quantizes every layer (activation orders allowed) and build never falls back to FP32."""
+    pytest.importorskip("openvino")
+    import dataclasses
+
+    from rexdeploy.builders.base import TimingSettings
+    from rexdeploy.closedloop import build
+
+    host = load_profile("auto")
+    int8_only = dataclasses.replace(host, quantization=dataclasses.replace(host.quantization, float_activations=False))
+    report = build(demo_model_path(), int8_only, budget_ms=1000.0, out_dir=tmp_path / "out",
+                   timing=TimingSettings(warmup_s=0.05, duration_s=0.2), use_cache=False)  # fmt: skip
+    layers = report.plan.layers
+    assert len(layers) == 5 and all(lp.act_bits == 8 for lp in layers.values())
+    assert any(lp.act_order == 2 for lp in layers.values())  # a generous budget buys the second activation order
+    assert report.fidelity.relative_error < 5e-3
