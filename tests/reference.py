@@ -9,7 +9,20 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from rexdeploy.api import Expanded, expand_model
+from rexdeploy.graph import fold_batchnorm
 from rexdeploy.numerics import expand_weight, reconstruct
+from rexdeploy.profile import Profile
+
+
+def checked_expansion(
+    model: onnx.ModelProto, probe: np.ndarray, profile: Profile, **settings: object
+) -> tuple[Expanded, np.ndarray, onnx.ModelProto]:
+    """Expand ``model`` with ``settings``, run ``onnx.checker``'s full check, compute it exactly on ``probe``;
+    returns the expansion, its output and the BN-folded FP32 model the reference interprets."""
+    expanded = expand_model(model, profile=profile, **settings)
+    onnx.checker.check_model(expanded.model, full_check=True)
+    return expanded, run_exact(expanded.model, probe), fold_batchnorm(model)[0]
 
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import small_cnn
-from reference import fake_quant_int8, rel_error, rex_order_weights, run_exact, run_reference
+from reference import checked_expansion, fake_quant_int8, rel_error, rex_order_weights, run_exact, run_reference
 
 from rexdeploy.actorders import (
     activation_order_scales,
@@ -123,11 +123,8 @@ def test_plan_validation_and_json() -> None:
 def test_graph_matches_numpy_reference(
     probe: np.ndarray, bits: int, order: int, act_order: int, form: str, terms: set[tuple[int, int]]
 ) -> None:
-    model = small_cnn()
-    expanded = expand_model(model, profile=PROFILE, bits=bits, order=order, act_order=act_order, form=form)
-    onnx.checker.check_model(expanded.model, full_check=True)
-    got = run_exact(expanded.model, probe)
-    folded, _ = fold_batchnorm(model)
+    expanded, got, folded = checked_expansion(small_cnn(), probe, PROFILE, bits=bits, order=order,
+                                              act_order=act_order, form=form)  # fmt: skip
     want = run_reference(
         folded,
         {"x": probe},

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from models import no_conv_model, quantized_model, small_cnn
-from reference import rel_error, rex_weight_map, run_exact, run_reference
+from reference import checked_expansion, rel_error, rex_weight_map, run_exact, run_reference
 
 from rexdeploy.api import expand_model
 from rexdeploy.errors import PlanError, UnsupportedModelError
@@ -30,10 +30,8 @@ def test_expanded_graph_matches_numpy_reference(
     probe: np.ndarray, trans_b: bool, bits: int, order: int, act_bits: int, form: str
 ) -> None:
     model = small_cnn(trans_b=trans_b)
-    expanded = expand_model(model, profile=PROFILE, bits=bits, order=order, act_bits=act_bits, form=form)
-    onnx.checker.check_model(expanded.model, full_check=True)
-    got = run_exact(expanded.model, probe)
-    folded, _ = fold_batchnorm(model)
+    expanded, got, folded = checked_expansion(model, probe, PROFILE, bits=bits, order=order, act_bits=act_bits,
+                                              form=form)  # fmt: skip
     want = run_reference(
         folded,
         {"x": probe},
