@@ -26,6 +26,7 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from models import accuracy, digits_model, export_mobilenet_v2, fidelity, natura
 from rexdeploy.actorders import RANGE_WIDEN
 from rexdeploy.analyze import Layer
 from rexdeploy.api import builder_for, expand_model, quantizable_layers
+from rexdeploy.builders.base import Engine
 from rexdeploy.graph import fold_batchnorm, load_model, save_model
 from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.profile import Profile, load_profile
@@ -81,7 +83,7 @@ def widening_sweep(model: onnx.ModelProto, layers: list[Layer], lp: LayerPlan, x
     return rows
 
 
-def uniform(layers: list[Layer], lp: LayerPlan, floats: list[str] = ()) -> Plan:  # type: ignore[assignment]
+def uniform(layers: list[Layer], lp: LayerPlan, floats: Sequence[str] = ()) -> Plan:
     """``lp`` on every layer; the layers in ``floats`` keep their input float (weight-only, same K)."""
     weight_only = dataclasses.replace(lp, act_bits=0, act_order=1)
     return Plan(layers={layer.name: weight_only if layer.name in floats else lp for layer in layers})
@@ -137,7 +139,8 @@ def run_model(name: str, path: Path | onnx.ModelProto, x: np.ndarray, labels: np
         plans.update(chosen)
         print(f"  planned in {time.perf_counter() - t0:.1f} s at {planner_budget:.3f} ms (predicted)", flush=True)
     builder = builder_for(profile)
-    engines, rows = {}, {}
+    engines: dict[str, Engine] = {}
+    rows: dict[str, dict[str, Any]] = {}
     ref_ort = run_onnx(model, x)
     for label, plan in plans.items():
         t0 = time.perf_counter()
