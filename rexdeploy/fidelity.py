@@ -32,7 +32,9 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
     ref_norm = float(np.linalg.norm(ref))
     rel = float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff))
     denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
-    cosine = float(np.sum(ref * cand) / denom) if denom > 0 else 1.0
+    # clipped: rounding may put identical outputs a hair above 1; a zero output (a dead engine) against a
+    # non-zero one has no direction in common (0), two zero outputs agree (1)
+    cosine = float(np.clip(np.sum(ref * cand) / denom, -1.0, 1.0)) if denom > 0 else float(not diff.any())
     top1: float | None = None
     flat_ref = ref.reshape(ref.shape[0], -1)
     if flat_ref.shape[1] > 1 and ref.ndim in (2, 3):

@@ -1,10 +1,22 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI runs every property test on the same examples (derandomize: examples derived from the test itself,
+# no example database), so a red build is reproducible and a green one does not depend on a lucky draw.
+# Locally hypothesis keeps exploring random examples. HYPOTHESIS_PROFILE=ci selects CI's behaviour anywhere.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev")
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE")
+    or ("ci" if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes") else "dev")
+)
 
 
 @pytest.fixture(scope="module")

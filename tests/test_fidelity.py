@@ -1,0 +1,116 @@
+"""rexdeploy.fidelity.compare_outputs against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rexdeploy.fidelity import Fidelity, compare_outputs
+
+
+def test_hand_computed_logits() -> None:
+    # 2 probes x 3 classes
+    ref = np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 2.0]], dtype=np.float32)
+    cand = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]], dtype=np.float32)
+    fid = compare_outputs(ref, cand)
+    # diff = [[-2, 1, 0], [0, 0, 1]]: ‖diff‖² = 6, ‖ref‖² = 9 + 1 + 1 + 4 = 15
+    assert fid.relative_error == pytest.approx(math.sqrt(6 / 15), rel=1e-12)
+    # ref·cand = 3 + 2 + 1 + 6 = 12, ‖cand‖² = 1 + 4 + 1 + 9 = 15: cosine 12 / √(15·15) = 0.8
+    assert fid.cosine == pytest.approx(0.8, rel=1e-12)
+    assert fid.max_abs_error == 2.0
+    # argmax: ref (0, 2), cand (1, 2) → one probe of two agrees
+    assert fid.top1_agreement == 0.5
+    assert fid.probes == 2
+
+
+def test_identical_scaled_and_negated() -> None:
+    ref = np.random.default_rng(0).standard_normal((8, 10)).astype(np.float32)
+    same = compare_outputs(ref, ref.copy())
+    assert (same.relative_error, same.max_abs_error, same.top1_agreement) == (0.0, 0.0, 1.0)
+    assert same.cosine == pytest.approx(1.0, abs=1e-12)
+    # twice the reference: cosine ignores the scale, the relative error is 1, the argmax is kept
+    double = compare_outputs(ref, 2 * ref)
+    assert double.cosine == pytest.approx(1.0, abs=1e-12)
+    assert double.relative_error == pytest.approx(1.0, rel=1e-12)
+    assert double.max_abs_error == pytest.approx(float(np.abs(ref).max()), rel=1e-7)
+    assert double.top1_agreement == 1.0
+    negated = compare_outputs(ref, -ref)
+    assert negated.cosine == pytest.approx(-1.0, abs=1e-12)
+    assert negated.relative_error == pytest.approx(2.0, rel=1e-12)
+
+
+def test_computed_in_float64() -> None:
+    """A float32 candidate off by one float32 ulp of a large logit: float64 sums resolve it."""
+    ref = np.full((4, 16), 1000.0, dtype=np.float32)
+    ref[:, 0] = 1001.0
+    cand = ref.copy()
+    cand[0, 3] = np.nextafter(np.float32(1000.0), np.float32(2000.0))  # + 6.1e-5
+    fid = compare_outputs(ref, cand)
+    step = float(cand[0, 3]) - 1000.0
+    assert fid.max_abs_error == step
+    assert fid.relative_error == pytest.approx(step / float(np.linalg.norm(ref.astype(np.float64))), rel=1e-9)
+    assert fid.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize(
+    ("shape", "top1"),
+    [
+        ((5, 7), True),  # (probes, classes)
+        ((5, 2, 3), True),  # (probes, tokens, classes): argmax over the flattened rest
+        ((5, 1), False),  # one output value: no class to agree on
+        ((5, 3, 4, 4), False),  # an image-like output is not a classifier's
+        ((5,), False),
+    ],
+)
+def test_top1_only_for_classifier_outputs(shape: tuple[int, ...], top1: bool) -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal(shape)
+    cand = ref + 0.01 * rng.standard_normal(shape)
+    fid = compare_outputs(ref, cand)
+    if top1:
+        flat_r, flat_c = ref.reshape(shape[0], -1), cand.reshape(shape[0], -1)
+        want = float(np.mean(flat_r.argmax(axis=1) == flat_c.argmax(axis=1)))
+        assert fid.top1_agreement == want
+    else:
+        assert fid.top1_agreement is None
+    assert fid.probes == 5
+
+
+def test_one_probe_disagreeing() -> None:
+    ref = np.eye(4)
+    cand = np.eye(4)
+    cand[2] = [0.0, 0.0, 0.4, 0.6]  # probe 2 now votes for class 3
+    fid = compare_outputs(ref, cand)
+    assert fid.top1_agreement == 0.75
+    # diff only in row 2: (0, 0, -0.6, 0.6); ‖ref‖ = 2
+    assert fid.relative_error == pytest.approx(math.sqrt(0.72) / 2, rel=1e-12)
+    assert fid.max_abs_error == pytest.approx(0.6, rel=1e-12)
+    # ref·cand = 3 + 0.4; ‖cand‖² = 3 + 0.16 + 0.36
+    assert fid.cosine == pytest.approx(3.4 / (2 * math.sqrt(3.52)), rel=1e-12)
+
+
+def test_zero_outputs() -> None:
+    zeros = np.zeros((3, 4))
+    ones = np.ones((3, 4))
+    both = compare_outputs(zeros, zeros)
+    assert (both.relative_error, both.cosine, both.max_abs_error) == (0.0, 1.0, 0.0)
+    # a zero reference: the relative error falls back to the absolute L2 distance, √12
+    from_zero = compare_outputs(zeros, ones)
+    assert from_zero.relative_error == pytest.approx(math.sqrt(12.0), rel=1e-12)
+    assert from_zero.max_abs_error == 1.0
+    # an engine that outputs only zeros does not agree with a non-zero reference in direction
+    dead = compare_outputs(ones, zeros)
+    assert dead.relative_error == 1.0
+    assert dead.cosine == 0.0
+    assert from_zero.cosine == 0.0
+
+
+def test_shape_mismatch_and_json() -> None:
+    with pytest.raises(ValueError, match=r"output shapes differ: \(2, 3\) vs \(3, 2\)"):
+        compare_outputs(np.zeros((2, 3)), np.zeros((3, 2)))
+    fid = compare_outputs(np.eye(3), np.eye(3))
+    doc = fid.to_dict()
+    assert doc == {"probes": 3, "relative_error": 0.0, "cosine": 1.0, "max_abs_error": 0.0, "top1_agreement": 1.0}
+    assert Fidelity(**doc) == fid
