@@ -56,6 +56,17 @@ def conv_relu() -> onnx.ModelProto:
     return model
 
 
+def host_float_precision() -> str:
+    """The precision OpenVINO runs float layers in under ``--profile auto`` here: bf16 when the host's profile
+    asks for it (xeon-spr, on AMX CPUs) and the CPU has bf16, else f32 (the AVX2 / AVX-512 VNNI profiles pin f32)."""
+    import openvino as ov
+
+    from rexdeploy.profile import load_profile
+
+    wants_bf16 = load_profile("auto").quantization.bf16
+    return "bf16" if wants_bf16 and "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+
+
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bench") / "conv_relu.onnx"
@@ -115,8 +126,30 @@ def test_bench_onnx_json(capsys: pytest.CaptureFixture[str], model_path: Path, o
     assert doc["throughput"] is None
     assert any("CoV" in w for w in doc["warnings"]) == (timing["cov"] > COV_WARN)
     if engine == "openvino":
-        assert doc["precisions"]["Convolution"] == {"f32": 1}
+        assert doc["precisions"]["Convolution"] == {host_float_precision(): 1}
     assert BenchResult.from_dict(doc).to_dict() == doc  # JSON round trip
+
+
+@pytest.mark.openvino
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bench_runs_float_layers_in_the_profile_precision(
+    capsys: pytest.CaptureFixture[str], model_path: Path, tmp_path: Path, bf16: bool
+) -> None:
+    """A profile with bf16 = false pins f32 on every CPU (also on AMX / AVX-512 BF16 ones, where OpenVINO
+    would pick bf16 by itself); bf16 = true runs bf16 where the CPU has it and f32 elsewhere."""
+    ov = pytest.importorskip("openvino")
+    import dataclasses
+
+    from rexdeploy.profile import load_profile
+
+    base = load_profile("x86-avx2")  # needs only AVX2: every CI host
+    profile = dataclasses.replace(base, name=f"test-bf16-{bf16}".lower(),
+                                  quantization=dataclasses.replace(base.quantization, bf16=bf16))  # fmt: skip
+    path = tmp_path / "profile.toml"
+    path.write_text(profile.to_toml(), encoding="utf-8")
+    doc = _bench_json(capsys, [str(model_path), "--profile", str(path), "--runs", "12", "--warmup", "10ms"])
+    cpu_has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert doc["precisions"]["Convolution"] == {"bf16" if bf16 and cpu_has_bf16 else "f32": 1}
 
 
 @pytest.mark.openvino
@@ -135,7 +168,7 @@ def test_bench_saved_ir_runs_and_throughput(
     assert doc["source"] == "openvino-ir" and doc["engine"]["backend"] == "openvino"
     assert doc["engine"]["artifacts"] == [str(xml), str(out / "model.bin")]
     assert doc["engine"]["inputs"] == {"x": [1, 3, 16, 16]}
-    assert doc["precisions"]["Convolution"] == {"f32": 1}
+    assert built["precisions"]["Convolution"] == doc["precisions"]["Convolution"] == {host_float_precision(): 1}
     _check_statistics(doc["timing"])
     assert doc["timing"]["runs"] == 25
     tp = doc["throughput"]
