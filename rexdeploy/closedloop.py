@@ -1,17 +1,25 @@
-"""``rexdeploy build``: plan → expand → build → time, closed on the measured latency.
+"""``rexdeploy build``: probe → plan → expand → build → time, closed on the measured latency.
 
-With a budget and no explicit setting, the planner chooses the plan; the engine is built and timed;
-when its measured median exceeds the budget the cost model is corrected by the measured/predicted
-ratio and the planner runs again (bounded attempts). The FP32 engine (and, for ``budget_ratio``,
-the plain int8 engine) are built and timed in the same run as baselines; an FP32 engine that fits
-the budget and is faster than the REx engine is returned instead — it is exact.
+With a budget and no explicit setting, the planner plans on latencies measured on this device for this
+model: probe engines are built, timed and profiled per layer (:mod:`rexdeploy.probing`; cached per
+model / profile / engine version / host), and the planner composes its candidates from that cost table
+(:mod:`rexdeploy.planner.costtable`). Without a per-layer profiler the profile's analytic cost model
+answers instead, labelled as an estimate. The chosen plan is built and timed; a miss profiles the built
+engine and updates the table with what its layers really cost (the analytic path scales its model by
+the measured/predicted ratio), and the planner runs again (bounded attempts).
+
+Every engine measured in the run — the FP32 baseline, the plain int8 baseline, the probes, each attempt
+— is a candidate: the engine returned is the most accurate one (lowest predicted error; FP32 is exact)
+whose *measured* median fits the budget. The build fails only when none fits after the fastest
+candidate the planner knows was built and measured too.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -33,7 +41,18 @@ from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
 from rexdeploy.planner import PlanResult, plan_model
+from rexdeploy.planner.costtable import CostTable
 from rexdeploy.plans import Plan
+from rexdeploy.probing import (
+    PROBE_TIMING,
+    PROFILE_TIMING,
+    Measured,
+    Probe,
+    node_owners,
+    probe_cost_table,
+    save_cached,
+    split_layer_times,
+)
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png
@@ -57,22 +76,6 @@ def host_warnings(profile: Profile) -> list[str]:
     ]
 
 
-def engine_result(label: str, builder: Builder, engine: Engine, settings: TimingSettings, root: Path) -> EngineResult:
-    timing = builder.time(engine, settings)
-    summary = getattr(builder, "precision_summary", None)
-    precisions: dict[str, dict[str, int]] = summary(engine) if callable(summary) else {}
-    return EngineResult(
-        label=label,
-        timing=timing,
-        build_seconds=engine.build_seconds,
-        artifacts=tuple(
-            str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in engine.artifacts
-        ),
-        backend_version=engine.backend_version,
-        precisions=precisions,
-    )
-
-
 @dataclass
 class _Run:
     """What one build run holds while it works in its temporary directory."""
@@ -87,24 +90,39 @@ class _Run:
     say: Progress
     model_name: str = "the model"
     use_cache: bool = True
-    fp32_engine: Engine | None = None
+    calibration: object = None
+    measured: list[Measured] = field(default_factory=list)  # every engine measured in this run
 
     def engine_for(
-        self, plan: Plan, name: str, calibration: object, ranges: dict[str, float] | None
-    ) -> tuple[Engine, float]:
-        """Expand ``plan``, save it as ``name``.onnx and build it; returns the engine and the expand seconds."""
+        self, plan: Plan, name: str, ranges: dict[str, float] | None, where: Path | None = None
+    ) -> tuple[Engine, float, Path]:
+        """Expand ``plan``, save it as ``name``.onnx and build it (in ``where``, default the run's folder);
+        returns the engine, the expand seconds and the ONNX path."""
+        where = where or self.tmp
         self.say(f"expanding {self.model_name} for {name} ...")
-        expanded = expand_model(self.model, plan, profile=self.profile, calibration=calibration,  # type: ignore[arg-type]
+        expanded = expand_model(self.model, plan, profile=self.profile, calibration=self.calibration,  # type: ignore[arg-type]
                                 model_sha256=self.sha, ranges=ranges)  # fmt: skip
-        path = save_model(expanded.model, self.tmp / f"{name}.onnx")
+        path = save_model(expanded.model, where / f"{name}.onnx")
         self.say(f"building {name} ({plan.summary()}) with {self.profile.engine} ...")
-        return self.build(path, name), expanded.seconds
+        return self.build(path, name, where), expanded.seconds, path
 
-    def build(self, path: Path, name: str) -> Engine:
-        engine, hit = cached_build(self.builder, path, self.profile, self.tmp / name, enabled=self.use_cache)
+    def build(self, path: Path, name: str, where: Path | None = None) -> Engine:
+        engine, hit = cached_build(self.builder, path, self.profile, (where or self.tmp) / name, enabled=self.use_cache)
         if hit:
             self.say(f"{name}: engine cache hit, not rebuilt")
         return engine
+
+    def measure(self, label: str, plan: Plan, engine: Engine, path: Path, timing: TimingSettings,
+                what: str = "") -> Measured:  # fmt: skip
+        """Time an engine of this run and keep it as a candidate (``what``: how progress names it)."""
+        self.say(f"timing {what or label} ({timing.duration_s:g} s) ...")
+        m = Measured(label, plan, engine, path, self.builder.time(engine, timing))
+        self.measured.append(m)
+        return m
+
+    def measured_plan(self, plan: Plan) -> Measured | None:
+        """The engine of this run that carries out ``plan`` (same layer settings), if any."""
+        return next((m for m in self.measured if m.plan.layers == plan.layers), None)
 
 
 def build(
@@ -124,7 +142,8 @@ def build(
     """Plan (or take ``plan`` / the flag ``overrides``), expand, build, time next to the baselines, report.
 
     ``budget_ratio`` sets the budget relative to the plain int8 engine (K = 1) measured in the same run.
-    Engines are reused from the engine cache (:mod:`rexdeploy.builders.cache`) unless ``use_cache`` is off.
+    Engines are reused from the engine cache (:mod:`rexdeploy.builders.cache`), and the model's measured
+    cost table from its cache, unless ``use_cache`` is off.
     Artifacts (expanded.onnx, plan.json, the engines, report.json, report.md, pareto.png) are written to
     ``out_dir`` (default ``rexdeploy-out/<model stem>``) only when everything succeeded.
     """
@@ -149,34 +168,39 @@ def build(
         say(f"warning: {warning}")
     out = Path(out_dir) if out_dir is not None else Path("rexdeploy-out") / model_path.stem
     with atomic_dir(out) as tmp:
-        run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name, use_cache)
+        run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name, use_cache, calibration)
         shutil.copyfile(model_path, tmp / "fp32.onnx")
         say(f"building the FP32 baseline with {profile.engine} ...")
         fp32_engine = run.build(tmp / "fp32.onnx", "fp32")
-        run.fp32_engine = fp32_engine
-        say(f"timing the FP32 baseline ({timing.duration_s:g} s) ...")
-        baselines = {"fp32": engine_result("fp32", builder, fp32_engine, timing, tmp)}
+        empty = Plan(layers={}, profile=profile.name, model_sha256=sha)
+        fp32 = run.measure("FP32", empty, fp32_engine, tmp / "fp32.onnx", timing, "the FP32 baseline")
+        baselines = {"fp32": engine_result("fp32", fp32, tmp, builder)}
         if budget_ratio is not None:
             int8_plan = default_plan(layers, profile, sha, order=1, act_bits=8)
-            int8_engine, _ = run.engine_for(int8_plan, "int8", calibration, None)
-            say(f"timing the plain int8 engine ({timing.duration_s:g} s) ...")
-            baselines["int8"] = engine_result("int8", builder, int8_engine, timing, tmp)
+            int8_engine, _, int8_path = run.engine_for(int8_plan, "int8", None)
+            baselines["int8"] = engine_result("int8", run.measure("int8 K=1", int8_plan, int8_engine,
+                                                                   int8_path, timing, "the plain int8 engine"), tmp, builder)  # fmt: skip
             budget_ms = budget_ratio * baselines["int8"].timing.median_ms
             say(f"budget: {budget_ratio:g} x plain int8 = {format_ms(budget_ms)}")
         attempts: list[Attempt] = []
         planned: PlanResult | None = None
+        latency_model: dict[str, object] = {}
+        choice = ""
         if use_planner:
             assert budget_ms is not None
-            plan, rex_engine, rex_result, expand_s, planned = _closed_loop(
-                run, budget_ms, calibration, attempts, baselines
-            )
+            with tempfile.TemporaryDirectory(prefix=".rexdeploy-probes.") as probe_dir:
+                chosen, planned, latency_model, choice = _closed_loop(run, budget_ms, attempts, Path(probe_dir))
+                if chosen.engine.artifacts and not Path(chosen.engine.artifacts[0]).is_relative_to(tmp):
+                    chosen = _adopt(chosen, tmp)  # a probe engine is the answer: move it into the output
+            plan, rex_engine, expand_s = chosen.plan, chosen.engine, 0.0
+            rex_result = engine_result("rex", chosen, tmp, builder)
+            final_onnx = chosen.onnx_path
         else:
             assert plan is not None
-            rex_engine, expand_s = run.engine_for(plan, "rex", calibration, None)
-            say(f"timing the REx engine ({timing.duration_s:g} s) ...")
-            rex_result = engine_result("rex", builder, rex_engine, timing, tmp)
-        final_onnx = tmp / f"{attempts[-1].name if attempts else 'rex'}.onnx"
-        if plan.layers and final_onnx.exists():
+            rex_engine, expand_s, final_onnx = run.engine_for(plan, "rex", None)
+            rex_result = engine_result("rex", run.measure("REx", plan, rex_engine, final_onnx, timing, "the REx engine"),
+                                       tmp, builder)  # fmt: skip
+        if plan.layers and final_onnx.exists() and final_onnx != tmp / "expanded.onnx":
             shutil.copyfile(final_onnx, tmp / "expanded.onnx")
         (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")
         say("measuring fidelity against FP32 on synthetic probes ...")
@@ -197,6 +221,8 @@ def build(
             warnings=tuple(warnings),
             attempts=tuple(attempts),
             front=tuple(c.to_dict() for c in planned.front) if planned else (),
+            choice=choice,
+            latency_model=latency_model,
         )
         if planned is not None:
             png = write_pareto_png(tmp / "pareto.png", report, planned)
@@ -206,7 +232,7 @@ def build(
                 )
         (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
         (tmp / "report.md").write_text(report.to_markdown(), encoding="utf-8")
-        if report.fits_budget is False:
+        if report.fits_budget is False and not use_planner:
             fastest = min(e.timing.median_ms for e in [rex_result, *baselines.values()])
             raise BudgetError(
                 f"the REx engine ({plan.summary()}) measured {format_ms(rex_result.timing.median_ms)}, over the "
@@ -216,42 +242,149 @@ def build(
     return report
 
 
+def engine_result(label: str, m: Measured, root: Path, builder: Builder) -> EngineResult:
+    """The report's record of an engine measured in this run."""
+    summary = getattr(builder, "precision_summary", None)
+    precisions: dict[str, dict[str, int]] = summary(m.engine) if callable(summary) else {}
+    return EngineResult(
+        label=label,
+        timing=m.timing,
+        build_seconds=m.engine.build_seconds,
+        artifacts=tuple(
+            str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in m.engine.artifacts
+        ),
+        backend_version=m.engine.backend_version,
+        precisions=precisions,
+    )
+
+
+def _adopt(m: Measured, tmp: Path) -> Measured:
+    """Copy a probe engine (built outside the output folder) into it, under ``rex/``."""
+    src = Path(m.engine.artifacts[0]).parent
+    dest = tmp / "rex"
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    onnx_path = tmp / "rex.onnx"
+    shutil.copyfile(m.onnx_path, onnx_path)
+    artifacts = tuple(dest / Path(a).name for a in m.engine.artifacts)
+    engine = Engine(**{**m.engine.__dict__, "artifacts": artifacts})
+    return Measured(m.label, m.plan, engine, onnx_path, m.timing, m.layer_times)
+
+
 def _closed_loop(
-    run: _Run, budget_ms: float, calibration: object, attempts: list[Attempt], baselines: dict[str, EngineResult]
-) -> tuple[Plan, Engine, EngineResult, float, PlanResult]:
-    """Plan, build, time; re-plan with the measured/predicted correction until the budget is met."""
+    run: _Run, budget_ms: float, attempts: list[Attempt], probe_dir: Path
+) -> tuple[Measured, PlanResult, dict[str, object], str]:
+    """Probe (or read the cached cost table), plan, build, time; on a miss learn from the engine and re-plan.
+    Returns the engine chosen among every engine measured, the last planning result, the latency-model
+    record for the report and why the engine was chosen."""
+    table, latency_model = _cost_table(run, probe_dir)
+    float_ok = run.profile.quantization.float_activations  # an int8-only device cannot run the FP32 engine
     scale = 1.0
-    fp32 = baselines["fp32"]
+    result: PlanResult | None = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
         result = plan_model(run.model, run.layers, run.profile, budget_ms, model_sha256=run.sha,
-                            calibration=calibration, latency_scale=scale)  # type: ignore[arg-type]  # fmt: skip
-        plan = result.plan
-        run.say(f"plan (attempt {attempt}): {result.chosen.label}: predicted {format_ms(result.chosen.predicted_latency_ms)}, "
-                f"error {result.chosen.predicted_error:.2e} ({len(result.candidates)} candidates, {result.seconds:.2f} s)")  # fmt: skip
-        if not plan.layers:  # FP32 fits: the exact engine is the answer
-            attempts.append(
-                Attempt(attempt, "fp32", "FP32", result.chosen.predicted_latency_ms, fp32.timing.median_ms, scale)
-            )
-            assert run.fp32_engine is not None
-            return plan, run.fp32_engine, fp32, 0.0, result
+                            calibration=run.calibration, latency_scale=scale, cost_table=table,  # type: ignore[arg-type]
+                            fastest_if_none_fits=True)  # fmt: skip
+        chosen = result.chosen
+        verdict = "" if result.fits else f" (nothing predicted to fit {format_ms(budget_ms)}: the fastest)"
+        run.say(f"plan (attempt {attempt}): {chosen.label}: predicted {format_ms(chosen.predicted_latency_ms)}, "
+                f"error {chosen.predicted_error:.2e}{verdict} ({len(result.candidates)} candidates, {result.seconds:.2f} s)")  # fmt: skip
+        m = run.measured_plan(result.plan)
         name = "rex" if attempt == 1 else f"rex_attempt{attempt}"
-        engine, expand_s = run.engine_for(plan, name, calibration, result.ranges)
-        run.say(f"timing the REx engine ({run.timing.duration_s:g} s) ...")
-        measured = engine_result("rex", run.builder, engine, run.timing, run.tmp)
-        attempts.append(
-            Attempt(attempt, name, plan.summary(), result.chosen.predicted_latency_ms, measured.timing.median_ms, scale)
+        if m is None:
+            engine, _, path = run.engine_for(result.plan, name, result.ranges)
+            m = run.measure(result.chosen.label, result.plan, engine, path, run.timing, f"the REx engine ({name})")
+        attempts.append(Attempt(attempt, name if m.onnx_path.stem == name else m.onnx_path.stem,
+                                result.plan.summary() if result.plan.layers else "FP32",
+                                chosen.predicted_latency_ms, m.timing.median_ms, scale))  # fmt: skip
+        if m.timing.median_ms <= budget_ms:
+            break
+        if m.onnx_path.stem != name:  # measured before (a baseline or probe): nothing new to learn from it
+            break
+        run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine")
+        if table is not None:
+            times = run.builder.layer_times(m.engine, PROFILE_TIMING)
+            per_layer, rest = split_layer_times(times, node_owners(onnx.load(str(m.onnx_path), load_external_data=False), run.layers),
+                                                m.timing.median_ms)  # fmt: skip
+            table = table.observe(run.profile, run.layers, m.plan.layers, per_layer, rest)
+            if run.use_cache:
+                save_cached(table)  # the next build of this model starts from what this miss taught
+        else:
+            scale *= m.timing.median_ms / max(chosen.predicted_latency_ms, 1e-9)
+            log.debug("attempt %d: new latency scale %.3f", attempt, scale)
+    assert result is not None
+    if table is not None:
+        latency_model["observations"] = table.observations
+
+    def error(m: Measured) -> float:
+        return result.plan_error(m.plan) if m.plan.layers else 0.0
+
+    allowed = [m for m in run.measured if float_ok or (m.plan.layers and all(
+        lp.act_bits == 8 for lp in m.plan.layers.values()) and len(m.plan.layers) == len(run.layers))]  # fmt: skip
+    fitting = [m for m in allowed if m.timing.median_ms <= budget_ms]
+    if not fitting:
+        fastest_plan = min(result.candidates, key=lambda c: c.predicted_latency_ms).plan
+        if run.measured_plan(fastest_plan) is None:
+            run.say("nothing measured fits: building the fastest candidate the planner knows ...")
+            engine, _, path = run.engine_for(fastest_plan, "rex_fastest", result.ranges)
+            m = run.measure("fastest candidate", fastest_plan, engine, path, run.timing, "the fastest candidate")
+            attempts.append(Attempt(len(attempts) + 1, "rex_fastest", fastest_plan.summary() if fastest_plan.layers
+                                    else "FP32", min(c.predicted_latency_ms for c in result.candidates),
+                                    m.timing.median_ms, scale))  # fmt: skip
+            if m.timing.median_ms <= budget_ms:
+                fitting = [m]
+    if not fitting:
+        fastest = min(allowed or run.measured, key=lambda m: m.timing.median_ms)
+        raise BudgetError(
+            f"no engine fits the {format_ms(budget_ms)} budget on {run.profile.name}: the fastest measured, "
+            f"{_describe(fastest)}, runs in {format_ms(fastest.timing.median_ms)} "
+            f"({len(run.measured)} engines measured in this run); relax --budget or pick a faster profile"
         )
-        float_ok = run.profile.quantization.float_activations  # an int8-only device cannot run the FP32 engine
-        if float_ok and fp32.timing.median_ms <= budget_ms and fp32.timing.median_ms < measured.timing.median_ms:
-            run.say("the FP32 engine fits the budget and is faster: returning it (exact)")
-            fp32_plan = Plan(layers={}, profile=run.profile.name, model_sha256=run.sha,
-                             notes=("FP32 measured faster than the REx engine and within budget",))  # fmt: skip
-            assert run.fp32_engine is not None
-            return fp32_plan, run.fp32_engine, fp32, 0.0, result
-        if measured.timing.median_ms <= budget_ms or attempt == MAX_ATTEMPTS:
-            return plan, engine, measured, expand_s, result
-        scale *= measured.timing.median_ms / max(result.chosen.predicted_latency_ms, 1e-9)
-        log.debug("attempt %d: predicted %.4f ms, measured %.4f ms, new scale %.3f", attempt,
-                  result.chosen.predicted_latency_ms, measured.timing.median_ms, scale)  # fmt: skip
-        run.say(f"measured {format_ms(measured.timing.median_ms)} > budget: correcting the cost model by x{scale:.2f}")
-    raise AssertionError("unreachable")  # pragma: no cover
+    best = min(fitting, key=lambda m: (error(m), m.timing.median_ms))
+    why = (
+        f"{_describe(best)}: measured {format_ms(best.timing.median_ms)} within the {format_ms(budget_ms)} budget, "
+        + ("exact (no layer quantized)" if not best.plan.layers else f"predicted error {error(best):.2e}")
+        + f"; the most accurate of the {len(fitting)} of {len(allowed)} engines measured in this run that fit"
+    )
+    run.say(f"chosen: {why}")
+    return best, result, latency_model, why
+
+
+def _describe(m: Measured) -> str:
+    if not m.plan.layers:
+        return "the FP32 engine"
+    return f"{m.label} ({m.plan.summary()})"
+
+
+def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str, object]]:
+    """The measured cost table of this model on this device (probed now or cached), or None — the analytic
+    model then answers — when the builder has no per-layer profiler."""
+    if not callable(getattr(run.builder, "layer_times", None)):
+        run.say(f"{run.profile.engine} has no per-layer profiler here: planning on the analytic cost model (an estimate)")
+        return None, {"source": "estimate", "summary": f"analytic cost model of profile {run.profile.name} (an estimate)"}
+    float_m = run.measured[0]
+    reuse = {m.label: m for m in run.measured if m.label == "int8 K=1"}
+    probe_timing = TimingSettings(warmup_s=min(run.timing.warmup_s, PROBE_TIMING.warmup_s),
+                                  duration_s=min(run.timing.duration_s, PROBE_TIMING.duration_s),
+                                  runs=run.timing.runs, min_runs=min(run.timing.min_runs, PROBE_TIMING.min_runs),
+                                  seed=run.timing.seed)  # fmt: skip
+
+    def make(probe: Probe) -> Measured:
+        name = "probe_" + "".join(c if c.isalnum() else "_" for c in probe.label.lower())
+        engine, _, path = run.engine_for(probe.plan, name, None, where=probe_dir)
+        return run.measure(probe.label, probe.plan, engine, path, probe_timing, f"probe {probe.label}")
+
+    table, probed = probe_cost_table(run.builder, run.layers, run.profile, run.sha, make, float_engine=float_m,
+                                     reuse=reuse, use_cache=run.use_cache,
+                                     say=run.say)  # fmt: skip
+    for m in probed:  # keep the probes' labels and layer times on the run's records
+        for i, old in enumerate(run.measured):
+            if old.engine is m.engine:
+                run.measured[i] = m
+    n = len(table.probes)
+    how = "cached" if table.cached else f"probed now in {table.seconds:.1f} s"
+    summary = (f"measured on this device: cost table of {n} engines of this model ({how}; {table.engine}; "
+               f"{table.host})")  # fmt: skip
+    return table, {"source": "measured", "cached": table.cached, "probe_seconds": 0.0 if table.cached else table.seconds,
+                   "probes": [p.to_dict() for p in table.probes], "host": table.host, "engine": table.engine,
+                   "summary": summary}  # fmt: skip
+

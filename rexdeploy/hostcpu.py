@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 from pathlib import Path
 
@@ -18,6 +19,25 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``), else the platform's processor string."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def host_id() -> str:
+    """This host as a cache key part: CPU model, architecture and a digest of the feature flags."""
+    digest = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return f"{cpu_model()} ({platform.machine()}, flags {digest})"
 
 
 def host_profile_name() -> str:

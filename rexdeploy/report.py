@@ -67,6 +67,8 @@ class Report:
     warnings: tuple[str, ...] = ()
     attempts: tuple[Attempt, ...] = ()
     front: tuple[dict[str, Any], ...] = ()  # the planner's explored Pareto front (predicted)
+    choice: str = ""  # why this engine was returned
+    latency_model: dict[str, Any] = field(default_factory=dict)  # where the planner's latencies came from
 
     def with_warning(self, warning: str) -> Report:
         return replace(self, warnings=(*self.warnings, warning))
@@ -104,6 +106,8 @@ class Report:
             "warnings": list(self.warnings),
             "attempts": [a.to_dict() for a in self.attempts],
             "pareto_front": list(self.front),
+            "choice": self.choice,
+            "latency_model": self.latency_model,
         }
 
     def to_json(self) -> str:
@@ -113,6 +117,8 @@ class Report:
         """A short human summary (the CLI prints it on stderr)."""
         t = self.rex.timing
         lines = [f"model    {self.model}  ({self.profile}: {self.engine} on {self.device})"]
+        if self.latency_model:
+            lines.append(f"latency  {self.latency_model.get('summary', '')}")
         lines.append(f"plan     {self.plan_text}  [{self.plan.hash[:12]}]")
         for a in self.attempts:
             lines.append(
@@ -134,6 +140,8 @@ class Report:
         if self.budget_ms is not None:
             verdict = "within" if self.fits_budget else "OVER"
             lines.append(f"budget   {format_ms(self.budget_ms)}: {verdict} budget")
+        if self.choice:
+            lines.append(f"chosen   {self.choice}")
         noisy = [n for n, e in [("REx", self.rex), *self.baselines.items()] if e.timing.noisy]
         if noisy:
             lines.append(f"warning  timing CoV above 5 % for {', '.join(noisy)}: the machine is noisy")
@@ -151,6 +159,8 @@ class Report:
             f"- budget: {format_ms(self.budget_ms) if self.budget_ms else 'none'}"
             + ("" if self.fits_budget is None else f" — {'met' if self.fits_budget else 'missed'}"),
             f"- expansion pass: {self.expand_seconds:.3f} s",
+            *([f"- chosen: {self.choice}"] if self.choice else []),
+            *([f"- planner latencies: {self.latency_model.get('summary', '')}"] if self.latency_model else []),
             "",
             "| engine | median | mean | p90 | p99 | CoV | runs | ratio to FP32 | build s |",
             "|---|---|---|---|---|---|---|---|---|",

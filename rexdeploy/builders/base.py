@@ -35,6 +35,8 @@ class TimingSettings:
 class Engine:
     """A compiled engine: where its files are, what it was built from, and a live handle to run it.
 
+    ``options`` are the runtime options the engine was compiled and timed with (OpenVINO compile
+    properties, TensorRT builder flags), so a profile run or a reload reproduces them.
     ``handle`` is the backend's in-process object (an OpenVINO ``CompiledModel``, a TensorRT
     ``ICudaEngine``, an onnxruntime session); it is excluded from :meth:`to_dict`.
     """
@@ -47,6 +49,7 @@ class Engine:
     build_seconds: float
     backend_version: str = ""
     layer_precisions: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
     handle: Any = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,6 +58,33 @@ class Engine:
         out["artifacts"] = [str(p) for p in self.artifacts]
         out["inputs"] = {k: list(v) for k, v in self.inputs.items()}
         return out
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Per-node times read from an engine's own profiler (OpenVINO ``PERF_COUNT``, onnxruntime's profiler,
+    TensorRT ``IProfiler``), averaged over ``runs`` profiled inferences.
+
+    ``nodes`` maps each *ONNX node* of the built model to the µs attributed to it (an engine layer that
+    fused several ONNX nodes is charged to the first one it names); ``unmapped_us`` is what ran under no
+    ONNX node name (reorders, input/output copies the engine added), and ``total_us`` the sum of
+    everything the profiler reported — under profiling, usually a little above an unprofiled run's median.
+    """
+
+    nodes: dict[str, float]
+    unmapped_us: float
+    total_us: float
+    runs: int
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodes": dict(self.nodes), "unmapped_us": self.unmapped_us, "total_us": self.total_us,
+                "runs": self.runs, "source": self.source}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LayerTimes:
+        return cls({str(k): float(v) for k, v in raw["nodes"].items()}, float(raw["unmapped_us"]),
+                   float(raw["total_us"]), int(raw["runs"]), str(raw["source"]))  # fmt: skip
 
 
 @runtime_checkable
@@ -82,6 +112,11 @@ class Builder(Protocol):
 
     def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one inference and return the outputs in the model's output order."""
+        ...
+
+    def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
+        """Per-ONNX-node µs from the engine's own profiler (warm-up, then ``settings.runs`` or
+        ``settings.duration_s`` of profiled runs); never builds."""
         ...
 
 

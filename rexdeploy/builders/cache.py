@@ -8,6 +8,7 @@ without ``load`` is simply not cached. Entries are written atomically; a corrupt
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,7 +50,8 @@ def cached_build(
                 if f.name != MANIFEST:
                     shutil.copy2(f, out_dir / f.name)
             engine: Engine = load(out_dir / primary, profile)
-            return engine, True
+            # the engine was built from ``model``: keep it as its source (maps profiler names to ONNX nodes)
+            return dataclasses.replace(engine, model_path=model), True
         except (OSError, KeyError, ValueError, RexError):
             shutil.rmtree(entry, ignore_errors=True)  # corrupt entry: rebuild below
     engine = builder.build(model, profile, out_dir)

@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 
 from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
-from rexdeploy.costmodel import predict_layer_us
-from rexdeploy.errors import BudgetError
+from rexdeploy.errors import BudgetError, PlanError
 from rexdeploy.graph import fold_batchnorm
+from rexdeploy.planner.costtable import CostTable, analytic_us
 from rexdeploy.planner.fidelity import ErrorModel, LayerOption
 from rexdeploy.planner.sensitivity import measure_sensitivity
 from rexdeploy.plans import LayerPlan, Plan
@@ -62,6 +62,15 @@ class PlanResult:
     budget_ms: float
     seconds: float
     ranges: dict[str, float] = field(default_factory=dict)
+    latency_source: str = "estimate"
+    fits: bool = True
+    errors: ErrorModel | None = field(default=None, compare=False, repr=False)
+
+    def plan_error(self, plan: Plan) -> float:
+        """The error model's predicted relative output error of any plan of this model (0 for float)."""
+        if self.errors is None:
+            raise PlanError("this PlanResult carries no error model")
+        return self.errors.network_error({n: self.errors.layer_error(n, lp) for n, lp in plan.layers.items()})
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -71,14 +80,23 @@ class PlanResult:
             "front": [c.to_dict() for c in self.front],
             "candidates": len(self.candidates),
             "seconds": self.seconds,
+            "latency_source": self.latency_source,
+            "fits": self.fits,
         }
 
 
 def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: int = 3,
-                  allow_float: bool = True) -> list[LayerOption]:  # fmt: skip
+                  allow_float: bool = True, table: CostTable | None = None, n_layers: int = 1) -> list[LayerOption]:  # fmt: skip
     """The menu of one layer: float (unless ``allow_float`` is False), and every (bits, K, γ, activation)
-    the profile allows; an int8 input may take 1..``max_act_order`` activation orders."""
-    options = [LayerOption(None, predict_layer_us(profile, layer), 0.0)] if allow_float else []
+    the profile allows; an int8 input may take 1..``max_act_order`` activation orders. Latencies come from
+    the measured cost ``table`` when given (:meth:`CostTable.layer_us`), else from the analytic model."""
+
+    def latency(lp: LayerPlan | None) -> float:
+        if table is not None:
+            return table.layer_us(profile, layer, lp, n_layers)
+        return analytic_us(profile, layer, lp)
+
+    options = [LayerOption(None, latency(None), 0.0)] if allow_float else []
     allowed = sorted(set(profile.weight_bits(layer.op_class)), reverse=True)
     bits_menu = [b for b in allowed if b in (allowed[0], 6, 4)]
     q = profile.quantization
@@ -89,9 +107,7 @@ def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: 
                 for act, act_order in acts:
                     lp = LayerPlan(bits=bits, order=order, gamma=gamma, act_bits=act, form=profile.defaults.form,
                                    act_order=act_order)  # fmt: skip
-                    us = predict_layer_us(profile, layer, bits=bits, order=order, gamma=gamma, act_bits=act,
-                                          form=lp.form, act_order=act_order)  # fmt: skip
-                    options.append(LayerOption(lp, us, model.layer_error(layer.name, lp)))
+                    options.append(LayerOption(lp, latency(lp), model.layer_error(layer.name, lp)))
     return options
 
 
@@ -166,13 +182,19 @@ def plan_model(
     probes: int = 4,
     seed: int = 0,
     allow_float: bool = True,
+    cost_table: CostTable | None = None,
+    fastest_if_none_fits: bool = False,
 ) -> PlanResult:
     """Choose the most accurate plan whose predicted latency fits ``budget_ms``.
 
     ``model`` is the FP32 model (BN not yet folded), ``layers`` its quantizable layers after folding.
     ``latency_scale`` multiplies every prediction (the closed loop's correction from a measurement).
     ``allow_float=False`` quantizes every layer (no float layer, no FP32 candidate).
-    Raises BudgetError naming the fastest predicted latency when nothing fits.
+    ``cost_table``: latencies measured on the device for this model (:mod:`rexdeploy.planner.costtable`);
+    without it the profile's analytic cost model answers and the result's ``latency_source`` is
+    ``"estimate"``. Raises BudgetError naming the fastest predicted latency when nothing fits, unless
+    ``fastest_if_none_fits`` (the closed loop: it builds and measures the fastest candidate) — then the
+    fastest candidate is returned with ``fits=False``.
     """
     t0 = time.perf_counter()
     allow_float = allow_float and profile.quantization.float_activations  # int8-only devices: no float layer
@@ -190,9 +212,10 @@ def plan_model(
     weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
     errors = ErrorModel(layers, weights, sensitivity, ranges)
     log.debug("planner: sensitivity and ranges of %d layers in %.2f s", len(layers), time.perf_counter() - t0)
-    menus = [layer_options(profile, layer, errors, allow_float=allow_float) for layer in layers]
+    menus = [layer_options(profile, layer, errors, allow_float=allow_float, table=cost_table, n_layers=len(layers))
+             for layer in layers]  # fmt: skip
     log.debug("planner: %d layer options in %.2f s", sum(len(m) for m in menus), time.perf_counter() - t0)
-    overhead_ms = profile.cost.model_overhead_us / 1000.0
+    overhead_ms = (cost_table.rest_line()[0] if cost_table is not None else profile.cost.model_overhead_us) / 1000.0
     base = Plan(layers={}, profile=profile.name, model_sha256=model_sha256)
     candidates = (
         [_evaluate("FP32", layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base)]
@@ -218,6 +241,13 @@ def plan_model(
             candidates.append(_evaluate(label, layers, picks, errors, overhead_ms, latency_scale, base))
     candidates += _greedy(layers, menus, errors, overhead_ms, latency_scale, base)
     fitting = [c for c in candidates if c.predicted_latency_ms <= budget_ms]
+    source = "measured" if cost_table is not None else "estimate"
+    if not fitting and fastest_if_none_fits:
+        fastest = min(candidates, key=lambda c: (c.predicted_latency_ms, c.predicted_error))
+        notes = (f"planner: nothing predicted to fit {budget_ms:.3f} ms; fastest candidate {fastest.label}",)
+        return PlanResult(fastest.plan.with_predictions(notes=notes), fastest, tuple(candidates),
+                          tuple(pareto_front(candidates)), budget_ms, time.perf_counter() - t0, dict(ranges),
+                          source, False, errors)  # fmt: skip
     if not fitting:
         fastest = min(candidates, key=lambda c: c.predicted_latency_ms)
         raise BudgetError(
@@ -227,9 +257,11 @@ def plan_model(
         )
     chosen = min(fitting, key=lambda c: (c.predicted_error, c.predicted_latency_ms, c.label))
     front = pareto_front(candidates)
-    notes = (f"planner: {chosen.label}, {len(candidates)} candidates, latency scale {latency_scale:.3f}",)
+    how = "latency measured on the device (cost table)" if cost_table is not None else "latency an analytic estimate"
+    notes = (f"planner: {chosen.label}, {len(candidates)} candidates, {how}, latency scale {latency_scale:.3f}",)
     plan = chosen.plan.with_predictions(notes=notes)
-    return PlanResult(plan, chosen, tuple(candidates), tuple(front), budget_ms, time.perf_counter() - t0, dict(ranges))
+    return PlanResult(plan, chosen, tuple(candidates), tuple(front), budget_ms, time.perf_counter() - t0, dict(ranges),
+                      source, True, errors)  # fmt: skip
 
 
 __all__ = ["Candidate", "PlanResult", "pareto_front", "plan_model"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rexdeploy.builders.base import Engine, TimingSettings, check_inputs, live_handle
+from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings, check_inputs, live_handle
 from rexdeploy.builders.timing import Timing, measure, random_inputs, timing_from_samples
 from rexdeploy.errors import BuildError, InputError
 from rexdeploy_openvino._runtime import (
@@ -31,6 +31,7 @@ from rexdeploy_openvino.precisions import (
     read_execution_graph,
     runtime_precision_summary,
 )
+from rexdeploy_openvino.profiling import profiled_layer_times
 
 if TYPE_CHECKING:
     from rexdeploy.profile import Profile
@@ -74,6 +75,7 @@ def _engine(
     index: dict[str, str],
     device: str,
     build_seconds: float,
+    precision: str,
 ) -> Engine:
     """The Engine record of a compiled model, with the runtime precision of every layer."""
     return Engine(
@@ -85,6 +87,7 @@ def _engine(
         build_seconds=build_seconds,
         backend_version=str(ov.get_version()),
         layer_precisions=layer_precision_map(read_execution_graph(compiled, index)),
+        options={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision},
         handle=compiled,
     )
 
@@ -137,7 +140,7 @@ class OpenVINOBuilder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         build_seconds = _time.perf_counter() - start
-        return _engine(ov, compiled, model, artifacts, shapes, index, profile.device, build_seconds)
+        return _engine(ov, compiled, model, artifacts, shapes, index, profile.device, build_seconds, precision)
 
     def load(self, ir: Path, profile: Profile) -> Engine:
         """Compile an already-built OpenVINO IR (``model.xml`` with its ``.bin`` beside it) in place for
@@ -156,10 +159,11 @@ class OpenVINOBuilder:
         core = ov.Core()
         check_device(core, profile.device)
         ov_model, shapes, index = read_static_model(core, ir)
-        compiled = _compile(ov, core, ov_model, ir.name, profile.device, inference_precision(profile))
+        precision = inference_precision(profile)
+        compiled = _compile(ov, core, ov_model, ir.name, profile.device, precision)
         build_seconds = _time.perf_counter() - start
         artifacts = (ir, ir.with_suffix(".bin"))
-        return _engine(ov, compiled, ir, artifacts, shapes, index, profile.device, build_seconds)
+        return _engine(ov, compiled, ir, artifacts, shapes, index, profile.device, build_seconds, precision)
 
     def time(self, engine: Engine, settings: TimingSettings) -> Timing:
         """Latency of one synchronous infer request on fixed seeded random inputs, set once.
@@ -194,6 +198,12 @@ class OpenVINOBuilder:
             duration_s=loop.duration_s,
             batch=loop.batch,
         )
+
+    def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
+        """Per-ONNX-node µs from OpenVINO's ``PERF_COUNT`` profiler, on the inputs :meth:`time` uses; see
+        :func:`rexdeploy_openvino.profiling.profiled_layer_times`."""
+        compiled = compiled_model(engine)
+        return profiled_layer_times(engine, _input_arrays(engine, compiled, settings.seed), settings)
 
     def precision_summary(self, engine: Engine) -> dict[str, dict[str, int]]:
         """Execution-layer type → runtime precision → count; see

@@ -1,0 +1,252 @@
+"""Measured planning, the latency side: probe engines of *this* model → a :class:`CostTable`.
+
+``build`` (and ``plan`` where the engine is installed) builds a few uniform probe plans of the model
+(:func:`probe_plans`), times each one unprofiled, reads every ONNX node's time from the engine's own
+profiler (``Builder.layer_times``), charges each node to the quantizable layer it belongs to
+(:func:`node_owners`), and scales the per-layer times so that layers + rest add up to the measured
+median. The table is cached on disk, keyed by the model's sha256, the profile, the engine and its
+version, and the host CPU (model name and flags): a second build plans without probing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import onnx
+
+from rexdeploy.analyze import Layer
+from rexdeploy.builders.base import Builder, Engine, LayerTimes, TimingSettings
+from rexdeploy.builders.cache import cache_root
+from rexdeploy.builders.timing import Timing
+from rexdeploy.errors import PlanError, RexError
+from rexdeploy.fileio import write_text_atomic
+from rexdeploy.hostcpu import host_id
+from rexdeploy.planner.costtable import CostTable, Point, ProbeRecord, analytic_us, option_key, quantized_share
+from rexdeploy.plans import LayerPlan, Plan
+from rexdeploy.profile import Profile
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMING = TimingSettings(warmup_s=0.2, duration_s=1.0, min_runs=10)
+PROFILE_TIMING = TimingSettings(warmup_s=0.1, duration_s=0.5, min_runs=10)
+_PLUMBING = frozenset({"QuantizeLinear", "DequantizeLinear", "Sub", "Identity", "Gather", "Concat", "Pad", "Slice",
+                       "Mul", "Split", "Sum", "Add", "Reshape", "Transpose"})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A uniform probe plan (no layer: the float engine) and the label progress and the report use."""
+
+    label: str
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One engine measured in this run: its plan, engine, ONNX file, timing and (when profiled) layer times."""
+
+    label: str
+    plan: Plan
+    engine: Engine
+    onnx_path: Path
+    timing: Timing
+    layer_times: LayerTimes | None = None
+
+
+def probe_plans(layers: list[Layer], profile: Profile, model_sha256: str = "") -> list[Probe]:
+    """The probes the planner's menu needs, beyond the float engine: uniform int8 K=1, K=2 dense, K=2 at
+    γ = 0.5 (sparse), activation order 2 (when the profile offers it), weight-only K=1 (when float
+    activations are allowed). Each layer takes the highest weight bits its class allows."""
+
+    def uniform(order: int, gamma: float | None = None, act_bits: int = 8, act_order: int = 1) -> Plan:
+        lps = {
+            layer.name: LayerPlan(bits=max(profile.weight_bits(layer.op_class)), order=order, gamma=gamma,
+                                  act_bits=act_bits, form=profile.defaults.form, act_order=act_order)
+            for layer in layers
+        }
+        return Plan(layers=lps, profile=profile.name, model_sha256=model_sha256)
+
+    q = profile.quantization
+    probes = [Probe("int8 K=1", uniform(1)), Probe("int8 K=2", uniform(2)), Probe("int8 K=2 g=0.5", uniform(2, 0.5))]
+    if q.max_act_order >= 2:
+        probes.append(Probe("int8 K=2 act order 2", uniform(2, act_order=2)))
+    if q.float_activations:
+        probes.append(Probe("weight-only K=1", uniform(1, act_bits=0)))
+    return probes
+
+
+def node_owners(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, str]:
+    """ONNX node (its name, or its first output when unnamed — the names engines report) → the quantizable
+    layer it belongs to. A node is a layer's when it produces the layer's output, or its name is the layer's
+    name or starts with it followed by ``_`` (the pass names orders, sums and weights so; the longest name
+    wins); a Q/DQ / Sub / Gather ... node whose every consumer belongs to one layer belongs to it too (the
+    activation quantization of the layer's input)."""
+    by_output = {layer.output: layer.name for layer in layers}
+    names = sorted((layer.name for layer in layers), key=len, reverse=True)
+    owners: dict[str, str] = {}
+    idents: list[str] = []
+    for node in model.graph.node:
+        ident = node.name or (node.output[0] if node.output else "")
+        idents.append(ident)
+        owner = next((by_output[o] for o in node.output if o in by_output), None)
+        if owner is None and node.name:
+            owner = next((n for n in names if node.name == n or node.name.startswith(n + "_")), None)
+        if owner is not None:
+            owners[ident] = owner
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    for i in reversed(range(len(model.graph.node))):  # consumers come later in a topologically sorted graph
+        node = model.graph.node[i]
+        if idents[i] in owners or node.op_type not in _PLUMBING:
+            continue
+        readers = {owners.get(idents[j]) for o in node.output for j in consumers.get(o, [])}
+        if len(readers) == 1 and None not in readers:
+            owners[idents[i]] = readers.pop()  # type: ignore[assignment]
+    return owners
+
+
+def split_layer_times(
+    times: LayerTimes, owners: Mapping[str, str], median_ms: float
+) -> tuple[dict[str, float], float]:
+    """Per-layer µs and the rest, scaled so that they add up to the unprofiled ``median_ms``."""
+    per_layer: dict[str, float] = {}
+    rest = times.unmapped_us
+    for node, us in times.nodes.items():
+        owner = owners.get(node)
+        if owner is None:
+            rest += us
+        else:
+            per_layer[owner] = per_layer.get(owner, 0.0) + us
+    total = sum(per_layer.values()) + rest
+    scale = median_ms * 1000.0 / total if total > 0 else 1.0
+    return {k: v * scale for k, v in per_layer.items()}, rest * scale
+
+
+def table_key(model_sha256: str, profile: Profile, builder: Builder) -> str:
+    parts = [model_sha256, profile.to_toml(), builder.name, builder.version(), host_id(), "costtable-1"]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def table_path(key: str) -> Path:
+    return cache_root() / "costtables" / f"{key}.json"
+
+
+def load_cached(key: str) -> CostTable | None:
+    path = table_path(key)
+    if not path.is_file():
+        return None
+    try:
+        table = CostTable.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, RexError) as exc:
+        log.debug("cost table %s unreadable (%s): probing again", path, exc)
+        return None
+    return table if table.key == key else None
+
+
+def save_cached(table: CostTable) -> None:
+    try:
+        path = table_path(table.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, table.to_json())
+    except OSError as exc:  # a read-only cache is not an error: the next build probes again
+        log.debug("cannot cache the cost table: %s", exc)
+
+
+def table_from_measurements(
+    measured: list[Measured],
+    layers: list[Layer],
+    profile: Profile,
+    owners_of: Callable[[Measured], Mapping[str, str]],
+) -> CostTable:
+    """Assemble the cost table from profiled engines (each a uniform plan, or the float engine)."""
+    table: dict[str, dict[str, Point]] = {}
+    rest_points: list[tuple[float, float]] = []
+    records: list[ProbeRecord] = []
+    for m in measured:
+        if m.layer_times is None:
+            raise PlanError(f"probe {m.label!r} has no layer times")
+        per_layer, rest = split_layer_times(m.layer_times, owners_of(m), m.timing.median_ms)
+        share = quantized_share(layers, m.plan.layers)
+        for layer in layers:
+            if layer.name in per_layer:
+                lp = m.plan.layers.get(layer.name)
+                key = option_key(profile, layer, lp).text
+                table.setdefault(layer.name, {})[key] = Point(analytic_us(profile, layer, lp), per_layer[layer.name])
+        rest_points.append((share, rest))
+        summary = m.plan.summary() if m.plan.layers else "float"
+        records.append(ProbeRecord(m.label, summary, m.timing.median_ms, m.layer_times.total_us, rest, share,
+                                   m.engine.build_seconds))  # fmt: skip
+    return CostTable(layers=table, rest_points=tuple(rest_points), probes=tuple(records))
+
+
+def probe_cost_table(
+    builder: Builder,
+    layers: list[Layer],
+    profile: Profile,
+    model_sha256: str,
+    make: Callable[[Probe], Measured],
+    *,
+    float_engine: Measured,
+    reuse: Mapping[str, Measured] | None = None,
+    use_cache: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+) -> tuple[CostTable, list[Measured]]:
+    """The model's cost table on this device: cached, or probed now. ``make`` expands, builds and times one
+    probe (``reuse``: probes already built, by label, e.g. the plain int8 baseline); ``float_engine`` is the
+    float baseline. Returns the table and the probes measured now (empty on a cache hit)."""
+    key = table_key(model_sha256, profile, builder)
+    if use_cache:
+        cached = load_cached(key)
+        if cached is not None:
+            say(f"cost table: cached ({len(cached.probes)} probe engines measured earlier on this host)")
+            return replace(cached, cached=True), []
+    t0 = time.perf_counter()
+    probes = probe_plans(layers, profile, model_sha256)
+    say(f"probing: {len(probes)} probe engines + the float engine, each timed and profiled per layer ...")
+    measured: list[Measured] = []
+    for i, probe in enumerate(probes, start=1):
+        m = (reuse or {}).get(probe.label) or make(probe)
+        measured.append(m)
+        say(f"probe {i}/{len(probes)} {probe.label}: {m.timing.median_ms:.3f} ms")
+    profiled = [with_layer_times(builder, m) for m in [float_engine, *measured]]
+    def owners_of(m: Measured) -> Mapping[str, str]:
+        return node_owners(onnx.load(str(m.onnx_path), load_external_data=False), layers)
+
+    table = table_from_measurements(profiled, layers, profile, owners_of)
+    table = replace(table, key=key, engine=f"{builder.name} {builder.version()}", host=host_id(),
+                    seconds=time.perf_counter() - t0)  # fmt: skip
+    if use_cache:
+        save_cached(table)
+    say(f"probing done in {table.seconds:.1f} s: {sum(len(e) for e in table.layers.values())} measured layer options")
+    return table, profiled[1:]
+
+
+def with_layer_times(builder: Builder, m: Measured) -> Measured:
+    """``m`` with the engine's per-node times read from its profiler (already there: unchanged)."""
+    if m.layer_times is not None:
+        return m
+    times = builder.layer_times(m.engine, PROFILE_TIMING)
+    return Measured(m.label, m.plan, m.engine, m.onnx_path, m.timing, times)
+
+
+__all__ = [
+    "PROBE_TIMING",
+    "PROFILE_TIMING",
+    "Measured",
+    "Probe",
+    "load_cached",
+    "node_owners",
+    "probe_cost_table",
+    "probe_plans",
+    "split_layer_times",
+    "table_from_measurements",
+    "table_key",
+]

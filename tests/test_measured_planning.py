@@ -1,0 +1,375 @@
+"""Measured planning: the cost table, node ownership, probing, and the closed loop that never gives up on a
+fitting engine — tested with recorded tables and a scripted builder (deterministic latencies from the graph
+it is given), so that nothing here depends on the CPU that runs it. The real engine path is tested with
+budgets derived from engines measured in the same test (tests/test_cli.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import mobilenet_v2_like, small_cnn
+
+from rexdeploy import closedloop
+from rexdeploy.api import default_plan, expand_model, quantizable_layers
+from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings
+from rexdeploy.builders.timing import Timing, timing_from_samples
+from rexdeploy.errors import BudgetError
+from rexdeploy.graph import fold_batchnorm
+from rexdeploy.planner import plan_model
+from rexdeploy.planner.costtable import CostTable, OptionKey, Point, analytic_us, option_key
+from rexdeploy.plans import LayerPlan, Plan
+from rexdeploy.probing import node_owners, probe_plans, split_layer_times, table_from_measurements
+from rexdeploy.profile import Profile, load_profile
+
+PROFILE = load_profile("x86-avx512")
+FAST = TimingSettings(warmup_s=0.0, duration_s=0.0, runs=3, min_runs=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A scripted builder: latency is a deterministic function of the graph it builds; outputs are real
+# (onnxruntime), so fidelity is measured for real.
+# ---------------------------------------------------------------------------------------------------
+class ScriptedBuilder:
+    """Each Conv/Gemm node costs ``conv_us`` (float input) or ``int8_us`` (input from a DequantizeLinear);
+    each QuantizeLinear ``q_us``; every other node ``other_us``; plus ``overhead_us``. ``mixed_penalty_us`` is
+    added per float layer feeding a quantized one (a reorder the uniform probes never show), ``slow`` scales
+    everything (a device slower than it was probed on)."""
+
+    name = "scripted"
+    pip_extra = ""
+
+    def __init__(self, conv_us: float = 10.0, int8_us: float = 4.0, q_us: float = 1.0, other_us: float = 0.5,
+                 overhead_us: float = 20.0, mixed_penalty_us: float = 0.0, slow: float = 1.0) -> None:  # fmt: skip
+        self.conv_us, self.int8_us, self.q_us, self.other_us = conv_us, int8_us, q_us, other_us
+        self.overhead_us, self.mixed_penalty_us, self.slow = overhead_us, mixed_penalty_us, slow
+        self.built: list[str] = []
+        self.profiled = 0
+
+    def available(self) -> bool:
+        return True
+
+    def version(self) -> str:
+        return "1.0"
+
+    def _node_us(self, model: onnx.ModelProto) -> dict[str, float]:
+        producers = {o: n for n in model.graph.node for o in n.output}
+        weights = {i.name for i in model.graph.initializer}
+
+        def quantized(node: onnx.NodeProto) -> bool:
+            src = producers.get(node.input[0])
+            return src is not None and src.op_type == "DequantizeLinear"
+
+        out: dict[str, float] = {}
+        for node in model.graph.node:
+            ident = node.name or node.output[0]
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                out[ident] = self.int8_us if quantized(node) else self.conv_us
+            elif node.op_type == "QuantizeLinear":
+                out[ident] = self.q_us
+            elif not (node.op_type == "DequantizeLinear" and node.input[0] in weights):  # weight DQ: folded
+                out[ident] = self.other_us
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        floats = [n for n in convs if not quantized(n)]
+        if self.mixed_penalty_us and floats and len(floats) < len(convs):
+            out[floats[0].name or floats[0].output[0]] += self.mixed_penalty_us
+        return {k: v * self.slow for k, v in out.items()}
+
+    def build(self, model: Path, profile: Profile, out_dir: Path) -> Engine:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        artifact = out_dir / "engine.onnx"
+        artifact.write_bytes(Path(model).read_bytes())
+        self.built.append(Path(model).stem)
+        proto = onnx.load(str(model))
+        shapes = {i.name: tuple(d.dim_value or 1 for d in i.type.tensor_type.shape.dim) for i in proto.graph.input}
+        return Engine("scripted", "CPU", Path(model), (artifact,), shapes, 0.01, "1.0", handle=proto)
+
+    def time(self, engine: Engine, settings: TimingSettings) -> Timing:
+        total_ms = (self.overhead_us * self.slow + sum(self._node_us(engine.handle).values())) / 1000.0
+        return timing_from_samples([total_ms] * 3, warmup_runs=0, warmup_s=0.0, duration_s=0.0)
+
+    def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
+        self.profiled += 1
+        nodes = self._node_us(engine.handle)
+        inflate = 1.3  # a profiler's counters inflate every node a little
+        return LayerTimes({k: v * inflate for k, v in nodes.items()}, self.overhead_us * self.slow * inflate,
+                          (sum(nodes.values()) + self.overhead_us * self.slow) * inflate, 5, "scripted")  # fmt: skip
+
+    def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(engine.handle.SerializeToString(), providers=["CPUExecutionProvider"])
+        return [np.asarray(o) for o in sess.run(None, inputs)]
+
+
+@pytest.fixture
+def cnn_path(tmp_path: Path) -> Path:
+    path = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(seed=3), str(path))
+    return path
+
+
+def _build(monkeypatch: pytest.MonkeyPatch, builder: ScriptedBuilder, path: Path, out: Path, **kw: object):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(closedloop, "builder_for", lambda profile: builder)
+    return closedloop.build(path, PROFILE, out_dir=out, timing=FAST, **kw)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cost table
+# ---------------------------------------------------------------------------------------------------
+def _layers(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
+    folded, _ = fold_batchnorm(model)
+    return quantizable_layers(folded)
+
+
+def test_option_key_ignores_bits_but_not_the_engine_relevant_settings() -> None:
+    layer = _layers(small_cnn())[0]
+    k8 = option_key(PROFILE, layer, LayerPlan(bits=8, order=2))
+    assert k8 == option_key(PROFILE, layer, LayerPlan(bits=4, order=2))  # every order is stored as int8
+    assert k8 != option_key(PROFILE, layer, LayerPlan(bits=8, order=2, act_order=2))
+    assert k8 != option_key(PROFILE, layer, LayerPlan(bits=8, order=2, gamma=0.5))
+    assert option_key(PROFILE, layer, LayerPlan(bits=8, order=1, act_bits=0)).kind == "wo-fp32"
+    assert option_key(PROFILE, layer, None).kind == "float-fp32"
+    assert OptionKey.parse(k8.text) == k8
+
+
+def test_table_reproduces_probed_points_and_interpolates_in_analytic_space() -> None:
+    layer = _layers(small_cnn())[1]
+    k1, k2, k3 = (LayerPlan(bits=8, order=k) for k in (1, 2, 3))
+    a1, a2, a3 = (analytic_us(PROFILE, layer, lp) for lp in (k1, k2, k3))
+    table = CostTable(
+        layers={layer.name: {option_key(PROFILE, layer, k1).text: Point(a1, 5.0),
+                             option_key(PROFILE, layer, k2).text: Point(a2, 11.0)}},
+        rest_points=((0.0, 7.0), (1.0, 9.0)),
+    )
+    assert table.estimate_us(PROFILE, layer, k1) == (5.0, "measured")
+    assert table.estimate_us(PROFILE, layer, k2) == (11.0, "measured")
+    us, how = table.estimate_us(PROFILE, layer, k3)
+    assert how == "interpolated"
+    assert us == pytest.approx(11.0 + (11.0 - 5.0) * (a3 - a2) / (a2 - a1))  # the line through K=1 and K=2
+    # a kind never probed: the analytic model scaled by the layer's median measured/analytic ratio
+    wo = LayerPlan(bits=8, order=1, act_bits=0)
+    ratio = float(np.median([5.0 / a1, 11.0 / a2]))
+    assert table.estimate_us(PROFILE, layer, wo) == (pytest.approx(analytic_us(PROFILE, layer, wo) * ratio), "scaled")
+    # rest: the line through the observed points; a quantized layer carries the slope / n_layers
+    assert table.rest_line() == pytest.approx((7.0, 2.0))
+    assert table.layer_us(PROFILE, layer, k1, n_layers=4) == pytest.approx(5.0 + 2.0 / 4)
+    assert table.layer_us(PROFILE, layer, wo, n_layers=4) == pytest.approx(analytic_us(PROFILE, layer, wo) * ratio)
+
+
+def test_an_expansion_never_costs_less_than_its_first_order() -> None:
+    layer = _layers(small_cnn())[1]
+    k1, k2 = LayerPlan(bits=8, order=1), LayerPlan(bits=8, order=2)
+    table = CostTable(
+        layers={layer.name: {option_key(PROFILE, layer, k1).text: Point(analytic_us(PROFILE, layer, k1), 9.0),
+                             option_key(PROFILE, layer, k2).text: Point(analytic_us(PROFILE, layer, k2), 8.0)}},
+        rest_points=(),
+    )
+    k3 = LayerPlan(bits=8, order=3)
+    assert table.estimate_us(PROFILE, layer, k3)[0] >= 9.0
+
+
+def test_observe_replaces_the_used_options_and_adds_a_rest_point() -> None:
+    layers = _layers(small_cnn())
+    k1 = LayerPlan(bits=8, order=1)
+    table = CostTable(layers={}, rest_points=((0.0, 10.0),))
+    plan_layers = {layers[0].name: k1}
+    new = table.observe(PROFILE, layers, plan_layers, {layers[0].name: 3.0, layers[1].name: 8.0}, rest_us=12.0)
+    assert new.estimate_us(PROFILE, layers[0], k1) == (3.0, "measured")
+    assert new.estimate_us(PROFILE, layers[1], None) == (8.0, "measured")
+    assert new.rest_points[-1] == (pytest.approx(1 / len(layers)), 12.0)
+    assert new.observations == 1 and table.observations == 0
+
+
+def test_cost_table_json_round_trip_and_rejects_a_damaged_file() -> None:
+    layer = _layers(small_cnn())[0]
+    key = option_key(PROFILE, layer, LayerPlan(bits=8, order=1)).text
+    table = CostTable(layers={layer.name: {key: Point(1.5, 2.5)}}, rest_points=((0.0, 1.0),), key="abc")
+    back = CostTable.from_dict(json.loads(table.to_json()))
+    assert back.layers == table.layers and back.rest_points == table.rest_points and back.key == "abc"
+    raw = json.loads(table.to_json())
+    raw["schema"] = 99
+    with pytest.raises(Exception, match="schema"):
+        CostTable.from_dict(raw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Node ownership and the split of profiled times
+# ---------------------------------------------------------------------------------------------------
+def test_node_owners_charges_orders_sums_and_input_quantization_to_their_layer() -> None:
+    model = small_cnn(seed=1)
+    layers = _layers(model)
+    plan = default_plan(layers, PROFILE, order=2, act_order=2)
+    expanded = expand_model(model, plan, profile=PROFILE).model
+    owners = node_owners(expanded, layers)
+    names = {layer.name for layer in layers}
+    for node in expanded.graph.node:
+        ident = node.name or node.output[0]
+        if node.op_type in ("Conv", "Gemm", "QuantizeLinear", "Sub") or node.name.endswith(tuple(f"_add{k}" for k in range(2, 6))):
+            assert owners.get(ident) in names, (ident, node.op_type)
+    # an activation Q/DQ chain belongs to the layer that reads it
+    first = layers[0]
+    q_nodes = [n for n in expanded.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == first.input]
+    assert q_nodes and all(owners[n.name] == first.name for n in q_nodes)
+    # model ops outside any layer stay unowned (they are the rest)
+    relus = [n for n in expanded.graph.node if n.op_type == "Relu"]
+    assert relus and all((n.name or n.output[0]) not in owners for n in relus)
+
+
+def test_split_layer_times_scales_layers_and_rest_to_the_measured_median() -> None:
+    times = LayerTimes({"a_order1": 30.0, "a_add2": 10.0, "relu": 20.0}, unmapped_us=20.0, total_us=80.0, runs=4,
+                       source="test")  # fmt: skip
+    per_layer, rest = split_layer_times(times, {"a_order1": "a", "a_add2": "a"}, median_ms=0.04)
+    assert per_layer == {"a": pytest.approx(20.0)}
+    assert rest == pytest.approx(20.0)
+
+
+def test_probe_plans_follow_the_profile_menu() -> None:
+    layers = _layers(mobilenet_v2_like())
+    labels = [p.label for p in probe_plans(layers, PROFILE)]
+    assert labels == ["int8 K=1", "int8 K=2", "int8 K=2 g=0.5", "int8 K=2 act order 2", "weight-only K=1"]
+    int8_only = dataclasses.replace(PROFILE, quantization=dataclasses.replace(
+        PROFILE.quantization, float_activations=False, max_act_order=1))  # fmt: skip
+    assert [p.label for p in probe_plans(layers, int8_only)] == ["int8 K=1", "int8 K=2", "int8 K=2 g=0.5"]
+    for probe in probe_plans(layers, PROFILE):  # uniform, each layer at the highest bits its class allows
+        for layer in layers:
+            assert probe.plan.layers[layer.name].bits == max(PROFILE.weight_bits(layer.op_class))
+
+
+def test_table_from_scripted_probes_predicts_each_probe_exactly(tmp_path: Path) -> None:
+    model = small_cnn(seed=2)
+    layers = _layers(model)
+    builder = ScriptedBuilder()
+    measured = []
+    for probe in probe_plans(layers, PROFILE):
+        path = tmp_path / f"{len(measured)}.onnx"
+        onnx.save(expand_model(model, probe.plan, profile=PROFILE).model, str(path))
+        engine = builder.build(path, PROFILE, tmp_path / path.stem)
+        timing = builder.time(engine, FAST)
+        measured.append(closedloop.Measured(probe.label, probe.plan, engine, path, timing,
+                                            builder.layer_times(engine, FAST)))  # fmt: skip
+    table = table_from_measurements(measured, layers, PROFILE,
+                                    lambda m: node_owners(onnx.load(str(m.onnx_path)), layers))  # fmt: skip
+    int8 = [m for m in measured if m.plan.layers[layers[0].name].act_bits == 8]
+    for m in int8:  # every int8 probe: same quantized share, so the rest line is flat there and exact
+        assert table.predict_ms(PROFILE, layers, m.plan.layers) == pytest.approx(m.timing.median_ms, rel=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The closed loop, with the scripted builder
+# ---------------------------------------------------------------------------------------------------
+def test_build_returns_fp32_when_it_fits_and_probes_once_then_reads_the_cache(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    builder = ScriptedBuilder()
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "a", budget_ms=10.0)
+    assert not report.plan.layers and report.fits_budget
+    assert report.latency_model["source"] == "measured" and report.latency_model["cached"] is False
+    assert "exact" in report.choice
+    n_probes = len(report.latency_model["probes"])  # type: ignore[arg-type]
+    assert n_probes == 6  # the float engine + the five probes
+    built = len(builder.built)
+    report2 = _build(monkeypatch, builder, cnn_path, tmp_path / "b", budget_ms=10.0)
+    assert report2.latency_model["cached"] is True
+    assert builder.built[built:] == ["fp32"]  # only the FP32 baseline: no probe, the table came from the cache
+
+
+def test_budget_ratio_is_relative_to_the_plain_int8_engine_measured_in_the_run(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    builder = ScriptedBuilder()
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "r", budget_ratio=1.2)
+    int8 = report.baselines["int8"].timing.median_ms
+    assert report.budget_ms == pytest.approx(1.2 * int8)
+    assert report.fits_budget and report.rex.timing.median_ms <= report.budget_ms
+    assert report.rex.timing.median_ms < report.baselines["fp32"].timing.median_ms  # FP32 does not fit here
+    assert report.plan.layers
+    # the plan is the most accurate engine measured within budget: the planner's own choice fits
+    assert report.attempts[0].measured_ms <= report.budget_ms
+
+
+def test_a_miss_updates_the_table_and_the_loop_replans(monkeypatch: pytest.MonkeyPatch, cnn_path: Path,
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    # mixed float/int8 plans pay a reorder the uniform probes never show: the first per-layer plan misses
+    builder = ScriptedBuilder(mixed_penalty_us=40.0)
+    model = onnx.load(str(cnn_path))
+    layers = _layers(model)
+    fp32_ms = (builder.overhead_us + sum(builder._node_us(model).values())) / 1000
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "m", budget_ms=fp32_ms * 0.97)
+    assert report.fits_budget
+    assert report.rex.timing.median_ms <= report.budget_ms  # type: ignore[operator]
+    first = report.attempts[0]
+    assert first.measured_ms > report.budget_ms  # the first per-layer plan missed ...
+    assert len(report.attempts) >= 2 and builder.profiled > 6  # ... was profiled and the planner ran again
+    assert report.latency_model["observations"] == len([a for a in report.attempts if a.measured_ms > report.budget_ms])
+    assert len({a.plan_summary + str(a.predicted_ms) for a in report.attempts}) == len(report.attempts)
+    assert len(layers) >= 3
+    # the misses were saved with the table: the next build starts from what was learned
+    again = _build(monkeypatch, builder, cnn_path, tmp_path / "m2", budget_ms=fp32_ms * 0.97)
+    assert again.latency_model["cached"] is True and again.latency_model["observations"] >= 1
+
+
+def test_a_fitting_baseline_is_returned_when_the_planned_engine_misses(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    builder = ScriptedBuilder()
+    first = _build(monkeypatch, builder, cnn_path, tmp_path / "warm", budget_ratio=1.0)  # caches the table
+    int8_ms = first.baselines["int8"].timing.median_ms
+    # the device is now 30 % slower than when it was probed (cached table): every plan the table says fits
+    # misses; the budget is set so that only the plain int8 engine measured in this run fits
+    builder.slow = 1.3
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "slow", budget_ratio=1.0)
+    assert report.budget_ms == pytest.approx(int8_ms * 1.3)
+    assert report.fits_budget
+    assert report.rex.timing.median_ms <= report.budget_ms  # type: ignore[operator]
+    assert report.attempts[0].measured_ms > report.budget_ms  # the table's choice missed on the slower device
+    assert report.choice.startswith("int8 K=1")  # the plain int8 engine of this run fits: it is returned
+
+
+def test_nothing_fits_only_after_the_fastest_candidate_was_measured(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    builder = ScriptedBuilder()
+    out = tmp_path / "none"
+    with pytest.raises(BudgetError, match=r"no engine fits the .* budget.*fastest measured.*runs in"):
+        _build(monkeypatch, builder, cnn_path, out, budget_ms=0.001)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".none*"))  # no temporary folder left behind
+
+
+def test_int8_only_profile_never_returns_a_float_engine(monkeypatch: pytest.MonkeyPatch, cnn_path: Path,
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    profile = dataclasses.replace(PROFILE, name="int8-only", quantization=dataclasses.replace(
+        PROFILE.quantization, float_activations=False))  # fmt: skip
+    builder = ScriptedBuilder()
+    monkeypatch.setattr(closedloop, "builder_for", lambda p: builder)
+    report = closedloop.build(cnn_path, profile, out_dir=tmp_path / "i8", timing=FAST, budget_ms=10.0)
+    assert report.plan.layers and all(lp.act_bits == 8 for lp in report.plan.layers.values())
+
+
+def test_planner_with_a_table_labels_its_latency_measured_and_without_an_estimate() -> None:
+    model = small_cnn(seed=4)
+    layers = _layers(model)
+    estimate = plan_model(model, layers, PROFILE, 1e3)
+    assert estimate.latency_source == "estimate" and "analytic estimate" in estimate.plan.notes[0]
+    table = CostTable(layers={}, rest_points=((0.0, 50.0),))
+    measured = plan_model(model, layers, PROFILE, 1e3, cost_table=table)
+    assert measured.latency_source == "measured" and "measured on the device" in measured.plan.notes[0]
+    fp32 = next(c for c in measured.candidates if c.label == "FP32")
+    # an empty table: each layer is the analytic model (ratio 1) and the rest is the table's
+    expected = 50.0 + sum(analytic_us(PROFILE, layer, None) for layer in layers)
+    assert fp32.predicted_latency_ms == pytest.approx(expected / 1000.0)
+
+
+def test_plan_error_of_any_plan() -> None:
+    model = small_cnn(seed=5)
+    layers = _layers(model)
+    result = plan_model(model, layers, PROFILE, 1e3)
+    k1 = default_plan(layers, PROFILE, order=1)
+    k2 = default_plan(layers, PROFILE, order=2)
+    assert result.plan_error(Plan(layers={})) == 0.0
+    assert 0.0 < result.plan_error(k2) <= result.plan_error(k1)
