@@ -41,3 +41,7 @@ class EngineUnavailableError(RexError):
 
 class BuildError(RexError):
     """An engine failed to compile or run the model."""
+
+
+class InternalError(RexError):
+    """A bug in rexdeploy itself (e.g. an emitted graph the ONNX checker rejects); the message asks to report it."""

@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
-from rexdeploy.errors import InputError, ModelError, UnsupportedModelError
+from rexdeploy.errors import InputError, InternalError, ModelError, UnsupportedModelError
 from rexdeploy.fileio import atomic_path
 
 _PLAIN_TENSOR_TYPES = frozenset(
@@ -69,9 +71,10 @@ def opset_version(model: onnx.ModelProto) -> int:
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read and check an FP32 ONNX model; upgrade opsets older than 13.
+    """Read and check an FP32 ONNX model (structure and strict shape inference); upgrade opsets older than 13.
 
-    Raises InputError for a missing path and ModelError for anything that is not a usable ONNX model.
+    Raises InputError for a missing or unreadable path and ModelError for anything that is not a usable
+    ONNX model, each with one line naming the file and what is wrong.
     """
     path = Path(path)
     if not path.exists():
@@ -80,23 +83,39 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise InputError(f"{path} is not a file; give the path of an .onnx model")
     try:
         data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    try:
         model = onnx.load_model_from_string(data)
-        external = _uses_external_data(model)
-        if external:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except Exception as exc:  # protobuf raises DecodeError, onnx raises various on bad external data
+    except Exception as exc:  # protobuf raises DecodeError (and others on some corruptions)
         raise ModelError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}); is the file truncated?"
         ) from None
+    bad = _non_utf8_string(model)
+    if bad is not None:
+        raise ModelError(f"{path} is not a valid ONNX model: {bad} is not valid UTF-8; is the file corrupted?")
     if not model.graph.node:
         raise ModelError(f"{path} holds no graph nodes; is it an ONNX model file?")
     try:
+        external = _uses_external_data(model)
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # a missing / short / escaping external file, a corrupted location entry
+        raise ModelError(
+            f"{path} keeps weights in external files that cannot be read ({_first_line(exc)}); "
+            "keep them beside the model as exported"
+        ) from None
+    try:
         # the bytes just read (re-serializing a 100 MB model costs more than the check); the path when the
-        # weights live in external files, which the checker then finds beside the model
-        onnx.checker.check_model(str(path) if external else data)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise ModelError(f"{path} is not a valid ONNX model: {first}") from None
+        # weights live in external files, which the checker then finds beside the model. full_check adds
+        # strict shape inference: a model failing it cannot become a valid expanded model either.
+        onnx.checker.check_model(str(path) if external else data, full_check=True)
+    except UnicodeDecodeError:  # the checker's message quoted bytes that are not UTF-8
+        raise ModelError(
+            f"{path} is not a valid ONNX model: it holds a name or string that is not valid UTF-8"
+        ) from None
+    except Exception as exc:  # ValidationError, InferenceError, and whatever else a corrupted model provokes
+        raise ModelError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from None
     quantized = [n for n in model.graph.node if n.op_type in ALREADY_QUANTIZED]
     if quantized:
         node = quantized[0]
@@ -104,33 +123,98 @@ def load_model(path: str | Path) -> onnx.ModelProto:
             f"{path} is already quantized (node {node.name or node.output[0]!r} is {node.op_type}); "
             "give rexdeploy the FP32 model"
         )
-    version = opset_version(model)
+    try:
+        version = opset_version(model)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
     if version < MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, TARGET_OPSET)
         except Exception as exc:
             raise ModelError(
-                f"{path} uses opset {version} and could not be upgraded to {TARGET_OPSET} ({exc}); "
+                f"{path} uses opset {version} and could not be upgraded to {TARGET_OPSET} ({_first_line(exc)}); "
                 f"re-export it with opset >= {MIN_OPSET}"
             ) from None
     return model
 
 
 def save_model(model: onnx.ModelProto, path: str | Path, check: bool = True) -> Path:
-    """Check (full) and write a model atomically."""
+    """Check (full) and write a model atomically.
+
+    A model that fails the check was emitted by rexdeploy from a model that passed :func:`load_model`:
+    that is a bug, raised as :class:`~rexdeploy.errors.InternalError` (nothing is written).
+    """
     path = Path(path)
     if _uses_external_data(model):  # onnx.save writes the external tensors beside the model
         if check:
-            onnx.checker.check_model(model, full_check=True)
+            _check_emitted(model, path)
         with atomic_path(path) as tmp:
             onnx.save(model, str(tmp))
         return path
     data = model.SerializeToString()  # once, for both the checker and the file
     if check:
-        onnx.checker.check_model(data, full_check=True)
+        _check_emitted(data, path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return path
+
+
+def _check_emitted(model: onnx.ModelProto | bytes, path: Path) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        what = "it holds a string that is not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else _first_line(exc)
+        raise InternalError(
+            f"the model rexdeploy emitted for {path.name} fails the ONNX checker ({what}); "
+            "this is a rexdeploy bug, please report it"
+        ) from exc
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), at most ``limit`` chars."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _non_utf8_string(message: Message, where: str = "model") -> str | None:
+    """Where ``message`` (recursively) holds a string field that is not valid UTF-8, else None.
+
+    The Python protobuf runtime hands such a proto2 ``string`` field back as ``bytes`` instead of failing
+    to parse, and every later use of the name breaks. ``bytes`` fields (tensor data) are not read.
+    """
+    for field in message.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_STRING:
+            value = getattr(message, field.name)
+            if _is_repeated(field):
+                for i, item in enumerate(value):
+                    if not isinstance(item, str):
+                        return f"{where}.{field.name}[{i}] {_short(item)}"
+            elif not isinstance(value, str):
+                return f"{where}.{field.name} {_short(value)}"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if _is_repeated(field):
+                for i, item in enumerate(getattr(message, field.name)):
+                    bad = _non_utf8_string(item, f"{where}.{field.name}[{i}]")
+                    if bad is not None:
+                        return bad
+            elif message.HasField(field.name):
+                bad = _non_utf8_string(getattr(message, field.name), f"{where}.{field.name}")
+                if bad is not None:
+                    return bad
+    return None
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 6 deprecates ``label``
+    if repeated is not None:
+        return bool(repeated)
+    return bool(field.label == FieldDescriptor.LABEL_REPEATED)
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -228,17 +312,27 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, t
         names = bn.input[1:5]
         if not all(n in inits for n in names):
             continue
-        scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in names)
-        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        factor = scale / np.sqrt(var + eps)
-        w_raw = numpy_helper.to_array(inits[conv.input[1]])
-        w_folded = np.multiply(w_raw, factor.reshape(-1, *([1] * (w_raw.ndim - 1))), dtype=np.float64)
-        b = (
-            numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
-            if len(conv.input) > 2 and conv.input[2]
-            else np.zeros(w_raw.shape[0])
-        )
-        b_folded = (b - mean) * factor + beta
+        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        if bias_name is not None and bias_name not in inits:
+            continue
+        try:
+            scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in names)
+            eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+            w_raw = numpy_helper.to_array(inits[conv.input[1]])
+            channels = w_raw.shape[0] if w_raw.ndim else -1
+            if any(p.shape != (channels,) for p in (scale, beta, mean, var)):
+                raise ValueError(f"its parameters do not all have the Conv's {channels} output channels")
+            factor = scale / np.sqrt(var + eps)
+            w_folded = np.multiply(w_raw, factor.reshape(-1, *([1] * (w_raw.ndim - 1))), dtype=np.float64)
+            b = numpy_helper.to_array(inits[bias_name]).astype(np.float64) if bias_name else np.zeros(channels)
+            if b.shape != (channels,):
+                raise ValueError(f"the Conv's bias does not have its {channels} output channels")
+            b_folded = (b - mean) * factor + beta
+        except (ValueError, TypeError, KeyError, IndexError) as exc:  # inconsistent shapes / types of the weights
+            raise ModelError(
+                f"cannot fold BatchNormalization {bn.name or bn.output[0]!r} into Conv "
+                f"{conv.name or conv.output[0]!r}: {_first_line(exc)}; is the model corrupted?"
+            ) from None
         dtype = w_raw.dtype
         w_name = f"{conv.input[1]}_bnfolded"
         b_name = f"{conv.input[1]}_bnfolded_bias"
