@@ -3,12 +3,14 @@ OpenVINO with its conv / matmul layers in integer kernels."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from models import small_cnn, transformer_block
+from reference import assert_engine_agrees, run_exact
 from rexdeploy_tensorrt.qdq_lint import errors, lint_qdq
 
 from rexdeploy.api import expand_model
@@ -42,7 +44,10 @@ def test_openvino_runs_every_form_in_int8(tmp_path: Path, settings: dict[str, ob
     pytest.importorskip("openvino")
     from rexdeploy.builders.registry import get_builder
 
-    profile = load_profile("auto")
+    host = load_profile("auto")
+    # float layers in f32 on every host: the auto profile of AMX CPUs (xeon-spr) asks for bf16, whose 8-bit
+    # mantissa swamps the activation orders' remainders (x - x_1 is computed in bf16): 2-7e-2 from the graph
+    profile = dataclasses.replace(host, quantization=dataclasses.replace(host.quantization, bf16=False))
     settings = {**settings, "bits": min(int(settings["bits"]), max(profile.weight_bits("conv")))}  # type: ignore[call-overload]
     expanded = expand_model(small_cnn(), profile=profile, act_bits=8, **settings)  # type: ignore[arg-type]
     path = tmp_path / "rex.onnx"
@@ -52,9 +57,7 @@ def test_openvino_runs_every_form_in_int8(tmp_path: Path, settings: dict[str, ob
     summary = builder.precision_summary(engine)  # type: ignore[attr-defined]
     conv = summary.get("Convolution", {})
     assert conv and set(conv) <= {"i8", "u8"}, summary  # no conv fell back to f32
-    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    import onnxruntime as ort
-
-    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    got = builder.run(engine, {"x": x})[0]
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+    probes = np.random.default_rng(0).standard_normal((16, 1, 3, 8, 8)).astype(np.float32)
+    got = [builder.run(engine, {"x": x})[0] for x in probes]
+    want = [run_exact(expanded.model, x) for x in probes]
+    assert_engine_agrees(got, want, int(settings.get("act_order", 1)))  # type: ignore[call-overload]
