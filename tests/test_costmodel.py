@@ -143,13 +143,58 @@ def test_plan_level_sum_and_unplanned_layers_are_float() -> None:
     assert predict_model_ms(PROFILE, layers, k3) > predict_model_ms(PROFILE, layers, k2)
 
 
+FALLBACKS = {
+    "fp32": ("fp32",),
+    "bf16": ("bf16", "fp16", "fp32"),
+    "fp16": ("fp16", "bf16", "fp32"),
+    "int8": ("int8", "fp32"),
+}
+
+
 @pytest.mark.parametrize("name", list_profiles())
 def test_every_shipped_profile_predicts(name: str) -> None:
+    """Each shipped profile's prediction for a float and a W·A8 K = 2 network, worked out by hand from its
+    coefficients with the module docstring's formula."""
     profile = load_profile(name)
+    cost = profile.cost
     layers = [conv(64, 28, "a"), depthwise(), gemm(512)]
     plan = uniform_plan(["a", "dw", "fc"], bits=min(profile.weight_bits("conv")), order=2)
     fp32, rex = predict_model_ms(profile, layers), predict_model_ms(profile, layers, plan)
-    assert 0.0 < fp32 < 1e4 and 0.0 < rex < 1e4
+
+    def mac_us(op_class: str, precision: str, macs: int) -> float:  # GMAC/s = 1e3 MAC/µs
+        table = cost.throughput_gmacs[op_class]
+        return macs / (next(table[p] for p in FALLBACKS[precision] if p in table) * 1e3)
+
+    def byte_us(n: float, gbps: float) -> float:  # GB/s = 1e3 B/µs; a zero rate drops the term
+        return n / (gbps * 1e3) if gbps > 0.0 else 0.0
+
+    q = profile.quantization
+    floating = (
+        "bf16"
+        if profile.engine == "openvino" and q.bf16
+        else "fp16"
+        if profile.engine == "tensorrt" and q.fp16
+        else "fp32"
+    )
+    float_bytes = 4.0 if floating == "fp32" else 2.0
+    # op class: (MACs, weights, output elements, input elements) per sample
+    shapes = {
+        "conv": (64 * 64 * 9 * 28 * 28, 64 * 64 * 9, 64 * 28 * 28, 64 * 28 * 28),
+        "depthwise": (64 * 9 * 28 * 28, 64 * 9, 64 * 28 * 28, 64 * 28 * 28),
+        "gemm": (512 * 512, 512 * 512, 512, 512),  # one row: a vector product, the gemm rates
+    }
+    float_us = rex_us = 0.0
+    for op_class, (macs, weights, outputs, inputs) in shapes.items():
+        write = byte_us(4 * outputs, cost.activation_bandwidth_gbps)
+        float_us += (cost.layer_overhead_us + mac_us(op_class, floating, macs)
+                     + byte_us(float_bytes * weights, cost.bandwidth_gbps) + write)  # fmt: skip
+        # int8 input: each of the 2 dense orders runs the MACs over int8 weights and writes an output; the input
+        # is quantized once; the second order is a branch
+        one_order = mac_us(op_class, "int8", macs) + byte_us(weights, cost.bandwidth_gbps) + write
+        rex_us += (cost.layer_overhead_us + one_order + byte_us(4 * inputs, cost.quantize_bandwidth_gbps)
+                   + cost.branch_overhead_us + one_order)  # fmt: skip
+    assert fp32 == pytest.approx((cost.model_overhead_us + float_us) / 1e3, rel=1e-12)
+    assert rex == pytest.approx((cost.model_overhead_us + rex_us) / 1e3, rel=1e-12)
 
 
 def test_zero_bandwidth_drops_the_memory_term() -> None:
