@@ -212,8 +212,18 @@ def plan(
     *,
     calibration_path: str | Path | None = None,
     latency_scale: float = 1.0,
+    measure: bool = True,
+    use_cache: bool = True,
+    progress: Progress | None = None,
 ) -> PlanResult:
-    """Run the planner alone (no engine build): the chosen Plan and the explored Pareto front."""
+    """Run the planner alone (no build of the chosen plan): the chosen Plan and the explored Pareto front.
+
+    With ``measure`` (the default) and the profile's engine installed here, the planner's latencies come
+    from the model's measured cost table (cached, or probed now: a few probe engines built, timed and
+    profiled per layer, :func:`rexdeploy.closedloop.cost_table_for`); otherwise — cross-planning for
+    another device, or ``measure=False`` — from the profile's analytic cost model, and the result says
+    its latencies are an estimate (``PlanResult.latency_source``)."""
+    from rexdeploy.closedloop import cost_table_for
     from rexdeploy.planner import plan_model
 
     profile = load_profile(profile) if isinstance(profile, str) else profile
@@ -221,5 +231,6 @@ def plan(
     calibration = load_calibration(str(calibration_path), model) if calibration_path else None
     folded, _ = fold_batchnorm(model)
     layers = quantizable_layers(folded, Path(model_path).name)
+    table = cost_table_for(model_path, profile, use_cache=use_cache, progress=progress) if measure else None
     return plan_model(model, layers, profile, budget_ms, model_sha256=file_sha256(model_path),
-                      calibration=calibration, latency_scale=latency_scale)  # fmt: skip
+                      calibration=calibration, latency_scale=latency_scale, cost_table=table)  # fmt: skip

@@ -16,6 +16,7 @@ candidate the planner knows was built and measured too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
 from rexdeploy.planner import PlanResult, plan_model
 from rexdeploy.planner.costtable import CostTable
+from rexdeploy.planner.search import prepare
 from rexdeploy.plans import Plan
 from rexdeploy.probing import (
     PROBE_TIMING,
@@ -242,6 +244,45 @@ def build(
     return report
 
 
+def cost_table_for(
+    model_path: str | Path,
+    profile: Profile,
+    *,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> CostTable | None:
+    """The measured cost table of a model on this device, for planning without a build (``rexdeploy plan``):
+    cached, or probed now in a temporary folder (the float engine and the probes, timed briefly and
+    profiled). None when the profile's engine is not installed here or has no per-layer profiler — the
+    planner then answers with the analytic model, labelled as an estimate."""
+    from rexdeploy.builders.registry import get_builder
+
+    builder = get_builder(profile.engine)
+    if not builder.available() or not callable(getattr(builder, "layer_times", None)):
+        return None
+    say = progress or _quiet
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    layers = quantizable_layers(fold_batchnorm(model)[0], model_path.name)
+    with tempfile.TemporaryDirectory(prefix=".rexdeploy-probes.") as work:
+        tmp = Path(work)
+        run = _Run(model, layers, profile, builder, PROBE_TIMING, tmp, file_sha256(model_path), say, model_path.name,
+                   use_cache)  # fmt: skip
+        shutil.copyfile(model_path, tmp / "fp32.onnx")
+        empty = Plan(layers={}, profile=profile.name, model_sha256=run.sha)
+        if use_cache:
+            from rexdeploy.probing import load_cached, table_key
+
+            cached = load_cached(table_key(run.sha, profile, builder))
+            if cached is not None:
+                say(f"cost table: cached ({len(cached.probes)} probe engines measured earlier on this host)")
+                return dataclasses.replace(cached, cached=True)
+        say(f"building the float engine with {profile.engine} ...")
+        run.measure("FP32", empty, run.build(tmp / "fp32.onnx", "fp32"), tmp / "fp32.onnx", PROBE_TIMING,
+                    "the float engine")  # fmt: skip
+        return _cost_table(run, tmp)[0]
+
+
 def engine_result(label: str, m: Measured, root: Path, builder: Builder) -> EngineResult:
     """The report's record of an engine measured in this run."""
     summary = getattr(builder, "precision_summary", None)
@@ -280,10 +321,12 @@ def _closed_loop(
     float_ok = run.profile.quantization.float_activations  # an int8-only device cannot run the FP32 engine
     scale = 1.0
     result: PlanResult | None = None
+    run.say("planner: sensitivity and data-free activation ranges ...")
+    prepared = prepare(run.model, run.layers, calibration=run.calibration)  # type: ignore[arg-type]
     for attempt in range(1, MAX_ATTEMPTS + 1):
         result = plan_model(run.model, run.layers, run.profile, budget_ms, model_sha256=run.sha,
                             calibration=run.calibration, latency_scale=scale, cost_table=table,  # type: ignore[arg-type]
-                            fastest_if_none_fits=True)  # fmt: skip
+                            fastest_if_none_fits=True, prepared=prepared)  # fmt: skip
         chosen = result.chosen
         verdict = "" if result.fits else f" (nothing predicted to fit {format_ms(budget_ms)}: the fastest)"
         run.say(f"plan (attempt {attempt}): {chosen.label}: predicted {format_ms(chosen.predicted_latency_ms)}, "

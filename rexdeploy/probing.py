@@ -131,7 +131,7 @@ def split_layer_times(
 
 
 def table_key(model_sha256: str, profile: Profile, builder: Builder) -> str:
-    parts = [model_sha256, profile.to_toml(), builder.name, builder.version(), host_id(), "costtable-1"]
+    parts = [model_sha256, profile.to_toml(), builder.name, builder.version(), host_id(), "costtable-2"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -160,31 +160,54 @@ def save_cached(table: CostTable) -> None:
         log.debug("cannot cache the cost table: %s", exc)
 
 
+def _is_reference(plan: Plan, layers: list[Layer]) -> bool:
+    """The float engine, or uniform int8 K=1 (one activation order, dense) on every layer."""
+    lps = [plan.layers.get(layer.name) for layer in layers]
+    if all(lp is None for lp in lps):
+        return True
+    return all(lp is not None and lp.act_bits == 8 and lp.order == 1 and lp.act_order == 1 and lp.predictors == 1
+               for lp in lps)  # fmt: skip
+
+
 def table_from_measurements(
     measured: list[Measured],
     layers: list[Layer],
     profile: Profile,
     owners_of: Callable[[Measured], Mapping[str, str]],
 ) -> CostTable:
-    """Assemble the cost table from profiled engines (each a uniform plan, or the float engine)."""
-    table: dict[str, dict[str, Point]] = {}
-    rest_points: list[tuple[float, float]] = []
-    records: list[ProbeRecord] = []
+    """Assemble the cost table from profiled engines (each a uniform plan, or the float engine).
+
+    The rest line is fitted on the reference engines — the float engine (quantized share 0) and uniform int8
+    K=1 (share 1) — when both are there, else on every engine. What another probe's rest differs from the
+    line (the remainder Subs of activation orders, a sparse order's scatter the profiler did not name) is
+    spread over its layers in proportion to their times, so every probe's own plan is predicted at exactly
+    its measured median."""
+    split = []
     for m in measured:
         if m.layer_times is None:
             raise PlanError(f"probe {m.label!r} has no layer times")
         per_layer, rest = split_layer_times(m.layer_times, owners_of(m), m.timing.median_ms)
-        share = quantized_share(layers, m.plan.layers)
+        split.append((m, per_layer, rest, quantized_share(layers, m.plan.layers)))
+    refs = [(share, rest) for m, _, rest, share in split if _is_reference(m.plan, layers)]
+    if len({share for share, _ in refs}) < 2:
+        refs = [(share, rest) for _, _, rest, share in split]
+    line = CostTable(layers={}, rest_points=tuple(refs))
+    table: dict[str, dict[str, Point]] = {}
+    records: list[ProbeRecord] = []
+    for m, per_layer, rest, share in split:
+        excess = rest - line.rest_us(share)
+        total = sum(per_layer.values())
         for layer in layers:
             if layer.name in per_layer:
                 lp = m.plan.layers.get(layer.name)
+                us = per_layer[layer.name] * (1.0 + excess / total if total > 0 else 1.0)
                 key = option_key(profile, layer, lp).text
-                table.setdefault(layer.name, {})[key] = Point(analytic_us(profile, layer, lp), per_layer[layer.name])
-        rest_points.append((share, rest))
+                table.setdefault(layer.name, {})[key] = Point(analytic_us(profile, layer, lp), max(us, 0.0))
         summary = m.plan.summary() if m.plan.layers else "float"
+        assert m.layer_times is not None
         records.append(ProbeRecord(m.label, summary, m.timing.median_ms, m.layer_times.total_us, rest, share,
                                    m.engine.build_seconds))  # fmt: skip
-    return CostTable(layers=table, rest_points=tuple(rest_points), probes=tuple(records))
+    return CostTable(layers=table, rest_points=tuple(refs), probes=tuple(records))
 
 
 def probe_cost_table(

@@ -23,7 +23,7 @@ from rexdeploy.graph import fold_batchnorm
 from rexdeploy.planner import plan_model
 from rexdeploy.planner.costtable import CostTable, OptionKey, Point, analytic_us, option_key
 from rexdeploy.plans import LayerPlan, Plan
-from rexdeploy.probing import node_owners, probe_plans, split_layer_times, table_from_measurements
+from rexdeploy.probing import Probe, node_owners, probe_plans, split_layer_times, table_from_measurements
 from rexdeploy.profile import Profile, load_profile
 
 PROFILE = load_profile("x86-avx512")
@@ -245,7 +245,7 @@ def test_table_from_scripted_probes_predicts_each_probe_exactly(tmp_path: Path) 
     layers = _layers(model)
     builder = ScriptedBuilder()
     measured = []
-    for probe in probe_plans(layers, PROFILE):
+    for probe in [Probe("float", Plan(layers={})), *probe_plans(layers, PROFILE)]:
         path = tmp_path / f"{len(measured)}.onnx"
         onnx.save(expand_model(model, probe.plan, profile=PROFILE).model, str(path))
         engine = builder.build(path, PROFILE, tmp_path / path.stem)
@@ -254,9 +254,11 @@ def test_table_from_scripted_probes_predicts_each_probe_exactly(tmp_path: Path) 
                                             builder.layer_times(engine, FAST)))  # fmt: skip
     table = table_from_measurements(measured, layers, PROFILE,
                                     lambda m: node_owners(onnx.load(str(m.onnx_path)), layers))  # fmt: skip
-    int8 = [m for m in measured if m.plan.layers[layers[0].name].act_bits == 8]
-    for m in int8:  # every int8 probe: same quantized share, so the rest line is flat there and exact
-        assert table.predict_ms(PROFILE, layers, m.plan.layers) == pytest.approx(m.timing.median_ms, rel=0.02)
+    assert len(measured) == 6
+    for m in measured:  # every probe's own plan is predicted at its measured median
+        assert table.predict_ms(PROFILE, layers, m.plan.layers) == pytest.approx(m.timing.median_ms, rel=1e-9)
+    # the rest line runs through the float engine (share 0) and uniform int8 K=1 (share 1)
+    assert [p[0] for p in table.rest_points] == [0.0, 1.0]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -123,11 +123,13 @@ def test_plan_cli_writes_a_plan_expand_can_replay(
     profile_path.write_text(PROFILE.to_toml())
     budget = f"{(lo + 0.3 * (hi - lo)) * 1000:.3f}us"
     assert (
-        main(["plan", str(path), "--profile", str(profile_path), "--budget", budget, "-o", str(tmp_path / "p.json")])
+        main(["plan", str(path), "--profile", str(profile_path), "--budget", budget, "-o", str(tmp_path / "p.json"),
+              "--estimate"])
         == 0
     )
     err = capsys.readouterr().err
     assert "<- chosen" in err and "predicted latency" in err
+    assert "latencies: an estimate (the profile's analytic cost model)" in err
     plan = load_plan(tmp_path / "p.json")
     assert plan.layers and plan.predicted_latency_ms is not None
     assert main(["expand", str(path), "--plan", str(tmp_path / "p.json"), "-o", str(tmp_path / "x.onnx")]) == 0
@@ -135,6 +137,6 @@ def test_plan_cli_writes_a_plan_expand_can_replay(
     capsys.readouterr()
     assert main(["plan", str(path), "--profile", str(profile_path), "--budget", "1ns"]) == 1
     assert "malformed budget '1ns'" in capsys.readouterr().err
-    assert main(["plan", str(path), "--profile", str(profile_path), "--budget", "1us"]) == 1
+    assert main(["plan", str(path), "--profile", str(profile_path), "--budget", "1us", "--estimate"]) == 1
     assert "no plan is predicted to fit" in capsys.readouterr().err
     assert json.loads(plan.to_json())["layers"]

@@ -12,15 +12,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "plan",
         help="choose per-layer REx settings for a latency budget (no engine build)",
-        description="Predict latency (profile cost model) and error (data-free fidelity model) of uniform and "
-        "per-layer plans, and pick the most accurate one that fits the budget. The Plan goes to -o (or stdout "
-        "as JSON); the explored Pareto front is printed on stderr.",
+        description="Predict latency and error (data-free fidelity model) of uniform and per-layer plans, and pick "
+        "the most accurate one that fits the budget. Latencies are measured on this device when the profile's "
+        "engine is installed here (a few probe engines of the model, built, timed and profiled per layer; "
+        "cached per model / profile / engine / host), else the profile's analytic cost model gives an "
+        "estimate. The Plan goes to -o (or stdout as JSON); the explored Pareto front is printed on stderr.",
     )
     p.add_argument("model", help="FP32 ONNX model")
     p.add_argument("--profile", default="auto", help="shipped profile name or .toml path (default auto)")
     p.add_argument("--budget", required=True, help="latency budget, e.g. 5ms, 800us, 0.005s")
     p.add_argument("-o", "--output", help="write the plan JSON here (default: print it on stdout)")
     p.add_argument("--calib", help="optional calibration batch (.npy); never required")
+    p.add_argument("--estimate", action="store_true",
+                   help="plan on the profile's analytic cost model only: build no probe engine")
+    p.add_argument("--no-cache", action="store_true", help="probe again even if a cost table of this model is cached")
     p.set_defaults(func=run)
 
 
@@ -32,7 +37,11 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         common.require_suffix(args.output, ".json", "output")
     budget = parse_budget(args.budget)
-    result = plan(args.model, args.profile, budget, calibration_path=args.calib)
+    result = plan(args.model, args.profile, budget, calibration_path=args.calib, measure=not args.estimate,
+                  use_cache=not args.no_cache, progress=common.progress)  # fmt: skip
+    source = ("measured on this device (cost table)" if result.latency_source == "measured"
+              else "an estimate (the profile's analytic cost model)")  # fmt: skip
+    common.stderr(f"latencies: {source}")
     common.stderr(f"{'predicted latency':>18}  {'predicted error':>15}  candidate")
     for c in result.front:
         mark = "  <- chosen" if c.plan.hash == result.chosen.plan.hash else ""

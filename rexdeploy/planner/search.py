@@ -170,34 +170,20 @@ def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
     return front
 
 
-def plan_model(
-    model: onnx.ModelProto,
-    layers: list[Layer],
-    profile: Profile,
-    budget_ms: float,
-    *,
-    model_sha256: str = "",
-    calibration: np.ndarray | None = None,
-    latency_scale: float = 1.0,
-    probes: int = 4,
-    seed: int = 0,
-    allow_float: bool = True,
-    cost_table: CostTable | None = None,
-    fastest_if_none_fits: bool = False,
-) -> PlanResult:
-    """Choose the most accurate plan whose predicted latency fits ``budget_ms``.
+@dataclass(frozen=True)
+class Prepared:
+    """What planning one model needs before any budget: the error model and the activation ranges."""
 
-    ``model`` is the FP32 model (BN not yet folded), ``layers`` its quantizable layers after folding.
-    ``latency_scale`` multiplies every prediction (the closed loop's correction from a measurement).
-    ``allow_float=False`` quantizes every layer (no float layer, no FP32 candidate).
-    ``cost_table``: latencies measured on the device for this model (:mod:`rexdeploy.planner.costtable`);
-    without it the profile's analytic cost model answers and the result's ``latency_source`` is
-    ``"estimate"``. Raises BudgetError naming the fastest predicted latency when nothing fits, unless
-    ``fastest_if_none_fits`` (the closed loop: it builds and measures the fastest candidate) — then the
-    fastest candidate is returned with ``fits=False``.
-    """
+    errors: ErrorModel
+    ranges: dict[str, float]
+    seconds: float
+
+
+def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndarray | None = None, probes: int = 4,
+            seed: int = 0) -> Prepared:  # fmt: skip
+    """Sensitivity (the gains of each layer's error at the output), data-free activation ranges and the
+    per-layer weights: the budget-independent half of :func:`plan_model`."""
     t0 = time.perf_counter()
-    allow_float = allow_float and profile.quantization.float_activations  # int8-only devices: no float layer
     folded, bn_stats = fold_batchnorm(model)
     feeds = {k: v for k, v in synthetic_inputs(folded, batch=probes, seed=seed).items()}
     if calibration is not None:
@@ -212,6 +198,42 @@ def plan_model(
     weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
     errors = ErrorModel(layers, weights, sensitivity, ranges)
     log.debug("planner: sensitivity and ranges of %d layers in %.2f s", len(layers), time.perf_counter() - t0)
+    return Prepared(errors, dict(ranges), time.perf_counter() - t0)
+
+
+def plan_model(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    profile: Profile,
+    budget_ms: float,
+    *,
+    model_sha256: str = "",
+    calibration: np.ndarray | None = None,
+    latency_scale: float = 1.0,
+    probes: int = 4,
+    seed: int = 0,
+    allow_float: bool = True,
+    cost_table: CostTable | None = None,
+    fastest_if_none_fits: bool = False,
+    prepared: Prepared | None = None,
+) -> PlanResult:
+    """Choose the most accurate plan whose predicted latency fits ``budget_ms``.
+
+    ``model`` is the FP32 model (BN not yet folded), ``layers`` its quantizable layers after folding.
+    ``latency_scale`` multiplies every prediction (the closed loop's correction from a measurement).
+    ``allow_float=False`` quantizes every layer (no float layer, no FP32 candidate).
+    ``cost_table``: latencies measured on the device for this model (:mod:`rexdeploy.planner.costtable`);
+    without it the profile's analytic cost model answers and the result's ``latency_source`` is
+    ``"estimate"``. Raises BudgetError naming the fastest predicted latency when nothing fits, unless
+    ``fastest_if_none_fits`` (the closed loop: it builds and measures the fastest candidate) — then the
+    fastest candidate is returned with ``fits=False``. ``prepared`` (:func:`prepare`) skips the sensitivity
+    and range analysis when the same model is planned again (the closed loop re-plans after a miss).
+    """
+    t0 = time.perf_counter()
+    allow_float = allow_float and profile.quantization.float_activations  # int8-only devices: no float layer
+    if prepared is None:
+        prepared = prepare(model, layers, calibration=calibration, probes=probes, seed=seed)
+    errors, ranges = prepared.errors, prepared.ranges
     menus = [layer_options(profile, layer, errors, allow_float=allow_float, table=cost_table, n_layers=len(layers))
              for layer in layers]  # fmt: skip
     log.debug("planner: %d layer options in %.2f s", sum(len(m) for m in menus), time.perf_counter() - t0)
@@ -264,4 +286,4 @@ def plan_model(
                       source, True, errors)  # fmt: skip
 
 
-__all__ = ["Candidate", "PlanResult", "pareto_front", "plan_model"]
+__all__ = ["Candidate", "PlanResult", "Prepared", "pareto_front", "plan_model", "prepare"]
