@@ -14,6 +14,7 @@ from models import no_conv_model, small_cnn
 
 from rexdeploy.cli.main import main
 from rexdeploy.demo import demo_model_path
+from rexdeploy.plans import load_plan
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], code: int, needle: str) -> None:
@@ -291,18 +292,34 @@ def test_build_with_planner_and_budget_ratio(capsys: pytest.CaptureFixture[str],
 
 
 @pytest.mark.openvino
+def test_plan_measures_on_this_device_once_then_reads_the_cached_table(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("openvino")
+    args = ["plan", str(demo_model_path()), "--profile", "x86-avx512", "--budget", "10s", "-o", str(tmp_path / "p.json")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "probing: 5 probe engines" in err and "latencies: measured on this device (cost table)" in err
+    assert "planner: FP32" in load_plan(tmp_path / "p.json").notes[0]  # everything fits 10 s: the exact engine
+    assert "latency measured on the device" in load_plan(tmp_path / "p.json").notes[0]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "cost table: cached (6 probe engines" in err and "probing" not in err
+
+
+@pytest.mark.openvino
 def test_build_budget_nothing_fits(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     pytest.importorskip("openvino")
     out = tmp_path / "none"
     code = main(["build", str(demo_model_path()), "--budget", "1us", "--out", str(out), "--duration", "0.1s"])
-    _one_line_error(capsys, code, "no plan is predicted to fit the 0.001 ms budget")
+    _one_line_error(capsys, code, "no engine fits the 1 us budget on")
     assert not out.exists()
 
 
 def test_quiet_and_verbose(capsys: pytest.CaptureFixture[str], tmp_path: Path, bad_files: dict[str, Path]) -> None:
     import logging
 
-    args = ["plan", str(bad_files["good"]), "--profile", "x86-avx512", "--budget", "1s"]
+    args = ["plan", str(bad_files["good"]), "--profile", "x86-avx512", "--budget", "1s", "--estimate"]
     assert main(["-v", *args]) == 0
     err = capsys.readouterr().err
     assert "DEBUG rexdeploy.planner.search: planner:" in err
