@@ -44,7 +44,8 @@ from rexdeploy.calibrate import NetworkPoint, fit_network_terms
 from rexdeploy.costmodel import layer_terms_us, plan_layer_terms, predict_model_ms
 from rexdeploy.errors import RexError
 from rexdeploy.graph import fold_batchnorm, save_model
-from rexdeploy.hostcpu import host_profile_name
+from rexdeploy.hostcpu import cpu_flags, host_profile_name
+from rexdeploy.planner.costtable import CostTable
 from rexdeploy.plans import Plan
 from rexdeploy.profile import CostModel, Profile, load_profile
 
@@ -181,7 +182,8 @@ class Case:
     ranges: dict[str, float] | None = None
 
 
-def plan_cases(model: onnx.ModelProto, layers: list[Layer], profile: Profile, planner_budgets: int = 3) -> list[Case]:
+def plan_cases(model: onnx.ModelProto, layers: list[Layer], profile: Profile, planner_budgets: int = 3,
+               table: CostTable | None = None) -> list[Case]:  # fmt: skip
     """The plans measured on one model: uniform, sparse, weight-only, ensembles and planner per-layer plans."""
     bits = max(profile.weight_bits("conv"))
     low = min(b for b in profile.weight_bits("conv") if b >= 4)
@@ -202,7 +204,7 @@ def plan_cases(model: onnx.ModelProto, layers: list[Layer], profile: Profile, pl
     if planner_budgets:
         from rexdeploy.planner import plan_model
 
-        result = plan_model(model, layers, profile, float("inf"))
+        result = plan_model(model, layers, profile, float("inf"), cost_table=table)
         path = [c for c in result.candidates if c.label == "per-layer" and c.plan.layers]
         seen: set[str] = set()
         for idx in np.linspace(0, len(path) - 1, planner_budgets + 2)[1:-1].round().astype(int) if path else []:
@@ -279,6 +281,8 @@ def machine_info() -> dict[str, Any]:
         "openvino": str(openvino.get_version()),
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
+        "flags": " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+                          if f in cpu_flags()),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -296,13 +300,26 @@ def wait_for_quiet(max_load: float, max_wait_s: float = 90.0) -> float:
 
 
 def measure_model(key: str, profile: Profile, rounds: int, per_round_s: float, planner_budgets: int,
-                  tmp: Path, wait_load: float = 0.0) -> dict[str, Any]:  # fmt: skip
+                  tmp: Path, wait_load: float = 0.0, latency: str = "analytic") -> dict[str, Any]:  # fmt: skip
     label, make = MODELS[key]
     model = make()
     folded, _ = fold_batchnorm(model)
     layers = quantizable_layers(folded)
+    table = None
+    probe_s = 0.0
+    if latency == "measured":  # the product's path: probe engines of this model, per-layer profiler, cost table
+        from rexdeploy.closedloop import cost_table_for
+
+        (tmp / key).mkdir(parents=True, exist_ok=True)
+        source = save_model(model, tmp / key / "source.onnx", check=False)
+        wait_for_quiet(wait_load)
+        t0 = time.perf_counter()
+        table = cost_table_for(source, profile, use_cache=False)
+        probe_s = time.perf_counter() - t0
+        if table is None:
+            raise SystemExit(f"{profile.engine} has no per-layer profiler here: use --latency analytic")
     t0 = time.perf_counter()
-    cases = plan_cases(model, layers, profile, planner_budgets)
+    cases = plan_cases(model, layers, profile, planner_budgets, table)
     plan_s = time.perf_counter() - t0
     engines: dict[str, Engine] = {}
     rows: dict[str, dict[str, Any]] = {}
@@ -320,7 +337,8 @@ def measure_model(key: str, profile: Profile, rounds: int, per_round_s: float, p
             "summary": "FP32" if case.plan is None else case.plan.summary(),
             "plan_hash": None if case.plan is None else case.plan.hash,
             "plan": None if case.plan is None else case.plan.to_dict()["layers"],
-            "predicted_ms": predict_model_ms(profile, layers, case.plan),
+            "predicted_ms": predict_model_ms(profile, layers, case.plan) if table is None
+            else table.predict_ms(profile, layers, case.plan.layers if case.plan else {}),
             "ops": op_counts(onnx_model),
             "build_s": engine.build_seconds,
         }
@@ -343,19 +361,25 @@ def measure_model(key: str, profile: Profile, rounds: int, per_round_s: float, p
         "skipped": skipped,
         "waited_s": waited,
         "planning_s": plan_s,
+        "probe_s": probe_s,
+        "latency_source": latency,
         "build_s": build_s,
         "loadavg_1min": load,
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
+    measured = result.get("latency_source") == "measured"
+    how = ("the model's **measured cost table** (probe engines of this model built, timed and profiled per layer "
+           "by OpenVINO's PERF_COUNT; `CostTable.predict_ms`)" if measured
+           else f"`predict_model_ms` with the profile's coefficients{result.get('coefficients_note', '')}")  # fmt: skip
     lines = [
         "# Latency model vs measured latency on whole networks (OpenVINO CPU)",
         "",
         f"`{result['command']}` — profile `{result['profile']}`, OpenVINO {result['machine']['openvino']} "
-        f"`PERFORMANCE_HINT=LATENCY`, batch 1. Measured = median of {result['rounds']} interleaved round medians "
-        f"({result['per_round_s']:g} s per engine per round); predicted = `predict_model_ms` with the profile's "
-        f"coefficients{result.get('coefficients_note', '')}.",
+        f"`PERFORMANCE_HINT=LATENCY`, batch 1, host {result['machine']['cpu']} (flags: "
+        f"{result['machine'].get('flags', '?')}). Measured = median of {result['rounds']} interleaved round medians "
+        f"({result['per_round_s']:g} s per engine per round); predicted = {how}.",
         "",
         "| model | plans | within ±10 % | within ±20 % | median \\|error\\| | max \\|error\\| | mean error |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -515,6 +539,9 @@ def main() -> None:
     parser.add_argument("--name", default="latency_model", help="results file stem")
     parser.add_argument("--wait-load", type=float, default=2.5, help="wait (≤ 90 s) for a 1-min load below this")
     parser.add_argument("--conclusion", default="")
+    parser.add_argument("--latency", choices=("measured", "analytic"), default="measured",
+                        help="predict with the measured cost table of each model (the product's path; default) or "
+                        "the profile's analytic cost model")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--refit", type=Path, help="refit --fit coefficients on this results JSON (no timing)")
     parser.add_argument("--fit", nargs="*", default=["model_overhead_us", "quantize_bandwidth_gbps",
@@ -543,7 +570,8 @@ def main() -> None:
         for key in args.models:
             t0 = time.perf_counter()
             models[key] = measure_model(
-                key, profile, args.rounds, args.per_round_s, args.planner_budgets, Path(tmp), args.wait_load
+                key, profile, args.rounds, args.per_round_s, args.planner_budgets, Path(tmp), args.wait_load,
+                args.latency,
             )
             s = models[key]["stats"]
             print(f"## {key} ({time.perf_counter() - t0:.0f} s): {s['within_10']:.0%} within ±10 %, "
@@ -555,6 +583,7 @@ def main() -> None:
     result = {
         "command": "python benchmarks/bench_latency_model.py " + " ".join(sys.argv[1:]),
         "profile": profile.name,
+        "latency_source": args.latency,
         "cost": dataclasses.asdict(profile.cost),
         "rounds": args.rounds,
         "per_round_s": args.per_round_s,

@@ -323,11 +323,13 @@ def _closed_loop(
     result: PlanResult | None = None
     run.say("planner: sensitivity and data-free activation ranges ...")
     prepared = prepare(run.model, run.layers, calibration=run.calibration)  # type: ignore[arg-type]
+    planning_s = prepared.seconds
     for attempt in range(1, MAX_ATTEMPTS + 1):
         result = plan_model(run.model, run.layers, run.profile, budget_ms, model_sha256=run.sha,
                             calibration=run.calibration, latency_scale=scale, cost_table=table,  # type: ignore[arg-type]
                             fastest_if_none_fits=True, prepared=prepared)  # fmt: skip
         chosen = result.chosen
+        planning_s += result.seconds
         verdict = "" if result.fits else f" (nothing predicted to fit {format_ms(budget_ms)}: the fastest)"
         run.say(f"plan (attempt {attempt}): {chosen.label}: predicted {format_ms(chosen.predicted_latency_ms)}, "
                 f"error {chosen.predicted_error:.2e}{verdict} ({len(result.candidates)} candidates, {result.seconds:.2f} s)")  # fmt: skip
@@ -355,6 +357,7 @@ def _closed_loop(
             scale *= m.timing.median_ms / max(chosen.predicted_latency_ms, 1e-9)
             log.debug("attempt %d: new latency scale %.3f", attempt, scale)
     assert result is not None
+    latency_model["planning_s"] = planning_s
     if table is not None:
         latency_model["observations"] = table.observations
 
