@@ -4,7 +4,8 @@
 ``out_dir``), an OpenVINO IR ``.xml`` or a TensorRT ``.plan`` built earlier, warms it up by time,
 times it for a duration or a number of runs, and returns a :class:`BenchResult`: the latency
 statistics (:class:`~rexdeploy.builders.timing.Timing`), the engine it timed, the precision each
-layer ran in, and optionally OpenVINO's THROUGHPUT-mode fps. Nothing here prints; ``rexdeploy bench``
+layer ran in, optionally OpenVINO's THROUGHPUT-mode fps, and optionally every ONNX node's time from the
+engine's own profiler (``Builder.layer_times``, ``--layers``). Nothing here prints; ``rexdeploy bench``
 prints :meth:`BenchResult.summary_lines` or :meth:`BenchResult.to_json`.
 """
 
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rexdeploy.budget import format_ms
-from rexdeploy.builders.base import Builder, Engine, TimingSettings
+from rexdeploy.builders.base import Builder, Engine, LayerTimes, TimingSettings
 from rexdeploy.builders.registry import get_builder, unavailable_error
 from rexdeploy.builders.timing import COV_WARN, Timing
-from rexdeploy.errors import EngineUnavailableError, InputError
+from rexdeploy.errors import EngineUnavailableError, InputError, RexError
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.profile import Profile, load_profile
 
@@ -97,7 +100,8 @@ class BenchResult:
     (built earlier; ``build_seconds`` is then the time to load it). ``artifacts`` are the engine's
     files when they were kept (``out_dir``, or the given engine), else empty. ``precisions`` is
     layer type → runtime precision → count (OpenVINO's execution graph; for other engines
-    ``{"layers": {precision: count}}``).
+    ``{"layers": {precision: count}}``). ``layers`` are the per-ONNX-node times from the engine's own
+    profiler when they were asked for (``bench(..., layers=True)``), else None.
     """
 
     model: str
@@ -113,6 +117,7 @@ class BenchResult:
     precisions: dict[str, dict[str, int]] = field(default_factory=dict)
     throughput: ThroughputMode | None = None
     warnings: tuple[str, ...] = ()
+    layers: LayerTimes | None = None
 
     @property
     def noisy(self) -> bool:
@@ -136,6 +141,7 @@ class BenchResult:
             "precisions": self.precisions,
             "throughput": self.throughput.to_dict() if self.throughput is not None else None,
             "warnings": list(self.warnings),
+            "layers": self.layers.to_dict() if self.layers is not None else None,
         }
 
     def to_json(self) -> str:
@@ -158,6 +164,7 @@ class BenchResult:
             precisions={k: dict(v) for k, v in raw["precisions"].items()},
             throughput=ThroughputMode.from_dict(raw["throughput"]) if raw.get("throughput") else None,
             warnings=tuple(raw.get("warnings", ())),
+            layers=LayerTimes.from_dict(raw["layers"]) if raw.get("layers") else None,
         )
 
     def summary_lines(self) -> list[str]:
@@ -204,10 +211,41 @@ class BenchResult:
             lines.append(
                 f"throughput  {tp.fps:,.1f} fps (THROUGHPUT mode, {tp.requests} requests, {tp.streams} streams)"
             )
+        if self.layers is not None:
+            lines += layer_table_lines(self.layers, t.median_ms)
         lines += [f"warning     {w}" for w in self.warnings]
         if self.artifacts:
             lines.append(f"artifacts   {', '.join(self.artifacts)}")
         return lines
+
+
+def layer_table_lines(layers: LayerTimes, median_ms: float) -> list[str]:
+    """The per-layer table, trtexec ``--dumpProfile`` style: one row per ONNX node by decreasing time (µs
+    per run, % of the profiler's total, cumulative %), then the unmapped time, then the profiler's total
+    against the unprofiled median."""
+    names = list(layers.nodes)
+    us = np.array([layers.nodes[n] for n in names] + [layers.unmapped_us], dtype=np.float64)
+    order = np.argsort(-us[:-1], kind="stable")
+    us = np.concatenate([us[:-1][order], us[-1:]])
+    labels = [names[i] for i in order] + ["(unmapped: reorders, copies and layers under no ONNX node)"]
+    total = layers.total_us
+    share = us / total * 100.0 if total > 0 else np.zeros_like(us)
+    cumulative = np.cumsum(share)
+    median_us = median_ms * 1000.0
+    versus = f"{(total / median_us - 1.0) * 100.0:+.1f} %" if median_us > 0 else "n/a"
+    lines = [
+        f"layers      {layers.source}: {layers.runs} profiled runs, us per run",
+        f"  {'time(us)':>10} {'time(%)':>8} {'cum(%)':>7}  node",
+    ]
+    lines += [
+        f"  {u:>10.2f} {p:>8.1f} {c:>7.1f}  {label}"
+        for u, p, c, label in zip(us, share, cumulative, labels, strict=True)
+    ]
+    lines.append(
+        f"  {total:>10.2f} {100.0 if total > 0 else 0.0:>8.1f} {'':>7}  total (profiler) vs timed median "
+        f"{median_us:.2f} us: {versus}"
+    )
+    return lines
 
 
 def _quiet(_: str) -> None:
@@ -335,6 +373,7 @@ def bench(
     *,
     out_dir: str | Path | None = None,
     throughput: bool = False,
+    layers: bool = False,
     progress: Progress | None = None,
 ) -> BenchResult:
     """Time ``path``: an ONNX model (built with ``profile``'s engine first), an OpenVINO IR ``.xml`` or
@@ -344,6 +383,8 @@ def bench(
     comes from its ``engine.json``, else ``cuda:0``). An ONNX model is built into a temporary directory,
     or into ``out_dir`` (written atomically) to keep the engine. ``settings`` default to a 200 ms
     warm-up then 3 s of runs. ``throughput`` adds OpenVINO's THROUGHPUT-mode fps (OpenVINO only).
+    ``layers`` then profiles the engine with the same settings (``Builder.layer_times``) into
+    :attr:`BenchResult.layers`; InputError where the engine has no profiler.
     """
     say = progress or _quiet
     path = Path(path)
@@ -354,7 +395,7 @@ def bench(
     _check_settings(settings)
     if kind == "onnx":
         loaded = profile if isinstance(profile, Profile) else load_profile(profile or "auto")
-        return _bench_onnx(path, loaded, _profile_builder(loaded), settings, out_dir, throughput, say)
+        return _bench_onnx(path, loaded, _profile_builder(loaded), settings, out_dir, throughput, layers, say)
     if out_dir is not None:
         raise InputError(f"--out keeps the engine built from an ONNX model; {path.name} is already built")
     builder = _engine_builder(engine_name)
@@ -362,7 +403,7 @@ def bench(
     say(f"loading {path.name} with {builder.name} ...")
     engine = _load(builder, path, prof)
     return _measure(
-        path, kind, prof, builder, engine, settings, throughput, tuple(str(p) for p in engine.artifacts), say
+        path, kind, prof, builder, engine, settings, throughput, layers, tuple(str(p) for p in engine.artifacts), say
     )
 
 
@@ -373,13 +414,14 @@ def _bench_onnx(
     settings: TimingSettings,
     out_dir: str | Path | None,
     throughput: bool,
+    layers: bool,
     say: Progress,
 ) -> BenchResult:
     with _build_dir(out_dir) as (work, final):
         say(f"building {path.name} with {builder.name} for {profile.device} ...")
         engine = builder.build(path, profile, work)
         kept = () if final is None else tuple(str(final / Path(p).relative_to(work)) for p in engine.artifacts)
-        return _measure(path, "onnx", profile, builder, engine, settings, throughput, kept, say)
+        return _measure(path, "onnx", profile, builder, engine, settings, throughput, layers, kept, say)
 
 
 def _measure(
@@ -390,11 +432,16 @@ def _measure(
     engine: Engine,
     settings: TimingSettings,
     throughput: bool,
+    layers: bool,
     artifacts: tuple[str, ...],
     say: Progress,
 ) -> BenchResult:
     if throughput and not callable(getattr(builder, "time_throughput", None)):
         raise InputError(f"--throughput needs OpenVINO's THROUGHPUT mode; the {builder.name} engine has none")
+    if layers and not callable(getattr(builder, "layer_times", None)):
+        raise InputError(
+            f"--layers needs the engine's own profiler; the {builder.name} builder has none: bench without --layers"
+        )
     span = f"{settings.runs} runs" if settings.runs is not None else f"{settings.duration_s:g} s"
     say(f"timing ({settings.warmup_s * 1000:g} ms warm-up, then {span}) ...")
     timing = builder.time(engine, settings)
@@ -406,6 +453,7 @@ def _measure(
         mode = ThroughputMode(
             fps=float(result.fps), requests=int(result.requests), streams=int(result.streams), timing=result.timing
         )
+    per_node = _layer_times(builder, engine, settings, say) if layers else None
     warnings = _host_warnings(profile)
     noisy = cov_warning(timing)
     if noisy is not None:
@@ -424,7 +472,21 @@ def _measure(
         precisions=_precisions(builder, engine),
         throughput=mode,
         warnings=tuple(warnings),
+        layers=per_node,
     )
+
+
+def _layer_times(builder: Builder, engine: Engine, settings: TimingSettings, say: Progress) -> LayerTimes:
+    """``builder.layer_times`` with the timing settings; a builder that cannot profile is one InputError."""
+    span = f"{settings.runs} runs" if settings.runs is not None else f"{settings.duration_s:g} s"
+    say(f"profiling layers with {builder.name}'s profiler ({settings.warmup_s * 1000:g} ms warm-up, then {span}) ...")
+    try:
+        return builder.layer_times(engine, settings)
+    except RexError:
+        raise
+    except NotImplementedError as exc:
+        detail = " ".join(str(exc).split()) or "not implemented"
+        raise InputError(f"the {builder.name} engine cannot profile layers ({detail}): bench without --layers") from exc
 
 
 __all__ = [
@@ -432,5 +494,6 @@ __all__ = [
     "ThroughputMode",
     "bench",
     "cov_warning",
+    "layer_table_lines",
     "parse_duration",
 ]

@@ -114,7 +114,17 @@ def _check_statistics(timing: dict[str, Any]) -> None:
 def test_bench_onnx_json(capsys: pytest.CaptureFixture[str], model_path: Path, ort_profile: Path, engine: str) -> None:
     profile = str(ort_profile) if engine == "onnxruntime" else "auto"
     doc = _bench_json(capsys, [str(model_path), "--profile", profile, *FAST])
-    assert list(doc) == ["model", "source", "profile", "engine", "timing", "precisions", "throughput", "warnings"]
+    assert list(doc) == [
+        "model",
+        "source",
+        "profile",
+        "engine",
+        "timing",
+        "precisions",
+        "throughput",
+        "warnings",
+        "layers",
+    ]
     assert doc["source"] == "onnx" and doc["model"] == str(model_path)
     assert doc["engine"]["backend"] == engine and doc["engine"]["inputs"] == {"x": [1, 3, 16, 16]}
     assert doc["engine"]["artifacts"] == []  # built in a temporary directory, not kept

@@ -1,4 +1,5 @@
-"""``rexdeploy bench MODEL.onnx|ENGINE --profile NAME [--duration 3s]``: build if needed, then time."""
+"""``rexdeploy bench MODEL.onnx|ENGINE --profile NAME [--duration 3s] [--layers]``: build if needed, then time
+(and with ``--layers`` profile every ONNX node)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--warmup", default="200ms", help="warm-up duration (default 200ms)")
     p.add_argument("--runs", help="time exactly N runs instead of a duration")
     p.add_argument("--throughput", action="store_true", help="also measure OpenVINO THROUGHPUT-mode fps")
+    p.add_argument(
+        "--layers",
+        action="store_true",
+        help="then profile every ONNX node with the engine's own profiler (same warm-up and duration/runs) and "
+        "print the per-layer table, trtexec --dumpProfile style (JSON: a 'layers' object)",
+    )
     p.add_argument("--out", help="build an ONNX model into DIR and keep the engine (default: a temporary dir)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
     p.set_defaults(func=run)
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         settings,
         out_dir=args.out,
         throughput=args.throughput,
+        layers=args.layers,
         progress=common.progress,
     )
     if args.json:

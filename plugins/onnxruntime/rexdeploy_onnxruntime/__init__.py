@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rexdeploy.builders.base import Engine, TimingSettings, check_inputs, live_handle
+from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings, check_inputs, live_handle
 from rexdeploy.builders.registry import unavailable_error
 from rexdeploy.builders.timing import Timing, measure, random_inputs
 from rexdeploy.errors import BuildError, InputError
@@ -98,6 +98,33 @@ def _session(engine: Engine) -> Any:
     return live_handle(engine, NAME, "OnnxRuntimeBuilder")
 
 
+def _options(cores: int) -> dict[str, str]:
+    """The session options :meth:`OnnxRuntimeBuilder.build` uses, as ``Engine.options`` records them."""
+    return {
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "intra_op_num_threads": str(cores),
+        "inter_op_num_threads": "1",
+        "execution_mode": "ORT_SEQUENTIAL",
+    }
+
+
+def session_options(ort: Any, options: dict[str, str]) -> Any:
+    """An ``onnxruntime.SessionOptions`` from ``Engine.options`` (missing keys: the builder's defaults)."""
+    merged = {**_options(0), **options}
+    made = ort.SessionOptions()
+    made.graph_optimization_level = getattr(ort.GraphOptimizationLevel, merged["graph_optimization_level"])
+    made.intra_op_num_threads = int(merged["intra_op_num_threads"])
+    made.inter_op_num_threads = int(merged["inter_op_num_threads"])
+    made.execution_mode = getattr(ort.ExecutionMode, merged["execution_mode"])
+    return made
+
+
+def _input_arrays(engine: Engine, session: Any, seed: int) -> dict[str, np.ndarray]:
+    """The seeded random inputs :meth:`OnnxRuntimeBuilder.time` runs on, in the session's input dtypes."""
+    dtypes = {arg.name: np.dtype(_DTYPES.get(arg.type, "float32")) for arg in session.get_inputs()}
+    return random_inputs(engine.inputs, dtypes, seed)
+
+
 class OnnxRuntimeBuilder:
     """Runs the ONNX model itself with ONNX Runtime's CPU execution provider.
 
@@ -128,11 +155,8 @@ class OnnxRuntimeBuilder:
         start = _time.perf_counter()
         files = [model.name, *_external_files(model)]
         out_dir.mkdir(parents=True, exist_ok=True)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = profile.parallel.cores
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        recorded = _options(profile.parallel.cores)
+        options = session_options(ort, recorded)
         staging = Path(tempfile.mkdtemp(prefix=".onnxruntime.", suffix=".tmp", dir=out_dir))
         try:
             for rel in files:
@@ -162,6 +186,7 @@ class OnnxRuntimeBuilder:
             inputs=shapes,
             build_seconds=_time.perf_counter() - start,
             backend_version=str(ort.__version__),
+            options=recorded,
             handle=session,
         )
 
@@ -169,8 +194,7 @@ class OnnxRuntimeBuilder:
         """Latency of ``run_with_iobinding`` on fixed seeded random inputs bound once (no per-run
         copies). ``Timing.batch`` is the engine's batch, fixed when it was built."""
         session = _session(engine)
-        dtypes = {arg.name: np.dtype(_DTYPES.get(arg.type, "float32")) for arg in session.get_inputs()}
-        arrays = random_inputs(engine.inputs, dtypes, settings.seed)
+        arrays = _input_arrays(engine, session, settings.seed)
         first = next(iter(engine.inputs.values()), ())
         batch = int(first[0]) if first else 1
         try:
@@ -186,6 +210,18 @@ class OnnxRuntimeBuilder:
             return measure(infer, dataclasses.replace(settings, batch=batch))
         except Exception as exc:
             raise BuildError(f"onnxruntime inference failed while timing: {_one_line(exc)}") from exc
+
+    def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
+        """Per-ONNX-node µs from onnxruntime's own profiler: a second session on the engine's model with the
+        same session options and profiling on, run on the inputs :meth:`time` uses; see
+        :func:`rexdeploy_onnxruntime.profiling.profiled_layer_times`."""
+        from rexdeploy_onnxruntime.profiling import profiled_layer_times
+
+        ort = _import_ort()
+        session = _session(engine)
+        arrays = _input_arrays(engine, session, settings.seed)
+        options = session_options(ort, engine.options)
+        return profiled_layer_times(ort, engine, options, arrays, settings, _one_line)
 
     def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = _session(engine)

@@ -2,9 +2,9 @@
 
 Importing this package never imports ``tensorrt`` (nor any CUDA binding): the settings selection,
 the ``trtexec`` command line and the Q/DQ lint are pure and work on any machine, so a plan can be made
-on a laptop and built on the target. ``TensorRTBuilder.build`` / ``time`` / ``run`` import TensorRT
-inside the call and raise ``EngineUnavailableError`` naming ``pip install 'rexdeploy[tensorrt]'`` where
-it is missing.
+on a laptop and built on the target. ``TensorRTBuilder.build`` / ``time`` / ``layer_times`` / ``run``
+import TensorRT inside the call and raise ``EngineUnavailableError`` naming
+``pip install 'rexdeploy[tensorrt]'`` where it is missing.
 """
 
 from __future__ import annotations

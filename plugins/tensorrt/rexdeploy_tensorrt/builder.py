@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from rexdeploy.builders.base import Engine, TimingSettings
+from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings
 from rexdeploy.errors import BuildError, EngineUnavailableError, InputError
 from rexdeploy.fileio import atomic_path, write_text_atomic
 from rexdeploy_tensorrt.cuda_device import device_count, device_info
@@ -175,6 +175,19 @@ def _with_weights(path: Path, proto: onnx.ModelProto) -> onnx.ModelProto:
     full.CopyFrom(proto)
     onnx.load_external_data_for_model(full, str(path.parent))
     return full
+
+
+def _onnx_index(model: Path) -> dict[str, str]:
+    """:func:`rexdeploy_tensorrt.layer_profile.onnx_index` of the engine's ONNX model; {} when it is not
+    here (a plan built elsewhere): layer names are then reported as TensorRT's metadata gives them."""
+    from rexdeploy_tensorrt.layer_profile import onnx_index
+
+    if model.suffix != ".onnx" or not model.is_file():
+        return {}
+    try:
+        return onnx_index(onnx.load(str(model), load_external_data=False))
+    except Exception:
+        return {}
 
 
 def _read_meta(engine: Engine) -> dict[str, Any]:
@@ -375,6 +388,24 @@ class TensorRTBuilder:
         timing = time_engine(trt, cuda_engine, device_index(engine.device), settings, use_graph)
         del runtime
         return timing
+
+    def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
+        """Per-ONNX-node µs from TensorRT's ``IProfiler`` (warm-up unprofiled, then ``settings.runs`` or
+        ``duration_s`` of profiled runs, never in a CUDA graph), mapped to the ONNX nodes of the engine's
+        model through the inspector's layer metadata; see :mod:`rexdeploy_tensorrt.layer_profile`."""
+        from rexdeploy_tensorrt.layer_profile import inspector_metadata, layer_times_from_totals, profile_engine
+
+        trt = import_tensorrt()
+        runtime, cuda_engine = self._engine(trt, engine)
+        sink, information = profile_engine(trt, cuda_engine, device_index(engine.device), settings)
+        del runtime
+        return layer_times_from_totals(
+            sink.totals_ms,
+            sink.runs,
+            inspector_metadata(information),
+            _onnx_index(engine.model_path),
+            f"TensorRT {trt.__version__} IProfiler",
+        )
 
     def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One inference; outputs in the engine's (= the ONNX model's) output order."""
