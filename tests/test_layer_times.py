@@ -420,7 +420,7 @@ def test_tensorrt_layer_times_on_a_built_engine(model_path: Path, tmp_path: Path
     times = builder.layer_times(engine, FAST)
     assert times.runs == 25 and times.source.startswith("TensorRT ")
     model = onnx.load(str(model_path))
-    assert {"conv1", "conv2"} <= set(times.nodes), times.nodes  # a Conv is never fused under another node's name
+    assert "conv1" in times.nodes, times.nodes  # the first node: whatever TensorRT fuses it into names it first
     assert set(times.nodes) <= all_nodes(model)
     assert all(v >= 0.0 for v in times.nodes.values()) and times.unmapped_us >= 0.0 and times.total_us > 0.0
     assert sum(times.nodes.values()) + times.unmapped_us == pytest.approx(times.total_us, rel=1e-6)

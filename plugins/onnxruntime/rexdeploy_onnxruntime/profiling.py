@@ -5,6 +5,10 @@ A second session is opened on the engine's model with the builder's session opti
 afterwards), run on the inputs :meth:`OnnxRuntimeBuilder.time` uses, and its chrome-trace JSON is read:
 every ``"cat": "Node"`` event named ``<node>_kernel_time`` holds one kernel's ``dur`` in µs. The warm-up
 runs are told apart by the ``model_run`` session events and left out; the rest is averaged per run.
+onnxruntime records every run (it cannot start profiling after a warm-up) and drops events past one
+million, so a profile keeps about :data:`EVENT_BUDGET` kernel events: the warm-up stops at a fifth of
+them, a duration-bound profile stops at the budget once ``min_runs`` are in, and ``settings.runs``
+beyond onnxruntime's limit is an InputError naming the most it can take.
 
 Graph optimizations rename what they fuse; an onnxruntime node name is mapped back to an ONNX node by
 (in order): the name itself; the name without the suffixes onnxruntime appends (``_token_N``,
