@@ -2,7 +2,7 @@
 
 Mutants of the shipped demo model and of a small model whose weights are Constant nodes (1, 5 or 50
 random bytes replaced in the first 200 KB) go through ``rexdeploy expand --bits 8 --order 2`` (and a
-few through ``inspect``) in-process. For every mutant: exit 0 with an output that passes the full ONNX
+few through ``inspect`` and through ``build`` with onnxruntime) in-process. For every mutant: exit 0 with an output that passes the full ONNX
 check, or exit 1 with exactly one ``rexdeploy: error:`` line that is not a bug report; never a
 traceback, never a partial output or temporary file. The seeds are fixed, so a failure replays.
 """
@@ -21,10 +21,19 @@ from onnx import TensorProto, helper, numpy_helper
 from rexdeploy.cli.main import main
 from rexdeploy.demo import demo_model_path
 
-MUTANTS_PER_MODEL = 200
+MUTANTS_PER_MODEL = 150
+BUILD_MUTANTS_PER_MODEL = 15
 FLIPS = (1, 5, 50)
 WINDOW = 200_000
 EXPAND = ["--profile", "x86-avx512", "--bits", "8", "--order", "2"]
+ORT_PROFILE = """\
+name = "test-ort"
+engine = "onnxruntime"
+device = "CPU"
+
+[parallel]
+cores = 1
+"""
 
 
 def constant_weights_model(seed: int = 0) -> onnx.ModelProto:
@@ -82,18 +91,30 @@ def _leftovers(folder: Path, keep: set[str]) -> list[str]:
 
 
 def _check_outcome(
-    capsys: pytest.CaptureFixture[str], code: int, folder: Path, model: Path, out: Path | None, label: str
+    capsys: pytest.CaptureFixture[str],
+    code: int,
+    folder: Path,
+    model: Path,
+    out: Path | None,
+    label: str,
+    onnx_out: Path | None = None,
 ) -> str:
-    """Assert the CLI contract for one run; return 'ok' or the error line."""
+    """Assert the CLI contract for one run in ``folder``; return 'ok' or the error line.
+
+    ``out`` is what the run writes in ``folder`` (a file or a folder); ``onnx_out`` the model it writes (``out``
+    by default when that is an .onnx file), which must pass the full ONNX check.
+    """
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out, f"{label}: {captured.err}"
     err_lines = captured.err.strip().splitlines()
     keep = {model.name}
     if code == 0:
         if out is not None:
-            assert out.is_file(), label
-            onnx.checker.check_model(str(out), full_check=True)
+            assert out.exists(), label
             keep.add(out.name)
+            checked = onnx_out or (out if out.suffix == ".onnx" else None)
+            if checked is not None:
+                onnx.checker.check_model(str(checked), full_check=True)
         assert not any(line.startswith("rexdeploy: error") for line in err_lines), f"{label}: {captured.err}"
         result = "ok"
     else:
@@ -151,6 +172,30 @@ def test_fuzz_inspect(capsys: pytest.CaptureFixture[str], tmp_path: Path, origin
             model.write_bytes(mutate(data, seed))
             code = main(["inspect", str(model)])
             _check_outcome(capsys, code, folder, model, None, f"inspect {which} seed {seed}")
+
+
+def test_fuzz_build(capsys: pytest.CaptureFixture[str], tmp_path: Path, originals: dict[str, bytes]) -> None:
+    """build writes a folder (atomically) and runs engines on the mutant: the whole folder or nothing."""
+    profile = tmp_path / "ort.toml"
+    profile.write_text(ORT_PROFILE, encoding="utf-8")
+    outcomes: Counter[str] = Counter()
+    for which, data in originals.items():
+        for seed in range(BUILD_MUTANTS_PER_MODEL):
+            folder = tmp_path / f"{which}{seed}"
+            folder.mkdir()
+            model = folder / "model.onnx"
+            model.write_bytes(mutate(data, seed))
+            out = folder / "out"
+            argv = ["-q", "build", str(model), "--profile", str(profile), "--bits", "8", "--order", "2"]
+            code = main([*argv, "--out", str(out), "--duration", "0.02s", "--warmup", "10ms"])
+            line = _check_outcome(capsys, code, folder, model, out, f"build {which} seed {seed}", out / "expanded.onnx")
+            if code == 0:
+                assert (out / "report.json").is_file() and (out / "plan.json").is_file()
+                assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+            else:
+                assert not out.exists(), line
+            outcomes["ok" if code == 0 else "refused"] += 1
+    assert outcomes["ok"] > 0 and outcomes["refused"] > 0, outcomes
 
 
 def test_refusals_name_the_file_and_the_problem(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
