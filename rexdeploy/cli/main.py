@@ -111,7 +111,7 @@ def _stopped(exc: KeyboardInterrupt) -> int:
 
 def _one_line(exc: BaseException, limit: int = 0) -> str:
     """The exception's message on one line (its type name when it has none), cut at ``limit`` chars if > 0."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
     return text if limit <= 0 or len(text) <= limit else text[: limit - 3] + "..."
 
 
