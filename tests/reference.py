@@ -1,28 +1,154 @@
 """An independent numpy interpreter for the small ONNX graphs the tests build, with REx fake
-quantization: the reference the emitted Q/DQ graphs (run by onnxruntime / OpenVINO) are held to."""
+quantization: the reference the emitted Q/DQ graphs (run by onnxruntime / OpenVINO) are held to.
+
+Nothing here comes from the code under test: the residual expansion, its sparse form, BatchNorm folding and
+the activation scales are written from their definitions (shared/REX_METHOD.md, docs/activation-orders.md),
+so a bug in rexdeploy's numerics shows as a mismatch instead of being copied into the reference."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from rexdeploy.api import Expanded, expand_model
-from rexdeploy.graph import fold_batchnorm
-from rexdeploy.numerics import expand_weight, reconstruct
+from rexdeploy.plans import Plan
 from rexdeploy.profile import Profile
+
+ACT_QMAX = 127  # symmetric int8 activations, zero-point 0
+ACT_STEP = 254  # each activation order's scale is the previous one's / (2·127): its remainder spans ±s/2
+# the first activation order's range with J >= 2 orders is the data-free range widened 4x (docs/activation-orders.md)
+ACT_RANGE_WIDEN = {1: 1.0, 2: 4.0, 3: 4.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# REx from its definition (shared/REX_METHOD.md)
+
+
+def rex_orders(w: np.ndarray, bits: int, order: int, gamma: float | None = None) -> list[np.ndarray]:
+    """The dequantized residual orders Q^-1(R^1) … Q^-1(R^K) of ``w`` (axis 0 = output channel), float64, each
+    of ``w``'s shape (zero on the channels a sparse order skips).
+
+    Per output channel, symmetric: s = max|W| / (2^(b-1) - 1) (1 for an all-zero channel), Q(W) = round(W / s)
+    (half to even) clipped to ±(2^(b-1) - 1), Q^-1(R) = s·R. R^1 = Q(W); R^k = Q(W - Σ_{j<k} Q^-1(R^j)).
+    Sparse (γ not None): every order k >= 2 quantizes only the round(γ/(K-1)·C) channels (at least one, at most
+    C; none for γ = 0) whose current residual has the largest L1 norm, ties to the lowest channel index."""
+    qmax = 2 ** (bits - 1) - 1
+    residual = np.asarray(w, dtype=np.float64).reshape(w.shape[0], -1).copy()
+    channels = residual.shape[0]
+    fraction = 1.0 if gamma is None or order == 1 else min(1.0, gamma / (order - 1))
+    keep = min(channels, max(1, int(fraction * channels + 0.5))) if fraction > 0.0 else 0
+    orders = []
+    for k in range(1, order + 1):
+        if k == 1 or keep == channels:
+            rows = np.arange(channels)
+        else:
+            l1 = np.abs(residual).sum(axis=1)
+            rows = np.sort(np.argsort(-l1, kind="stable")[:keep])
+        part = residual[rows]
+        scale = np.abs(part).max(axis=1, initial=0.0) / qmax
+        scale[scale == 0.0] = 1.0
+        codes = np.clip(np.round(part / scale[:, None]), -qmax, qmax)
+        dequantized = np.zeros_like(residual)
+        dequantized[rows] = codes * scale[:, None]
+        orders.append(dequantized.reshape(w.shape))
+        residual = residual - dequantized
+    return orders
+
+
+def _per_layer(gamma: float | Mapping[str, float | None] | None, name: str) -> float | None:
+    return gamma.get(name) if isinstance(gamma, Mapping) else gamma
+
+
+def rex_order_weights(
+    bits: int, order: int, gamma: float | Mapping[str, float | None] | None = None
+) -> Callable[[str, np.ndarray], list[np.ndarray]]:
+    """Each weight's dequantized residual orders W_1..W_K, one array each (``gamma`` per layer name or for all)."""
+
+    def fn(name: str, w: np.ndarray) -> list[np.ndarray]:
+        return rex_orders(w, bits, order, _per_layer(gamma, name))
+
+    return fn
+
+
+def rex_weight_map(
+    bits: int, order: int, gamma: float | Mapping[str, float | None] | None = None
+) -> Callable[[str, np.ndarray], np.ndarray]:
+    """Replace each weight by the sum of its dequantized residual orders."""
+
+    def fn(name: str, w: np.ndarray) -> np.ndarray:
+        return np.sum(rex_orders(w, bits, order, _per_layer(gamma, name)), axis=0)
+
+    return fn
+
+
+def activation_scales(ranges: Mapping[str, float], act_order: int = 1) -> dict[str, float]:
+    """The first activation order's int8 scale of each tensor: its range (widened for J >= 2) / 127 (float64;
+    the graph stores each order's scale in float32, which :func:`fake_quant_int8` rounds to)."""
+    return {t: r * ACT_RANGE_WIDEN[act_order] / ACT_QMAX for t, r in ranges.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm folding from its definition
+
+
+def fold_batchnorm_reference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every Conv → BatchNormalization pair (the Conv output feeding only the BN) as one Conv:
+    W' = W·γ/√(σ² + ε) per output channel, b' = (b − μ)·γ/√(σ² + ε) + β (float64, stored in W's dtype);
+    the Conv takes the BN's output name."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in out.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    producer = {o: n for n in out.graph.node for o in n.output}
+    keep: list[onnx.NodeProto] = []
+    for node in out.graph.node:
+        conv = producer.get(node.input[0]) if node.op_type == "BatchNormalization" else None
+        if conv is None or conv.op_type != "Conv" or uses[conv.output[0]] != 1:
+            keep.append(node)
+            continue
+        gamma, beta, mean, var = (inits[n].astype(np.float64) for n in node.input[1:5])
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        factor = gamma / np.sqrt(var + eps)
+        w = inits[conv.input[1]]
+        b = inits[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
+        w_name, b_name = f"{conv.name}_ref_folded_w", f"{conv.name}_ref_folded_b"
+        out.graph.initializer.extend([
+            numpy_helper.from_array((w.astype(np.float64) * factor.reshape(-1, 1, 1, 1)).astype(w.dtype), w_name),
+            numpy_helper.from_array(((b - mean) * factor + beta).astype(w.dtype), b_name),
+        ])  # fmt: skip
+        del conv.input[1:]
+        conv.input.extend([w_name, b_name])
+        conv.output[0] = node.output[0]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return out
+
+
+def layer_input_ranges(model: onnx.ModelProto, probe: np.ndarray, name: str = "x") -> dict[str, float]:
+    """max |x| of every Conv/Gemm input on ``probe``, computed by the reference interpreter in float64."""
+    seen: dict[str, float] = {}
+    run_reference(model, {name: probe}, inputs_seen=seen)
+    return seen
 
 
 def checked_expansion(
-    model: onnx.ModelProto, probe: np.ndarray, profile: Profile, **settings: object
-) -> tuple[Expanded, np.ndarray, onnx.ModelProto]:
-    """Expand ``model`` with ``settings``, run ``onnx.checker``'s full check, compute it exactly on ``probe``;
-    returns the expansion, its output and the BN-folded FP32 model the reference interprets."""
-    expanded = expand_model(model, profile=profile, **settings)
+    model: onnx.ModelProto, probe: np.ndarray, profile: Profile, plan: Plan | None = None, **settings: object
+) -> tuple[Expanded, np.ndarray, onnx.ModelProto, dict[str, float]]:
+    """Expand ``model`` with ``plan`` or ``settings``, run ``onnx.checker``'s full check, compute it exactly on
+    ``probe``. The activation ranges are the reference's own (max |x| of each layer input on ``probe``), handed
+    to the pass, so the reference derives the scales itself. Returns the expansion, its output, the BN-folded
+    FP32 model (folded by the reference) and those ranges."""
+    folded = fold_batchnorm_reference(model)
+    ranges = layer_input_ranges(folded, probe)
+    expanded = expand_model(model, plan, profile=profile, ranges=ranges, **settings)
     onnx.checker.check_model(expanded.model, full_check=True)
-    return expanded, run_exact(expanded.model, probe), fold_batchnorm(model)[0]
+    return expanded, run_exact(expanded.model, probe), folded, ranges
 
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,13 +190,15 @@ def run_reference(
     order_weights: Callable[[str, np.ndarray], list[np.ndarray]] | None = None,
     terms: set[tuple[int, int]] | None = None,
     act_order: int = 1,
+    inputs_seen: dict[str, float] | None = None,
 ) -> list[np.ndarray]:
     """Interpret ``model`` in float64 numpy. ``weight_map(node_name, w)`` replaces a Conv/Gemm weight
     (e.g. by its REx reconstruction); ``act_scales`` fake-quantizes a node's input tensor.
 
     Activation orders: with ``act_order`` J > 1 a quantized input becomes x_1 = fq(x, s), x_j =
     fq(x − x_1 − … − x_{j−1}, s / 254^(j−1)), and the node computes Σ_{(j, k) in terms} op(x_j, W_k), where
-    ``order_weights(node_name, w)`` gives the dequantized weight orders W_1..W_K (bias once)."""
+    ``order_weights(node_name, w)`` gives the dequantized weight orders W_1..W_K (bias once). ``inputs_seen``
+    collects max |x| of each Conv/Gemm input tensor."""
     env: dict[str, np.ndarray] = {k: v.astype(np.float64) for k, v in feeds.items()}
     env.update({i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer})
     for node in model.graph.node:
@@ -80,11 +208,13 @@ def run_reference(
         if op in ("Conv", "Gemm"):
             x, w = ins[0], ins[1]
             assert x is not None and w is not None
+            if inputs_seen is not None:
+                inputs_seen[node.input[0]] = float(np.abs(x).max())
             xs = [x]
             if act_scales and node.input[0] in act_scales:
                 xs, rest, s1 = [], x.astype(np.float32), act_scales[node.input[0]]
                 for j in range(act_order):
-                    xs.append(fake_quant_int8(rest, float(np.float32(s1 / 254.0**j))))
+                    xs.append(fake_quant_int8(rest, s1 / float(ACT_STEP) ** j))
                     rest = (rest - xs[-1]).astype(np.float32)
             transposed = op == "Gemm" and not a.get("transB", 0)
             if transposed:
@@ -131,25 +261,6 @@ def _layer(op: str, a: dict[str, object], x: np.ndarray, w: np.ndarray, b: np.nd
     if b is not None:
         out = out + float(a.get("beta", 1.0)) * b  # type: ignore[arg-type]
     return np.asarray(out)
-
-
-def rex_order_weights(bits: int, order: int) -> Callable[[str, np.ndarray], list[np.ndarray]]:
-    """Each weight's dequantized residual orders W_1..W_K, one array each."""
-
-    def fn(name: str, w: np.ndarray) -> list[np.ndarray]:
-        return [reconstruct([o], w.shape) for o in expand_weight(w, bits, order)]
-
-    return fn
-
-
-def rex_weight_map(bits: int, order: int, gamma: float | None = None) -> Callable[[str, np.ndarray], np.ndarray]:
-    """Replace each weight by the sum of its dequantized residual orders (float32 scales, like the graph)."""
-
-    def fn(name: str, w: np.ndarray) -> np.ndarray:
-        orders = expand_weight(w, bits, order, gamma)
-        return reconstruct(orders, w.shape)
-
-    return fn
 
 
 # OpenVINO (float layers pinned to f32) against the graph's exact semantics (run_exact), one probe at a time.

@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import small_cnn
-from reference import checked_expansion, fake_quant_int8, rel_error, rex_order_weights, run_exact, run_reference
+from reference import (
+    activation_scales,
+    checked_expansion,
+    fake_quant_int8,
+    rel_error,
+    rex_order_weights,
+    run_exact,
+    run_reference,
+)
 
 from rexdeploy.actorders import (
     activation_order_scales,
@@ -123,13 +131,15 @@ def test_plan_validation_and_json() -> None:
 def test_graph_matches_numpy_reference(
     probe: np.ndarray, bits: int, order: int, act_order: int, form: str, terms: set[tuple[int, int]]
 ) -> None:
-    expanded, got, folded = checked_expansion(small_cnn(), probe, PROFILE, bits=bits, order=order,
-                                              act_order=act_order, form=form)  # fmt: skip
+    expanded, got, folded, ranges = checked_expansion(small_cnn(), probe, PROFILE, bits=bits, order=order,
+                                                      act_order=act_order, form=form)  # fmt: skip
+    scales = activation_scales(ranges, act_order)  # the data-free range widened 4x for J >= 2, / 127
+    assert expanded.activation_scales == pytest.approx(scales, rel=1e-12)
     want = run_reference(
         folded,
         {"x": probe},
         order_weights=rex_order_weights(bits, order),
-        act_scales=expanded.activation_scales,
+        act_scales=scales,
         terms=terms,
         act_order=act_order,
     )[0]
@@ -139,7 +149,7 @@ def test_graph_matches_numpy_reference(
     assert rel_error(got, want) < 5e-5
     # the reference without the activation orders is far off: the test sees them
     single = run_reference(folded, {"x": probe}, order_weights=rex_order_weights(bits, order),
-                           act_scales=expanded.activation_scales)[0]  # fmt: skip
+                           act_scales=scales)[0]  # fmt: skip
     assert rel_error(got, single) > 100 * rel_error(got, want)
 
 

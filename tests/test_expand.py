@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 from models import no_conv_model, quantized_model, small_cnn
-from reference import checked_expansion, rel_error, rex_weight_map, run_exact, run_reference
+from reference import activation_scales, checked_expansion, rel_error, rex_weight_map, run_exact, run_reference
 
 from rexdeploy.api import expand_model
 from rexdeploy.errors import PlanError, UnsupportedModelError
 from rexdeploy.graph import fold_batchnorm
-from rexdeploy.plans import LayerPlan, Plan
+from rexdeploy.plans import LayerPlan, Plan, uniform_plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
@@ -30,21 +30,44 @@ def test_expanded_graph_matches_numpy_reference(
     probe: np.ndarray, trans_b: bool, bits: int, order: int, act_bits: int, form: str
 ) -> None:
     model = small_cnn(trans_b=trans_b)
-    expanded, got, folded = checked_expansion(model, probe, PROFILE, bits=bits, order=order, act_bits=act_bits,
-                                              form=form)  # fmt: skip
-    want = run_reference(
-        folded,
-        {"x": probe},
-        weight_map=rex_weight_map(bits, order),
-        act_scales=expanded.activation_scales if act_bits == 8 else None,
-    )[0]
+    expanded, got, folded, ranges = checked_expansion(model, probe, PROFILE, bits=bits, order=order,
+                                                      act_bits=act_bits, form=form)  # fmt: skip
+    scales = activation_scales(ranges) if act_bits == 8 else None
+    want = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order), act_scales=scales)[0]
     fp32 = run_exact(model, probe)
     quant_error = rel_error(got, fp32)
     # the graph computes exactly the simulated quantization: its distance to the reference is float32
     # rounding, far below the quantization error itself
     assert rel_error(got, want) < 1e-5
     assert quant_error > 1e-4
-    assert (act_bits == 0) == (not expanded.activation_scales)
+    # the pass used the scales the reference derived from the ranges it was given, on exactly the layer inputs
+    assert expanded.activation_scales == pytest.approx(scales or {}, rel=1e-12)
+    assert (act_bits == 8) == (set(expanded.activation_scales) == {"x", "r1", "r2", "flat"})
+
+
+@pytest.mark.parametrize(("bits", "order", "gamma", "act_bits"), [(4, 3, 0.5, 8), (4, 3, 1.0, 0), (8, 2, 0.25, 8),
+                                                                  (8, 3, 0.0, 8)])  # fmt: skip
+def test_sparse_expansion_matches_numpy_reference(
+    probe: np.ndarray, bits: int, order: int, gamma: float, act_bits: int
+) -> None:
+    """Sparse orders (paper Eq. 12): each order k >= 2 keeps the channels of largest residual L1 norm; one γ per
+    layer, set in the plan (the default plan would split γ across layers, linear+)."""
+    model = small_cnn()
+    names = ["conv1", "dwconv", "pwconv", "fc"]
+    plan = uniform_plan(names, bits=bits, order=order, gamma=gamma, act_bits=act_bits)
+    expanded, got, folded, ranges = checked_expansion(model, probe, PROFILE, plan)
+    assert {lp.gamma for lp in expanded.plan.layers.values()} == {gamma}
+    scales = activation_scales(ranges) if act_bits == 8 else None
+    want = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order, gamma), act_scales=scales)[0]
+    dense = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order), act_scales=scales)[0]
+    first = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, 1), act_scales=scales)[0]
+    assert rel_error(got, want) < 1e-5
+    # the sparse orders are neither the dense expansion nor absent (γ = 0: absent, the order-1 graph)
+    if gamma > 0:
+        assert rel_error(got, dense) > 100 * rel_error(got, want)
+        assert rel_error(got, first) > 100 * rel_error(got, want)
+    else:
+        assert rel_error(got, first) < 1e-5
 
 
 def test_weight_only_error_falls_with_order(probe: np.ndarray) -> None:

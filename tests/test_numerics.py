@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from reference import rex_orders
 
 from rexdeploy.errors import ModelError, PlanError
 from rexdeploy.numerics import (
@@ -152,6 +153,32 @@ def test_lemma_a1_holds_at_every_order(seed: int, bits: int, c: int, n: int) -> 
         want = (1.0 / qm) ** (k - 1) * np.abs(w.astype(np.float64)).max(axis=1, keepdims=True) / qm / 2.0
         np.testing.assert_allclose(lemma_a1_bound(w, bits, k), want, rtol=1e-13, atol=0.0)
         np.testing.assert_allclose(expansion_bound(w, bits, prefix), want, rtol=1e-13, atol=0.0)
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**31),
+    bits=BITS,
+    order=st.integers(1, 5),
+    c=st.integers(1, 24),
+    n=st.integers(1, 40),
+    gamma=st.sampled_from([None, 0.0, 0.3, 1.0, 2.5]),
+)
+def test_expansion_matches_its_definition(
+    seed: int, bits: int, order: int, c: int, n: int, gamma: float | None
+) -> None:
+    """Every order Q^-1(R^k), dense or sparse, equals tests/reference.py's plain-numpy reading of REX_METHOD.md."""
+    w = gaussian_weight(seed, c, n)
+    got = expand_weight(w, bits, order, gamma)
+    want = rex_orders(w, bits, order, gamma)
+    assert [o.order for o in got] == list(range(1, order + 1))
+    tol = 1e-12 * max(float(np.abs(w).max()), 1e-30)
+    for o, ref in zip(got, want, strict=True):
+        np.testing.assert_allclose(o.dense(c), ref, rtol=0.0, atol=tol)
+        # the channels an order holds are the ones the definition quantizes (a kept all-zero residual included)
+        assert o.n_channels == (c if o.order == 1 or gamma is None else kept_channels(c, gamma, order))
+        assert set(np.flatnonzero(np.abs(ref).sum(axis=1))) <= set(o.channels.tolist())
+    np.testing.assert_allclose(reconstruct(got, w.shape), np.sum(want, axis=0), rtol=0.0, atol=tol)
 
 
 @FAST
