@@ -347,10 +347,7 @@ def _closed_loop(
             break
         run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine")
         if table is not None:
-            times = run.builder.layer_times(m.engine, PROFILE_TIMING)
-            per_layer, rest = split_layer_times(times, node_owners(onnx.load(str(m.onnx_path), load_external_data=False), run.layers),
-                                                m.timing.median_ms)  # fmt: skip
-            table = table.observe(run.profile, run.layers, m.plan.layers, per_layer, rest)
+            table = _learn(run, table, m)
             if run.use_cache:
                 save_cached(table)  # the next build of this model starts from what this miss taught
         else:
@@ -386,6 +383,12 @@ def _closed_loop(
             f"({len(run.measured)} engines measured in this run); relax --budget or pick a faster profile"
         )
     best = min(fitting, key=lambda m: (error(m), m.timing.median_ms))
+    latency_model["engines"] = [
+        {"label": m.label, "plan": m.plan.summary() if m.plan.layers else "FP32", "median_ms": m.timing.median_ms,
+         "predicted_error": error(m), "fits": m.timing.median_ms <= budget_ms, "allowed": m in allowed,
+         "returned": m is best}
+        for m in sorted(run.measured, key=lambda m: m.timing.median_ms)
+    ]  # fmt: skip
     why = (
         f"{_describe(best)}: measured {format_ms(best.timing.median_ms)} within the {format_ms(budget_ms)} budget, "
         + ("exact (no layer quantized)" if not best.plan.layers else f"predicted error {error(best):.2e}")
@@ -393,6 +396,15 @@ def _closed_loop(
     )
     run.say(f"chosen: {why}")
     return best, result, latency_model, why
+
+
+def _learn(run: _Run, table: CostTable, m: Measured) -> CostTable:
+    """``table`` updated with what each layer of the measured engine ``m`` cost (its profiler, scaled to its
+    median)."""
+    times = m.layer_times or run.builder.layer_times(m.engine, PROFILE_TIMING)
+    owners = node_owners(onnx.load(str(m.onnx_path), load_external_data=False), run.layers)
+    per_layer, rest = split_layer_times(times, owners, m.timing.median_ms)
+    return table.observe(run.profile, run.layers, m.plan.layers, per_layer, rest)
 
 
 def _describe(m: Measured) -> str:
@@ -426,6 +438,9 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
         for i, old in enumerate(run.measured):
             if old.engine is m.engine:
                 run.measured[i] = m
+    if table.cached:  # re-anchor a table measured earlier on the baselines measured now (the machine drifts)
+        for m in [m for m in run.measured if m.label in ("FP32", "int8 K=1")]:
+            table = _learn(run, table, m)
     n = len(table.probes)
     how = "cached" if table.cached else f"probed now in {table.seconds:.1f} s"
     summary = (f"measured on this device: cost table of {n} engines of this model ({how}; {table.engine}; "

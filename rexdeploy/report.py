@@ -140,6 +140,14 @@ class Report:
         if self.budget_ms is not None:
             verdict = "within" if self.fits_budget else "OVER"
             lines.append(f"budget   {format_ms(self.budget_ms)}: {verdict} budget")
+        engines = self.latency_model.get("engines") or []
+        if engines:
+            lines.append(f"engines  measured in this run ({len(engines)}), fastest first:")
+            for e in engines:
+                mark = "  <- returned" if e["returned"] else ("" if e["allowed"] else "  (not allowed by the profile)")
+                fits = "fits" if e["fits"] else "over"
+                lines.append(f"         {format_ms(e['median_ms']):>9}  {fits}  error {e['predicted_error']:.2e}  "
+                             f"{e['label']}: {e['plan']}{mark}")  # fmt: skip
         if self.choice:
             lines.append(f"chosen   {self.choice}")
         noisy = [n for n, e in [("REx", self.rex), *self.baselines.items()] if e.timing.noisy]
@@ -173,6 +181,12 @@ class Report:
                 f"| {name} | {format_ms(t.median_ms)} | {format_ms(t.mean_ms)} | {format_ms(t.p90_ms)} | "
                 f"{format_ms(t.p99_ms)} | {t.cov:.1%} | {t.runs} | {ratio} | {e.build_seconds:.2f} |"
             )
+        engines = self.latency_model.get("engines") or []
+        if engines:
+            out += ["", "Every engine measured in this run (the build returns the most accurate one that fits):", "",
+                    "| engine | plan | median | fits | predicted error | |", "|---|---|---|---|---|---|"]
+            out += [f"| {e['label']} | {e['plan']} | {format_ms(e['median_ms'])} | {'yes' if e['fits'] else 'no'} | "
+                    f"{e['predicted_error']:.2e} | {'**returned**' if e['returned'] else ''} |" for e in engines]
         f = self.fidelity
         out += [
             "",

@@ -202,7 +202,7 @@ class CostTable:
     def observe(self, profile: Profile, layers: list[Layer], plan_layers: Mapping[str, LayerPlan],
                 layer_us: Mapping[str, float], rest_us: float) -> CostTable:  # fmt: skip
         """A new table where the options ``plan_layers`` gave each layer take the µs measured in that engine,
-        and the engine's rest is one more point of the rest line."""
+        and the engine's rest is a point of the rest line (replacing one at the same quantized share)."""
         table = {name: dict(entries) for name, entries in self.layers.items()}
         for layer in layers:
             if layer.name not in layer_us:
@@ -210,7 +210,8 @@ class CostTable:
             lp = plan_layers.get(layer.name)
             point = Point(analytic_us(profile, layer, lp), float(layer_us[layer.name]))
             table.setdefault(layer.name, {})[option_key(profile, layer, lp).text] = point
-        rest = (*self.rest_points, (quantized_share(layers, plan_layers), float(rest_us)))
+        share = quantized_share(layers, plan_layers)  # a newer point at the same share replaces the older one
+        rest = (*(p for p in self.rest_points if abs(p[0] - share) > 1e-9), (share, float(rest_us)))
         return replace(self, layers=table, rest_points=rest, observations=self.observations + 1, _slope_cache={})
 
     # -- JSON -------------------------------------------------------------------------------------
