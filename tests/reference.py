@@ -269,11 +269,12 @@ def _layer(op: str, a: dict[str, object], x: np.ndarray, w: np.ndarray, b: np.nd
 # activation order J show (a flip of x_j, j < J, moves the remainder by one step the other way and x_{j+1}
 # takes it back), each costing ~5e-3 / 254^(J-1) of the output on these models: J = 1 flips are rare (one in
 # 64 probes), J >= 2 flips are many but small. Measured (64 probes, AVX-512 VNNI host, f32), per-probe
-# relative error median / max: J = 1: 1e-7 / 2e-7; J = 2: 1e-7 / 2.5e-4; J = 3: 1.2e-6 / 3.2e-6. The bounds
-# leave room for other CPUs' flips and still catch bf16 float layers (3e-3 to 7e-2), a dropped activation
-# order (~3e-2) or int16 overflow (~0.2).
+# relative error median / max: J = 1: 1e-7 / 2e-7; J = 2: 1e-7 / 2.5e-4; J = 3: 1.2e-6 / 3.2e-6 (onnxruntime's
+# fused integer kernels, J = 1: 7e-8 / 1e-2, one probe with a flip). The bounds leave room for other CPUs' flips
+# and still catch bf16 float layers (median 3e-3 to 7e-2), a dropped activation order (~3e-2) or int16
+# overflow (~0.2).
 AGREE_MEDIAN = {1: 1e-6, 2: 1e-3, 3: 4e-5}
-AGREE_MAX = {1: 2e-2, 2: 4e-3, 3: 1e-4}
+AGREE_MAX = {1: 5e-2, 2: 4e-3, 3: 1e-4}
 
 
 def assert_engine_agrees(got: list[np.ndarray], want: list[np.ndarray], act_order: int = 1) -> np.ndarray:
