@@ -37,6 +37,7 @@ from rexdeploy.api import (
 from rexdeploy.budget import format_ms
 from rexdeploy.builders.base import Builder, Engine, TimingSettings
 from rexdeploy.builders.cache import cached_build
+from rexdeploy.costmodel import float_precision
 from rexdeploy.errors import BudgetError
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
@@ -93,6 +94,7 @@ class _Run:
     model_name: str = "the model"
     use_cache: bool = True
     calibration: object = None
+    fp32_engine: Engine | None = None
     measured: list[Measured] = field(default_factory=list)  # every engine measured in this run
 
     def engine_for(
@@ -123,8 +125,8 @@ class _Run:
         return m
 
     def measured_plan(self, plan: Plan) -> Measured | None:
-        """The engine of this run that carries out ``plan`` (same layer settings), if any."""
-        return next((m for m in self.measured if m.plan.layers == plan.layers), None)
+        """The engine of this run that carries out ``plan`` (same layer settings, the profile's precision)."""
+        return next((m for m in self.measured if m.plan.layers == plan.layers and m.error is None), None)
 
 
 def build(
@@ -173,10 +175,13 @@ def build(
         run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name, use_cache, calibration)
         shutil.copyfile(model_path, tmp / "fp32.onnx")
         say(f"building the FP32 baseline with {profile.engine} ...")
-        fp32_engine = run.build(tmp / "fp32.onnx", "fp32")
+        fp32_engine = run.fp32_engine = run.build(tmp / "fp32.onnx", "fp32")
         empty = Plan(layers={}, profile=profile.name, model_sha256=sha)
         fp32 = run.measure("FP32", empty, fp32_engine, tmp / "fp32.onnx", timing, "the FP32 baseline")
         baselines = {"fp32": engine_result("fp32", fp32, tmp, builder)}
+        default = _default_float(run, fp32)
+        if default is not None:
+            baselines[default.label] = engine_result(default.label, default, tmp, builder)
         if budget_ratio is not None:
             int8_plan = default_plan(layers, profile, sha, order=1, act_bits=8)
             int8_engine, _, int8_path = run.engine_for(int8_plan, "int8", None)
@@ -359,6 +364,8 @@ def _closed_loop(
         latency_model["observations"] = table.observations
 
     def error(m: Measured) -> float:
+        if m.error is not None:
+            return m.error
         return result.plan_error(m.plan) if m.plan.layers else 0.0
 
     allowed = [m for m in run.measured if float_ok or (m.plan.layers and all(
@@ -391,7 +398,9 @@ def _closed_loop(
     ]  # fmt: skip
     why = (
         f"{_describe(best)}: measured {format_ms(best.timing.median_ms)} within the {format_ms(budget_ms)} budget, "
-        + ("exact (no layer quantized)" if not best.plan.layers else f"predicted error {error(best):.2e}")
+        + ("exact (no layer quantized)" if not best.plan.layers and best.error is None
+           else f"measured error {best.error:.2e} vs FP32 on the probes" if best.error is not None
+           else f"predicted error {error(best):.2e}")
         + f"; the most accurate of the {len(fitting)} of {len(allowed)} engines measured in this run that fit"
     )
     run.say(f"chosen: {why}")
@@ -407,7 +416,32 @@ def _learn(run: _Run, table: CostTable, m: Measured) -> CostTable:
     return table.observe(run.profile, run.layers, m.plan.layers, per_layer, rest)
 
 
+def _default_float(run: _Run, fp32: Measured) -> Measured | None:
+    """The engine a user gets by just loading the model: the runtime's default float precision (OpenVINO on a
+    CPU with AVX-512 BF16 or AMX: bf16), built and timed beside FP32 when it differs from the profile's float
+    precision, with its error vs FP32 measured on the synthetic probes (bf16 is not exact)."""
+    query = getattr(run.builder, "default_float_precision", None)
+    if not callable(query) or not run.profile.quantization.float_activations:
+        return None
+    default = str(query(run.profile))
+    if default == float_precision(run.profile) or default != "bf16":
+        return None
+    variant = dataclasses.replace(run.profile, quantization=dataclasses.replace(run.profile.quantization, bf16=True))
+    label = f"{default} (default)"
+    run.say(f"building the {run.profile.engine} default float engine ({default}) ...")
+    engine, _ = cached_build(run.builder, fp32.onnx_path, variant, run.tmp / default, enabled=run.use_cache)
+    m = run.measure(label, fp32.plan, engine, fp32.onnx_path, run.timing, f"the default float engine ({default})")
+    assert isinstance(run.fp32_engine, Engine)
+    err = measure_fidelity(run.builder, run.fp32_engine, engine, run.model).relative_error
+    note = f"float engine in {default} (the runtime's default float precision)"
+    m = dataclasses.replace(m, error=err, plan=fp32.plan.with_predictions(notes=(note,)))
+    run.measured[-1] = m
+    return m
+
+
 def _describe(m: Measured) -> str:
+    if m.error is not None and not m.plan.layers:
+        return f"the {m.label} float engine"
     if not m.plan.layers:
         return "the FP32 engine"
     return f"{m.label} ({m.plan.summary()})"

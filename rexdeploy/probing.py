@@ -57,6 +57,7 @@ class Measured:
     onnx_path: Path
     timing: Timing
     layer_times: LayerTimes | None = None
+    error: float | None = None  # measured relative output error vs FP32 (a float engine that is not exact)
 
 
 def probe_plans(layers: list[Layer], profile: Profile, model_sha256: str = "") -> list[Probe]:
@@ -257,7 +258,7 @@ def with_layer_times(builder: Builder, m: Measured) -> Measured:
     if m.layer_times is not None:
         return m
     times = builder.layer_times(m.engine, PROFILE_TIMING)
-    return Measured(m.label, m.plan, m.engine, m.onnx_path, m.timing, times)
+    return replace(m, layer_times=times)
 
 
 __all__ = [

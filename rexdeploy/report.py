@@ -75,7 +75,10 @@ class Report:
 
     @property
     def plan_text(self) -> str:
-        return self.plan.summary() if self.plan.layers else "FP32 (no layer quantized: the exact engine fits)"
+        if self.plan.layers:
+            return self.plan.summary()
+        floats = [n for n in self.plan.notes if n.startswith("float engine in")]
+        return floats[0] if floats else "FP32 (no layer quantized: the exact engine fits)"
 
     @property
     def fits_budget(self) -> bool | None:

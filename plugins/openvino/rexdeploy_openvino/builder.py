@@ -199,6 +199,18 @@ class OpenVINOBuilder:
             batch=loop.batch,
         )
 
+    def default_float_precision(self, profile: Profile) -> str:
+        """The precision OpenVINO runs float layers in on the profile's device when nothing pins it —
+        what a user who just loads the model gets: ``bf16`` on CPUs with AVX-512 BF16 or AMX, ``fp32``
+        elsewhere (``fp16`` on GPUs)."""
+        ov = import_openvino()
+        try:
+            hint = ov.Core().get_property(profile.device, "INFERENCE_PRECISION_HINT")
+            name = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        except Exception:
+            return "fp32"
+        return {"bf16": "bf16", "f16": "fp16"}.get(str(name), "fp32")
+
     def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
         """Per-ONNX-node µs from OpenVINO's ``PERF_COUNT`` profiler, on the inputs :meth:`time` uses; see
         :func:`rexdeploy_openvino.profiling.profiled_layer_times`."""
