@@ -51,6 +51,7 @@ from rexdeploy.probing import (
     PROFILE_TIMING,
     Measured,
     Probe,
+    layer_producers,
     node_owners,
     probe_cost_table,
     save_cached,
@@ -465,7 +466,9 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
         engine, _, path = run.engine_for(probe.plan, name, None, where=probe_dir)
         return run.measure(probe.label, probe.plan, engine, path, probe_timing, f"probe {probe.label}")
 
-    table, probed = probe_cost_table(run.builder, run.layers, run.profile, run.sha, make, float_engine=float_m,
+    producers = layer_producers(fold_batchnorm(run.model)[0], run.layers)
+    table, probed = probe_cost_table(run.builder, run.layers, run.profile, run.sha, make, producers=producers,
+                                     float_engine=float_m,
                                      reuse=reuse, use_cache=run.use_cache,
                                      say=run.say)  # fmt: skip
     for m in probed:  # keep the probes' labels and layer times on the run's records

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from rexdeploy.analyze import Layer
@@ -79,7 +80,40 @@ def probe_plans(layers: list[Layer], profile: Profile, model_sha256: str = "") -
         probes.append(Probe("int8 K=2 act order 2", uniform(2, act_order=2)))
     if q.float_activations:
         probes.append(Probe("weight-only K=1", uniform(1, act_bits=0)))
+        if len(layers) >= 2:  # every other layer int8: the transitions between int8 and float layers
+            k1 = uniform(1)
+            alternate = {layer.name: k1.layers[layer.name] for layer in layers[::2]}
+            probes.append(Probe("int8 K=1 alternate", Plan(layers=alternate, profile=profile.name,
+                                                                model_sha256=model_sha256)))  # fmt: skip
     return probes
+
+
+def layer_producers(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, tuple[str, ...]]:
+    """Each quantizable layer → the quantizable layers whose outputs reach its input through other ops
+    (activations, pooling, residual Adds, reshapes); ``model`` is the BN-folded model the layers came from."""
+    by_output = {layer.output: layer.name for layer in layers}
+    producer = {o: node for node in model.graph.node for o in node.output}
+    memo: dict[str, frozenset[str]] = {}
+
+    def feeders(tensor: str) -> frozenset[str]:
+        stack: list[str] = [tensor]
+        seen: set[str] = set()
+        found: set[str] = set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in memo:
+                found |= memo[t]
+            elif t in by_output:
+                found.add(by_output[t])
+            elif t in producer:
+                stack.extend(i for i in producer[t].input if i)
+        memo[tensor] = frozenset(found)
+        return memo[tensor]
+
+    return {layer.name: tuple(sorted(feeders(layer.input))) for layer in layers}
 
 
 def node_owners(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, str]:
@@ -132,7 +166,7 @@ def split_layer_times(
 
 
 def table_key(model_sha256: str, profile: Profile, builder: Builder) -> str:
-    parts = [model_sha256, profile.to_toml(), builder.name, builder.version(), host_id(), "costtable-2"]
+    parts = [model_sha256, profile.to_toml(), builder.name, builder.version(), host_id(), "costtable-3"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -161,6 +195,12 @@ def save_cached(table: CostTable) -> None:
         log.debug("cannot cache the cost table: %s", exc)
 
 
+def _is_uniform(plan: Plan, layers: list[Layer]) -> bool:
+    """Every layer float, or every layer the same setting."""
+    lps = {plan.layers.get(layer.name) for layer in layers}
+    return len(lps) == 1
+
+
 def _is_reference(plan: Plan, layers: list[Layer]) -> bool:
     """The float engine, or uniform int8 K=1 (one activation order, dense) on every layer."""
     lps = [plan.layers.get(layer.name) for layer in layers]
@@ -175,8 +215,11 @@ def table_from_measurements(
     layers: list[Layer],
     profile: Profile,
     owners_of: Callable[[Measured], Mapping[str, str]],
+    producers: Mapping[str, tuple[str, ...]] | None = None,
 ) -> CostTable:
-    """Assemble the cost table from profiled engines (each a uniform plan, or the float engine).
+    """Assemble the cost table from profiled engines (each a uniform plan, or the float engine; a mixed plan —
+    the alternating probe — measures the transition term instead: what its median exceeds the table's
+    prediction by, per transition, averaged over such probes and never negative).
 
     The rest line is fitted on the reference engines — the float engine (quantized share 0) and uniform int8
     K=1 (share 1) — when both are there, else on every engine. What another probe's rest differs from the
@@ -184,7 +227,10 @@ def table_from_measurements(
     spread over its layers in proportion to their times, so every probe's own plan is predicted at exactly
     its measured median."""
     split = []
+    mixed = [m for m in measured if not _is_uniform(m.plan, layers)]
     for m in measured:
+        if m in mixed:
+            continue
         if m.layer_times is None:
             raise PlanError(f"probe {m.label!r} has no layer times")
         per_layer, rest = split_layer_times(m.layer_times, owners_of(m), m.timing.median_ms)
@@ -208,7 +254,17 @@ def table_from_measurements(
         assert m.layer_times is not None
         records.append(ProbeRecord(m.label, summary, m.timing.median_ms, m.layer_times.total_us, rest, share,
                                    m.engine.build_seconds))  # fmt: skip
-    return CostTable(layers=table, rest_points=tuple(refs), probes=tuple(records))
+    result = CostTable(layers=table, rest_points=tuple(refs), probes=tuple(records), producers=dict(producers or {}))
+    per_transition = []
+    for m in mixed:
+        n = result.transitions(m.plan.layers)
+        if n:
+            predicted_us = result.predict_ms(profile, layers, m.plan.layers, with_transitions=False) * 1000.0
+            per_transition.append((m.timing.median_ms * 1000.0 - predicted_us) / n)
+        records.append(ProbeRecord(m.label, m.plan.summary(), m.timing.median_ms, 0.0, 0.0,
+                                   quantized_share(layers, m.plan.layers), m.engine.build_seconds))  # fmt: skip
+    tau = max(float(np.mean(per_transition)), 0.0) if per_transition else 0.0
+    return replace(result, probes=tuple(records), transition_us=tau)
 
 
 def probe_cost_table(
@@ -218,6 +274,7 @@ def probe_cost_table(
     model_sha256: str,
     make: Callable[[Probe], Measured],
     *,
+    producers: Mapping[str, tuple[str, ...]] | None = None,
     float_engine: Measured,
     reuse: Mapping[str, Measured] | None = None,
     use_cache: bool = True,
@@ -240,11 +297,12 @@ def probe_cost_table(
         m = (reuse or {}).get(probe.label) or make(probe)
         measured.append(m)
         say(f"probe {i}/{len(probes)} {probe.label}: {m.timing.median_ms:.3f} ms")
-    profiled = [with_layer_times(builder, m) for m in [float_engine, *measured]]
+    uniform = [m for m in [float_engine, *measured] if _is_uniform(m.plan, layers)]
+    profiled = [with_layer_times(builder, m) for m in uniform] + [m for m in measured if m not in uniform]
     def owners_of(m: Measured) -> Mapping[str, str]:
         return node_owners(onnx.load(str(m.onnx_path), load_external_data=False), layers)
 
-    table = table_from_measurements(profiled, layers, profile, owners_of)
+    table = table_from_measurements(profiled, layers, profile, owners_of, producers)
     table = replace(table, key=key, engine=f"{builder.name} {builder.version()}", host=host_id(),
                     seconds=time.perf_counter() - t0)  # fmt: skip
     if use_cache:

@@ -23,7 +23,14 @@ from rexdeploy.graph import fold_batchnorm
 from rexdeploy.planner import plan_model
 from rexdeploy.planner.costtable import CostTable, OptionKey, Point, analytic_us, option_key
 from rexdeploy.plans import LayerPlan, Plan
-from rexdeploy.probing import Probe, node_owners, probe_plans, split_layer_times, table_from_measurements
+from rexdeploy.probing import (
+    Probe,
+    layer_producers,
+    node_owners,
+    probe_plans,
+    split_layer_times,
+    table_from_measurements,
+)
 from rexdeploy.profile import Profile, load_profile
 
 PROFILE = load_profile("x86-avx512")
@@ -45,9 +52,10 @@ class ScriptedBuilder:
 
     def __init__(self, conv_us: float = 10.0, int8_us: float = 4.0, q_us: float = 1.0, other_us: float = 0.5,
                  overhead_us: float = 20.0, mixed_penalty_us: float = 0.0, slow: float = 1.0,
-                 default_float: str = "fp32") -> None:  # fmt: skip
+                 default_float: str = "fp32", hiccup: dict[str, float] | None = None) -> None:  # fmt: skip
         self.conv_us, self.int8_us, self.q_us, self.other_us = conv_us, int8_us, q_us, other_us
         self.default_float = default_float
+        self.hiccup = hiccup or {}  # engine (ONNX stem) → a slowdown no profiler of another engine foresaw
         self.overhead_us, self.mixed_penalty_us, self.slow = overhead_us, mixed_penalty_us, slow
         self.built: list[str] = []
         self.profiled = 0
@@ -92,21 +100,25 @@ class ScriptedBuilder:
         proto = onnx.load(str(model))
         shapes = {i.name: tuple(d.dim_value or 1 for d in i.type.tensor_type.shape.dim) for i in proto.graph.input}
         bf16 = "bf16" if profile.quantization.bf16 else "f32"  # a bf16 engine: float layers 40 % faster, outputs rounded
+        factor = str(self.hiccup.get(Path(model).stem, 1.0))
         return Engine("scripted", "CPU", Path(model), (artifact,), shapes, 0.01, "1.0",
-                      options={"INFERENCE_PRECISION_HINT": bf16}, handle=proto)  # fmt: skip
+                      options={"INFERENCE_PRECISION_HINT": bf16, "factor": factor}, handle=proto)  # fmt: skip
 
     def time(self, engine: Engine, settings: TimingSettings) -> Timing:
         total_ms = (self.overhead_us * self.slow + sum(self._node_us(engine.handle).values())) / 1000.0
         if engine.options["INFERENCE_PRECISION_HINT"] == "bf16":
             total_ms *= 0.6
+        total_ms *= float(engine.options["factor"])
         return timing_from_samples([total_ms] * 3, warmup_runs=0, warmup_s=0.0, duration_s=0.0)
 
     def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
         self.profiled += 1
-        nodes = self._node_us(engine.handle)
+        factor = float(engine.options["factor"])
+        nodes = {k: v * factor for k, v in self._node_us(engine.handle).items()}
         inflate = 1.3  # a profiler's counters inflate every node a little
-        return LayerTimes({k: v * inflate for k, v in nodes.items()}, self.overhead_us * self.slow * inflate,
-                          (sum(nodes.values()) + self.overhead_us * self.slow) * inflate, 5, "scripted")  # fmt: skip
+        overhead = self.overhead_us * self.slow * factor
+        return LayerTimes({k: v * inflate for k, v in nodes.items()}, overhead * inflate,
+                          (sum(nodes.values()) + overhead) * inflate, 5, "scripted")  # fmt: skip
 
     def run(self, engine: Engine, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         import onnxruntime as ort
@@ -243,34 +255,69 @@ def test_split_layer_times_scales_layers_and_rest_to_the_measured_median() -> No
 def test_probe_plans_follow_the_profile_menu() -> None:
     layers = _layers(mobilenet_v2_like())
     labels = [p.label for p in probe_plans(layers, PROFILE)]
-    assert labels == ["int8 K=1", "int8 K=2", "int8 K=2 g=0.5", "int8 K=2 act order 2", "weight-only K=1"]
+    assert labels == ["int8 K=1", "int8 K=2", "int8 K=2 g=0.5", "int8 K=2 act order 2", "weight-only K=1",
+                      "int8 K=1 alternate"]
+    alternate = probe_plans(layers, PROFILE)[-1].plan
+    assert sorted(alternate.layers) == sorted(layer.name for layer in layers[::2])
     int8_only = dataclasses.replace(PROFILE, quantization=dataclasses.replace(
         PROFILE.quantization, float_activations=False, max_act_order=1))  # fmt: skip
     assert [p.label for p in probe_plans(layers, int8_only)] == ["int8 K=1", "int8 K=2", "int8 K=2 g=0.5"]
-    for probe in probe_plans(layers, PROFILE):  # uniform, each layer at the highest bits its class allows
+    for probe in probe_plans(layers, PROFILE)[:-1]:  # uniform, each layer at the highest bits its class allows
         for layer in layers:
             assert probe.plan.layers[layer.name].bits == max(PROFILE.weight_bits(layer.op_class))
+
+
+def _scripted_table(model: onnx.ModelProto, builder: ScriptedBuilder, work: Path) -> tuple[CostTable, list]:  # type: ignore[type-arg]
+    layers = _layers(model)
+    measured = []
+    for probe in [Probe("float", Plan(layers={})), *probe_plans(layers, PROFILE)]:
+        path = work / f"{len(measured)}.onnx"
+        onnx.save(expand_model(model, probe.plan, profile=PROFILE).model if probe.plan.layers else model, str(path))
+        engine = builder.build(path, PROFILE, work / path.stem)
+        timing = builder.time(engine, FAST)
+        measured.append(closedloop.Measured(probe.label, probe.plan, engine, path, timing,
+                                            builder.layer_times(engine, FAST)))  # fmt: skip
+    producers = layer_producers(fold_batchnorm(model)[0], layers)
+    table = table_from_measurements(measured, layers, PROFILE,
+                                    lambda m: node_owners(onnx.load(str(m.onnx_path)), layers), producers)  # fmt: skip
+    return table, measured
 
 
 def test_table_from_scripted_probes_predicts_each_probe_exactly(tmp_path: Path) -> None:
     model = small_cnn(seed=2)
     layers = _layers(model)
-    builder = ScriptedBuilder()
-    measured = []
-    for probe in [Probe("float", Plan(layers={})), *probe_plans(layers, PROFILE)]:
-        path = tmp_path / f"{len(measured)}.onnx"
-        onnx.save(expand_model(model, probe.plan, profile=PROFILE).model, str(path))
-        engine = builder.build(path, PROFILE, tmp_path / path.stem)
-        timing = builder.time(engine, FAST)
-        measured.append(closedloop.Measured(probe.label, probe.plan, engine, path, timing,
-                                            builder.layer_times(engine, FAST)))  # fmt: skip
-    table = table_from_measurements(measured, layers, PROFILE,
-                                    lambda m: node_owners(onnx.load(str(m.onnx_path)), layers))  # fmt: skip
-    assert len(measured) == 6
+    table, measured = _scripted_table(model, ScriptedBuilder(), tmp_path)
+    assert len(measured) == 7
     for m in measured:  # every probe's own plan is predicted at its measured median
         assert table.predict_ms(PROFILE, layers, m.plan.layers) == pytest.approx(m.timing.median_ms, rel=1e-9)
     # the rest line runs through the float engine (share 0) and uniform int8 K=1 (share 1)
     assert [p[0] for p in table.rest_points] == [0.0, 1.0]
+    assert table.transition_us == pytest.approx(0.0, abs=1e-9)  # this scripted device has no transition cost
+
+
+def test_the_alternating_probe_measures_the_transition_cost(tmp_path: Path) -> None:
+    model = small_cnn(seed=2)
+    layers = _layers(model)
+    table, measured = _scripted_table(model, ScriptedBuilder(mixed_penalty_us=40.0), tmp_path)
+    alternate = measured[-1]
+    n = table.transitions(alternate.plan.layers)
+    assert n >= 1
+    assert table.transition_us * n == pytest.approx(40.0)  # the scripted reorder penalty, recovered
+    assert table.predict_ms(PROFILE, layers, alternate.plan.layers) == pytest.approx(alternate.timing.median_ms)
+    assert table.transitions({}) == 0 and table.transitions(measured[1].plan.layers) == 0  # uniform plans: none
+
+
+def test_layer_producers_follow_the_graph_through_other_ops() -> None:
+    model = mobilenet_v2_like()
+    folded, _ = fold_batchnorm(model)
+    layers = quantizable_layers(folded)
+    producers = layer_producers(folded, layers)
+    assert producers[layers[0].name] == ()  # the stem reads the graph input
+    assert producers[layers[1].name] == (layers[0].name,)  # through the ReLU6 (Clip)
+    gemm = layers[-1]
+    assert producers[gemm.name] == (layers[-2].name,)  # through GlobalAveragePool and Flatten
+    # a residual Add: the layer after it is fed by both branches
+    assert any(len(v) == 2 for v in producers.values())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,7 +332,7 @@ def test_build_returns_fp32_when_it_fits_and_probes_once_then_reads_the_cache(
     assert report.latency_model["source"] == "measured" and report.latency_model["cached"] is False
     assert "exact" in report.choice
     n_probes = len(report.latency_model["probes"])  # type: ignore[arg-type]
-    assert n_probes == 6  # the float engine + the five probes
+    assert n_probes == 7  # the float engine + the six probes
     built = len(builder.built)
     report2 = _build(monkeypatch, builder, cnn_path, tmp_path / "b", budget_ms=10.0)
     assert report2.latency_model["cached"] is True
@@ -308,8 +355,8 @@ def test_budget_ratio_is_relative_to_the_plain_int8_engine_measured_in_the_run(
 
 def test_a_miss_updates_the_table_and_the_loop_replans(monkeypatch: pytest.MonkeyPatch, cnn_path: Path,
                                                         tmp_path: Path) -> None:  # fmt: skip
-    # mixed float/int8 plans pay a reorder the uniform probes never show: the first per-layer plan misses
-    builder = ScriptedBuilder(mixed_penalty_us=40.0)
+    # the planner's first engine runs 60 % slower than its layers' probed costs say: the first attempt misses
+    builder = ScriptedBuilder(hiccup={"rex": 1.6})
     model = onnx.load(str(cnn_path))
     layers = _layers(model)
     fp32_ms = (builder.overhead_us + sum(builder._node_us(model).values())) / 1000

@@ -19,6 +19,10 @@ A candidate's latency is ``rest(q) + Σ_l table[l, option_l]``:
   its kind's K=1.
 - ``rest(q)`` is the least-squares line through the observed (quantized share, rest µs) points, which
   keeps the search additive per layer (:meth:`CostTable.layer_us` adds the slope per quantized layer).
+- a **transition** — a layer whose input is quantized fed by one whose input is not, or the reverse — makes
+  the engine convert layouts and precisions between them (OpenVINO's CPU plugin inserts Reorders: int8
+  kernels run channels-last, float kernels blocked). Uniform probes never show one; a probe that alternates
+  int8 and float layers measures ``transition_us``, and every candidate pays it per transition.
 
 A built candidate that misses its prediction is profiled too and its per-layer times replace the table's
 entries for the options it used (:meth:`CostTable.observe`): a miss updates the table, not a global scale.
@@ -130,6 +134,8 @@ class CostTable:
     seconds: float = 0.0
     cached: bool = False
     observations: int = 0
+    producers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layer → the layers feeding it
+    transition_us: float = 0.0
     _slope_cache: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     # -- the rest: a line in the quantized share q ------------------------------------------------
@@ -192,10 +198,17 @@ class CostTable:
             self._slope_cache[name] = float(np.median(ratios)) if ratios else 1.0
         return self._slope_cache[name]
 
-    def predict_ms(self, profile: Profile, layers: list[Layer], plan_layers: Mapping[str, LayerPlan]) -> float:
-        """A whole plan's predicted latency (ms): rest at its quantized share + every layer."""
+    def transitions(self, plan_layers: Mapping[str, LayerPlan]) -> int:
+        """How many layer-to-layer edges change between a quantized and a float input under the plan."""
+        return count_transitions(self.producers, plan_layers)
+
+    def predict_ms(self, profile: Profile, layers: list[Layer], plan_layers: Mapping[str, LayerPlan],
+                   with_transitions: bool = True) -> float:  # fmt: skip
+        """A whole plan's predicted latency (ms): rest at its quantized share + every layer + transitions."""
         total = self.rest_us(quantized_share(layers, plan_layers))
         total += sum(self.estimate_us(profile, layer, plan_layers.get(layer.name))[0] for layer in layers)
+        if with_transitions:
+            total += self.transition_us * self.transitions(plan_layers)
         return total / 1000.0
 
     # -- updating ---------------------------------------------------------------------------------
@@ -211,6 +224,7 @@ class CostTable:
             point = Point(analytic_us(profile, layer, lp), float(layer_us[layer.name]))
             table.setdefault(layer.name, {})[option_key(profile, layer, lp).text] = point
         share = quantized_share(layers, plan_layers)  # a newer point at the same share replaces the older one
+        rest_us -= self.transition_us * self.transitions(plan_layers)  # the transitions' share is their own term
         rest = (*(p for p in self.rest_points if abs(p[0] - share) > 1e-9), (share, float(rest_us)))
         return replace(self, layers=table, rest_points=rest, observations=self.observations + 1, _slope_cache={})
 
@@ -224,6 +238,8 @@ class CostTable:
             "seconds": self.seconds,
             "observations": self.observations,
             "rest_points": [list(p) for p in self.rest_points],
+            "transition_us": self.transition_us,
+            "producers": {k: list(v) for k, v in self.producers.items()},
             "probes": [p.to_dict() for p in self.probes],
             "layers": {
                 name: {k: [p.analytic_us, p.measured_us] for k, p in entries.items()}
@@ -256,7 +272,23 @@ class CostTable:
             key=str(raw.get("key", "")),
             seconds=float(raw.get("seconds", 0.0)),
             observations=int(raw.get("observations", 0)),
+            producers={str(k): tuple(str(x) for x in v) for k, v in raw.get("producers", {}).items()},
+            transition_us=float(raw.get("transition_us", 0.0)),
         )
+
+
+def is_quantized(lp: LayerPlan | None) -> bool:
+    return lp is not None and lp.act_bits == 8
+
+
+def count_transitions(producers: Mapping[str, tuple[str, ...]], plan_layers: Mapping[str, LayerPlan]) -> int:
+    """Edges (producer layer → layer) whose two ends differ in whether their input is quantized."""
+    return sum(
+        1
+        for name, feeders in producers.items()
+        for feeder in feeders
+        if is_quantized(plan_layers.get(name)) != is_quantized(plan_layers.get(feeder))
+    )
 
 
 def quantized_share(layers: list[Layer], plan_layers: Mapping[str, LayerPlan]) -> float:
@@ -268,4 +300,5 @@ def quantized_share(layers: list[Layer], plan_layers: Mapping[str, LayerPlan]) -
     )
 
 
-__all__ = ["CostTable", "OptionKey", "Point", "ProbeRecord", "analytic_us", "option_key", "quantized_share"]
+__all__ = ["CostTable", "OptionKey", "Point", "ProbeRecord", "analytic_us", "count_transitions", "option_key",
+           "quantized_share"]

@@ -120,15 +120,18 @@ def _plan_of(layers: Sequence[Layer], picks: Sequence[LayerOption], base: Plan) 
 
 
 def _evaluate(label: str, layers: Sequence[Layer], picks: Sequence[LayerOption], model: ErrorModel,
-              overhead_ms: float, scale: float, base: Plan) -> Candidate:  # fmt: skip
+              overhead_ms: float, scale: float, base: Plan, table: CostTable | None = None) -> Candidate:  # fmt: skip
     latency = (overhead_ms + sum(o.latency_us for o in picks) / 1000.0) * scale
     error = model.network_error({layer.name: o.error for layer, o in zip(layers, picks, strict=True)})
-    plan = _plan_of(layers, picks, base).with_predictions(predicted_latency_ms=latency, predicted_error=error)
+    plan = _plan_of(layers, picks, base)
+    if table is not None and table.transition_us:  # a pairwise term: on whole candidates, not in the greedy step
+        latency += table.transition_us * table.transitions(plan.layers) / 1000.0
+    plan = plan.with_predictions(predicted_latency_ms=latency, predicted_error=error)
     return Candidate(label, plan, latency, error)
 
 
 def _greedy(layers: Sequence[Layer], menus: list[list[LayerOption]], model: ErrorModel, overhead_ms: float,
-            scale: float, base: Plan) -> list[Candidate]:  # fmt: skip
+            scale: float, base: Plan, table: CostTable | None = None) -> list[Candidate]:  # fmt: skip
     gains2 = np.array([model.sensitivity.gains[layer.name] ** 2 for layer in layers])
     lat = [np.array([o.latency_us for o in m]) for m in menus]
     err2 = [np.array([o.error**2 for o in m]) for m in menus]
@@ -136,7 +139,8 @@ def _greedy(layers: Sequence[Layer], menus: list[list[LayerOption]], model: Erro
     current = [int(np.lexsort((e, t))[0]) for t, e in zip(lat, err2, strict=True)]
     path = [
         _evaluate(
-            "per-layer", layers, [m[i] for m, i in zip(menus, current, strict=True)], model, overhead_ms, scale, base
+            "per-layer", layers, [m[i] for m, i in zip(menus, current, strict=True)], model, overhead_ms, scale, base,
+            table,
         )
     ]
     for _ in range(20 * len(layers)):
@@ -157,7 +161,7 @@ def _greedy(layers: Sequence[Layer], menus: list[list[LayerOption]], model: Erro
             break
         current[best[2]] = best[3]
         picks = [m[i] for m, i in zip(menus, current, strict=True)]
-        path.append(_evaluate("per-layer", layers, picks, model, overhead_ms, scale, base))
+        path.append(_evaluate("per-layer", layers, picks, model, overhead_ms, scale, base, table))
     return path
 
 
@@ -240,7 +244,7 @@ def plan_model(
     overhead_ms = (cost_table.rest_line()[0] if cost_table is not None else profile.cost.model_overhead_us) / 1000.0
     base = Plan(layers={}, profile=profile.name, model_sha256=model_sha256)
     candidates = (
-        [_evaluate("FP32", layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base)]
+        [_evaluate("FP32", layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base, cost_table)]
         if allow_float
         else []
     )
@@ -260,8 +264,8 @@ def plan_model(
                 same = [o for o in fit if o.plan and o.plan.bits == bits]
                 picks.append(same[0] if same else max(fit, key=lambda o: o.plan.bits if o.plan else 0))
             label = f"uniform W{bits}A8 K={order}" + (f" act order {act_order}" if act_order > 1 else "")
-            candidates.append(_evaluate(label, layers, picks, errors, overhead_ms, latency_scale, base))
-    candidates += _greedy(layers, menus, errors, overhead_ms, latency_scale, base)
+            candidates.append(_evaluate(label, layers, picks, errors, overhead_ms, latency_scale, base, cost_table))
+    candidates += _greedy(layers, menus, errors, overhead_ms, latency_scale, base, cost_table)
     fitting = [c for c in candidates if c.predicted_latency_ms <= budget_ms]
     source = "measured" if cost_table is not None else "estimate"
     if not fitting and fastest_if_none_fits:
