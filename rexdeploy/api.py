@@ -191,6 +191,37 @@ def measure_fidelity(
     return compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out))
 
 
+def measure_fidelity_on(builder: Builder, reference: Engine, candidate: Engine, samples: dict[str, np.ndarray]) -> Fidelity:
+    """Both engines on the user's samples (one at a time: engines are built for batch 1), first outputs
+    compared (:func:`rexdeploy.samples.load_samples` makes ``samples``)."""
+    n = next(iter(samples.values())).shape[0]
+    ref_out, cand_out = [], []
+    for i in range(n):
+        feeds = {name: array[i : i + 1] for name, array in samples.items()}
+        ref_out.append(builder.run(reference, feeds)[0])
+        cand_out.append(builder.run(candidate, feeds)[0])
+    return compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out))
+
+
+def fidelity_disagreement(estimate: Fidelity, samples: Fidelity) -> str | None:
+    """A warning when the synthetic estimate and the samples disagree (top-1 agreement 10 points apart, or
+    relative errors a factor 2 apart), else None."""
+    far = False
+    if estimate.top1_agreement is not None and samples.top1_agreement is not None:
+        far = abs(estimate.top1_agreement - samples.top1_agreement) > 0.10
+    lo, hi = sorted((estimate.relative_error, samples.relative_error))
+    far = far or (hi > 1e-6 and hi > 2.0 * lo)
+    if not far:
+        return None
+
+    def text(f: Fidelity) -> str:
+        top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+        return f"rel. error {f.relative_error:.2e}{top1}"
+
+    return (f"fidelity on your {samples.probes} samples ({text(samples)}) differs from the synthetic-probe estimate "
+            f"({text(estimate)}): trust the samples")  # fmt: skip
+
+
 if TYPE_CHECKING:
     from rexdeploy.planner import PlanResult
 
@@ -199,8 +230,10 @@ __all__ = [
     "builder_for",
     "default_plan",
     "expand_model",
+    "fidelity_disagreement",
     "graph_inputs",
     "measure_fidelity",
+    "measure_fidelity_on",
     "quantizable_layers",
 ]
 

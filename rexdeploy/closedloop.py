@@ -31,7 +31,9 @@ from rexdeploy.api import (
     builder_for,
     default_plan,
     expand_model,
+    fidelity_disagreement,
     measure_fidelity,
+    measure_fidelity_on,
     quantizable_layers,
 )
 from rexdeploy.budget import format_ms
@@ -60,6 +62,7 @@ from rexdeploy.probing import (
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png
+from rexdeploy.samples import Preprocess, load_samples
 
 MAX_ATTEMPTS = 3
 log = logging.getLogger(__name__)
@@ -142,11 +145,16 @@ def build(
     calibration_path: str | Path | None = None,
     progress: Progress | None = None,
     use_cache: bool = True,
+    samples: str | Path | None = None,
+    preprocess: Preprocess | None = None,
     **overrides: object,
 ) -> Report:
     """Plan (or take ``plan`` / the flag ``overrides``), expand, build, time next to the baselines, report.
 
     ``budget_ratio`` sets the budget relative to the plain int8 engine (K = 1) measured in the same run.
+    ``samples`` (``.npy`` / ``.npz`` / a folder of images, preprocessed by ``preprocess``) are the user's own
+    inputs: the returned engine's fidelity against FP32 is measured on them beside the synthetic estimate —
+    they never touch quantization.
     Engines are reused from the engine cache (:mod:`rexdeploy.builders.cache`), and the model's measured
     cost table from its cache, unless ``use_cache`` is off.
     Artifacts (expanded.onnx, plan.json, the engines, report.json, report.md, pareto.png) are written to
@@ -159,6 +167,7 @@ def build(
     model = load_model(model_path)
     sha = file_sha256(model_path)
     calibration = load_calibration(str(calibration_path), model) if calibration_path else None
+    user_samples = load_samples(samples, model, preprocess) if samples is not None else None
     builder = builder_for(profile)
     folded, _ = fold_batchnorm(model)
     layers = quantizable_layers(folded, model_path.name)
@@ -211,8 +220,16 @@ def build(
         if plan.layers and final_onnx.exists() and final_onnx != tmp / "expanded.onnx":
             shutil.copyfile(final_onnx, tmp / "expanded.onnx")
         (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")
-        say("measuring fidelity against FP32 on synthetic probes ...")
+        say("measuring fidelity against FP32 on synthetic probes (an estimate) ...")
         fidelity = measure_fidelity(builder, fp32_engine, rex_engine, model)
+        fidelity_samples = None
+        if user_samples is not None:
+            n = next(iter(user_samples.values())).shape[0]
+            say(f"measuring fidelity against FP32 on your {n} samples ...")
+            fidelity_samples = measure_fidelity_on(builder, fp32_engine, rex_engine, user_samples)
+            disagreement = fidelity_disagreement(fidelity, fidelity_samples)
+            if disagreement:
+                warnings = [*warnings, disagreement]
         report = Report(
             model=str(model_path),
             model_sha256=sha,
@@ -224,6 +241,7 @@ def build(
             rex=rex_result,
             baselines=baselines,
             fidelity=fidelity,
+            fidelity_samples=fidelity_samples,
             expand_seconds=expand_s,
             out_dir=str(out),
             warnings=tuple(warnings),

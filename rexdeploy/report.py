@@ -68,6 +68,7 @@ class Report:
     attempts: tuple[Attempt, ...] = ()
     front: tuple[dict[str, Any], ...] = ()  # the planner's explored Pareto front (predicted)
     choice: str = ""  # why this engine was returned
+    fidelity_samples: Fidelity | None = None  # on the user's --samples (measured), beside the synthetic estimate
     latency_model: dict[str, Any] = field(default_factory=dict)  # where the planner's latencies came from
 
     def with_warning(self, warning: str) -> Report:
@@ -103,7 +104,8 @@ class Report:
             "rex": self.rex.to_dict(),
             "baselines": {k: v.to_dict() for k, v in self.baselines.items()},
             "ratios": {f"rex_vs_{k}": self.ratio_to(k) for k in self.baselines},
-            "fidelity": self.fidelity.to_dict(),
+            "fidelity": {**self.fidelity.to_dict(), "source": "synthetic probes (an estimate)",
+                         "samples": self.fidelity_samples.to_dict() if self.fidelity_samples else None},
             "expand_seconds": self.expand_seconds,
             "out_dir": self.out_dir,
             "warnings": list(self.warnings),
@@ -139,7 +141,13 @@ class Report:
             )
         f = self.fidelity
         top1 = f"  top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
-        lines.append(f"fidelity rel. error {f.relative_error:.2e}  cosine {f.cosine:.6f}{top1}  ({f.probes} probes)")
+        lines.append(f"fidelity rel. error {f.relative_error:.2e}  cosine {f.cosine:.6f}{top1}  ({f.probes} synthetic "
+                     "probes: an estimate)")  # fmt: skip
+        if self.fidelity_samples is not None:
+            fs = self.fidelity_samples
+            top1s = f"  top-1 agreement {fs.top1_agreement:.1%}" if fs.top1_agreement is not None else ""
+            lines.append(f"samples  rel. error {fs.relative_error:.2e}  cosine {fs.cosine:.6f}{top1s}  ({fs.probes} of "
+                         "your samples: measured)")  # fmt: skip
         if self.budget_ms is not None:
             verdict = "within" if self.fits_budget else "OVER"
             lines.append(f"budget   {format_ms(self.budget_ms)}: {verdict} budget")
@@ -193,11 +201,16 @@ class Report:
         f = self.fidelity
         out += [
             "",
-            f"Fidelity vs FP32 on {f.probes} synthetic probes: relative error {f.relative_error:.3e}, "
+            f"Fidelity vs FP32 on {f.probes} synthetic probes (an estimate): relative error {f.relative_error:.3e}, "
             f"cosine {f.cosine:.6f}, max abs error {f.max_abs_error:.3e}"
             + (f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else "")
             + ".",
         ]
+        if self.fidelity_samples is not None:
+            fs = self.fidelity_samples
+            out += ["", f"Fidelity vs FP32 on {fs.probes} of your samples (measured): relative error "
+                    f"{fs.relative_error:.3e}, cosine {fs.cosine:.6f}, max abs error {fs.max_abs_error:.3e}"
+                    + (f", top-1 agreement {fs.top1_agreement:.1%}" if fs.top1_agreement is not None else "") + "."]
         if self.rex.precisions:
             out += ["", "Runtime precisions of the REx engine (layer type: precision × count):", ""]
             for layer_type, per in sorted(self.rex.precisions.items()):

@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--out", help="output directory (default rexdeploy-out/<model name>)")
     p.add_argument("--calib", help="optional calibration batch (.npy, N x input shape); never required")
+    common.add_sample_args(p)
     p.add_argument("--bits", type=int, help="weight bits 2..8 (default: the profile's)")
     p.add_argument("--order", type=int, help="expansion order K (default: the profile's)")
     p.add_argument("--act-bits", type=common.act_bits, help="8 or fp (weight-only)")
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         timing=TimingSettings(warmup_s=args.warmup, duration_s=args.duration),
         calibration_path=args.calib,
         progress=common.progress,
+        samples=args.samples,
+        preprocess=common.sample_preprocess(args),
         bits=args.bits,
         order=args.order,
         act_bits=args.act_bits,

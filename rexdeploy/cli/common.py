@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from rexdeploy.errors import InputError
+
+if TYPE_CHECKING:
+    from rexdeploy.samples import Preprocess
 
 
 class _Verbosity:
@@ -71,3 +75,19 @@ def duration(text: str) -> float:
 def require_suffix(path: str, suffix: str, what: str) -> None:
     if not path.endswith(suffix):
         raise InputError(f"{what} {path!r} should end in {suffix}")
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    """``--samples`` and the preprocessing flags of a folder of images (rexdeploy.samples)."""
+    p.add_argument("--samples", help="your own model inputs to MEASURE fidelity on (never to quantize): .npy (one "
+                   "input), .npz (by input name) or a folder of images")  # fmt: skip
+    p.add_argument("--sample-size", type=int, help="images: resize to SIZE x SIZE (default: the model input's)")
+    p.add_argument("--sample-mean", help="images: per-channel mean after scaling to [0, 1], e.g. 0.485,0.456,0.406")
+    p.add_argument("--sample-std", help="images: per-channel std, e.g. 0.229,0.224,0.225")
+    p.add_argument("--sample-layout", choices=("NCHW", "NHWC"), help="images: the model's layout (default NCHW)")
+
+
+def sample_preprocess(args: argparse.Namespace) -> Preprocess:
+    from rexdeploy.samples import preprocess_from_flags
+
+    return preprocess_from_flags(args.sample_size, args.sample_mean, args.sample_std, args.sample_layout)
