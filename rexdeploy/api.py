@@ -203,6 +203,23 @@ def measure_fidelity_on(builder: Builder, reference: Engine, candidate: Engine, 
     return compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out))
 
 
+def simulated_fidelity(model: onnx.ModelProto, plan: Plan, samples: dict[str, np.ndarray], *,
+                       profile: Profile | None = None, ranges: dict[str, float] | None = None) -> Fidelity:  # fmt: skip
+    """The plan's fidelity vs FP32 on the user's samples without building an engine: the expanded Q/DQ graph
+    and the FP32 model run by onnxruntime with graph optimizations off (exact Q/DQ arithmetic)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expanded = expand_model(model, plan, profile=profile, ranges=ranges).model if plan.layers else model
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, samples)[0])
+
+    return compare_outputs(run(model), run(expanded))
+
+
 def fidelity_disagreement(estimate: Fidelity, samples: Fidelity) -> str | None:
     """A warning when the synthetic estimate and the samples disagree (top-1 agreement 10 points apart, or
     relative errors a factor 2 apart), else None."""
@@ -235,6 +252,7 @@ __all__ = [
     "measure_fidelity",
     "measure_fidelity_on",
     "quantizable_layers",
+    "simulated_fidelity",
 ]
 
 

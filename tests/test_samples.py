@@ -127,3 +127,27 @@ def test_build_with_bad_samples_fails_in_one_line_and_leaves_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "have shape 2x3x8x8" in err[0]
     assert not out.exists()
+
+
+def test_plan_reports_the_plans_fidelity_on_the_samples(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    x, _ = _digits(60)
+    np.save(tmp_path / "digits.npy", x)
+    plan_path = tmp_path / "p.json"
+    from rexdeploy.api import plan
+
+    fp32 = next(c for c in plan(demo_model_path(), "x86-avx512", 1e3, measure=False).candidates if c.label == "FP32")
+    budget = f"{fp32.predicted_latency_ms * 990:.3f}us"  # just under the (analytic) FP32 engine: a quantized plan
+    args = ["plan", str(demo_model_path()), "--profile", "x86-avx512", "--budget", budget, "--estimate",
+            "--samples", str(tmp_path / "digits.npy"), "-o", str(plan_path)]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("fidelity on your 60 samples"))
+    assert json.loads(plan_path.read_text())["layers"]
+    # independent: replay the plan with `rexdeploy expand`, run both graphs with onnxruntime (no optimizations)
+    assert main(["expand", str(demo_model_path()), "--plan", str(plan_path), "-o", str(tmp_path / "x.onnx")]) == 0
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(demo_model_path()), options, providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(tmp_path / "x.onnx"), options, providers=["CPUExecutionProvider"])
+    expected = compare_outputs(ref.run(None, {"input": x})[0], q.run(None, {"input": x})[0])
+    assert f"rel. error {expected.relative_error:.2e}" in line

@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--estimate", action="store_true",
                    help="plan on the profile's analytic cost model only: build no probe engine")
     p.add_argument("--no-cache", action="store_true", help="probe again even if a cost table of this model is cached")
+    common.add_sample_args(p)
     p.set_defaults(func=run)
 
 
@@ -53,6 +54,18 @@ def run(args: argparse.Namespace) -> int:
         f"budget {format_ms(budget)}: chose {result.chosen.label} ({len(result.candidates)} candidates, "
         f"{result.seconds:.2f} s)"
     )
+    if args.samples:
+        from rexdeploy.api import simulated_fidelity
+        from rexdeploy.graph import load_model
+        from rexdeploy.profile import load_profile
+        from rexdeploy.samples import load_samples
+
+        model = load_model(args.model)
+        samples = load_samples(args.samples, model, common.sample_preprocess(args))
+        f = simulated_fidelity(model, result.plan, samples, profile=load_profile(args.profile), ranges=result.ranges)
+        top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+        common.stderr(f"fidelity on your {f.probes} samples (onnxruntime, exact Q/DQ arithmetic): rel. error "
+                      f"{f.relative_error:.2e}, cosine {f.cosine:.6f}{top1}; predicted error {result.chosen.predicted_error:.2e}")  # fmt: skip
     if args.output:
         write_text_atomic(args.output, result.plan.to_json() + "\n")
         common.stderr(f"wrote {args.output}")
