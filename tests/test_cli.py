@@ -282,7 +282,13 @@ def test_build_with_planner_and_budget_ratio(capsys: pytest.CaptureFixture[str],
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads(captured.out)
-    assert set(report["baselines"]) == {"fp32", "int8"}
+    from rexdeploy_openvino import OpenVINOBuilder
+
+    from rexdeploy.profile import load_profile
+
+    default = OpenVINOBuilder().default_float_precision(load_profile("auto"))  # bf16 on AVX-512 BF16 / AMX CPUs
+    expected = {"fp32", "int8"} | ({f"{default} (default)"} if default == "bf16" and not load_profile("auto").quantization.bf16 else set())
+    assert set(report["baselines"]) == expected
     assert report["budget_ms"] == pytest.approx(1.5 * report["baselines"]["int8"]["timing"]["median_ms"])
     assert report["attempts"] and report["attempts"][0]["predicted_ms"] > 0
     assert report["pareto_front"]
@@ -299,12 +305,12 @@ def test_plan_measures_on_this_device_once_then_reads_the_cached_table(
     args = ["plan", str(demo_model_path()), "--profile", "x86-avx512", "--budget", "10s", "-o", str(tmp_path / "p.json")]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "probing: 5 probe engines" in err and "latencies: measured on this device (cost table)" in err
+    assert "probing: 6 probe engines" in err and "latencies: measured on this device (cost table)" in err
     assert "planner: FP32" in load_plan(tmp_path / "p.json").notes[0]  # everything fits 10 s: the exact engine
     assert "latency measured on the device" in load_plan(tmp_path / "p.json").notes[0]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "cost table: cached (6 probe engines" in err and "probing" not in err
+    assert "cost table: cached (7 probe engines" in err and "probing" not in err
 
 
 @pytest.mark.openvino
