@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -365,9 +366,16 @@ def _closed_loop(
         attempts.append(Attempt(attempt, name if m.onnx_path.stem == name else m.onnx_path.stem,
                                 result.plan.summary() if result.plan.layers else "FP32",
                                 chosen.predicted_latency_ms, m.timing.median_ms, scale))  # fmt: skip
-        if m.timing.median_ms <= budget_ms:
-            break
         if m.onnx_path.stem != name:  # measured before (a baseline or probe): nothing new to learn from it
+            break
+        if m.timing.median_ms > budget_ms:  # a miss: time it again before believing it (noise only adds time)
+            run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: timing it again ...")
+            again = run.builder.time(m.engine, run.timing)
+            if again.median_ms < m.timing.median_ms:
+                m = dataclasses.replace(m, timing=again)
+                run.measured[-1] = m
+                attempts[-1] = dataclasses.replace(attempts[-1], measured_ms=again.median_ms)
+        if m.timing.median_ms <= budget_ms:
             break
         run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine")
         if table is not None:
@@ -390,17 +398,23 @@ def _closed_loop(
     allowed = [m for m in run.measured if float_ok or (m.plan.layers and all(
         lp.act_bits == 8 for lp in m.plan.layers.values()) and len(m.plan.layers) == len(run.layers))]  # fmt: skip
     fitting = [m for m in allowed if m.timing.median_ms <= budget_ms]
-    if not fitting:
-        fastest_plan = min(result.candidates, key=lambda c: c.predicted_latency_ms).plan
-        if run.measured_plan(fastest_plan) is None:
-            run.say("nothing measured fits: building the fastest candidate the planner knows ...")
-            engine, _, path = run.engine_for(fastest_plan, "rex_fastest", result.ranges)
-            m = run.measure("fastest candidate", fastest_plan, engine, path, run.timing, "the fastest candidate")
-            attempts.append(Attempt(len(attempts) + 1, "rex_fastest", fastest_plan.summary() if fastest_plan.layers
-                                    else "FP32", min(c.predicted_latency_ms for c in result.candidates),
-                                    m.timing.median_ms, scale))  # fmt: skip
+    if not fitting:  # the fastest candidate the planner knows, and plain int8 (usually the fastest engine)
+        fallbacks = [min(result.candidates, key=lambda c: c.predicted_latency_ms).plan]
+        uniform_int8 = next((c.plan for c in result.candidates
+                             if re.fullmatch(r"uniform W\d+A8 K=1", c.label)), None)  # fmt: skip
+        fallbacks += [uniform_int8] if uniform_int8 is not None else []
+        for i, fallback in enumerate(fallbacks):
+            if run.measured_plan(fallback) is not None:
+                continue
+            name = f"rex_fastest{i + 1}"
+            run.say(f"nothing measured fits: building {fallback.summary() if fallback.layers else 'FP32'} ...")
+            engine, _, path = run.engine_for(fallback, name, result.ranges)
+            m = run.measure("fastest candidate", fallback, engine, path, run.timing, "a fast candidate")
+            attempts.append(Attempt(len(attempts) + 1, name, fallback.summary() if fallback.layers else "FP32",
+                                    fallback.predicted_latency_ms or 0.0, m.timing.median_ms, scale))  # fmt: skip
             if m.timing.median_ms <= budget_ms:
                 fitting = [m]
+                break
     if not fitting:
         fastest = min(allowed or run.measured, key=lambda m: m.timing.median_ms)
         raise BudgetError(

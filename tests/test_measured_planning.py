@@ -197,16 +197,34 @@ def test_an_expansion_never_costs_less_than_its_first_order() -> None:
     assert table.estimate_us(PROFILE, layer, k3)[0] >= 9.0
 
 
-def test_observe_replaces_the_used_options_and_adds_a_rest_point() -> None:
-    layers = _layers(small_cnn())
+def test_observe_learns_layers_rest_ends_and_transitions() -> None:
+    model = small_cnn()
+    layers = _layers(model)
+    producers = layer_producers(fold_batchnorm(model)[0], layers)
     k1 = LayerPlan(bits=8, order=1)
-    table = CostTable(layers={}, rest_points=((0.0, 10.0),))
-    plan_layers = {layers[0].name: k1}
-    new = table.observe(PROFILE, layers, plan_layers, {layers[0].name: 3.0, layers[1].name: 8.0}, rest_us=12.0)
+    table = CostTable(layers={}, rest_points=((0.0, 10.0), (1.0, 14.0)), producers=producers)
+    # an all-int8 engine re-anchors the rest line's end at share 1
+    uniform = {layer.name: k1 for layer in layers}
+    new = table.observe(PROFILE, layers, uniform, {layer.name: 3.0 for layer in layers}, rest_us=20.0)
     assert new.estimate_us(PROFILE, layers[0], k1) == (3.0, "measured")
-    assert new.estimate_us(PROFILE, layers[1], None) == (8.0, "measured")
-    assert new.rest_points[-1] == (pytest.approx(1 / len(layers)), 12.0)
-    assert new.observations == 1 and table.observations == 0
+    assert dict(new.rest_points) == {0.0: 10.0, 1.0: 20.0} and new.observations == 1 and table.observations == 0
+    # a mixed engine: what its rest exceeds the line by is what its transitions cost
+    mixed = {layers[0].name: k1}
+    n = table.transitions(mixed)
+    assert n >= 1
+    share = 1 / len(layers)
+    line = 10.0 + 4.0 * share
+    learned = table.observe(PROFILE, layers, mixed, {layers[0].name: 3.0, layers[1].name: 8.0}, rest_us=line + 6.0 * n)
+    assert learned.transition_us == pytest.approx(6.0) and learned.rest_points == table.rest_points
+    assert learned.estimate_us(PROFILE, layers[1], None) == (8.0, "measured")
+    again = learned.observe(PROFILE, layers, mixed, {layers[0].name: 3.0}, rest_us=line + 2.0 * n)
+    assert again.transition_us == pytest.approx(4.0)  # halfway to the newer observation
+    # a mixed engine without transitions (float and weight-only layers): the excess is spread over its layers
+    wo = {layers[0].name: LayerPlan(bits=8, order=1, act_bits=0)}
+    assert table.transitions(wo) == 0
+    spread = table.observe(PROFILE, layers, wo, {layers[0].name: 4.0, layers[1].name: 4.0}, rest_us=10.0 + 8.0)
+    assert spread.estimate_us(PROFILE, layers[1], None) == (pytest.approx(8.0), "measured")
+    assert spread.transition_us == 0.0
 
 
 def test_cost_table_json_round_trip_and_rejects_a_damaged_file() -> None:
@@ -375,7 +393,7 @@ def test_a_miss_updates_the_table_and_the_loop_replans(monkeypatch: pytest.Monke
     assert len(returned) == 1 and returned[0]["fits"]
     assert returned[0]["predicted_error"] == min(e["predicted_error"] for e in engines if e["fits"])  # type: ignore[union-attr]
     # the misses were saved with the table: the next build starts from what was learned
-    again = _build(monkeypatch, builder, cnn_path, tmp_path / "m2", budget_ms=fp32_ms * 0.97)
+    again = _build(monkeypatch, ScriptedBuilder(), cnn_path, tmp_path / "m2", budget_ms=fp32_ms * 0.97)
     assert again.latency_model["cached"] is True and again.latency_model["observations"] >= 1
 
 

@@ -214,19 +214,33 @@ class CostTable:
     # -- updating ---------------------------------------------------------------------------------
     def observe(self, profile: Profile, layers: list[Layer], plan_layers: Mapping[str, LayerPlan],
                 layer_us: Mapping[str, float], rest_us: float) -> CostTable:  # fmt: skip
-        """A new table where the options ``plan_layers`` gave each layer take the µs measured in that engine,
-        and the engine's rest is a point of the rest line (replacing one at the same quantized share)."""
+        """A new table that has learned from one measured engine: the options ``plan_layers`` gave each layer
+        take the µs measured in that engine. Its rest: an all-float or all-int8 engine without transitions
+        re-anchors the rest line at its end; a mixed engine's rest above the line is what its transitions
+        cost (the transition term moves halfway to it), or, without transitions, is spread over its layers."""
+        share = quantized_share(layers, plan_layers)
+        n_tr = self.transitions(plan_layers)
+        measured = {k: float(v) for k, v in layer_us.items()}
+        rest_points, tau = self.rest_points, self.transition_us
+        end = not plan_layers or (n_tr == 0 and share > 1.0 - 1e-9)  # the float engine, or every layer int8
+        if end:  # a newer point at the same end replaces the older one
+            rest_points = (*(p for p in self.rest_points if abs(p[0] - share) > 1e-9), (share, float(rest_us)))
+        else:
+            excess = rest_us - self.rest_us(share)
+            total = sum(measured.values())
+            if n_tr:
+                observed = excess / n_tr
+                tau = max(observed if tau == 0.0 else 0.5 * (tau + observed), 0.0)
+            elif total > 0:
+                measured = {k: max(v * (1.0 + excess / total), 0.0) for k, v in measured.items()}
         table = {name: dict(entries) for name, entries in self.layers.items()}
         for layer in layers:
-            if layer.name not in layer_us:
-                continue
-            lp = plan_layers.get(layer.name)
-            point = Point(analytic_us(profile, layer, lp), float(layer_us[layer.name]))
-            table.setdefault(layer.name, {})[option_key(profile, layer, lp).text] = point
-        share = quantized_share(layers, plan_layers)  # a newer point at the same share replaces the older one
-        rest_us -= self.transition_us * self.transitions(plan_layers)  # the transitions' share is their own term
-        rest = (*(p for p in self.rest_points if abs(p[0] - share) > 1e-9), (share, float(rest_us)))
-        return replace(self, layers=table, rest_points=rest, observations=self.observations + 1, _slope_cache={})
+            if layer.name in measured:
+                lp = plan_layers.get(layer.name)
+                point = Point(analytic_us(profile, layer, lp), measured[layer.name])
+                table.setdefault(layer.name, {})[option_key(profile, layer, lp).text] = point
+        return replace(self, layers=table, rest_points=rest_points, transition_us=tau,
+                       observations=self.observations + 1, _slope_cache={})  # fmt: skip
 
     # -- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
