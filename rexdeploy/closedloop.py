@@ -400,24 +400,7 @@ def _closed_loop(
 
     allowed = [m for m in run.measured if float_ok or (m.plan.layers and all(
         lp.act_bits == 8 for lp in m.plan.layers.values()) and len(m.plan.layers) == len(run.layers))]  # fmt: skip
-    fitting = [m for m in allowed if m.timing.median_ms <= budget_ms]
-    if not fitting:  # the fastest candidate the planner knows, and plain int8 (usually the fastest engine)
-        fallbacks = [min(result.candidates, key=lambda c: c.predicted_latency_ms).plan]
-        uniform_int8 = next((c.plan for c in result.candidates
-                             if re.fullmatch(r"uniform W\d+A8 K=1", c.label)), None)  # fmt: skip
-        fallbacks += [uniform_int8] if uniform_int8 is not None else []
-        for i, fallback in enumerate(fallbacks):
-            if run.measured_plan(fallback) is not None:
-                continue
-            name = f"rex_fastest{i + 1}"
-            run.say(f"nothing measured fits: building {fallback.summary() if fallback.layers else 'FP32'} ...")
-            engine, _, path = run.engine_for(fallback, name, result.ranges)
-            m = run.measure("fastest candidate", fallback, engine, path, run.timing, "a fast candidate")
-            attempts.append(Attempt(len(attempts) + 1, name, fallback.summary() if fallback.layers else "FP32",
-                                    fallback.predicted_latency_ms or 0.0, m.timing.median_ms, scale))  # fmt: skip
-            if m.timing.median_ms <= budget_ms:
-                fitting = [m]
-                break
+    fitting = [m for m in allowed if m.timing.median_ms <= budget_ms] or _fallbacks(run, result, budget_ms, attempts)
     if not fitting:
         fastest = min(allowed or run.measured, key=lambda m: m.timing.median_ms)
         raise BudgetError(
@@ -441,6 +424,26 @@ def _closed_loop(
     )
     run.say(f"chosen: {why}")
     return best, result, latency_model, why
+
+
+def _fallbacks(run: _Run, result: PlanResult, budget_ms: float, attempts: list[Attempt]) -> list[Measured]:
+    """Nothing measured fits: build and time the fastest candidate the planner knows, then plain int8 (usually
+    the fastest engine), until one fits; returns it ([] when none does)."""
+    fallbacks = [min(result.candidates, key=lambda c: c.predicted_latency_ms).plan]
+    fallbacks += [c.plan for c in result.candidates if re.fullmatch(r"uniform W\d+A8 K=1", c.label)][:1]
+    for i, fallback in enumerate(fallbacks):
+        if run.measured_plan(fallback) is not None:
+            continue
+        name = f"rex_fastest{i + 1}"
+        summary = fallback.summary() if fallback.layers else "FP32"
+        run.say(f"nothing measured fits: building {summary} ...")
+        engine, _, path = run.engine_for(fallback, name, result.ranges)
+        m = run.measure("fastest candidate", fallback, engine, path, run.timing, "a fast candidate")
+        attempts.append(Attempt(len(attempts) + 1, name, summary, fallback.predicted_latency_ms or 0.0,
+                                m.timing.median_ms, 1.0))  # fmt: skip
+        if m.timing.median_ms <= budget_ms:
+            return [m]
+    return []
 
 
 def _learn(run: _Run, table: CostTable, m: Measured) -> CostTable:
