@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from rexdeploy.builders.base import Builder, Engine, TimingSettings
+from rexdeploy.builders.base import Builder, Engine
+from rexdeploy.builders.timing import time_rounds
 
 
 def time_interleaved(
@@ -38,27 +39,16 @@ def time_interleaved(
     """Time every engine ``rounds`` times for ``round_s`` each, in a rotating order; per engine:
     ``median_ms`` (median of round medians), ``best_ms`` (fastest round median), ``p99_ms`` (worst round p99),
     ``round_medians_ms``, ``runs``."""
-    names = list(engines)
-    medians: dict[str, list[float]] = {n: [] for n in names}
-    p99: dict[str, list[float]] = {n: [] for n in names}
-    runs = dict.fromkeys(names, 0)
-    for n in names:  # one warm-up pass each before any timed round
-        builder.time(engines[n], TimingSettings(warmup_s=warmup_s, duration_s=0.05, min_runs=3))
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t = builder.time(engines[n], TimingSettings(warmup_s=0.02, duration_s=round_s))
-            medians[n].append(t.median_ms)
-            p99[n].append(t.p99_ms)
-            runs[n] += t.runs
+    rounds_of = time_rounds(builder, engines, rounds=rounds, round_s=round_s, warmup_s=warmup_s)
     return {
         n: {
-            "median_ms": statistics.median(medians[n]),
-            "best_ms": min(medians[n]),
-            "p99_ms": max(p99[n]),
-            "round_medians_ms": medians[n],
-            "runs": runs[n],
+            "median_ms": statistics.median(t.median_ms for t in ts),
+            "best_ms": min(t.median_ms for t in ts),
+            "p99_ms": max(t.p99_ms for t in ts),
+            "round_medians_ms": [t.median_ms for t in ts],
+            "runs": sum(t.runs for t in ts),
         }
-        for n in names
+        for n, ts in rounds_of.items()
     }
 
 

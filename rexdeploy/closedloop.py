@@ -50,6 +50,7 @@ from rexdeploy.planner.costtable import CostTable
 from rexdeploy.planner.search import prepare
 from rexdeploy.plans import Plan
 from rexdeploy.probing import (
+    BUILD_CHECK,
     PROBE_TIMING,
     PROFILE_TIMING,
     Measured,
@@ -494,15 +495,10 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
         return None, {"source": "estimate", "summary": f"analytic cost model of profile {run.profile.name} (an estimate)"}
     float_m = run.measured[0]
     reuse = {m.label: m for m in run.measured if m.label == "int8 K=1"}
-    probe_timing = TimingSettings(warmup_s=min(run.timing.warmup_s, PROBE_TIMING.warmup_s),
-                                  duration_s=min(run.timing.duration_s, PROBE_TIMING.duration_s),
-                                  runs=run.timing.runs, min_runs=min(run.timing.min_runs, PROBE_TIMING.min_runs),
-                                  seed=run.timing.seed)  # fmt: skip
-
     def make(probe: Probe) -> Measured:
         name = "probe_" + "".join(c if c.isalnum() else "_" for c in probe.label.lower())
         engine, _, path = run.engine_for(probe.plan, name, None, where=probe_dir)
-        return run.measure(probe.label, probe.plan, engine, path, probe_timing, f"probe {probe.label}")
+        return run.measure(probe.label, probe.plan, engine, path, BUILD_CHECK, f"probe {probe.label} (a first run)")
 
     producers = layer_producers(fold_batchnorm(run.model)[0], run.layers)
     table, probed = probe_cost_table(run.builder, run.layers, run.profile, run.sha, make, producers=producers,

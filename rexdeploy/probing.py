@@ -24,7 +24,7 @@ import onnx
 from rexdeploy.analyze import Layer
 from rexdeploy.builders.base import Builder, Engine, LayerTimes, TimingSettings
 from rexdeploy.builders.cache import cache_root
-from rexdeploy.builders.timing import Timing
+from rexdeploy.builders.timing import Timing, combine_rounds, time_rounds
 from rexdeploy.errors import PlanError, RexError
 from rexdeploy.fileio import write_text_atomic
 from rexdeploy.hostcpu import host_id
@@ -34,7 +34,9 @@ from rexdeploy.profile import Profile
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMING = TimingSettings(warmup_s=0.2, duration_s=1.0, min_runs=10)
+PROBE_TIMING = TimingSettings(warmup_s=0.2, duration_s=1.0, min_runs=10)  # per probe, over PROBE_ROUNDS rounds
+PROBE_ROUNDS = 5
+BUILD_CHECK = TimingSettings(warmup_s=0.0, duration_s=0.0, runs=3)  # a probe runs: timed later, interleaved
 PROFILE_TIMING = TimingSettings(warmup_s=0.1, duration_s=0.5, min_runs=10)
 _PLUMBING = frozenset({"QuantizeLinear", "DequantizeLinear", "Sub", "Identity", "Gather", "Concat", "Pad", "Slice",
                        "Mul", "Split", "Sum", "Add", "Reshape", "Transpose"})  # fmt: skip
@@ -280,9 +282,10 @@ def probe_cost_table(
     use_cache: bool = True,
     say: Callable[[str], None] = lambda _: None,
 ) -> tuple[CostTable, list[Measured]]:
-    """The model's cost table on this device: cached, or probed now. ``make`` expands, builds and times one
-    probe (``reuse``: probes already built, by label, e.g. the plain int8 baseline); ``float_engine`` is the
-    float baseline. Returns the table and the probes measured now (empty on a cache hit)."""
+    """The model's cost table on this device: cached, or probed now. ``make`` expands and builds one probe
+    (``reuse``: probes already built, by label, e.g. the plain int8 baseline); ``float_engine`` is the float
+    baseline. The probes and the float engine are then timed in interleaved rounds (:data:`PROBE_ROUNDS`) and
+    profiled. Returns the table and the probes measured now (empty on a cache hit)."""
     key = table_key(model_sha256, profile, builder)
     if use_cache:
         cached = load_cached(key)
@@ -294,9 +297,17 @@ def probe_cost_table(
     say(f"probing: {len(probes)} probe engines + the float engine, each timed and profiled per layer ...")
     measured: list[Measured] = []
     for i, probe in enumerate(probes, start=1):
-        m = (reuse or {}).get(probe.label) or make(probe)
-        measured.append(m)
-        say(f"probe {i}/{len(probes)} {probe.label}: {m.timing.median_ms:.3f} ms")
+        say(f"probe {i}/{len(probes)}: {probe.label}")
+        measured.append((reuse or {}).get(probe.label) or make(probe))
+    # all probes and the float engine timed in interleaved rounds: a drift of the machine hits each alike
+    engines = [float_engine, *measured]
+    say(f"timing the {len(engines)} engines in {PROBE_ROUNDS} interleaved rounds ...")
+    rounds = time_rounds(builder, {str(i): m.engine for i, m in enumerate(engines)}, rounds=PROBE_ROUNDS,
+                         round_s=PROBE_TIMING.duration_s / PROBE_ROUNDS, warmup_s=PROBE_TIMING.warmup_s)  # fmt: skip
+    engines = [replace(m, timing=combine_rounds(rounds[str(i)])) for i, m in enumerate(engines)]
+    float_engine, measured = engines[0], engines[1:]
+    for m in engines:
+        say(f"  {m.label}: {m.timing.median_ms:.3f} ms")
     uniform = [m for m in [float_engine, *measured] if _is_uniform(m.plan, layers)]
     profiled = [with_layer_times(builder, m) for m in uniform] + [m for m in measured if m not in uniform]
     def owners_of(m: Measured) -> Mapping[str, str]:

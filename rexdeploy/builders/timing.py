@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from rexdeploy.builders.base import TimingSettings
+from rexdeploy.builders.base import Builder, Engine, TimingSettings
 
 COV_WARN = 0.05  # warn when the coefficient of variation exceeds 5 %
 
@@ -140,3 +141,29 @@ def random_inputs(
         else:
             raise ValueError(f"cannot make random data for input {name!r} of dtype {dtype}")
     return out
+
+
+def time_rounds(
+    builder: Builder, engines: Mapping[str, Engine], *, rounds: int = 5, round_s: float = 0.2, warmup_s: float = 0.1
+) -> dict[str, list[Timing]]:
+    """Time every engine ``rounds`` times for ``round_s`` each, rotating which goes first, after one warm-up
+    pass each: a machine's slow drifts (frequency, neighbours) then hit every engine alike. Per engine, the
+    Timing of each round."""
+    names = list(engines)
+    out: dict[str, list[Timing]] = {n: [] for n in names}
+    for n in names:
+        builder.time(engines[n], TimingSettings(warmup_s=warmup_s, duration_s=0.02, min_runs=3))
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            out[n].append(builder.time(engines[n], TimingSettings(warmup_s=0.02, duration_s=round_s, min_runs=3)))
+    return out
+
+
+def combine_rounds(timings: list[Timing]) -> Timing:
+    """One Timing from interleaved rounds: the round whose median is the median of the round medians, with
+    runs and duration summed over all rounds."""
+    ordered = sorted(timings, key=lambda t: t.median_ms)
+    middle = ordered[(len(ordered) - 1) // 2]
+    median = float(np.median([t.median_ms for t in timings]))
+    return dataclasses.replace(middle, median_ms=median, runs=sum(t.runs for t in timings),
+                               duration_s=sum(t.duration_s for t in timings))  # fmt: skip
