@@ -505,10 +505,11 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
                                      float_engine=float_m,
                                      reuse=reuse, use_cache=run.use_cache,
                                      say=run.say)  # fmt: skip
-    for m in probed:  # keep the probes' labels and layer times on the run's records
+    baselines = {id(m.engine) for m in reuse.values()}
+    for m in probed:  # the probes' interleaved timings and layer times on the run's records
         for i, old in enumerate(run.measured):
-            if old.engine is m.engine:
-                run.measured[i] = m
+            if old.engine is m.engine:  # a baseline keeps the timing the budget was set from
+                run.measured[i] = dataclasses.replace(m, timing=old.timing) if id(m.engine) in baselines else m
     if table.cached:  # re-anchor a table measured earlier on the baselines measured now (the machine drifts)
         for m in [m for m in run.measured if m.label in ("FP32", "int8 K=1")]:
             table = _learn(run, table, m)

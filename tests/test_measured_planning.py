@@ -52,10 +52,12 @@ class ScriptedBuilder:
 
     def __init__(self, conv_us: float = 10.0, int8_us: float = 4.0, q_us: float = 1.0, other_us: float = 0.5,
                  overhead_us: float = 20.0, mixed_penalty_us: float = 0.0, slow: float = 1.0,
-                 default_float: str = "fp32", hiccup: dict[str, float] | None = None) -> None:  # fmt: skip
+                 default_float: str = "fp32", hiccup: dict[str, float] | None = None,
+                 drift: float = 0.0) -> None:  # fmt: skip
         self.conv_us, self.int8_us, self.q_us, self.other_us = conv_us, int8_us, q_us, other_us
         self.default_float = default_float
         self.hiccup = hiccup or {}  # engine (ONNX stem) → a slowdown no profiler of another engine foresaw
+        self.drift, self.timed = drift, 0  # each timing call runs ``drift`` slower than the one before
         self.overhead_us, self.mixed_penalty_us, self.slow = overhead_us, mixed_penalty_us, slow
         self.built: list[str] = []
         self.profiled = 0
@@ -108,7 +110,8 @@ class ScriptedBuilder:
         total_ms = (self.overhead_us * self.slow + sum(self._node_us(engine.handle).values())) / 1000.0
         if engine.options["INFERENCE_PRECISION_HINT"] == "bf16":
             total_ms *= 0.6
-        total_ms *= float(engine.options["factor"])
+        total_ms *= float(engine.options["factor"]) * (1.0 + self.drift * self.timed)
+        self.timed += 1
         return timing_from_samples([total_ms] * 3, warmup_runs=0, warmup_s=0.0, duration_s=0.0)
 
     def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
@@ -395,6 +398,17 @@ def test_a_miss_updates_the_table_and_the_loop_replans(monkeypatch: pytest.Monke
     # the misses were saved with the table: the next build starts from what was learned
     again = _build(monkeypatch, ScriptedBuilder(), cnn_path, tmp_path / "m2", budget_ms=fp32_ms * 0.97)
     assert again.latency_model["cached"] is True and again.latency_model["observations"] >= 1
+
+
+def test_budget_ratio_one_always_fits_the_plain_int8_engine_it_was_set_from(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    # a machine that gets slower by the minute: every engine timed after the plain int8 baseline (the probes'
+    # interleaved rounds re-time it too) measures slower than the budget that baseline set
+    builder = ScriptedBuilder(drift=0.01)
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "d", budget_ratio=1.0)
+    assert report.fits_budget and report.rex.timing.median_ms <= report.budget_ms  # type: ignore[operator]
+    assert report.budget_ms == pytest.approx(report.baselines["int8"].timing.median_ms)
 
 
 def test_a_cached_table_is_reanchored_on_the_baselines_measured_now(
