@@ -361,6 +361,11 @@ def _closed_loop(
         verdict = "" if result.fits else f" (nothing predicted to fit {format_ms(target)} (budget - {PLANNING_MARGIN:.0%}): the fastest)"
         run.say(f"plan (attempt {attempt}): {chosen.label}: predicted {format_ms(chosen.predicted_latency_ms)}, "
                 f"error {chosen.predicted_error:.2e}{verdict} ({len(result.candidates)} candidates, {result.seconds:.2f} s)")  # fmt: skip
+        settled = _best_fitting(run, result, budget_ms, float_ok)
+        if settled is not None and _error(result, settled) <= chosen.predicted_error:
+            run.say(f"{_describe(settled)} measured {format_ms(settled.timing.median_ms)} in this run, within budget "
+                    f"and at least as accurate as the plan: nothing to build")  # fmt: skip
+            break
         m = run.measured_plan(result.plan)
         name = "rex" if attempt == 1 else f"rex_attempt{attempt}"
         if m is None:
@@ -395,12 +400,9 @@ def _closed_loop(
         latency_model["observations"] = table.observations
 
     def error(m: Measured) -> float:
-        if m.error is not None:
-            return m.error
-        return result.plan_error(m.plan) if m.plan.layers else 0.0
+        return _error(result, m)
 
-    allowed = [m for m in run.measured if float_ok or (m.plan.layers and all(
-        lp.act_bits == 8 for lp in m.plan.layers.values()) and len(m.plan.layers) == len(run.layers))]  # fmt: skip
+    allowed = _allowed(run, float_ok)
     fitting = [m for m in allowed if m.timing.median_ms <= budget_ms] or _fallbacks(run, result, budget_ms, attempts)
     if not fitting:
         fastest = min(allowed or run.measured, key=lambda m: m.timing.median_ms)
@@ -425,6 +427,25 @@ def _closed_loop(
     )
     run.say(f"chosen: {why}")
     return best, result, latency_model, why
+
+
+def _error(result: PlanResult, m: Measured) -> float:
+    """A measured engine's error vs FP32: measured (a default-float engine), else the error model's."""
+    if m.error is not None:
+        return m.error
+    return result.plan_error(m.plan) if m.plan.layers else 0.0
+
+
+def _allowed(run: _Run, float_ok: bool) -> list[Measured]:
+    """The engines of this run the profile may return (an int8-only device: every layer int8)."""
+    return [m for m in run.measured if float_ok or (m.plan.layers and len(m.plan.layers) == len(run.layers) and all(
+        lp.act_bits == 8 for lp in m.plan.layers.values()))]  # fmt: skip
+
+
+def _best_fitting(run: _Run, result: PlanResult, budget_ms: float, float_ok: bool) -> Measured | None:
+    """The most accurate engine measured so far within the budget, if any."""
+    fitting = [m for m in _allowed(run, float_ok) if m.timing.median_ms <= budget_ms]
+    return min(fitting, key=lambda m: (_error(result, m), m.timing.median_ms)) if fitting else None
 
 
 def _fallbacks(run: _Run, result: PlanResult, budget_ms: float, attempts: list[Attempt]) -> list[Measured]:

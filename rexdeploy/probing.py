@@ -25,6 +25,7 @@ from rexdeploy.analyze import Layer
 from rexdeploy.builders.base import Builder, Engine, LayerTimes, TimingSettings
 from rexdeploy.builders.cache import cache_root
 from rexdeploy.builders.timing import Timing, combine_rounds, time_rounds
+from rexdeploy.costmodel import input_elements
 from rexdeploy.errors import PlanError, RexError
 from rexdeploy.fileio import write_text_atomic
 from rexdeploy.hostcpu import host_id
@@ -256,7 +257,9 @@ def table_from_measurements(
         assert m.layer_times is not None
         records.append(ProbeRecord(m.label, summary, m.timing.median_ms, m.layer_times.total_us, rest, share,
                                    m.engine.build_seconds))  # fmt: skip
-    result = CostTable(layers=table, rest_points=tuple(refs), probes=tuple(records), producers=dict(producers or {}))
+    edges = {layer.name: input_elements(layer) / 1000.0 for layer in layers}
+    result = CostTable(layers=table, rest_points=tuple(refs), probes=tuple(records), producers=dict(producers or {}),
+                       edge_elements=edges)  # fmt: skip
     per_transition = []
     for m in mixed:
         n = result.transitions(m.plan.layers)

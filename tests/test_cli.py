@@ -290,7 +290,9 @@ def test_build_with_planner_and_budget_ratio(capsys: pytest.CaptureFixture[str],
     expected = {"fp32", "int8"} | ({f"{default} (default)"} if default == "bf16" and not load_profile("auto").quantization.bf16 else set())
     assert set(report["baselines"]) == expected
     assert report["budget_ms"] == pytest.approx(1.5 * report["baselines"]["int8"]["timing"]["median_ms"])
-    assert report["attempts"] and report["attempts"][0]["predicted_ms"] > 0
+    assert report["latency_model"]["source"] == "measured" and report["latency_model"]["planning_s"] > 0
+    returned = [e for e in report["latency_model"]["engines"] if e["returned"]]
+    assert len(returned) == 1 and returned[0]["fits"] and returned[0]["median_ms"] == report["rex"]["timing"]["median_ms"]
     assert report["pareto_front"]
     assert report["fits_budget"] is True
     assert (out / "pareto.png").is_file() and (out / "plan.json").is_file()

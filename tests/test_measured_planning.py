@@ -18,6 +18,7 @@ from rexdeploy import closedloop
 from rexdeploy.api import default_plan, expand_model, quantizable_layers
 from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings
 from rexdeploy.builders.timing import Timing, timing_from_samples
+from rexdeploy.costmodel import input_elements
 from rexdeploy.errors import BudgetError
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.planner import plan_model
@@ -321,8 +322,11 @@ def test_the_alternating_probe_measures_the_transition_cost(tmp_path: Path) -> N
     layers = _layers(model)
     table, measured = _scripted_table(model, ScriptedBuilder(mixed_penalty_us=40.0), tmp_path)
     alternate = measured[-1]
-    n = table.transitions(alternate.plan.layers)
-    assert n >= 1
+    n = table.transitions(alternate.plan.layers)  # thousands of elements converted at the transitions
+    expected = sum(input_elements(layer) / 1000.0 for layer in layers
+                   if any((layer.name in alternate.plan.layers) != (f in alternate.plan.layers)
+                          for f in table.producers[layer.name]))  # fmt: skip
+    assert n == pytest.approx(expected) and n > 0
     assert table.transition_us * n == pytest.approx(40.0)  # the scripted reorder penalty, recovered
     assert table.predict_ms(PROFILE, layers, alternate.plan.layers) == pytest.approx(alternate.timing.median_ms)
     assert table.transitions({}) == 0 and table.transitions(measured[1].plan.layers) == 0  # uniform plans: none
@@ -381,14 +385,18 @@ def test_a_miss_updates_the_table_and_the_loop_replans(monkeypatch: pytest.Monke
     model = onnx.load(str(cnn_path))
     layers = _layers(model)
     fp32_ms = (builder.overhead_us + sum(builder._node_us(model).values())) / 1000
-    report = _build(monkeypatch, builder, cnn_path, tmp_path / "m", budget_ms=fp32_ms * 0.97)
+    progress: list[str] = []
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "m", budget_ms=fp32_ms * 0.97, progress=progress.append)
     assert report.fits_budget
     assert report.rex.timing.median_ms <= report.budget_ms  # type: ignore[operator]
     first = report.attempts[0]
-    assert first.measured_ms > report.budget_ms  # the first per-layer plan missed ...
-    assert len(report.attempts) >= 2 and builder.profiled > 6  # ... was profiled and the planner ran again
+    assert first.measured_ms > report.budget_ms  # the first plan missed (timed twice) ...
+    assert report.latency_model["observations"] >= 1
+    assert builder.profiled == 6 + report.latency_model["observations"]  # ... was profiled: 6 uniform probes + misses
     assert report.latency_model["observations"] == len([a for a in report.attempts if a.measured_ms > report.budget_ms])
     assert len({a.plan_summary + str(a.predicted_ms) for a in report.attempts}) == len(report.attempts)
+    # then the planner ran again, and either built a new plan or found a measured engine at least as accurate
+    assert len(report.attempts) >= 2 or "nothing to build" in " ".join(progress)
     assert len(layers) >= 3
     # what is returned: the most accurate engine measured in the run that fits (here no planned engine did)
     engines = report.latency_model["engines"]
@@ -421,10 +429,9 @@ def test_a_cached_table_is_reanchored_on_the_baselines_measured_now(
     built = len(builder.built)
     report = _build(monkeypatch, builder, cnn_path, tmp_path / "slow", budget_ratio=1.0)
     assert report.latency_model["cached"] is True
-    first = report.attempts[0]
-    assert first.predicted_ms == pytest.approx(first.measured_ms, rel=0.02)  # re-anchored: the prediction holds
-    assert report.fits_budget and first.measured_ms <= report.budget_ms  # type: ignore[operator]
-    # budget = 1.0 x plain int8: only that engine fits; it was measured in this run, so it is not rebuilt
+    assert report.fits_budget
+    # budget = 1.0 x plain int8: only that engine fits, and the re-anchored table knows it — no plan is built
+    # on the stale (30 % too fast) figures; the plain int8 engine of this run is returned
     assert report.choice.startswith("int8 K=1")
     assert builder.built[built:] == ["fp32", "int8"]
 

@@ -135,7 +135,8 @@ class CostTable:
     cached: bool = False
     observations: int = 0
     producers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layer → the layers feeding it
-    transition_us: float = 0.0
+    edge_elements: dict[str, float] = field(default_factory=dict)  # layer → its input, thousands of elements
+    transition_us: float = 0.0  # per transition edge, per thousand elements converted (per edge without sizes)
     _slope_cache: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     # -- the rest: a line in the quantized share q ------------------------------------------------
@@ -198,9 +199,10 @@ class CostTable:
             self._slope_cache[name] = float(np.median(ratios)) if ratios else 1.0
         return self._slope_cache[name]
 
-    def transitions(self, plan_layers: Mapping[str, LayerPlan]) -> int:
-        """How many layer-to-layer edges change between a quantized and a float input under the plan."""
-        return count_transitions(self.producers, plan_layers)
+    def transitions(self, plan_layers: Mapping[str, LayerPlan]) -> float:
+        """The transitions of a plan: layer-to-layer edges between a quantized and a float input, each
+        weighted by the thousands of elements its consumer reads (a reorder's cost grows with the tensor)."""
+        return count_transitions(self.producers, plan_layers, self.edge_elements)
 
     def predict_ms(self, profile: Profile, layers: list[Layer], plan_layers: Mapping[str, LayerPlan],
                    with_transitions: bool = True) -> float:  # fmt: skip
@@ -254,6 +256,7 @@ class CostTable:
             "rest_points": [list(p) for p in self.rest_points],
             "transition_us": self.transition_us,
             "producers": {k: list(v) for k, v in self.producers.items()},
+            "edge_elements": dict(self.edge_elements),
             "probes": [p.to_dict() for p in self.probes],
             "layers": {
                 name: {k: [p.analytic_us, p.measured_us] for k, p in entries.items()}
@@ -287,6 +290,7 @@ class CostTable:
             seconds=float(raw.get("seconds", 0.0)),
             observations=int(raw.get("observations", 0)),
             producers={str(k): tuple(str(x) for x in v) for k, v in raw.get("producers", {}).items()},
+            edge_elements={str(k): float(v) for k, v in raw.get("edge_elements", {}).items()},
             transition_us=float(raw.get("transition_us", 0.0)),
         )
 
@@ -295,10 +299,13 @@ def is_quantized(lp: LayerPlan | None) -> bool:
     return lp is not None and lp.act_bits == 8
 
 
-def count_transitions(producers: Mapping[str, tuple[str, ...]], plan_layers: Mapping[str, LayerPlan]) -> int:
-    """Edges (producer layer → layer) whose two ends differ in whether their input is quantized."""
+def count_transitions(producers: Mapping[str, tuple[str, ...]], plan_layers: Mapping[str, LayerPlan],
+                      weights: Mapping[str, float] | None = None) -> float:  # fmt: skip
+    """Edges (producer layer → layer) whose two ends differ in whether their input is quantized, each weighted
+    by ``weights[layer]`` (1 when not given)."""
+    w = weights or {}
     return sum(
-        1
+        w.get(name, 1.0)
         for name, feeders in producers.items()
         for feeder in feeders
         if is_quantized(plan_layers.get(name)) != is_quantized(plan_layers.get(feeder))
