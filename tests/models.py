@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -227,3 +229,22 @@ def conv_relu_gemm(batch: int | str = "N", width: int | str = 8) -> onnx.ModelPr
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=width == 8)
     return model
+
+
+ORT_PROFILE = """\
+name = "test-ort"
+engine = "onnxruntime"
+device = "CPU"
+
+[parallel]
+cores = 1
+"""
+"""A profile whose engine is onnxruntime (CPU): tests that build without OpenVINO write it to a file."""
+
+
+def write_ort_profile(folder: Path) -> Path:
+    """:data:`ORT_PROFILE` as ``folder/test-ort.toml``."""
+    path = folder / "test-ort.toml"
+    path.write_text(ORT_PROFILE, encoding="utf-8")
+    return path
+

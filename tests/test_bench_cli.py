@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from models import write_ort_profile
 from onnx import TensorProto, helper, numpy_helper
 
 from rexdeploy.benchmark import BenchResult, cov_warning, parse_duration
@@ -22,14 +23,6 @@ FAST = ["--duration", "0.2s", "--warmup", "50ms"]
 STAT_KEYS = ("median_ms", "mean_ms", "p90_ms", "p95_ms", "p99_ms", "min_ms", "max_ms", "std_ms", "cov")
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
-ORT_PROFILE = """\
-name = "test-ort"
-engine = "onnxruntime"
-device = "CPU"
-
-[parallel]
-cores = 1
-"""
 
 
 def conv_relu() -> onnx.ModelProto:
@@ -76,9 +69,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ort_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("profiles") / "test-ort.toml"
-    path.write_text(ORT_PROFILE, encoding="utf-8")
-    return path
+    return write_ort_profile(tmp_path_factory.mktemp("profiles"))
 
 
 def _bench_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from models import write_ort_profile
 from onnx import TensorProto, helper, numpy_helper
 
 from rexdeploy.cli.main import main
@@ -26,14 +27,6 @@ BUILD_MUTANTS_PER_MODEL = 15
 FLIPS = (1, 5, 50)
 WINDOW = 200_000
 EXPAND = ["--profile", "x86-avx512", "--bits", "8", "--order", "2"]
-ORT_PROFILE = """\
-name = "test-ort"
-engine = "onnxruntime"
-device = "CPU"
-
-[parallel]
-cores = 1
-"""
 
 
 def constant_weights_model(seed: int = 0) -> onnx.ModelProto:
@@ -176,8 +169,7 @@ def test_fuzz_inspect(capsys: pytest.CaptureFixture[str], tmp_path: Path, origin
 
 def test_fuzz_build(capsys: pytest.CaptureFixture[str], tmp_path: Path, originals: dict[str, bytes]) -> None:
     """build writes a folder (atomically) and runs engines on the mutant: the whole folder or nothing."""
-    profile = tmp_path / "ort.toml"
-    profile.write_text(ORT_PROFILE, encoding="utf-8")
+    profile = write_ort_profile(tmp_path)
     outcomes: Counter[str] = Counter()
     for which, data in originals.items():
         for seed in range(BUILD_MUTANTS_PER_MODEL):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from models import write_ort_profile
 from onnx import TensorProto, helper, numpy_helper
 from rexdeploy_onnxruntime import OnnxRuntimeBuilder, session_options
 from rexdeploy_onnxruntime.profiling import (
@@ -50,14 +51,6 @@ from rexdeploy.profile import load_profile
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 FAST = TimingSettings(warmup_s=0.02, duration_s=0.1, runs=25)
 
-ORT_PROFILE = """\
-name = "test-ort"
-engine = "onnxruntime"
-device = "CPU"
-
-[parallel]
-cores = 1
-"""
 
 
 def conv_relu_conv_gemm(named: bool = True) -> onnx.ModelProto:
@@ -129,9 +122,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ort_profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("profiles") / "test-ort.toml"
-    path.write_text(ORT_PROFILE, encoding="utf-8")
-    return path
+    return write_ort_profile(tmp_path_factory.mktemp("profiles"))
 
 
 # ---------------------------------------------------------------------------------------------

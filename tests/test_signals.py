@@ -17,21 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from models import small_cnn
+from models import small_cnn, write_ort_profile
 
 import rexdeploy.graph
 from rexdeploy.cli.main import main
 from rexdeploy.demo import demo_model_path
 
 EXPAND = ["--profile", "x86-avx512", "--bits", "8", "--order", "2"]
-ORT_PROFILE = """\
-name = "test-ort"
-engine = "onnxruntime"
-device = "CPU"
-
-[parallel]
-cores = 1
-"""
 
 
 @pytest.fixture
@@ -51,8 +43,7 @@ def _needs(signum: int, default: object) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_stops_a_build_cleanly(tmp_path: Path) -> None:
-    profile = tmp_path / "ort.toml"
-    profile.write_text(ORT_PROFILE, encoding="utf-8")
+    profile = write_ort_profile(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     out = work / "demo"

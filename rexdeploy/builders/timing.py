@@ -88,29 +88,46 @@ def timing_from_samples(
     )
 
 
+def warm_up(call: Callable[[], object], seconds: float, clock: Callable[[], float] = time.perf_counter) -> int:
+    """Call ``call`` for ``seconds`` (at least once); returns how many calls."""
+    calls = 0
+    start = clock()
+    while True:
+        call()
+        calls += 1
+        if clock() - start >= seconds:
+            return calls
+
+
+def run_for(call: Callable[[], object], settings: TimingSettings, clock: Callable[[], float] = time.perf_counter) -> int:
+    """Call ``call`` exactly ``settings.runs`` times when given, else until ``settings.duration_s`` has passed and
+    ``settings.min_runs`` calls are in; returns how many calls."""
+    calls = 0
+    start = clock()
+    while True:
+        call()
+        calls += 1
+        if settings.runs is not None:
+            if calls >= settings.runs:
+                return calls
+        elif clock() - start >= settings.duration_s and calls >= settings.min_runs:
+            return calls
+
+
 def measure(infer: Callable[[], object], settings: TimingSettings) -> Timing:
     """Time a synchronous ``infer`` callable: warm up for ``warmup_s``, then run for ``duration_s``
     (at least ``min_runs`` runs) or exactly ``runs`` runs when given."""
     clock = time.perf_counter
-    warmup_runs = 0
-    start = clock()
-    while True:
-        infer()
-        warmup_runs += 1
-        if clock() - start >= settings.warmup_s:
-            break
+    warmup_runs = warm_up(infer, settings.warmup_s, clock)
     samples: list[float] = []
-    t_begin = clock()
-    while True:
+
+    def timed() -> None:
         t0 = clock()
         infer()
-        t1 = clock()
-        samples.append((t1 - t0) * 1000.0)
-        if settings.runs is not None:
-            if len(samples) >= settings.runs:
-                break
-        elif t1 - t_begin >= settings.duration_s and len(samples) >= settings.min_runs:
-            break
+        samples.append((clock() - t0) * 1000.0)
+
+    t_begin = clock()
+    run_for(timed, settings, clock)
     return timing_from_samples(
         samples,
         warmup_runs=warmup_runs,

@@ -10,10 +10,10 @@ as :attr:`rexdeploy_openvino.precisions.ExecLayer.key` does — the node a user 
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings
+from rexdeploy.builders.timing import run_for, warm_up
 from rexdeploy.errors import BuildError
 from rexdeploy_openvino._runtime import import_openvino, one_line
 from rexdeploy_openvino.precisions import load_onnx_index, read_execution_graph
@@ -37,23 +37,16 @@ def profiled_layer_times(engine: Engine, arrays: list[np.ndarray], settings: Tim
             request.set_input_tensor(index, ov.Tensor(array))
         exec_layers = {layer.name: layer for layer in read_execution_graph(compiled, load_onnx_index(engine.model_path))}
         totals: dict[str, float] = {}
-        start = time.perf_counter()
-        while time.perf_counter() - start < settings.warmup_s:
+
+        def profiled() -> None:
             request.infer()
-        runs = 0
-        start = time.perf_counter()
-        while True:
-            request.infer()
-            runs += 1
             for info in request.get_profiling_info():  # µs resolution: a tiny layer reads 0 on most runs
                 if str(info.status).endswith("EXECUTED"):
                     us = info.real_time.total_seconds() * 1e6
                     totals[info.node_name] = totals.get(info.node_name, 0.0) + us
-            if settings.runs is not None:
-                if runs >= settings.runs:
-                    break
-            elif time.perf_counter() - start >= settings.duration_s and runs >= settings.min_runs:
-                break
+
+        warm_up(request.infer, settings.warmup_s)
+        runs = run_for(profiled, settings)
     except Exception as exc:
         raise BuildError(f"OpenVINO profiling of {engine.model_path.name} failed: {one_line(exc)}") from exc
     nodes: dict[str, float] = {}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rexdeploy.builders.base import LayerTimes, TimingSettings
+from rexdeploy.builders.timing import run_for, warm_up
 from rexdeploy.errors import BuildError
 
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]\x1e\x1f]+)\]")
@@ -150,24 +151,9 @@ def profile_schedule(
     """Warm up with ``plain`` runs for ``settings.warmup_s`` (at least one), ``attach`` the profiler, then
     ``profiled`` runs: exactly ``settings.runs``, else for ``duration_s`` and at least ``min_runs``.
     Returns (warm-up runs, profiled runs)."""
-    warmup = 0
-    start = clock()
-    while True:
-        plain()
-        warmup += 1
-        if clock() - start >= settings.warmup_s:
-            break
+    warmup = warm_up(plain, settings.warmup_s, clock)
     attach()
-    runs = 0
-    start = clock()
-    while True:
-        profiled()
-        runs += 1
-        if settings.runs is not None:
-            if runs >= settings.runs:
-                break
-        elif clock() - start >= settings.duration_s and runs >= settings.min_runs:
-            break
+    runs = run_for(profiled, settings, clock)
     return warmup, runs
 
 

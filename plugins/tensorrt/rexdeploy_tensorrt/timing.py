@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from rexdeploy.builders.base import TimingSettings
-from rexdeploy.builders.timing import Timing, timing_from_samples
+from rexdeploy.builders.timing import Timing, run_for, timing_from_samples, warm_up
 from rexdeploy.errors import BuildError, EngineUnavailableError, InputError
 
 COPY_SAMPLES = 20  # copies timed for the h2d / d2h medians
@@ -39,22 +39,10 @@ def timed_loop(
     """Warm up for ``settings.warmup_s`` (at least one run), then collect ``run_ms()`` samples: exactly
     ``settings.runs`` when given, else until ``duration_s`` has passed and ``min_runs`` are in.
     Returns (samples in ms, warm-up runs, measured seconds)."""
-    warmup_runs = 0
-    start = clock()
-    while True:
-        run_ms()
-        warmup_runs += 1
-        if clock() - start >= settings.warmup_s:
-            break
+    warmup_runs = warm_up(run_ms, settings.warmup_s, clock)
     samples: list[float] = []
     begin = clock()
-    while True:
-        samples.append(float(run_ms()))
-        if settings.runs is not None:
-            if len(samples) >= settings.runs:
-                break
-        elif clock() - begin >= settings.duration_s and len(samples) >= settings.min_runs:
-            break
+    run_for(lambda: samples.append(float(run_ms())), settings, clock)
     return samples, warmup_runs, clock() - begin
 
 
