@@ -83,10 +83,17 @@ def measure_model(key: str, model: onnx.ModelProto, x: np.ndarray, labels: np.nd
     folded, _ = fold_batchnorm(model)
     layers = quantizable_layers(folded)
     ref = run_onnx(model, x)
+    table = None
+    if args.latency == "measured":  # the product's path: the model's cost table measured on this device
+        from rexdeploy.closedloop import cost_table_for
+        from rexdeploy.graph import save_model
+
+        (tmp / key).mkdir(parents=True, exist_ok=True)
+        table = cost_table_for(save_model(model, tmp / key / "source.onnx", check=False), profile, use_cache=False)
     runs: dict[str, PlanResult] = {}
     for menu, allow in (("full", True), ("quantized-only", False)):
         t0 = time.perf_counter()
-        runs[menu] = plan_model(model, layers, profile, float("inf"), allow_float=allow)
+        runs[menu] = plan_model(model, layers, profile, float("inf"), allow_float=allow, cost_table=table)
         print(f"  planner ({menu}): {len(runs[menu].candidates)} candidates in {time.perf_counter() - t0:.1f} s")
     uniform = [c for c in runs["full"].candidates if c.label.startswith("uniform") and c.label.endswith(
         tuple(f"K={k}" for k in args.orders))]  # fmt: skip
@@ -214,7 +221,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}` — profile `{result['profile']}`, OpenVINO {result['machine']['openvino']} "
         f"`PERFORMANCE_HINT=LATENCY`, batch 1; all engines of a model timed interleaved ({result['rounds']} rounds × "
-        f"{result['per_round_s']:g} s), measured = median of round medians. Errors measured on the OpenVINO engines.",
+        f"{result['per_round_s']:g} s), measured = median of round medians. Errors measured on the OpenVINO engines. "
+        f"Host {result['machine']['cpu']} (flags: {result['machine'].get('flags', '?')}); planner latencies: "
+        + ("the model's measured cost table." if result.get("latency_source") == "measured"
+           else "the profile's analytic cost model."),
         "",
     ]
     for key, net in result["models"].items():
@@ -291,6 +301,9 @@ def main() -> None:
     parser.add_argument("--per-round-s", type=float, default=0.25)
     parser.add_argument("--wait-load", type=float, default=2.5)
     parser.add_argument("--skip-planning-check", action="store_true")
+    parser.add_argument("--latency", choices=("measured", "analytic"), default="measured",
+                        help="plan on the model's measured cost table (the product's path; default) or the "
+                        "profile's analytic cost model")
     parser.add_argument("--name", default="planner")
     parser.add_argument("--conclusion", default="")
     parser.add_argument("--no-write", action="store_true")
@@ -323,6 +336,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "command": "python benchmarks/bench_planner.py " + " ".join(sys.argv[1:]),
         "profile": profile.name,
+        "latency_source": args.latency,
         "rounds": args.rounds,
         "per_round_s": args.per_round_s,
         "models": models,
