@@ -210,8 +210,8 @@ def build(
             assert budget_ms is not None
             with tempfile.TemporaryDirectory(prefix=".rexdeploy-probes.") as probe_dir:
                 chosen, planned, latency_model, choice = _closed_loop(run, budget_ms, attempts, Path(probe_dir))
-                if chosen.engine.artifacts and not Path(chosen.engine.artifacts[0]).is_relative_to(tmp):
-                    chosen = _adopt(chosen, tmp)  # a probe engine is the answer: move it into the output
+                if chosen.engine.artifacts and Path(chosen.engine.artifacts[0]).parent != tmp / "rex":
+                    chosen = _adopt(chosen, tmp)  # the returned engine is always at rex/, whichever it is
             plan, rex_engine, expand_s = chosen.plan, chosen.engine, 0.0
             rex_result = engine_result("rex", chosen, tmp, builder)
             final_onnx = chosen.onnx_path
@@ -327,7 +327,8 @@ def engine_result(label: str, m: Measured, root: Path, builder: Builder) -> Engi
 
 
 def _adopt(m: Measured, tmp: Path) -> Measured:
-    """Copy a probe engine (built outside the output folder) into it, under ``rex/``."""
+    """Copy the returned engine (an attempt, a baseline, or a probe built outside the output folder) to the
+    stable path ``rex/`` (its ONNX to ``rex.onnx``), where scripts and ``rexdeploy export`` find it."""
     src = Path(m.engine.artifacts[0]).parent
     dest = tmp / "rex"
     shutil.copytree(src, dest, dirs_exist_ok=True)
@@ -367,7 +368,7 @@ def _closed_loop(
                     f"and at least as accurate as the plan: nothing to build")  # fmt: skip
             break
         m = run.measured_plan(result.plan)
-        name = "rex" if attempt == 1 else f"rex_attempt{attempt}"
+        name = f"rex_attempt{attempt}"
         if m is None:
             engine, _, path = run.engine_for(result.plan, name, result.ranges)
             m = run.measure(result.chosen.label, result.plan, engine, path, run.timing, f"the REx engine ({name})")

@@ -381,7 +381,7 @@ def test_budget_ratio_is_relative_to_the_plain_int8_engine_measured_in_the_run(
 def test_a_miss_updates_the_table_and_the_loop_replans(monkeypatch: pytest.MonkeyPatch, cnn_path: Path,
                                                         tmp_path: Path) -> None:  # fmt: skip
     # the planner's first engine runs 60 % slower than its layers' probed costs say: the first attempt misses
-    builder = ScriptedBuilder(hiccup={"rex": 1.6})
+    builder = ScriptedBuilder(hiccup={"rex_attempt1": 1.6})
     model = onnx.load(str(cnn_path))
     layers = _layers(model)
     fp32_ms = (builder.overhead_us + sum(builder._node_us(model).values())) / 1000
@@ -444,6 +444,8 @@ def test_the_default_float_engine_is_a_measured_baseline_and_a_candidate(
     # between the bf16 engine (0.6 x FP32) and FP32: FP32 does not fit, bf16 does
     report = _build(monkeypatch, builder, cnn_path, tmp_path / "bf", budget_ms=fp32_ms * 0.8)
     assert set(report.baselines) == {"fp32", "bf16 (default)"}
+    # the returned engine is always at rex/ (a copy of the bf16 engine here)
+    assert report.rex.artifacts == ("rex/engine.onnx",) and (tmp_path / "bf" / "rex" / "engine.onnx").is_file()
     bf16 = report.baselines["bf16 (default)"].timing.median_ms
     assert bf16 == pytest.approx(0.6 * fp32_ms)
     engines = {e["label"]: e for e in report.latency_model["engines"]}  # type: ignore[union-attr]
