@@ -62,6 +62,11 @@ __all__ = [
 ]
 
 
+def activation_scale(max_abs: float) -> float:
+    """Symmetric int8 scale for a tensor whose largest magnitude is ``max_abs`` (1 for 0 / non-finite)."""
+    return float(max_abs) / ACT_QMAX if max_abs > 0.0 and np.isfinite(max_abs) else 1.0
+
+
 def first_range(max_abs: float, act_order: int) -> float:
     """The first order's max |x| for a layer with ``act_order`` orders: the data-free range, widened for J ≥ 2."""
     if act_order not in RANGE_WIDEN:

@@ -11,6 +11,7 @@ import pytest
 from models import small_cnn
 from onnx import TensorProto, helper, numpy_helper
 
+from rexdeploy.actorders import activation_scale
 from rexdeploy.api import expand_model
 from rexdeploy.bnstats import (
     bn_ranges,
@@ -21,7 +22,6 @@ from rexdeploy.bnstats import (
 )
 from rexdeploy.errors import InputError, ModelError
 from rexdeploy.graph import fold_batchnorm
-from rexdeploy.passes.expand import activation_scale
 from rexdeploy.profile import load_profile
 from rexdeploy.ranges import (
     DEFAULT_PERCENTILE,

@@ -42,14 +42,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rexdeploy.actorders import activation_order_scales, first_range, kept_terms
+from rexdeploy.actorders import activation_order_scales, activation_scale, first_range, kept_terms
 from rexdeploy.analyze import ConstantResolver, Layer, find_layers, layer_weight
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import add_initializer, drop_initializers
 from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
 from rexdeploy.plans import LayerPlan, Plan
 
-ACT_QMAX = 127.0  # symmetric int8 activations: the range maps onto [-127, 127], zero-point 0
 SPARSE_FORMS = ("gather", "dense", "onehot", "auto")
 # sparse_form="auto": a sparse order runs narrow (Pad + Gather) only on a group-1 layer with at least
 # AUTO_MIN_FAN_IN multiply-accumulates per output value that keeps at most AUTO_NARROW_MAX of its output
@@ -86,11 +85,6 @@ class LayerJob:
     shared_orders: dict[tuple[str, int, int, float | None], tuple[list[ResidualOrder], float]] | None = field(
         default=None, compare=False, repr=False
     )
-
-
-def activation_scale(max_abs: float) -> float:
-    """Symmetric int8 scale for a tensor whose largest magnitude is ``max_abs``."""
-    return float(max_abs) / ACT_QMAX if max_abs > 0.0 and np.isfinite(max_abs) else 1.0
 
 
 def _safe(name: str) -> str:

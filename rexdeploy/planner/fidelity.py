@@ -31,10 +31,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rexdeploy.actorders import ACT_STEP, first_range, kept_terms
+from rexdeploy.actorders import ACT_STEP, activation_scale, first_range, kept_terms
 from rexdeploy.analyze import Layer
 from rexdeploy.numerics import expand_weight, weight_error
-from rexdeploy.passes.expand import activation_scale
 from rexdeploy.planner.sensitivity import Sensitivity
 from rexdeploy.plans import LayerPlan
 
