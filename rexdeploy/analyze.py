@@ -262,3 +262,12 @@ def layer_weight(model: onnx.ModelProto, layer: Layer, consts: ConstantResolver 
     if value is None:  # pragma: no cover - find_layers only returns layers with constant weights
         raise UnsupportedModelError(f"layer {layer.name!r}: its weight {layer.weight!r} is not constant")
     return np.moveaxis(value.astype(np.float64), layer.weight_axis, 0)
+
+
+def quantizable_layers(model: onnx.ModelProto, source: str = "the model") -> list[Layer]:
+    layers = find_layers(model)
+    if not layers:
+        raise UnsupportedModelError(
+            f"{source} has no Conv or Gemm node with a constant weight: there is nothing for REx to quantize"
+        )
+    return layers

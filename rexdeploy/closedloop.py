@@ -21,34 +21,28 @@ import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
-from rexdeploy.analyze import Layer
-from rexdeploy.api import (
-    Progress,
-    builder_for,
-    default_plan,
-    expand_model,
-    fidelity_disagreement,
-    measure_fidelity,
-    measure_fidelity_on,
-    quantizable_layers,
-)
+from rexdeploy.analyze import Layer, quantizable_layers
 from rexdeploy.budget import format_ms
 from rexdeploy.builders.base import Builder, Engine, TimingSettings
 from rexdeploy.builders.cache import cached_build
+from rexdeploy.builders.registry import builder_for
 from rexdeploy.costmodel import float_precision
 from rexdeploy.errors import BudgetError
+from rexdeploy.fidelity import fidelity_disagreement, measure_fidelity, measure_fidelity_on
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
+from rexdeploy.passes.pipeline import expand_model
 from rexdeploy.planner import PlanResult, plan_model
 from rexdeploy.planner.costtable import CostTable
 from rexdeploy.planner.search import prepare
-from rexdeploy.plans import Plan
+from rexdeploy.plans import Plan, default_plan
 from rexdeploy.probing import (
     BUILD_CHECK,
     PROBE_TIMING,
@@ -66,6 +60,8 @@ from rexdeploy.ranges import load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png
 from rexdeploy.samples import Preprocess, load_samples
 
+Progress = Callable[[str], None]
+"""A progress callback: one line of text at a time (the CLI prints it on stderr; the library never prints)."""
 MAX_ATTEMPTS = 3
 PLANNING_MARGIN = 0.04  # plan for 4 % under the budget: timing noise on a quiet CPU is ~2-5 % (then measure)
 log = logging.getLogger(__name__)

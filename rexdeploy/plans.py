@@ -7,9 +7,13 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rexdeploy.errors import InputError, PlanError
+
+if TYPE_CHECKING:
+    from rexdeploy.analyze import Layer
+    from rexdeploy.profile import Profile
 
 PLAN_FORMAT = 1
 FORMS = ("branches", "concat")
@@ -214,3 +218,59 @@ def uniform_plan(
     lp = LayerPlan(bits=bits, order=order, gamma=gamma, split=tuple(split), act_bits=act_bits, form=form, block=block,
                    act_order=act_order)  # fmt: skip
     return Plan(layers={name: lp for name in layer_names}, profile=profile, model_sha256=model_sha256)
+
+
+def default_plan(layers: list[Layer], profile: Profile, model_sha256: str = "", **overrides: object) -> Plan:
+    """The uniform plan of the profile's [defaults], with flag overrides (bits, order, act_bits, form, ...)."""
+    d = profile.defaults
+    settings: dict[str, object] = {"bits": d.bits, "order": d.order, "act_bits": d.act_bits, "form": d.form}
+    if overrides.get("block"):  # int4 weight-only unless told otherwise
+        settings.update(bits=4, act_bits=0)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    bits = int(settings["bits"])  # type: ignore[call-overload]
+    for layer in layers:
+        allowed = profile.weight_bits(layer.op_class)
+        if bits > max(allowed):
+            raise PlanError(
+                f"{bits}-bit weights exceed what profile {profile.name!r} runs on {layer.op_class} layers "
+                f"(at most {max(allowed)} bits, e.g. layer {layer.name!r}); use --bits {max(allowed)} or lower"
+            )
+    plan = uniform_plan(
+        [layer.name for layer in layers],
+        profile=profile.name,
+        model_sha256=model_sha256,
+        **settings,  # type: ignore[arg-type]
+    )
+    first = plan.layers[layers[0].name]
+    if first.block:
+        return _int4_blocks(plan, layers, profile, first.block)
+    gamma = first.gamma
+    if gamma is None or len(layers) < 2 or first.predictors > 1:
+        return plan  # ensembles keep a uniform γ: linear+ can leave a layer 0 channels, killing a predictor
+    from rexdeploy.numerics import layer_gammas
+
+    # paper Eq. 30 (linear+): later layers get more of the budget, sum |W_l| γ_l = γ sum |W_l|
+    gammas = layer_gammas(gamma, [layer.weight_count for layer in layers], first.order)
+    layer_plans = {
+        layer.name: replace(plan.layers[layer.name], gamma=g) for layer, g in zip(layers, gammas, strict=True)
+    }
+    return replace(plan, layers=layer_plans, notes=(*plan.notes, f"gamma={gamma:g} split linear+ over layers (Eq. 30)"))
+
+
+def _int4_blocks(plan: Plan, layers: list[Layer], profile: Profile, block: int) -> Plan:
+    """Blocked int4 weights where the engine has them (Gemm/MatMul whose input size the block divides);
+    the other layers keep per-channel int4 weights, weight-only."""
+    if not profile.quantization.int4_weight_only:
+        raise PlanError(
+            f"profile {profile.name!r} has no int4 weight-only kernels (int4_weight_only = false); drop --block"
+        )
+    if block not in profile.quantization.int4_block_sizes:
+        sizes = ", ".join(map(str, profile.quantization.int4_block_sizes))
+        raise PlanError(f"int4 block size {block} is not one profile {profile.name!r} supports ({sizes})")
+    layer_plans = {
+        layer.name: replace(plan.layers[layer.name], block=block)
+        if layer.op_type in ("Gemm", "MatMul") and layer.weight_shape[1] % block == 0
+        else replace(plan.layers[layer.name], block=0)
+        for layer in layers
+    }
+    return replace(plan, layers=layer_plans)

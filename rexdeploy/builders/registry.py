@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import functools
 from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
 from rexdeploy.builders.base import Builder
 from rexdeploy.errors import EngineUnavailableError, ProfileError
+
+if TYPE_CHECKING:
+    from rexdeploy.profile import Profile
 
 GROUP = "rexdeploy.builders"
 
@@ -85,3 +89,14 @@ def list_builders() -> dict[str, bool]:
         except EngineUnavailableError:
             status[name] = False
     return status
+
+
+def builder_for(profile: Profile) -> Builder:
+    builder = get_builder(profile.engine)
+    if not builder.available():
+        extra = f"pip install 'rexdeploy[{builder.pip_extra}]'" if builder.pip_extra else "pip install rexdeploy"
+        raise EngineUnavailableError(
+            f"the {profile.engine} engine of profile {profile.name!r} is not installed here: {extra} "
+            "(or run `rexdeploy expand` here and build on the target)"
+        )
+    return builder

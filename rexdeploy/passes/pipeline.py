@@ -1,0 +1,85 @@
+"""The compiler pass as one call: fold BatchNorm, find the layers, make (or take) the Plan, derive the
+data-free activation ranges, and run the expansion (or the ensemble clone + expansion)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from rexdeploy.analyze import Layer, quantizable_layers
+from rexdeploy.graph import fold_batchnorm
+from rexdeploy.passes.ensemble import build_ensemble, float_predictors
+from rexdeploy.passes.expand import expand
+from rexdeploy.plans import Plan, default_plan
+from rexdeploy.profile import Profile, load_profile
+from rexdeploy.ranges import activation_ranges, probe_batch, probe_ranges
+
+
+@dataclass(frozen=True)
+class Expanded:
+    """An expanded model in memory, with the plan it carries out and how long the pass took."""
+
+    model: onnx.ModelProto
+    plan: Plan
+    layers: tuple[Layer, ...]
+    activation_scales: dict[str, float]
+    seconds: float
+    numerics_seconds: float
+
+
+def expand_model(
+    model: onnx.ModelProto,
+    plan: Plan | None = None,
+    *,
+    profile: Profile | None = None,
+    calibration: np.ndarray | None = None,
+    model_sha256: str = "",
+    ranges: dict[str, float] | None = None,
+    **overrides: object,
+) -> Expanded:
+    """Fold BN, find the layers, make (or take) the plan, derive activation ranges (unless given, e.g. by
+    the planner, which derived them the same way), run the pass."""
+    t0 = time.perf_counter()
+    folded, bn_stats = fold_batchnorm(model)
+    layers = quantizable_layers(folded)
+    if plan is None:
+        plan = default_plan(layers, profile or load_profile("x86-avx512"), model_sha256, **overrides)
+    if plan.predictors > 1:  # paper §3.3: clone per predictor, each with its own activation ranges
+        ensemble = build_ensemble(folded, plan, layers)
+        taps = [_act_input(ensemble.model, n, j.layer) for n, j in ensemble.jobs.items() if j.plan.act_bits == 8]
+        batch = probe_batch(sum(layer.macs for layer in layers), plan.predictors)
+        ranges = probe_ranges(float_predictors(ensemble, folded), taps, calibration=calibration, batch=batch)
+        result = expand(ensemble.model, plan, ranges, jobs=ensemble.jobs)
+        return Expanded(
+            result.model,
+            plan,
+            tuple(layers),
+            result.activation_scales,
+            time.perf_counter() - t0,
+            result.numerics_seconds,
+        )
+    by_name = {layer.name: layer for layer in layers}
+    act_inputs = [by_name[n].input for n, lp in plan.layers.items() if n in by_name and lp.act_bits == 8]
+    # BN statistics where they reach, synthetic probes elsewhere; a user calibration batch overrides both
+    missing = [t for t in act_inputs if ranges is None or t not in ranges]
+    batch = probe_batch(sum(layer.macs for layer in layers))
+    computed = (
+        activation_ranges(folded, bn_stats, missing, method="auto", calibration=calibration, batch=batch)
+        if missing
+        else {}
+    )
+    result = expand(folded, plan, {**(ranges or {}), **computed})
+    return Expanded(
+        result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds
+    )
+
+
+def _act_input(model: onnx.ModelProto, node_name: str, layer: Layer) -> str:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return str(node.input[layer.act_index])
+
+
+__all__ = ["Expanded", "expand_model"]
