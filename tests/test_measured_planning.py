@@ -189,6 +189,19 @@ def test_table_reproduces_probed_points_and_interpolates_in_analytic_space() -> 
     assert table.layer_us(PROFILE, layer, wo, n_layers=4) == pytest.approx(analytic_us(PROFILE, layer, wo) * ratio)
 
 
+def test_sparse_with_activation_orders_is_composed_from_the_probes_that_exist() -> None:
+    layer = _layers(small_cnn())[1]
+    plans = {"k1": LayerPlan(bits=8, order=1), "dense": LayerPlan(bits=8, order=2),
+             "sparse": LayerPlan(bits=8, order=2, gamma=0.5), "dense_j2": LayerPlan(bits=8, order=2, act_order=2)}  # fmt: skip
+    measured = {"k1": 5.0, "dense": 9.0, "sparse": 12.0, "dense_j2": 20.0}
+    table = CostTable(layers={layer.name: {option_key(PROFILE, layer, lp).text: Point(analytic_us(PROFILE, layer, lp),
+                                                                                      measured[n])
+                                           for n, lp in plans.items()}}, rest_points=())  # fmt: skip
+    us, how = table.estimate_us(PROFILE, layer, LayerPlan(bits=8, order=2, gamma=0.5, act_order=2))
+    assert how == "composed"
+    assert us == pytest.approx(12.0 + 20.0 - 9.0)  # sparse at one activation order + what act order 2 adds
+
+
 def test_an_expansion_never_costs_less_than_its_first_order() -> None:
     layer = _layers(small_cnn())[1]
     k1, k2 = LayerPlan(bits=8, order=1), LayerPlan(bits=8, order=2)

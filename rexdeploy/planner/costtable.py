@@ -15,7 +15,9 @@ A candidate's latency is ``rest(q) + Σ_l table[l, option_l]``:
   it (same activation order and sparsity first, the kind's K=1 point next) maps its analytic µs to
   measured µs, so every probed point is reproduced exactly and the analytic model only shapes the
   in-between; with one point the analytic model is scaled by its ratio; a kind never probed is the
-  analytic µs scaled by the layer's median measured/analytic ratio. An expansion never costs less than
+  analytic µs scaled by the layer's median measured/analytic ratio. A sparse option with activation
+  orders ≥ 2 (no probe has both) is composed: its sparse cost at one activation order plus what the
+  activation orders add to the dense option, never less than either. An expansion never costs less than
   its kind's K=1.
 - ``rest(q)`` is the least-squares line through the observed (quantized share, rest µs) points, which
   keeps the search additive per layer (:meth:`CostTable.layer_us` adds the slope per quantized layer).
@@ -165,7 +167,8 @@ class CostTable:
         return us
 
     def estimate_us(self, profile: Profile, layer: Layer, lp: LayerPlan | None) -> tuple[float, str]:
-        """(µs, how: ``measured`` / ``interpolated`` / ``scaled``) of one layer option (module docstring)."""
+        """(µs, how: ``measured`` / ``interpolated`` / ``composed`` / ``scaled``) of one layer option (module
+        docstring)."""
         key = option_key(profile, layer, lp)
         entries = self.layers.get(layer.name, {})
         if key.text in entries:
@@ -173,6 +176,8 @@ class CostTable:
         a = analytic_us(profile, layer, lp)
         same_kind = {OptionKey.parse(t): p for t, p in entries.items() if OptionKey.parse(t).kind == key.kind}
         anchors = [p for k, p in same_kind.items() if k.act_order == key.act_order and k.sparse == key.sparse]
+        if not anchors and lp is not None and key.sparse and key.act_order > 1:
+            return self._composed_us(profile, layer, lp), "composed"
         first = next((p for k, p in same_kind.items() if k.order == 1 and k.act_order == 1 and k.predictors == 1), None)
         if len(anchors) < 2 and first is not None and first not in anchors:
             anchors.append(first)
@@ -190,6 +195,15 @@ class CostTable:
             near1 = min(anchors, key=lambda p: abs(p.analytic_us - a))
             return max(a * near1.measured_us / max(near1.analytic_us, 1e-9), floor), "interpolated"
         return a * self.layer_ratio(layer.name), "scaled"
+
+    def _composed_us(self, profile: Profile, layer: Layer, lp: LayerPlan) -> float:
+        """A sparse option with activation orders when no probe had both: the sparse cost at one activation
+        order plus what the activation orders add to the dense option, and never less than either alone (on
+        OpenVINO CPU a sparse order measured slower than a dense one: the pessimistic side is the safe one)."""
+        sparse_j1 = self.estimate_us(profile, layer, replace(lp, act_order=1))[0]
+        dense = self.estimate_us(profile, layer, replace(lp, gamma=None))[0]
+        dense_j1 = self.estimate_us(profile, layer, replace(lp, gamma=None, act_order=1))[0]
+        return max(sparse_j1 + dense - dense_j1, sparse_j1, dense)
 
     def layer_ratio(self, name: str) -> float:
         """Median measured/analytic ratio of a layer's points (all layers' when it has none; 1 when empty)."""
