@@ -28,9 +28,11 @@ from rexdeploy_tensorrt import (
     trtexec_command,
 )
 from rexdeploy_tensorrt import qdq_lint as ql
+from rexdeploy_tensorrt import settings as trt_settings
 from rexdeploy_tensorrt.engine_info import precision_of
 from rexdeploy_tensorrt.timing import timed_loop
 
+from rexdeploy import costmodel
 from rexdeploy.builders.base import Builder, TimingSettings
 from rexdeploy.errors import BuildError, EngineUnavailableError, InputError
 from rexdeploy.profile import Profile, load_profile
@@ -295,18 +297,19 @@ def test_finding_prints_on_one_line() -> None:
 
 def test_h100_on_sm90_allows_fp8_and_uses_aux_streams() -> None:
     s = select_settings(load_profile("h100"), qdq_conv(), (9, 0))
-    assert (s.fp16, s.bf16, s.int8, s.fp8, s.int4) == (True, True, True, True, True)
+    # h100 allows fp16 and bf16: the float precision is fp16 (the cost model's), so bf16 is not set
+    assert (s.float_precision, s.fp16, s.bf16, s.int8, s.fp8, s.int4) == ("fp16", True, False, True, True, True)
     assert s.max_aux_streams == load_profile("h100").parallel.aux_streams == 4
     # float32 graph + fp16 profile: weakly typed so TensorRT may run the float layers in fp16
     assert not s.strongly_typed and "float32" in s.typing_reason
-    # FP8 / INT4 are allowed but come only from Q/DQ types the model holds (int8 here)
-    assert s.builder_flags() == ("FP16", "BF16", "INT8")
+    # FP8 / INT4 are allowed but come only from Q/DQ types the model holds (int8 here); TF32 never
+    assert s.builder_flags() == ("FP16", "INT8") and not s.tf32
     assert s.quantized_types == ("int8",) and s.compute_capability == (9, 0)
 
 
 def test_a100_and_orin_flags_and_streams() -> None:
     a100 = select_settings(load_profile("a100"), qdq_conv(), (8, 0))
-    assert not a100.fp8 and a100.int4 and a100.builder_flags() == ("FP16", "BF16", "INT8")
+    assert not a100.fp8 and a100.int4 and a100.builder_flags() == ("FP16", "INT8")
     assert a100.max_aux_streams == 4
     orin = select_settings(load_profile("orin"), qdq_conv(), (8, 7))
     assert not orin.fp8 and orin.max_aux_streams == 2
@@ -323,10 +326,14 @@ def test_unknown_capability_trusts_the_profile() -> None:
     assert select_settings(load_profile("h100"), qdq_conv(), None).fp8
 
 
-def test_bf16_needs_ampere() -> None:
-    with pytest.raises(BuildError, match=r"BF16 needs SM 8\.0"):
-        select_settings(load_profile("a100"), qdq_conv(), (7, 5))
-    s = select_settings(_profile("a100", bf16=False), qdq_conv(), (7, 5))
+def test_bf16_needs_ampere_only_where_bf16_is_the_float_precision() -> None:
+    bf16_only = _profile("a100", fp16=False)
+    with pytest.raises(BuildError, match=r"runs float layers in bf16 .*BF16 needs SM 8\.0"):
+        select_settings(bf16_only, qdq_conv(), (7, 5))
+    s = select_settings(bf16_only, qdq_conv(), (8, 0))
+    assert s.float_precision == "bf16" and s.bf16 and not s.fp16 and s.builder_flags() == ("BF16", "INT8")
+    # a100 allows bf16 too, but its float precision is fp16: an SM 7.5 GPU can build it
+    s = select_settings(load_profile("a100"), qdq_conv(), (7, 5))
     assert not s.bf16 and s.builder_flags() == ("FP16", "INT8")
 
 
@@ -335,7 +342,7 @@ def test_int4_only_with_int4_weight_only_profile() -> None:
     with pytest.raises(BuildError, match="int4_weight_only = true"):
         select_settings(_profile("a100", int4_weight_only=False), int4_matmul(32), (8, 0))
     s = select_settings(load_profile("a100"), int4_matmul(32), (8, 0))
-    assert s.int4 and "int4" in s.quantized_types and s.builder_flags() == ("FP16", "BF16", "INT4")
+    assert s.int4 and "int4" in s.quantized_types and s.builder_flags() == ("FP16", "INT4")
 
 
 def test_strongly_typed_when_the_graph_fixes_the_precision() -> None:
@@ -440,6 +447,96 @@ def test_settings_json_round_trip(name: str, tmp_path: Path) -> None:
     assert TrtBuildSettings.from_dict(json.loads(none_cc.to_json())) == none_cc
 
 
+def float_conv(batch: int | str = 1, seed: int = 0) -> onnx.ModelProto:
+    """x → Conv(float32 weights, bias) → y: a model with no Q/DQ (what the FP32 reference builds)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 4, 3, 3)) * 0.1).astype(np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "float_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _variant(profile: Profile, precision: str) -> Profile:
+    """The profile variant the core builds a float baseline with: only ``precision``'s flag (none for fp32)."""
+    q = replace(profile.quantization, fp16=precision == "fp16", bf16=precision == "bf16")
+    return replace(profile, quantization=q)
+
+
+@pytest.mark.parametrize("name", ["a100", "h100", "orin"])
+def test_float_precision_follows_the_profile_and_the_cost_model(name: str) -> None:
+    for variant, want in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16")):
+        profile = _variant(load_profile(name), variant)
+        for model in (float_conv(), qdq_conv()):
+            s = select_settings(profile, model, (9, 0))
+            assert s.float_precision == want == trt_settings.float_precision(profile)
+            assert (s.fp16, s.bf16, s.tf32) == (want == "fp16", want == "bf16", False)
+            if want != "bf16":  # the cost model has no TensorRT bf16 (yet): it prices bf16-only profiles as fp32
+                assert s.float_precision == costmodel.float_precision(profile)
+    # the profile as shipped allows both: fp16, as the cost model says
+    assert select_settings(load_profile(name), float_conv(), None).float_precision == "fp16"
+
+
+def test_the_fp32_reference_sets_no_reduced_precision_flag() -> None:
+    fp32 = _variant(load_profile("h100"), "fp32")
+    ref = select_settings(fp32, float_conv(), (9, 0))
+    # a float32 graph with an fp32 float precision: strongly typed, no flag at all, TF32 cleared
+    assert ref.strongly_typed and ref.builder_flags() == () and not ref.tf32
+    args = _args(trtexec_command("m.onnx", ref))
+    assert "--stronglyTyped" in args and "--noTF32" in args
+    assert not {"--fp16", "--bf16", "--int8"} & set(args)
+    weak = select_settings(fp32, float_conv(), (9, 0), typing="weak")
+    assert weak.builder_flags() == () and "--noTF32" in _args(trtexec_command("m.onnx", weak))
+    q = select_settings(fp32, qdq_conv(), (9, 0), typing="weak")
+    assert q.builder_flags() == ("INT8",)
+    # the default float engine (fp16 on a GPU) is its own build, with the one flag
+    default = select_settings(_variant(load_profile("h100"), "fp16"), float_conv(), (9, 0))
+    assert not default.strongly_typed and default.builder_flags() == ("FP16",)
+
+
+def test_default_float_precision_is_pure_and_follows_the_profile() -> None:
+    builder = TensorRTBuilder()
+    assert builder.default_float_precision(load_profile("a100")) == "fp16"
+    assert builder.default_float_precision(_profile("a100", fp16=False)) == "bf16"
+    assert builder.default_float_precision(_profile("a100", fp16=False, bf16=False)) == "fp32"
+    # the core builds the default float baseline with the variant that has only that flag
+    for profile in (load_profile("a100"), _profile("orin", fp16=False)):
+        default = builder.default_float_precision(profile)
+        assert select_settings(_variant(profile, default), qdq_conv(), (8, 7)).float_precision == default
+
+
+def test_settings_written_before_float_precision_read_back() -> None:
+    s = select_settings(load_profile("a100"), qdq_conv(), (8, 0))
+    raw = s.to_dict()
+    for key in ("float_precision", "tf32", "fp32_pins"):
+        raw.pop(key)
+    raw["bf16"] = True  # old engine.json: both flags set, TensorRT's TF32 default on
+    old = TrtBuildSettings.from_dict(raw)
+    assert old.float_precision == "fp16" and old.tf32 and old.fp32_pins == ()
+
+
+def test_tensorrt_version_floor_for_int4_and_weak_typing() -> None:
+    assert trt_settings.parse_version("10.13.0.35") == (10, 13)
+    assert trt_settings.parse_version("10.1.0") == (10, 1) and trt_settings.parse_version("11") == (11, 0)
+    int4 = select_settings(load_profile("a100"), int4_matmul(32), (8, 0))
+    with pytest.raises(BuildError, match=r"int4 weights, which need TensorRT 10\.1 .*this is TensorRT 10\.0\.1\.6"):
+        trt_settings.check_tensorrt_version("10.0.1.6", int4)
+    trt_settings.check_tensorrt_version("10.1.0.27", int4)
+    trt_settings.check_tensorrt_version("10.0.1.6", select_settings(load_profile("a100"), qdq_conv(), (8, 0)))
+    with pytest.raises(BuildError, match="strongly typed networks only"):
+        trt_settings.check_tensorrt_version("11.0.0", int4)
+    with pytest.raises(BuildError, match=r"--int4 needs TensorRT 10\.1 .*target has 10\.0"):
+        trtexec_command("m.onnx", int4, tensorrt_version="10.0")
+    assert "--int4" in _args(trtexec_command("m.onnx", int4, tensorrt_version="10.1.0"))
+
+
 # ---------------------------------------------------------------------------------------------
 # trtexec command
 
@@ -455,9 +552,9 @@ def test_trtexec_command_for_weakly_typed_dynamic_build(tmp_path: Path) -> None:
     assert args[0] == "trtexec"
     assert f"--onnx={tmp_path / 'my model.onnx'}" in args
     assert f"--saveEngine={tmp_path / 'out' / 'm.plan'}" in args
-    for flag in ("--fp16", "--bf16", "--int8"):
+    for flag in ("--fp16", "--int8", "--noTF32"):
         assert flag in args
-    assert not {"--stronglyTyped", "--fp8", "--int4"} & set(args)
+    assert not {"--stronglyTyped", "--bf16", "--fp8", "--int4", "--precisionConstraints=obey"} & set(args)
     assert "--maxAuxStreams=4" in args and "--builderOptimizationLevel=3" in args
     assert "--memPoolSize=workspace:1024" in args
     assert f"--timingCacheFile={tmp_path / 'out' / 'timing.cache'}" in args

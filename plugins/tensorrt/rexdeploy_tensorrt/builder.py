@@ -1,14 +1,20 @@
 """The TensorRT builder plugin: Q/DQ ONNX → serialized TensorRT engine, and its timing.
 
 Build steps (TensorRT 10.x Python API, as in Polygraphy's ``backend/trt/loader.py`` / ``config.py``):
-``trt.Builder`` → ``create_network`` (``STRONGLY_TYPED`` flag or none, per :mod:`.settings`) →
-``trt.OnnxParser.parse_from_file`` (parser errors → one-line :class:`BuildError`) →
-``IBuilderConfig`` (precision flags for weakly typed networks, ``WORKSPACE`` memory-pool limit,
+the installed TensorRT / cuda-python checked against the driver's CUDA major
+(:func:`rexdeploy_tensorrt.cuda_device.check_cuda_stack`) → ``trt.Builder`` → ``create_network``
+(``STRONGLY_TYPED`` flag or none, per :mod:`.settings`) → ``trt.OnnxParser.parse_from_file`` (parser
+errors → one-line :class:`BuildError`) → FP32 pins on the parsed layers
+(:mod:`rexdeploy_tensorrt.precision_pins`) → ``IBuilderConfig`` (the one float-precision flag and the
+Q/DQ flags for weakly typed networks, ``OBEY_PRECISION_CONSTRAINTS`` with pins, ``TF32`` cleared,
+``WORKSPACE`` memory-pool limit,
 ``max_aux_streams``, ``builder_optimization_level``, ``profiling_verbosity = DETAILED``, an
 optimization profile for a dynamic batch, the timing cache loaded from and saved to
 ``timing.cache``) → ``build_serialized_network`` → ``engine.plan`` + ``engine.json`` written
-atomically → per-layer precisions from the engine inspector
-(``get_engine_information(LayerInformationFormat.JSON)``).
+atomically → per-layer precisions and their summary by layer type from the engine inspector
+(``get_engine_information(LayerInformationFormat.JSON)``). Every Builder, OnnxParser and Runtime gets
+the one process-wide logger (:mod:`rexdeploy_tensorrt.trt_logger`); each build collects what it logs, so
+a :class:`BuildError` quotes TensorRT's own errors.
 Python API reference: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/index.html
 """
 
@@ -16,7 +22,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +33,20 @@ import onnx
 from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings
 from rexdeploy.errors import BuildError, EngineUnavailableError, InputError
 from rexdeploy.fileio import atomic_path, write_text_atomic
-from rexdeploy_tensorrt.cuda_device import device_count, device_info
-from rexdeploy_tensorrt.engine_info import layer_precisions
+from rexdeploy_tensorrt.cuda_device import check_cuda_stack, device_count, device_info
+from rexdeploy_tensorrt.engine_info import layer_precisions, precision_summary
+from rexdeploy_tensorrt.precision_pins import LayerPin, apply_pins, unmatched_pins
 from rexdeploy_tensorrt.qdq_lint import errors, lint_qdq
-from rexdeploy_tensorrt.settings import TrtBuildSettings, device_index, load_onnx, select_settings
+from rexdeploy_tensorrt.settings import (
+    ShapeRange,
+    TrtBuildSettings,
+    check_tensorrt_version,
+    default_float_precision,
+    device_index,
+    load_onnx,
+    select_settings,
+)
+from rexdeploy_tensorrt.trt_logger import SINK, process_logger
 
 if TYPE_CHECKING:
     from rexdeploy.builders.timing import Timing
@@ -57,26 +74,12 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
-def _make_logger(trt: Any) -> Any:
-    """A TensorRT logger that keeps warnings and errors instead of printing them."""
-
-    warning = int(trt.ILogger.Severity.WARNING)  # INTERNAL_ERROR=0 < ERROR=1 < WARNING=2 < INFO < VERBOSE
-    error = int(trt.ILogger.Severity.ERROR)
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[int, str]] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if int(severity) <= warning:
-                self.messages.append((int(severity), str(msg)))
-
-        def last_error(self) -> str:
-            errs = [m for s, m in self.messages if s <= error]
-            return errs[-1].splitlines()[0] if errs else ""
-
-    return _Logger()
+def tensorrt_for_gpu() -> Any:
+    """:func:`import_tensorrt`, after checking that the installed TensorRT and cuda-python fit the driver's
+    CUDA major (one-line :class:`EngineUnavailableError` naming the pins otherwise)."""
+    trt = import_tensorrt()
+    check_cuda_stack()
+    return trt
 
 
 def _parser_error(err: Any) -> str:
@@ -91,80 +94,84 @@ def _parser_error(err: Any) -> str:
     return f"{where.strip()}: {desc}" if where else desc
 
 
-def _trt_major(trt: Any) -> int:
-    try:
-        return int(str(trt.__version__).split(".")[0])
-    except ValueError:
-        return 0
-
-
-def build_plan(trt: Any, model: Path, settings: TrtBuildSettings, timing_cache: Path) -> tuple[bytes, bytes]:
-    """Parse ``model`` and build a serialized engine; returns (plan bytes, timing-cache bytes)."""
-    logger = _make_logger(trt)
-    builder = trt.Builder(logger)
-    flags = 0
-    if settings.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(model)):
-        found = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        first = found[0] if found else (logger.last_error() or "no detail")
-        more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
-        raise BuildError(
-            f"TensorRT's ONNX parser rejected {model.name}: {first}{more}; check the op and opset against "
-            "TensorRT's ONNX operator support"
-        )
-
-    config = builder.create_builder_config()
-    for flag in settings.builder_flags():
-        member = getattr(trt.BuilderFlag, flag, None)
-        if member is None:
+def build_plan(
+    trt: Any, model: Path, settings: TrtBuildSettings, timing_cache: Path, onnx_nodes: Collection[str] = ()
+) -> tuple[bytes, bytes, list[LayerPin]]:
+    """Parse ``model`` and build a serialized engine; returns (plan bytes, timing-cache bytes, the layers
+    constrained to FP32). ``onnx_nodes`` are the model's node names (to tell a pinned node's further
+    layers ``<node>_<n>`` from another node's). Every error TensorRT logs during the build is in the
+    :class:`BuildError` (the process logger's messages, collected for this build)."""
+    logger = process_logger(trt)
+    with SINK.collect() as log:
+        builder = trt.Builder(logger)
+        flags = 0
+        if settings.strongly_typed:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(model)):
+            found = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+            first = found[0] if found else (log.summary() or "no detail")
+            more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
             raise BuildError(
-                f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (weakly typed builds need TensorRT "
-                "10); install tensorrt<11 or build strongly typed (typing='strong')"
+                f"TensorRT's ONNX parser rejected {model.name}: {first}{more}; check the op and opset against "
+                "TensorRT's ONNX operator support"
             )
-        config.set_flag(member)
-    if settings.workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
-    config.max_aux_streams = settings.max_aux_streams
-    config.builder_optimization_level = settings.builder_optimization_level
-    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, settings.profiling_verbosity.upper())
-    if settings.dynamic:
-        profile = builder.create_optimization_profile()
-        for s in settings.shapes:
-            profile.set_shape(s.name, s.min, s.opt, s.max)
-        config.add_optimization_profile(profile)
-    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    if cache is None or not config.set_timing_cache(cache, False):
-        # a cache from another GPU / TensorRT version is rejected: start from an empty one
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+        pinned = apply_pins(trt, network, settings.pinned_nodes, onnx_nodes) if settings.pins_apply else []
 
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise BuildError(
-            f"TensorRT could not build {model.name}: {logger.last_error() or 'no error logged'}; run "
-            "qdq_lint on the model and check the layer is supported in the chosen precision"
-        )
-    return bytes(plan), bytes(config.get_timing_cache().serialize())
+        config = builder.create_builder_config()
+        for flag in settings.builder_flags():
+            member = getattr(trt.BuilderFlag, flag, None)
+            if member is None:
+                raise BuildError(
+                    f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (weakly typed builds need TensorRT "
+                    "10, INT4 10.1); install tensorrt>=10.1,<11 or build strongly typed (typing='strong')"
+                )
+            config.set_flag(member)
+        tf32 = getattr(trt.BuilderFlag, "TF32", None)
+        if tf32 is not None and not settings.tf32:
+            config.clear_flag(tf32)  # on by default: FP32 conv/matmul inputs rounded to a 10-bit mantissa
+        if settings.workspace_bytes is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+        config.max_aux_streams = settings.max_aux_streams
+        config.builder_optimization_level = settings.builder_optimization_level
+        config.profiling_verbosity = getattr(trt.ProfilingVerbosity, settings.profiling_verbosity.upper())
+        if settings.dynamic:
+            profile = builder.create_optimization_profile()
+            for s in settings.shapes:
+                profile.set_shape(s.name, s.min, s.opt, s.max)
+            config.add_optimization_profile(profile)
+        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        if cache is None or not config.set_timing_cache(cache, False):
+            # a cache from another GPU / TensorRT version is rejected: start from an empty one
+            config.set_timing_cache(config.create_timing_cache(b""), False)
+
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise BuildError(
+                f"TensorRT could not build {model.name}: {log.summary() or 'no error logged'}; run "
+                "qdq_lint on the model and check the layer is supported in the chosen precision"
+                + (" (FP32 pins are obeyed: a pinned layer needs an FP32 implementation)" if pinned else "")
+            )
+        return bytes(plan), bytes(config.get_timing_cache().serialize()), pinned
 
 
-def inspect_precisions(trt: Any, engine: Any, settings: TrtBuildSettings) -> dict[str, str]:
-    """Per-layer precisions from the engine inspector, with the opt shapes set so formats resolve."""
+def engine_information(trt: Any, engine: Any, settings: TrtBuildSettings | _Shapes) -> str:
+    """The engine inspector's JSON, with the opt shapes set so formats resolve."""
     context = engine.create_execution_context()
     inspector = engine.create_engine_inspector()
     if context is not None:
         for s in settings.shapes:
-            if s.dynamic:
+            if s.dynamic or any(int(d) < 0 for d in engine.get_tensor_shape(s.name)):
                 context.set_input_shape(s.name, s.opt)
         try:
             inspector.execution_context = context
         except AttributeError:  # TensorRT 8.x named it `context`
             inspector.context = context
-    info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    info = str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     del inspector, context
-    return layer_precisions(info)
+    return info
 
 
 def _with_weights(path: Path, proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -196,6 +203,33 @@ def _read_meta(engine: Engine) -> dict[str, Any]:
             loaded: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
             return loaded
     return {}
+
+
+def pin_record(pin: LayerPin) -> dict[str, Any]:
+    """How ``engine.json`` lists one layer constrained to FP32."""
+    return {"layer": pin.name, "node": pin.node, "precision": pin.precision, "outputs": list(pin.outputs)}
+
+
+def engine_options(settings: TrtBuildSettings) -> dict[str, str]:
+    """What the engine was built with, as :attr:`Engine.options` records it (the float precision, the
+    typing, the builder flags set and cleared, the FP32 pins)."""
+    return {
+        "float_precision": settings.float_precision,
+        "typing": "strong" if settings.strongly_typed else "weak",
+        "builder_flags": ",".join(settings.builder_flags()),
+        "tf32": "on" if settings.tf32 else "off",
+        "fp32_pins": str(len(settings.fp32_pins)),
+    }
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    shapes: tuple[ShapeRange, ...]
+
+
+def _opt_shapes(engine: Engine) -> _Shapes:
+    """Opt shapes from an Engine record (for the inspector of a plan without ``engine.json``)."""
+    return _Shapes(tuple(ShapeRange(name, shape, shape, shape) for name, shape in engine.inputs.items()))
 
 
 def _plan_path(engine: Engine) -> Path:
@@ -290,8 +324,10 @@ class TensorRTBuilder:
 
     def build(self, model: Path, profile: Profile, out_dir: Path) -> Engine:
         """Compile ``model`` for ``profile``; writes ``engine.plan``, ``engine.json`` and
-        ``timing.cache`` into ``out_dir``."""
-        trt = import_tensorrt()
+        ``timing.cache`` into ``out_dir``. The float layers run in the profile's float precision
+        (:func:`rexdeploy_tensorrt.settings.float_precision`: a profile with neither fp16 nor bf16 gives a
+        true FP32 engine, TF32 off); the nodes the model pins to FP32 are constrained to FP32."""
+        trt = tensorrt_for_gpu()
         model, out_dir = Path(model), Path(out_dir)
         index = device_index(profile.device)
         gpu = device_info(index)
@@ -308,11 +344,7 @@ class TensorRTBuilder:
             raise BuildError(
                 f"{model.name}: {len(hard)} Q/DQ problem(s) TensorRT rejects; first: {hard[0].node}: {hard[0].message}"
             )
-        if _trt_major(trt) >= 11 and not settings.strongly_typed:
-            raise BuildError(
-                f"TensorRT {trt.__version__} builds strongly typed networks only, but the settings are "
-                f"{settings.typing_reason}; install tensorrt<11 or build with typing='strong'",
-            )
+        check_tensorrt_version(str(trt.__version__), settings)
         if index != 0:
             from rexdeploy_tensorrt.timing import _Cuda
 
@@ -320,7 +352,8 @@ class TensorRTBuilder:
 
         cache_path = Path(settings.timing_cache) if settings.timing_cache else out_dir / CACHE_NAME
         start = time.perf_counter()
-        plan, cache = build_plan(trt, model, settings, cache_path)
+        nodes = {n.name for n in proto.graph.node if n.name}
+        plan, cache, pinned = build_plan(trt, model, settings, cache_path, nodes)
         build_seconds = time.perf_counter() - start
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,12 +363,24 @@ class TensorRTBuilder:
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(cache)
 
-        runtime = trt.Runtime(_make_logger(trt))
-        _RUNTIMES.append(runtime)
-        engine = runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise BuildError(f"TensorRT could not load the engine it just built from {model.name}; rebuild it")
-        precisions = inspect_precisions(trt, engine, settings)
+        with SINK.collect() as log:
+            runtime = trt.Runtime(process_logger(trt))
+            _RUNTIMES.append(runtime)
+            engine = runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise BuildError(
+                    f"TensorRT could not load the engine it just built from {model.name}: "
+                    f"{log.summary() or 'no error logged'}; rebuild it"
+                )
+            information = engine_information(trt, engine, settings)
+        precisions = layer_precisions(information)
+        summary = precision_summary(information)
+        pins = {
+            "nodes": list(settings.pinned_nodes),
+            "applied": settings.pins_apply,
+            "layers": [pin_record(p) for p in pinned],
+            "unmatched": unmatched_pins(settings.pinned_nodes, pinned) if settings.pins_apply else [],
+        }
         meta = {
             "model": str(model),
             "plan": PLAN_NAME,
@@ -344,7 +389,10 @@ class TensorRTBuilder:
             "compute_capability": list(gpu.compute_capability),
             "build_seconds": build_seconds,
             "settings": settings.to_dict(),
+            "float_precision": settings.float_precision,
             "layer_precisions": precisions,
+            "precision_summary": summary,
+            "fp32_pins": pins,
             "lint_warnings": [str(f) for f in findings],
         }
         write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True))
@@ -357,8 +405,31 @@ class TensorRTBuilder:
             build_seconds=build_seconds,
             backend_version=str(trt.__version__),
             layer_precisions=precisions,
+            options=engine_options(settings),
             handle=engine,
         )
+
+    def default_float_precision(self, profile: Profile) -> str:
+        """TensorRT's default float on ``profile``'s GPU, built beside the FP32 reference: ``fp16`` when the
+        profile allows fp16, ``bf16`` when only bf16, else ``fp32`` (pure: no TensorRT import). A profile
+        variant with only that flag builds it; one with neither builds the FP32 reference."""
+        return default_float_precision(profile)
+
+    def precision_summary(self, engine: Engine) -> dict[str, dict[str, int]]:
+        """Engine layer type → precision → count, from the engine inspector (stored in ``engine.json`` at
+        build time; read from the plan for an engine without it); see
+        :func:`rexdeploy_tensorrt.engine_info.precision_summary`."""
+        meta = _read_meta(engine)
+        stored = meta.get("precision_summary")
+        if isinstance(stored, dict):
+            return {str(k): {str(p): int(n) for p, n in v.items()} for k, v in stored.items()}
+        trt = tensorrt_for_gpu()
+        runtime, cuda_engine = self._engine(trt, engine)
+        settings = TrtBuildSettings.from_dict(meta["settings"]) if "settings" in meta else None
+        shapes = settings if settings is not None else _opt_shapes(engine)
+        information = engine_information(trt, cuda_engine, shapes)
+        del runtime
+        return precision_summary(information)
 
     def load(self, plan: Path, profile: Profile) -> Engine:
         """An already-built engine (``engine.plan`` with its ``engine.json``): no rebuild."""
@@ -368,12 +439,13 @@ class TensorRTBuilder:
         """(runtime or None, ICudaEngine): the live handle, else the plan deserialized."""
         if engine.handle is not None and hasattr(engine.handle, "create_execution_context"):
             return None, engine.handle
-        runtime = trt.Runtime(_make_logger(trt))
-        loaded = runtime.deserialize_cuda_engine(_plan_path(engine).read_bytes())
+        with SINK.collect() as log:
+            runtime = trt.Runtime(process_logger(trt))
+            loaded = runtime.deserialize_cuda_engine(_plan_path(engine).read_bytes())
         if loaded is None:
             raise BuildError(
-                f"TensorRT {trt.__version__} cannot load {_plan_path(engine)}; a plan runs only with the "
-                "TensorRT version and GPU that built it: rebuild it here"
+                f"TensorRT {trt.__version__} cannot load {_plan_path(engine)} ({log.summary() or 'no error logged'}); "
+                "a plan runs only with the TensorRT version and GPU that built it: rebuild it here"
             )
         return runtime, loaded
 
@@ -381,7 +453,7 @@ class TensorRTBuilder:
         """Latency of ``engine`` (GPU compute with CUDA events; host↔device copies reported apart)."""
         from rexdeploy_tensorrt.timing import time_engine
 
-        trt = import_tensorrt()
+        trt = tensorrt_for_gpu()
         meta = _read_meta(engine)
         use_graph = self.use_cuda_graph or bool(meta.get("settings", {}).get("use_cuda_graph", False))
         runtime, cuda_engine = self._engine(trt, engine)
@@ -395,7 +467,7 @@ class TensorRTBuilder:
         model through the inspector's layer metadata; see :mod:`rexdeploy_tensorrt.layer_profile`."""
         from rexdeploy_tensorrt.layer_profile import inspector_metadata, layer_times_from_totals, profile_engine
 
-        trt = import_tensorrt()
+        trt = tensorrt_for_gpu()
         runtime, cuda_engine = self._engine(trt, engine)
         sink, information = profile_engine(trt, cuda_engine, device_index(engine.device), settings)
         del runtime
@@ -411,7 +483,7 @@ class TensorRTBuilder:
         """One inference; outputs in the engine's (= the ONNX model's) output order."""
         from rexdeploy_tensorrt.timing import run_engine
 
-        trt = import_tensorrt()
+        trt = tensorrt_for_gpu()
         runtime, cuda_engine = self._engine(trt, engine)
         outputs = run_engine(trt, cuda_engine, device_index(engine.device), inputs)
         del runtime

@@ -1,4 +1,4 @@
-"""Per-layer precisions from TensorRT's engine inspector JSON (pure).
+"""Per-layer precisions, and their summary by layer type, from TensorRT's engine inspector JSON (pure).
 
 ``IEngineInspector.get_engine_information(trt.LayerInformationFormat.JSON)`` returns
 ``{"Layers": [...], "Bindings": [...]}``; with ``ProfilingVerbosity.DETAILED`` each layer is a dict
@@ -76,3 +76,28 @@ def layer_precisions(engine_information: str) -> dict[str, str]:
         elif isinstance(layer, Mapping):
             out[str(layer.get("Name", f"layer{i}"))] = _layer_precision(layer)
     return out
+
+
+def precision_summary(engine_information: str) -> dict[str, dict[str, int]]:
+    """Engine layer type → precision → how many layers, from the inspector's JSON, e.g.
+    ``{"CaskConvolution": {"int8": 12}, "PointWiseV2": {"fp16": 3, "fp32": 1}, "Reformat": {"fp16": 2}}``
+    — the TensorRT counterpart of OpenVINO's ``runtime_precision_summary``. A layer's type is its
+    ``LayerType`` ("unknown" for layers given by name only, below ``ProfilingVerbosity.DETAILED``) and its
+    precision is :func:`layer_precisions`'s (weights type first, else its first typed input / output);
+    not inspector JSON → {}."""
+    try:
+        doc = json.loads(engine_information)
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    layers = doc.get("Layers", []) if isinstance(doc, Mapping) else []
+    summary: dict[str, dict[str, int]] = {}
+    for layer in layers:
+        if isinstance(layer, str):
+            kind, precision = "unknown", "unknown"
+        elif isinstance(layer, Mapping):
+            kind, precision = str(layer.get("LayerType") or "unknown"), _layer_precision(layer)
+        else:
+            continue
+        per_kind = summary.setdefault(kind, {})
+        per_kind[precision] = per_kind.get(precision, 0) + 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(summary.items())}

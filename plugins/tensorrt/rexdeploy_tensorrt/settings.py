@@ -7,17 +7,31 @@ The choices, each with the TensorRT 10.x documentation it follows:
   (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html).
   A strongly typed network takes every tensor type from the ONNX, so it is chosen when the model is
   *fully typed*: ONNX type inference gives every tensor an element type, **and** the float precision the
-  profile wants is already written in the graph (float16 / bfloat16 tensors present, or the profile
-  allows neither). rexdeploy's passes emit float32 graphs with int8 Q/DQ; for a profile that allows
-  fp16/bf16 such a graph falls back to a *weakly typed* network with precision flags (``FP16``/``BF16``
-  plus ``INT8`` for the Q/DQ layers, TensorRT 10 ``BuilderFlag``s), which lets TensorRT run the layers
-  left in float in fp16/bf16. Weak typing is deprecated since TensorRT 10.12 and removed in 11
+  profile wants is already written in the graph (float16 / bfloat16 tensors present, or the float
+  precision is fp32). rexdeploy's passes emit float32 graphs with int8 Q/DQ; for a profile whose float
+  precision is fp16 or bf16 such a graph falls back to a *weakly typed* network with precision flags
+  (exactly one of ``FP16``/``BF16``, plus ``INT8`` for the Q/DQ layers, TensorRT 10 ``BuilderFlag``s),
+  which lets TensorRT run the layers left in float in that precision. Weak typing is deprecated since
+  TensorRT 10.12 and removed in 11
   (https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-reference.html);
   cast the graph to float16 (or pass ``typing="strong"``) for a strongly typed build.
+* **The float precision follows the profile** (:func:`float_precision`, the cost model's
+  :func:`rexdeploy.costmodel.float_precision`): ``fp16`` when ``[quantization] fp16``, else ``bf16`` when
+  ``bf16``, else ``fp32``. Only that one reduced-precision flag is set, so the engine's float layers run
+  in the precision the planner and the fidelity model assume; a profile with neither flag builds a true
+  FP32 engine (the FP32 reference: no FP16/BF16 flag, strongly typed for a float32 graph). **TF32 is
+  always off** (``BuilderFlag.TF32`` cleared, trtexec ``--noTF32``): TensorRT enables it by default and
+  it rounds FP32 convolution / matrix inputs to a 10-bit mantissa, so an "fp32" layer would not be.
+* **FP32 pins** (:mod:`rexdeploy.pins`): ONNX nodes the expansion pass lists under
+  ``rexdeploy.fp32_nodes`` run in FP32 inside a reduced-precision engine: weakly typed, their layers get
+  ``precision = float32`` and float32 output types with ``OBEY_PRECISION_CONSTRAINTS``
+  (:mod:`rexdeploy_tensorrt.precision_pins`); strongly typed, the graph's own types must already be
+  float32 there (checked).
 * **INT8** comes from explicit quantization only (Q/DQ in the graph): no calibrator is ever used.
 * **FP8** only when the profile allows it and the GPU is SM 8.9 or newer (Ada, Hopper); **BF16** needs
   SM 8.0+. ``compute_capability=None`` (planning on a machine without the target GPU) trusts the profile.
-* **INT4** weight-only only when ``profile.quantization.int4_weight_only``.
+* **INT4** weight-only only when ``profile.quantization.int4_weight_only``; ``BuilderFlag.INT4`` and
+  trtexec ``--int4`` exist from TensorRT 10.1 (:func:`check_tensorrt_version`).
 * ``max_aux_streams = profile.parallel.aux_streams`` so REx ensemble predictors (parallel branches
   summed at the output) can run concurrently ("Within-Inference Multi-Streaming").
 * One optimization profile: a dynamic batch dimension becomes min 1 / opt 1 / max ``max_batch``.
@@ -34,10 +48,14 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from rexdeploy import costmodel
 from rexdeploy.errors import BuildError, ModelError
+from rexdeploy.pins import FP32_NODES_KEY, fp32_nodes
 from rexdeploy.profile import Profile
 
 FP8_MIN_CC = (8, 9)
+INT4_MIN_TRT = (10, 1)  # BuilderFlag.INT4 and trtexec --int4 appeared in TensorRT 10.1
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 BF16_MIN_CC = (8, 0)
 TYPINGS = ("auto", "strong", "weak")
 OPT_LEVELS = range(0, 6)  # builder_optimization_level: 0..5, TensorRT's default is 3
@@ -73,9 +91,12 @@ class ShapeRange:
 class TrtBuildSettings:
     """Everything the TensorRT builder is told, chosen once and stored next to the engine.
 
-    ``fp16``/``bf16``/``fp8``/``int4`` say which precisions the engine may use (profile and GPU allow
-    them); ``int8`` says the model holds int8 Q/DQ. In a strongly typed network the precisions come
-    from the graph, so :meth:`builder_flags` is empty; in a weakly typed one it lists the flags.
+    ``float_precision`` is the one precision the float layers run in ("fp32", "fp16" or "bf16");
+    ``fp16``/``bf16`` say whether that is fp16 / bf16 (at most one is true); ``fp8``/``int4`` say which
+    quantized types the profile and GPU allow; ``int8`` says the model holds int8 Q/DQ. ``tf32`` is
+    always False (TF32 cleared: an fp32 layer is fp32). ``fp32_pins`` are the (ONNX node, op type)
+    pairs pinned to FP32 (:mod:`rexdeploy.pins`). In a strongly typed network the precisions come from
+    the graph, so :meth:`builder_flags` is empty; in a weakly typed one it lists the flags.
     """
 
     profile_name: str
@@ -96,11 +117,21 @@ class TrtBuildSettings:
     profiling_verbosity: str = "detailed"
     compute_capability: tuple[int, int] | None = None
     quantized_types: tuple[str, ...] = field(default=())
+    float_precision: str = "fp32"
+    tf32: bool = False
+    fp32_pins: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def pinned_nodes(self) -> tuple[str, ...]:
+        """The ONNX node names pinned to FP32."""
+        return tuple(name for name, _ in self.fp32_pins)
 
     def builder_flags(self) -> tuple[str, ...]:
-        """Names of the ``trt.BuilderFlag`` members to set (weakly typed networks only). FP16/BF16
-        let TensorRT pick those for float layers; INT8/FP8/INT4 enable the Q/DQ types the model holds
-        (FP8/INT4 only appear through explicit quantization, so they are set only when present)."""
+        """Names of the ``trt.BuilderFlag`` members to set (weakly typed networks only). FP16 or BF16
+        (the float precision; never both) lets TensorRT run float layers in it; INT8/FP8/INT4 enable
+        the Q/DQ types the model holds (FP8/INT4 only appear through explicit quantization, so they are
+        set only when present); OBEY_PRECISION_CONSTRAINTS when FP32 pins constrain layers of a
+        reduced-precision engine. ``TF32`` is cleared, never set (see :attr:`tf32`)."""
         if self.strongly_typed:
             return ()
         qtypes = set(self.quantized_types)
@@ -110,8 +141,15 @@ class TrtBuildSettings:
             ("INT8", self.int8),
             ("FP8", self.fp8 and "fp8" in qtypes),
             ("INT4", self.int4 and "int4" in qtypes),
+            ("OBEY_PRECISION_CONSTRAINTS", bool(self.fp32_pins) and self.float_precision != "fp32"),
         )
         return tuple(name for name, on in wanted if on)
+
+    @property
+    def pins_apply(self) -> bool:
+        """True when the builder must constrain the pinned layers (weakly typed, reduced float precision);
+        in an fp32 engine every float layer is already FP32, and strongly typed ones take the graph's types."""
+        return bool(self.fp32_pins) and not self.strongly_typed and self.float_precision != "fp32"
 
     @property
     def dynamic(self) -> bool:
@@ -125,6 +163,7 @@ class TrtBuildSettings:
         ]
         raw["compute_capability"] = list(self.compute_capability) if self.compute_capability else None
         raw["quantized_types"] = list(self.quantized_types)
+        raw["fp32_pins"] = [list(p) for p in self.fp32_pins]
         return raw
 
     def to_json(self) -> str:
@@ -139,6 +178,10 @@ class TrtBuildSettings:
         cc = raw.get("compute_capability")
         values["compute_capability"] = (int(cc[0]), int(cc[1])) if cc else None
         values["quantized_types"] = tuple(raw.get("quantized_types", ()))
+        values["fp32_pins"] = tuple((str(p[0]), str(p[1])) for p in raw.get("fp32_pins", ()))
+        if "float_precision" not in raw:  # engine.json written before the field: both flags meant "fp16 first"
+            values["float_precision"] = "fp16" if raw.get("fp16") else "bf16" if raw.get("bf16") else "fp32"
+        values.setdefault("tf32", True)  # ... and left TensorRT's default TF32 on
         return cls(**values)
 
     @classmethod
@@ -153,6 +196,7 @@ class ModelTypes:
     untyped: tuple[str, ...]  # tensors ONNX type inference leaves without an element type
     reduced_float: bool  # float16 / bfloat16 tensors present
     quantized_types: tuple[str, ...]  # element types carried by Q/DQ pairs ("int8", "int4", "fp8", ...)
+    reduced_nodes: tuple[str, ...] = ()  # nodes with a float16 / bfloat16 output
 
 
 def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
@@ -210,13 +254,88 @@ def model_types(model: onnx.ModelProto) -> ModelTypes:
     reduced = any(t in _REDUCED_FLOATS for t in elem.values()) or any(
         n.op_type == "Cast" and any(a.name == "to" and a.i in _REDUCED_FLOATS for a in n.attribute) for n in graph.node
     )
+    reduced_nodes = tuple(n.name for n in graph.node if any(elem.get(o) in _REDUCED_FLOATS for o in n.output))
     qtypes: set[str] = set()
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             t = _q_output_type(node, elem)
             if t is not None:
                 qtypes.add(_QUANT_TYPE_NAMES.get(t, TensorProto.DataType.Name(t).lower()))
-    return ModelTypes(untyped=tuple(untyped), reduced_float=reduced, quantized_types=tuple(sorted(qtypes)))
+    return ModelTypes(
+        untyped=tuple(untyped),
+        reduced_float=reduced,
+        quantized_types=tuple(sorted(qtypes)),
+        reduced_nodes=reduced_nodes,
+    )
+
+
+def float_precision(profile: Profile) -> str:
+    """The one precision a TensorRT engine of ``profile`` runs its float layers in: the cost model's
+    (:func:`rexdeploy.costmodel.float_precision`: ``fp16`` when the profile allows fp16), else ``bf16``
+    when the profile allows bf16 (a bf16-only profile), else ``fp32``."""
+    chosen = costmodel.float_precision(profile)
+    if chosen == "fp32" and profile.quantization.bf16:
+        return "bf16"
+    return chosen if chosen in FLOAT_PRECISIONS else "fp32"
+
+
+def default_float_precision(profile: Profile) -> str:
+    """TensorRT's "default float" on ``profile``'s GPU — what a user who builds the model with the reduced
+    precision the GPU offers gets: ``fp16`` when the profile allows fp16, ``bf16`` when only bf16, else
+    ``fp32``. The FP32 reference is a separate engine built with neither flag."""
+    q = profile.quantization
+    return "fp16" if q.fp16 else "bf16" if q.bf16 else "fp32"
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    """``"10.13.0.35"`` → (10, 13); unparsable parts read 0."""
+    parts = [*str(version).split("."), "0", "0"][:2]
+    out = []
+    for part in parts:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return out[0], out[1]
+
+
+def check_tensorrt_version(version: str, settings: TrtBuildSettings) -> None:
+    """Raise :class:`BuildError` when TensorRT ``version`` cannot build ``settings``: TensorRT 11+ builds
+    strongly typed networks only; int4 weights need ``BuilderFlag.INT4`` / ``--int4``, which appeared in 10.1."""
+    have = parse_version(version)
+    if have[0] >= 11 and not settings.strongly_typed:
+        raise BuildError(
+            f"TensorRT {version} builds strongly typed networks only, but the settings are "
+            f"{settings.typing_reason}; install tensorrt>=10.1,<11 or build with typing='strong'"
+        )
+    if "int4" in settings.quantized_types and have < INT4_MIN_TRT:
+        raise BuildError(
+            f"the model holds int4 weights, which need TensorRT 10.1 or newer (BuilderFlag.INT4, trtexec "
+            f"--int4), but this is TensorRT {version}: pip install 'tensorrt>=10.1,<11' (or re-plan with int8 weights)"
+        )
+
+
+def _pins(model: onnx.ModelProto, types: ModelTypes, strongly_typed: bool) -> tuple[tuple[str, str], ...]:
+    """The (node, op type) pairs the model pins to FP32; every pin must name a node of the graph, and in a
+    strongly typed build (types from the graph) no pinned node may compute in float16 / bfloat16."""
+    names = fp32_nodes(model)
+    if not names:
+        return ()
+    ops = {n.name: n.op_type for n in model.graph.node if n.name}
+    missing = [n for n in names if n not in ops]
+    if missing:
+        raise BuildError(
+            f"the model's {FP32_NODES_KEY} metadata pins {len(missing)} node(s) the graph does not have (e.g. "
+            f"{', '.join(missing[:3])}); a pass renamed or removed them after the expansion: re-run the expansion "
+            "so the pins name the emitted nodes"
+        )
+    if strongly_typed:
+        reduced = [n for n in names if n in set(types.reduced_nodes)]
+        if reduced:
+            raise BuildError(
+                f"{len(reduced)} node(s) pinned to FP32 compute in float16/bfloat16 in the graph (e.g. "
+                f"{', '.join(reduced[:3])}) and a strongly typed build takes its types from the graph: keep "
+                "those nodes float32 in the ONNX (Cast around them) or build weakly typed (typing='weak', TensorRT 10)"
+            )
+    return tuple((n, ops[n]) for n in names)
 
 
 def device_index(device: str) -> int:
@@ -284,10 +403,10 @@ def _check_capability(profile: Profile, cc: tuple[int, int] | None) -> None:
             f"profile {profile.name!r} enables fp8 but the GPU is {sm}; FP8 needs SM 8.9 or newer (Ada, "
             "Hopper): set [quantization] fp8 = false in the profile or build on such a GPU"
         )
-    if profile.quantization.bf16 and cc < BF16_MIN_CC:
+    if float_precision(profile) == "bf16" and cc < BF16_MIN_CC:
         raise BuildError(
-            f"profile {profile.name!r} enables bf16 but the GPU is {sm}; BF16 needs SM 8.0 or newer "
-            "(Ampere+): set [quantization] bf16 = false in the profile or build on such a GPU"
+            f"profile {profile.name!r} runs float layers in bf16 but the GPU is {sm}; BF16 needs SM 8.0 or "
+            "newer (Ampere+): set [quantization] bf16 = false (fp16 = true) in the profile or build on such a GPU"
         )
 
 
@@ -353,9 +472,10 @@ def select_settings(
     types = model_types(proto)
     _check_quantized_types(profile, types.quantized_types)
     q = profile.quantization
-    fp16, bf16 = q.fp16, q.bf16
+    precision = float_precision(profile)
+    fp16, bf16 = precision == "fp16", precision == "bf16"
     fp8 = q.fp8  # capability already checked
-    wants_reduced = fp16 or bf16
+    wants_reduced = precision != "fp32"
     fully_typed = not types.untyped
     if typing == "strong" and not fully_typed:
         raise BuildError(
@@ -382,11 +502,11 @@ def select_settings(
     else:
         strong = False
         reason = (
-            "weakly typed with precision flags: the ONNX is float32 outside its Q/DQ and the profile allows "
-            f"{'/'.join(p for p, on in (('fp16', fp16), ('bf16', bf16)) if on)}, so TensorRT may run the "
-            "float layers in reduced precision (TensorRT 10 only; cast the graph to float16 for a strongly "
-            "typed build)"
+            "weakly typed with precision flags: the ONNX is float32 outside its Q/DQ and the profile's float "
+            f"precision is {precision}, so TensorRT may run the float layers in {precision} (TensorRT 10 only; "
+            "cast the graph to float16 for a strongly typed build)"
         )
+    pins = _pins(proto, types, strong)
     return TrtBuildSettings(
         profile_name=profile.name,
         device=profile.device,
@@ -405,4 +525,7 @@ def select_settings(
         use_cuda_graph=use_cuda_graph,
         compute_capability=compute_capability,
         quantized_types=types.quantized_types,
+        float_precision=precision,
+        tf32=False,
+        fp32_pins=pins,
     )
