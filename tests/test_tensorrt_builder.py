@@ -8,6 +8,8 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
+import tomllib
 from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -18,23 +20,31 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rexdeploy_tensorrt import (
+    NetLayer,
     ShapeRange,
     TensorRTBuilder,
     TrtBuildSettings,
     engine_from_plan,
     layer_precisions,
+    layers_to_pin,
     lint_qdq,
+    precision_summary,
     select_settings,
+    trt_logger,
     trtexec_command,
 )
 from rexdeploy_tensorrt import qdq_lint as ql
 from rexdeploy_tensorrt import settings as trt_settings
+from rexdeploy_tensorrt.cuda_device import PINS, cuda_mismatch, installed_cuda_majors
 from rexdeploy_tensorrt.engine_info import precision_of
+from rexdeploy_tensorrt.precision_pins import unmatched_pins
 from rexdeploy_tensorrt.timing import timed_loop
+from rexdeploy_tensorrt.trt_logger import LogSink
 
 from rexdeploy import costmodel
 from rexdeploy.builders.base import Builder, TimingSettings
 from rexdeploy.errors import BuildError, EngineUnavailableError, InputError
+from rexdeploy.pins import pin_fp32
 from rexdeploy.profile import Profile, load_profile
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -447,18 +457,18 @@ def test_settings_json_round_trip(name: str, tmp_path: Path) -> None:
     assert TrtBuildSettings.from_dict(json.loads(none_cc.to_json())) == none_cc
 
 
-def float_conv(batch: int | str = 1, seed: int = 0) -> onnx.ModelProto:
+def float_conv(batch: int | str = 1, seed: int = 0, cin: int = 4, cout: int = 8, hw: int = 8) -> onnx.ModelProto:
     """x → Conv(float32 weights, bias) → y: a model with no Q/DQ (what the FP32 reference builds)."""
     rng = np.random.default_rng(seed)
     inits = [
-        numpy_helper.from_array((rng.standard_normal((8, 4, 3, 3)) * 0.1).astype(np.float32), "w"),
-        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b"),
+        numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) * 0.1).astype(np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), "b"),
     ]
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
         "float_conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 8, 8])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, cin, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, cout, hw, hw])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -538,6 +548,83 @@ def test_tensorrt_version_floor_for_int4_and_weak_typing() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# FP32 pins
+
+
+def _pinned(model: onnx.ModelProto, *names: str) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return pin_fp32(m, names)
+
+
+# A network as TensorRT's ONNX parser names it (ImporterContext::registerLayer): a node's first layer
+# carries its name, further ones <name>_<global counter>; metadata "[ONNX Layer: <name>]".
+NETWORK = [
+    NetLayer("q_x", "[ONNX Layer: q_x]", "QUANTIZE", (False,)),
+    NetLayer("dq_x", "[ONNX Layer: dq_x]", "DEQUANTIZE", (True,)),
+    NetLayer("rem", "[ONNX Layer: rem]", "ELEMENTWISE", (True,)),
+    NetLayer("rem_7", "[ONNX Layer: rem]", "SHUFFLE", (True,)),  # a further layer of node "rem"
+    NetLayer("rem_8", "", "ELEMENTWISE", (True,)),  # no metadata: by name, not an ONNX node's own name
+    NetLayer("rem_2", "[ONNX Layer: rem_2]", "ELEMENTWISE", (True,)),  # another node, named like a suffix
+    NetLayer("rem_c", "[ONNX Layer: rem]", "CONSTANT", (True,)),  # constants are never constrained
+    NetLayer("shape_of_rem", "[ONNX Layer: rem]", "SHAPE", (False,)),
+    NetLayer("mixed", "[ONNX Layer: f_add | Local Function: LayerNorm]", "ELEMENTWISE", (True, False)),
+    NetLayer("add", "[ONNX Layer: other]", "ELEMENTWISE", (True,)),  # name equals a pin, metadata says other
+    NetLayer("ONNXTRT_helper", "", "CAST", (True,)),
+    NetLayer("conv", "[ONNX Layer: conv]", "CONVOLUTION", (True,)),
+]
+ONNX_NODES = {"q_x", "dq_x", "rem", "rem_2", "f_add", "other", "conv", "add"}
+
+
+def test_layers_to_pin_follow_the_parser_names_and_metadata() -> None:
+    pins = layers_to_pin(NETWORK, {"q_x", "dq_x", "rem", "f_add", "add"}, ONNX_NODES)
+    got = {(p.name, p.node, p.precision, p.outputs) for p in pins}
+    assert got == {
+        ("q_x", "q_x", True, ()),  # a Quantize layer computes in float; its int8 output is left alone
+        ("dq_x", "dq_x", False, (0,)),  # a Dequantize layer's precision is its int8 input: output type only
+        ("rem", "rem", True, (0,)),
+        ("rem_7", "rem", True, (0,)),
+        ("rem_8", "rem", True, (0,)),
+        ("mixed", "f_add", True, (0,)),  # only the float output; local-function metadata read
+    }
+    assert [p.index for p in pins] == sorted(p.index for p in pins)
+    assert unmatched_pins({"q_x", "dq_x", "rem", "f_add", "add", "gone"}, pins) == ["add", "gone"]
+    assert layers_to_pin(NETWORK, set(), ONNX_NODES) == []
+    assert {p.name for p in layers_to_pin(NETWORK, {"rem_2"}, ONNX_NODES)} == {"rem_2"}
+
+
+def test_pins_constrain_a_reduced_precision_weak_build() -> None:
+    model = _pinned(qdq_conv(), "conv", "dq_x", "q_x")
+    s = select_settings(load_profile("a100"), model, (8, 0))
+    assert s.fp32_pins == (("conv", "Conv"), ("dq_x", "DequantizeLinear"), ("q_x", "QuantizeLinear"))
+    assert s.pins_apply and s.builder_flags() == ("FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS")
+    assert TrtBuildSettings.from_json(s.to_json()) == s
+    args = _args(trtexec_command("m.onnx", s))
+    assert {"--fp16", "--int8", "--noTF32", "--precisionConstraints=obey"} <= set(args)
+    assert "--obey_precision_constraints" not in args
+    assert "--layerPrecisions=conv:fp32,q_x:fp32" in args  # a DQ layer's precision is its int8 input
+    assert "--layerOutputTypes=conv:fp32,dq_x:fp32" in args  # a Q layer's output is int8
+    # an fp32 engine needs no constraint: every float layer is FP32 already
+    fp32 = select_settings(_variant(load_profile("a100"), "fp32"), model, (8, 0), typing="weak")
+    assert fp32.fp32_pins and not fp32.pins_apply and fp32.builder_flags() == ("INT8",)
+    assert not any(
+        a.startswith(("--precisionConstraints", "--layerPrecisions")) for a in _args(trtexec_command("m.onnx", fp32))
+    )
+
+
+def test_pins_must_name_graph_nodes_and_fit_a_strongly_typed_graph() -> None:
+    with pytest.raises(BuildError, match=r"pins 1 node\(s\) the graph does not have \(e\.g\. renamed\)"):
+        select_settings(load_profile("a100"), _pinned(qdq_conv(), "conv", "renamed"), (8, 0))
+    half = qdq_conv()
+    half.graph.node.append(helper.make_node("Cast", ["y"], ["y16"], name="to_half", to=TensorProto.FLOAT16))
+    half.graph.output[0].CopyFrom(helper.make_tensor_value_info("y16", TensorProto.FLOAT16, ["N", 8, 8, 8]))
+    with pytest.raises(BuildError, match=r"pinned to FP32 compute in float16/bfloat16 .*to_half"):
+        select_settings(load_profile("a100"), _pinned(half, "to_half"), (8, 0))
+    strong = select_settings(load_profile("a100"), _pinned(half, "conv"), (8, 0))  # conv stays float32
+    assert strong.strongly_typed and strong.fp32_pins == (("conv", "Conv"),) and not strong.pins_apply
+
+
+# ---------------------------------------------------------------------------------------------
 # trtexec command
 
 
@@ -600,6 +687,22 @@ def test_trtexec_quotes_input_names_with_colons() -> None:
     assert "--maxShapes='input:0':4x3" in args and "--maxAuxStreams=0" in args
 
 
+def test_trtexec_refuses_names_it_cannot_parse() -> None:
+    base = select_settings(load_profile("a100"), qdq_conv(batch=1), (8, 0))
+    comma = replace(base, shapes=(ShapeRange("a,b", (1, 3), (1, 3), (4, 3)),))
+    with pytest.raises(BuildError, match=r"input name 'a,b' holds ','.*rename it in the ONNX"):
+        trtexec_command("m.onnx", comma)
+    quote = replace(base, shapes=(ShapeRange("it's", (1, 3), (1, 3), (4, 3)),))
+    with pytest.raises(BuildError, match='holds "\'"'):
+        trtexec_command("m.onnx", quote)
+    pinned = select_settings(load_profile("a100"), _pinned(qdq_conv(batch=1), "conv"), (8, 0))
+    star = replace(pinned, fp32_pins=(("blk*1", "Add"),))
+    with pytest.raises(BuildError, match=r"node name 'blk\*1' holds '\*'"):
+        trtexec_command("m.onnx", star)
+    colon = replace(pinned, fp32_pins=(("enc:add", "Add"),))
+    assert "--layerPrecisions='enc:add':fp32" in _args(trtexec_command("m.onnx", colon))
+
+
 # ---------------------------------------------------------------------------------------------
 # engine inspector JSON, timing loop
 
@@ -644,6 +747,195 @@ def test_layer_precisions_from_inspector_json() -> None:
         "int4",
         "int32",
     ]
+
+
+# Inspector JSON as TensorRT 10 writes it with ProfilingVerbosity.DETAILED (Engine Inspector docs: Name,
+# LayerType, Inputs/Outputs with "Format/Datatype", Weights/Bias, Metadata, TacticName).
+DETAILED_JSON = json.dumps(
+    {
+        "Layers": [
+            {
+                "Name": "q_x",
+                "LayerType": "Scale",
+                "Inputs": [
+                    {
+                        "Name": "x",
+                        "Location": "Device",
+                        "Dimensions": [1, 4, 8, 8],
+                        "Format/Datatype": "Row major linear FP32",
+                    }
+                ],
+                "Outputs": [
+                    {
+                        "Name": "x_q",
+                        "Location": "Device",
+                        "Dimensions": [1, 4, 8, 8],
+                        "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format",
+                    }
+                ],
+                "Metadata": "[ONNX Layer: q_x]",
+            },
+            {
+                "Name": "dq_x + conv",
+                "LayerType": "CaskConvolution",
+                "Inputs": [
+                    {"Name": "x_q", "Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format"}
+                ],
+                "Outputs": [{"Name": "y", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
+                "Weights": {"Type": "Int8", "Count": 288},
+                "Bias": {"Type": "Float", "Count": 8},
+                "Metadata": "[ONNX Layer: dq_x]\x1e[ONNX Layer: conv]",
+                "TacticName": "sm80_xmma_fprop_implicit_gemm_interleaved_i8i8_i8i32_f32",
+            },
+            {
+                "Name": "rem",
+                "LayerType": "PointWiseV2",
+                "Inputs": [{"Name": "y", "Format/Datatype": "Row major linear FP32"}],
+                "Outputs": [{"Name": "r", "Format/Datatype": "Row major linear FP32"}],
+                "Metadata": "[ONNX Layer: rem]",
+            },
+            {
+                "Name": "add",
+                "LayerType": "PointWiseV2",
+                "Inputs": [{"Name": "r", "Format/Datatype": "Row major linear FP16 format"}],
+                "Outputs": [{"Name": "z", "Format/Datatype": "Row major linear FP16 format"}],
+            },
+            {
+                "Name": "Reformatting CopyNode for Output Tensor 0 to add",
+                "LayerType": "Reformat",
+                "Inputs": [{"Name": "z", "Format/Datatype": "Row major linear FP16 format"}],
+                "Outputs": [{"Name": "out", "Format/Datatype": "Row major linear FP32"}],
+            },
+            {
+                "Name": "{ForeignNode[mm...gelu]}",
+                "LayerType": "Myelin",
+                "Inputs": [{"Name": "out", "Format/Datatype": "Row major linear BFloat16 format"}],
+                "Outputs": [{"Name": "o2", "Format/Datatype": "Row major linear BFloat16 format"}],
+            },
+            {"Name": "shape", "LayerType": "Shape", "Inputs": [], "Outputs": [{"Format/Datatype": "Int64"}]},
+        ],
+        "Bindings": ["x", "o2"],
+    }
+)
+
+
+def test_precision_summary_from_inspector_json() -> None:
+    summary = precision_summary(DETAILED_JSON)
+    assert summary == {
+        "CaskConvolution": {"int8": 1},
+        "Myelin": {"bf16": 1},
+        "PointWiseV2": {"fp16": 1, "fp32": 1},
+        "Reformat": {"fp16": 1},
+        "Scale": {"fp32": 1},
+        "Shape": {"int64": 1},
+    }
+    # the same per-layer precisions as layer_precisions, grouped by LayerType
+    per_layer = layer_precisions(DETAILED_JSON)
+    kinds = {str(layer["Name"]): str(layer["LayerType"]) for layer in json.loads(DETAILED_JSON)["Layers"]}
+    regrouped: dict[str, dict[str, int]] = {}
+    for name, precision in per_layer.items():
+        regrouped.setdefault(kinds[name], {}).setdefault(precision, 0)
+        regrouped[kinds[name]][precision] += 1
+    assert regrouped == summary and sum(sum(v.values()) for v in summary.values()) == len(kinds)
+    assert precision_summary(json.dumps({"Layers": ["a + b", "c"], "Bindings": []})) == {"unknown": {"unknown": 2}}
+    assert precision_summary("not json") == {}
+
+
+def test_builder_precision_summary_reads_engine_json_without_tensorrt(tmp_path: Path) -> None:
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"a plan built elsewhere")
+    stored = precision_summary(DETAILED_JSON)
+    (tmp_path / "engine.json").write_text(json.dumps({"settings": {}, "precision_summary": stored}))
+    assert TensorRTBuilder().precision_summary(engine_from_plan(plan)) == stored
+
+
+# ---------------------------------------------------------------------------------------------
+# the process-wide logger's sink
+
+
+def test_log_sink_gives_each_build_its_own_messages() -> None:
+    sink = LogSink()
+    sink.log(trt_logger.WARNING, "before any build")
+    with sink.collect() as first:
+        sink.log(trt_logger.ERROR, "first build failed\nsecond line")
+        sink.log(trt_logger.VERBOSE, "too chatty")  # below INFO: dropped
+    with sink.collect() as second:
+        sink.log(trt_logger.INFO, "[MemUsageChange] ...")
+        sink.log(trt_logger.ERROR, "Network has dynamic or shape inputs, but no optimization profile has been defined.")
+        sink.log(trt_logger.INTERNAL_ERROR, "Assertion failed")
+        sink.log(trt_logger.ERROR, "Network has dynamic or shape inputs, but no optimization profile has been defined.")
+    assert first.errors() == ["first build failed"] and len(first.messages) == 1
+    assert second.errors() == [
+        "Network has dynamic or shape inputs, but no optimization profile has been defined.",
+        "Assertion failed",
+    ]
+    assert second.summary() == " | ".join(second.errors())
+    assert list(sink.unclaimed) == [(trt_logger.WARNING, "before any build")]
+    with sink.collect() as outer, sink.collect() as inner:
+        sink.log(trt_logger.WARNING, "seen by both")
+    assert outer.warnings() == inner.warnings() == ["seen by both"]
+    many = trt_logger.LogRecords([(trt_logger.ERROR, f"e{i}") for i in range(5)])
+    assert many.summary(limit=2) == "e0 | e1 (+3 more)" and trt_logger.LogRecords().summary() == ""
+
+
+def test_log_sink_takes_messages_from_other_threads() -> None:
+    sink = LogSink()
+    with sink.collect() as records:
+        workers = [threading.Thread(target=sink.log, args=(trt_logger.ERROR, f"t{i}")) for i in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert sorted(records.errors()) == sorted(f"t{i}" for i in range(8))
+    assert not sink.unclaimed
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA majors: driver vs installed TensorRT / cuda-python builds
+
+
+def test_installed_cuda_majors_from_distribution_names() -> None:
+    dists = {
+        "tensorrt_cu13": "10.14.1.48",
+        "tensorrt_cu13_libs": "10.14.1.48",
+        "tensorrt-cu13-bindings": "10.14.1.48",
+        "cuda-python": "13.0.1",
+        "cuda_bindings": "13.0.1",
+        "tensorrt": "10.14.1.48",  # the metapackage says nothing about CUDA
+        "nvidia-cuda-runtime-cu12": "12.9.79",
+        "numpy": "2.3.0",
+    }
+    assert installed_cuda_majors(dists) == {
+        "cuda-bindings": 13,
+        "cuda-python": 13,
+        "tensorrt-cu13": 13,
+        "tensorrt-cu13-bindings": 13,
+        "tensorrt-cu13-libs": 13,
+    }
+
+
+def test_cuda_mismatch_names_the_pins_in_one_line() -> None:
+    cu13 = {"tensorrt-cu13": 13, "cuda-python": 13}
+    line = cuda_mismatch((12, 4), cu13)
+    assert line is not None and "\n" not in line
+    assert "CUDA 12.4" in line and "tensorrt-cu13 (CUDA 13)" in line and "cuda-python (CUDA 13)" in line
+    assert "rexdeploy[tensorrt-cu12]" in line and "cuda-python>=12.6.1,<13" in line
+    assert cuda_mismatch((13, 0), cu13) is None  # a driver runs its own major
+    assert cuda_mismatch((13, 0), {"tensorrt-cu12": 12, "cuda-python": 12}) is None  # ... and older ones
+    assert cuda_mismatch(None, cu13) is None  # no driver: the caller reports "no GPU"
+    old = cuda_mismatch((11, 8), {"tensorrt-cu12": 12})
+    assert old is not None and "CUDA 11" in old
+
+
+def test_pyproject_extras_carry_the_pins_the_message_names() -> None:
+    raw = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = raw["project"]["optional-dependencies"]
+    for major, line in PINS.items():
+        pins = extras[f"tensorrt-cu{major}"]
+        assert f"rexdeploy[tensorrt-cu{major}]" in line
+        assert all(pin in line for pin in pins), (pins, line)
+        assert any(p.startswith(f"tensorrt-cu{major}>=10.1,<11") for p in pins)
+    assert "tensorrt>=10.1,<11" in extras["tensorrt"]  # BuilderFlag.INT4 / --int4 need 10.1
 
 
 class _Clock:
@@ -794,3 +1086,101 @@ def test_build_run_and_time_a_qdq_conv_engine(tmp_path: Path) -> None:
     # a second build reuses (and keeps) the timing cache
     engine2 = builder.build(path, profile, tmp_path / "engine")
     assert engine2.artifacts[0] == plan and plan.stat().st_size > 0
+
+
+def _gpu_profile() -> tuple[Profile, tuple[int, int]]:
+    from rexdeploy_tensorrt.cuda_device import device_info
+
+    gpu = device_info(0)
+    if gpu is None:
+        pytest.skip("no CUDA GPU visible")
+    cc = gpu.compute_capability
+    return load_profile("h100" if cc >= (8, 9) else "a100"), cc
+
+
+def _ort_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """onnxruntime on the CPU with graph optimizations off: exact FP32 arithmetic."""
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [np.asarray(o) for o in sess.run(None, feeds)]
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_fp32_reference_is_fp32_and_the_fp16_default_is_its_own_engine(tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt")
+    base, _ = _gpu_profile()
+    builder = TensorRTBuilder(max_batch=2)
+    model = float_conv(batch="N", cin=64, cout=64, hw=16)
+    path = tmp_path / "conv.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(3).standard_normal((2, 64, 16, 16)).astype(np.float32)
+    (ref,) = _ort_reference(model, {"x": x})
+    errors: dict[str, float] = {}
+    for precision in ("fp32", builder.default_float_precision(base)):
+        engine = builder.build(path, _variant(base, precision), tmp_path / precision)
+        assert engine.options["float_precision"] == precision and engine.options["tf32"] == "off"
+        summary = builder.precision_summary(engine)
+        ran = {p for per_kind in summary.values() for p in per_kind}
+        (y,) = builder.run(engine, {"x": x})
+        errors[precision] = float(np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max())
+        if precision == "fp32":
+            assert not ran & {"fp16", "bf16", "int8", "fp8"}, summary
+        else:
+            assert precision in ran, summary
+    # TF32 (10-bit mantissa) or fp16 would be ~1e-3 off; an FP32 conv (any algorithm) is ~1e-6
+    assert errors["fp32"] <= 1e-4, errors
+    assert errors["fp16"] > errors["fp32"], errors
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_a_second_build_in_the_process_reports_tensorrts_own_error(tmp_path: Path) -> None:
+    trt = pytest.importorskip("tensorrt")
+    from rexdeploy_tensorrt.builder import build_plan
+
+    profile, cc = _gpu_profile()
+    builder = TensorRTBuilder(max_batch=2)
+    path = tmp_path / "conv.onnx"
+    onnx.save(float_conv(batch="N"), path)
+    builder.build(path, profile, tmp_path / "ok")  # a builder, a runtime and a live engine now exist
+    settings = builder.settings_for(path, profile, cc, tmp_path / "bad")
+    broken = replace(settings, shapes=())  # a dynamic batch without its optimization profile
+    with pytest.raises(BuildError) as exc:
+        build_plan(trt, path, broken, tmp_path / "bad.cache")
+    message = str(exc.value)
+    assert "no error logged" not in message and "profile" in message.lower(), message
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_fp32_pins_hold_inside_an_fp16_engine(tmp_path: Path) -> None:
+    """(x + 2048) - 2048: in fp16 (spacing 2 at 2048) every |x| < 1 is lost; pinned to FP32 it is kept
+    to 2.4e-4. Checks the pinned engine's numbers and the pins it records."""
+    pytest.importorskip("tensorrt")
+    base, _ = _gpu_profile()
+    c = numpy_helper.from_array(np.array(2048.0, np.float32), "c")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "c"], ["big"], name="add_big"),
+            helper.make_node("Sub", ["big", "c"], ["y"], name="sub_back"),
+        ],
+        "pins",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1024])],
+        [c],
+    )
+    model = pin_fp32(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), ["add_big", "sub_back"])
+    path = tmp_path / "pins.onnx"
+    onnx.save(model, path)
+    engine = TensorRTBuilder().build(path, _variant(base, "fp16"), tmp_path / "engine")
+    assert "OBEY_PRECISION_CONSTRAINTS" in engine.options["builder_flags"]
+    meta = json.loads((tmp_path / "engine" / "engine.json").read_text())
+    assert meta["fp32_pins"]["applied"] and meta["fp32_pins"]["unmatched"] == []
+    assert {p["node"] for p in meta["fp32_pins"]["layers"]} == {"add_big", "sub_back"}
+    x = np.random.default_rng(5).uniform(-1, 1, (2, 1024)).astype(np.float32)
+    (y,) = TensorRTBuilder().run(engine, {"x": x})
+    (ref,) = _ort_reference(model, {"x": x})
+    assert np.abs(y - ref).max() <= 5e-4
