@@ -849,6 +849,23 @@ def test_builder_precision_summary_reads_engine_json_without_tensorrt(tmp_path: 
     assert TensorRTBuilder().precision_summary(engine_from_plan(plan)) == stored
 
 
+def test_a_loaded_plan_carries_the_options_it_was_built_with(tmp_path: Path) -> None:
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"a plan built elsewhere")
+    settings = select_settings(load_profile("a100"), _pinned(qdq_conv(), "conv"), (8, 0))
+    (tmp_path / "engine.json").write_text(json.dumps({"settings": settings.to_dict()}))
+    options = engine_from_plan(plan).options
+    assert options == {
+        "float_precision": "fp16",
+        "typing": "weak",
+        "builder_flags": "FP16,INT8,OBEY_PRECISION_CONSTRAINTS",
+        "tf32": "off",
+        "fp32_pins": "1",
+    }
+    (tmp_path / "engine.json").write_text(json.dumps({"settings": {"device": "cuda:1"}}))
+    assert engine_from_plan(plan).options == {} and engine_from_plan(plan).device == "cuda:1"
+
+
 # ---------------------------------------------------------------------------------------------
 # the process-wide logger's sink
 

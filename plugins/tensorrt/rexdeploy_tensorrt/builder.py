@@ -248,6 +248,10 @@ def engine_from_plan(plan: str | Path, device: str = "cuda:0") -> Engine:
     meta_path = plan.with_name(META_NAME)
     meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     settings = meta.get("settings", {})
+    try:
+        options = engine_options(TrtBuildSettings.from_dict(settings)) if settings else {}
+    except (TypeError, KeyError, ValueError):  # an engine.json from another writer: no options known
+        options = {}
     return Engine(
         backend="tensorrt",
         device=str(settings.get("device", device)),
@@ -257,6 +261,7 @@ def engine_from_plan(plan: str | Path, device: str = "cuda:0") -> Engine:
         build_seconds=float(meta.get("build_seconds", 0.0)),
         backend_version=str(meta.get("tensorrt_version", "")),
         layer_precisions=dict(meta.get("layer_precisions", {})),
+        options=options,
     )
 
 
