@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -1023,6 +1024,22 @@ def test_without_tensorrt_available_is_false_and_build_names_the_extra(tmp_path:
     assert not (tmp_path / "out").exists()
     with pytest.raises(EngineUnavailableError, match="rexdeploy"):
         builder.version()
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the behaviour where TensorRT is not installed")
+def test_a_tensorrt_that_does_not_import_is_named_with_its_error(tmp_path: Path) -> None:
+    """A broken install (a stub wheel, libraries missing) is not reported as "not installed"."""
+    broken = tmp_path / "site" / "tensorrt"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('libnvinfer.so.10: cannot open shared object file')\n")
+    code = (
+        "from rexdeploy_tensorrt.builder import import_tensorrt\n"
+        "try:\n    import_tensorrt()\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("EngineUnavailableError TensorRT is installed but does not import (ImportError: libnvinfer")
+    assert "rexdeploy[tensorrt-cu12]" in out and out.count("\n") == 1
 
 
 def test_engine_from_plan_needs_the_file(tmp_path: Path) -> None:

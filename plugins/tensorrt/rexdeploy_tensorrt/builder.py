@@ -20,6 +20,7 @@ Python API reference: https://docs.nvidia.com/deeplearning/tensorrt/latest/_stat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -33,7 +34,7 @@ import onnx
 from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings
 from rexdeploy.errors import BuildError, EngineUnavailableError, InputError
 from rexdeploy.fileio import atomic_path, write_text_atomic
-from rexdeploy_tensorrt.cuda_device import check_cuda_stack, device_count, device_info
+from rexdeploy_tensorrt.cuda_device import check_cuda_stack, cuda_stack_problem, device_count, device_info
 from rexdeploy_tensorrt.engine_info import layer_precisions, precision_summary
 from rexdeploy_tensorrt.precision_pins import LayerPin, apply_pins, unmatched_pins
 from rexdeploy_tensorrt.qdq_lint import errors, lint_qdq
@@ -66,7 +67,16 @@ def import_tensorrt() -> Any:
     """The ``tensorrt`` module, or :class:`EngineUnavailableError` naming the pip extra."""
     try:
         import tensorrt
-    except Exception:  # ImportError, or a stub wheel failing at import
+    except Exception as exc:  # ImportError, a stub wheel failing at import, libraries built for a newer CUDA
+        problem = cuda_stack_problem()
+        if problem:
+            raise EngineUnavailableError(problem) from None
+        if importlib.util.find_spec("tensorrt") is not None:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise EngineUnavailableError(
+                f"TensorRT is installed but does not import ({type(exc).__name__}: {detail}); reinstall it with "
+                f"{PIP_HINT} (CUDA 12 drivers: 'rexdeploy[tensorrt-cu12]')"
+            ) from None
         raise EngineUnavailableError(
             f"TensorRT is not installed here; run {PIP_HINT} on the machine with the target GPU (or build "
             "there with the trtexec command rexdeploy writes)"

@@ -126,14 +126,15 @@ def cuda_mismatch(driver: tuple[int, int] | None, majors: Mapping[str, int]) -> 
 
 
 @functools.cache
-def _stack_problem() -> str | None:
+def cuda_stack_problem() -> str | None:
+    """:func:`cuda_mismatch` of this machine's driver and installed packages (cached)."""
     return cuda_mismatch(driver_cuda_version(), installed_cuda_majors())
 
 
 def check_cuda_stack() -> None:
     """Raise :class:`EngineUnavailableError` (one line) when the installed TensorRT / cuda-python need a
     newer CUDA than the driver; called before the first CUDA call of a build, a timing or a run."""
-    problem = _stack_problem()
+    problem = cuda_stack_problem()
     if problem:
         raise EngineUnavailableError(problem)
 
