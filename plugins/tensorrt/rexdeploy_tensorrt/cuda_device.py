@@ -42,7 +42,7 @@ class CudaDevice:
 # The pins that work with each driver CUDA major (pyproject extras rexdeploy[tensorrt-cu12] / [tensorrt-cu13]).
 PINS: dict[int, str] = {
     12: "pip install 'rexdeploy[tensorrt-cu12]' (tensorrt-cu12>=10.1,<11 and cuda-python>=12.6.1,<13)",
-    13: "pip install 'rexdeploy[tensorrt-cu13]' (tensorrt-cu13>=10.1,<11 and cuda-python>=13,<14)",
+    13: "pip install 'rexdeploy[tensorrt-cu13]' (tensorrt-cu13>=10.13.2,<11 and cuda-python>=13,<14)",
 }
 _TRT_DIST = re.compile(r"^tensorrt[-_]cu(\d+)(?:[-_](?:libs|bindings))?$")
 
