@@ -94,6 +94,11 @@ class Plan:
     predicted_latency_ms: float | None = None
     predicted_error: float | None = None
     bound: float | None = None
+    # ensembles (M > 1): U_ens (Theorem B.3, Eq. 20), the Eq. 35 gap estimate and the expected logit norm from
+    # the last BatchNorm statistics they were checked against (Appendix L; rexdeploy.planner.ensembles)
+    u_ens: float | None = None
+    u_ens_eq35: float | None = None
+    logit_norm: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -134,7 +139,12 @@ class Plan:
             "bound": self.bound,
             "notes": list(self.notes),
             "layers": {name: _layer_dict(lp) for name, lp in sorted(self.layers.items())},
-        }
+        } | self._ensemble_dict()
+
+    def _ensemble_dict(self) -> dict[str, Any]:
+        """U_ens and what it was checked against, when set (plans without an ensemble keep their JSON)."""
+        values = {"u_ens": self.u_ens, "u_ens_eq35": self.u_ens_eq35, "logit_norm": self.logit_norm}
+        return {k: v for k, v in values.items() if v is not None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -170,6 +180,9 @@ class Plan:
             predicted_latency_ms=raw.get("predicted_latency_ms"),
             predicted_error=raw.get("predicted_error"),
             bound=raw.get("bound"),
+            u_ens=raw.get("u_ens"),
+            u_ens_eq35=raw.get("u_ens_eq35"),
+            logit_norm=raw.get("logit_norm"),
             notes=tuple(raw.get("notes", ())),
         )
 

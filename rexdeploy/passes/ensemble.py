@@ -1,19 +1,42 @@
-"""The ensemble pass (paper §3.3, Algorithm 1): M predictors, each a clone of the network whose
-layer l holds the orders of cluster m; biases only in predictor 1; outputs summed.
+"""The ensemble pass (paper §3.3, Appendix E, Eq. 31-35): M predictors summed at the output.
 
-The cloned region is every node upstream of (or at) a planned layer; the nodes after the last
-planned layers (the network tail: e.g. a Softmax) run once, on the sum. A tensor that leaves the
-region must be the output of a planned layer — the place where the paper's construction sums the
-predictors; anything else (a ReLU output read by the tail) is refused with the node named.
+Two forms (``ENSEMBLE_FORMS``):
 
-Each predictor gets its own activation ranges (predictors m >= 2 carry small residual signals):
+``eq35`` (the default; Appendix E.2, Eq. 33-35). Every predictor is a clone of the network:
+
+* a layer that reads the network input (its input is the same in every predictor: Eq. 31) holds, in
+  predictor m, the orders of cluster m (``K_1 + .. + K_{m-1} + 1 .. K_1 + .. + K_m``), inside its
+  activation, the bias in predictor 1 only;
+* any deeper layer, in *every* predictor, applies the first K_1 orders inside the activation that
+  follows it and the remaining orders K_1 + 1 .. K outside it, on the predictor's *own* input
+  (Eq. 35: ``g_l = σ(Σ_{k≤K_1} R^k g_{l-1} + b) + Σ_{k>K_1} R^k g_{l-1}``, and the same without bias for
+  the later predictors). A layer whose output is not read by an elementwise activation alone is linear
+  there: inside and outside are the same sum, so it holds all K orders (bias in predictor 1).
+
+  The later predictors start from the residual orders of the first layer and carry that signal
+  through the depth with the full weights, instead of losing ~1/(2^(b-1)-1) of it per layer.
+
+``algorithm1`` (Appendix E.2, Algorithm 1 read literally): predictor m holds only cluster m's orders in
+every layer. On a deep network the later predictors' signal shrinks by the residual ratio per layer and
+vanishes (MobileNetV2 int4 [2,2]: the ensemble's error equals its first predictor's); kept as a
+measured reference (``benchmarks/bench_ensembles.py``), not offered by the planner.
+
+The cloned region is every node upstream of (or at) a planned layer; the nodes after the last planned
+layers (the network tail: e.g. a Softmax) run once, on the sum. A tensor that leaves the region must be
+the output of a planned layer — the place where the predictors are summed; anything else (a ReLU output
+read by the tail) is refused with the node named. The predictors share no tensor but the network input:
+engines may run them concurrently (OpenVINO streams, TensorRT auxiliary streams), or
+:func:`predictor_models` splits them into one graph each, summed by the caller.
+
+Each predictor gets its own activation ranges (the later ones carry small residual signals):
 :func:`float_predictors` gives the float model whose probes measure them.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -26,11 +49,15 @@ from rexdeploy.numerics import (
     ResidualOrder,
     check_ensemble_validity,
     ensemble_groups,
-    ensemble_weights,
     expand_weight,
+    reconstruct,
 )
 from rexdeploy.passes.expand import LayerJob
+from rexdeploy.planner.ensembles import EnsembleCheck, annotate, check_ensemble, enforce, ensemble_layout, node_names
 from rexdeploy.plans import Plan
+
+ENSEMBLE_FORMS = ("eq35", "algorithm1")
+OUTSIDE = "_out"  # tag suffix of a layer's outside-the-activation orders (Eq. 35)
 
 
 @dataclass(frozen=True)
@@ -38,13 +65,21 @@ class Ensemble:
     model: onnx.ModelProto  # the cloned float graph (weights shared), to be expanded with ``jobs``
     jobs: dict[str, LayerJob]  # clone node name → what it holds
     predictors: int
+    form: str = "eq35"
+    # per predictor (0-based), the node names it owns: the clones, the outside orders, their Adds
+    members: tuple[frozenset[str], ...] = ()
+    outputs: tuple[str, ...] = ()  # the tensors where the predictors are summed (one Sum each)
+    plan: Plan | None = None  # the plan with U_ens written in it (Appendix L), for M > 1
+    check: EnsembleCheck | None = None
 
 
 def _suffix(m: int) -> str:
     return f"__p{m + 1}"
 
 
-def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> Ensemble:
+def _check_plan(plan: Plan, layers: list[Layer], form: str) -> tuple[dict[str, Layer], int]:
+    if form not in ENSEMBLE_FORMS:
+        raise PlanError(f"ensemble form {form!r} unknown; use one of {', '.join(ENSEMBLE_FORMS)}")
     by_name = {layer.name: layer for layer in layers}
     unknown = sorted(set(plan.layers) - set(by_name))
     if unknown:
@@ -54,41 +89,40 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
     counts = {lp.predictors for lp in plan.layers.values()}
     if len(counts) != 1:
         raise PlanError(f"every layer of an ensemble plan needs the same number of predictors; got {sorted(counts)}")
-    m_count = counts.pop()
+    splits = {lp.split for lp in plan.layers.values()}
+    if form == "eq35" and len(splits) != 1 and counts != {1}:
+        raise PlanError(
+            f"an Eq. 35 ensemble needs one split K_1..K_M on every layer; got {sorted(splits)}: make the plan uniform"
+        )
     for name, lp in plan.layers.items():
         try:
             check_ensemble_validity(lp.bits, lp.split)  # one rule for the pass and the numerics
         except PlanError as exc:
             raise PlanError(f"layer {name!r}: {exc}") from None
+    return by_name, counts.pop()
+
+
+def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, form: str = "eq35",
+                   later_outside: bool = True,
+                   bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                   check: bool = True) -> Ensemble:  # fmt: skip
+    """Clone ``model`` (BN-folded) into ``plan``'s predictors; the expand pass then emits each clone's orders.
+
+    ``later_outside=False`` leaves out the outside orders of the predictors m >= 2 (residual orders applied
+    to a residual signal: second-order small), so that they cost K_1 orders per layer instead of K.
+    With M > 1 and ``check``, the Appendix-L check (:func:`rexdeploy.planner.ensembles.check_ensemble`, with
+    ``bn_stats`` from :func:`rexdeploy.graph.fold_batchnorm` when given) refuses an invalid split, warns on a
+    doubtful one, and writes U_ens in ``Ensemble.plan``."""
+    by_name, m_count = _check_plan(plan, layers, form)
     graph = model.graph
-    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(graph.node)]
-    producers = {out: i for i, n in enumerate(graph.node) for out in n.output}
-    # the region: every node upstream of a planned layer
-    region: set[int] = set()
-    stack = [i for i, name in enumerate(names) if name in plan.layers]
-    while stack:
-        i = stack.pop()
-        if i in region:
-            continue
-        region.add(i)
-        stack.extend(producers[t] for t in graph.node[i].input if t in producers)
-    float_layers = [names[i] for i in region if names[i] in by_name and names[i] not in plan.layers]
-    if float_layers:
-        raise PlanError(
-            f"an ensemble needs every quantizable layer upstream of the planned ones in the plan; "
-            f"{float_layers[0]!r} is not (a float layer cannot be split across predictors)"
-        )
+    names = node_names(model)
+    layout = ensemble_layout(model, set(plan.layers), layers)
+    verdict: EnsembleCheck | None = None
+    if m_count > 1 and check:
+        verdict = check_ensemble(model, plan, layers, bn_stats, layout)
+        enforce(verdict)
+    region, crossing_set = layout.region, set(layout.crossing)
     produced = {t for i in region for t in graph.node[i].output}
-    tail_inputs = {t for i, n in enumerate(graph.node) if i not in region for t in n.input}
-    crossing = sorted((tail_inputs | {o.name for o in graph.output}) & produced)
-    for t in crossing:
-        node_name = names[producers[t]]
-        if node_name not in plan.layers:
-            raise PlanError(
-                f"tensor {t!r} leaves the ensemble's predictors through node {node_name!r}, which is not a planned "
-                "layer; the predictors can only be summed at the output of a quantized layer"
-            )
-    crossing_set = set(crossing)
 
     def rename(t: str, m: int) -> str:
         if t not in produced:
@@ -97,8 +131,23 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
             return t
         return t + _suffix(m)
 
+    # per planned node: (inside orders by predictor, outside orders, activation node index)
+    split_of: dict[int, tuple[list[tuple[int, ...]], tuple[int, ...], int | None]] = {}
+    for i, (kind, act) in layout.roles.items():
+        lp = plan.layers[names[i]]
+        groups = [tuple(g) for g in ensemble_groups(lp.order, lp.split)]
+        all_orders = tuple(range(1, lp.order + 1))
+        if form == "algorithm1" or kind == "first" or m_count == 1:  # Algorithm 1 / Eq. 31
+            split_of[i] = (groups, (), None)
+        elif kind == "linear":  # inside = outside
+            split_of[i] = ([all_orders] * m_count, (), None)
+        else:  # Eq. 35
+            split_of[i] = ([groups[0]] * m_count, all_orders[len(groups[0]) :], act)
+    outside_of_act = {act: i for i, (_, outside, act) in split_of.items() if act is not None and outside}
+
     new_nodes: list[onnx.NodeProto] = []
     jobs: dict[str, LayerJob] = {}
+    members: list[set[str]] = [set() for _ in range(m_count)]
     shared: dict[tuple[str, int, int, float | None], tuple[list[ResidualOrder], float]] = {}
     for i, node in enumerate(graph.node):
         if i not in region:
@@ -111,15 +160,41 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
                 clone.input[k] = rename(t, m) if t else t
             for k, t in enumerate(node.output):
                 clone.output[k] = rename(t, m)
-            new_nodes.append(clone)
-            if names[i] in plan.layers:
-                lp = plan.layers[names[i]]
-                groups = ensemble_groups(lp.order, lp.split)
-                tag = "" if m == 0 else _suffix(m)
-                jobs[clone.name] = LayerJob(
-                    by_name[names[i]], lp, tuple(groups[m]), bias=m == 0, tag=tag, shared_orders=shared
+            tag = "" if m == 0 else _suffix(m)
+            after: list[onnx.NodeProto] = []
+            if m > 0 and i in layout.shared_terms:  # a bias or the network input: added in predictor 1 only
+                k = layout.shared_terms[i]
+                op = "Neg" if node.op_type == "Sub" and k == 1 else "Identity"
+                clone = helper.make_node(op, [clone.input[k]], [clone.output[0]], name=clone.name)
+            if i in split_of:
+                inside, outside, _ = split_of[i]
+                lp, layer = plan.layers[names[i]], by_name[names[i]]
+                jobs[clone.name] = LayerJob(layer, lp, inside[m], bias=m == 0, tag=tag, shared_orders=shared)
+                if outside and (m == 0 or later_outside):  # Eq. 35: the later orders, added after the activation
+                    out_node = onnx.NodeProto()
+                    out_node.CopyFrom(clone)
+                    out_node.name = f"{names[i]}{_suffix(m)}{OUTSIDE}"
+                    del out_node.output[:]
+                    out_node.output.append(f"{node.output[0]}{_suffix(m)}{OUTSIDE}")
+                    after.append(out_node)
+                    jobs[out_node.name] = LayerJob(layer, lp, outside, bias=False, tag=_suffix(m) + OUTSIDE,
+                                                   shared_orders=shared)  # fmt: skip
+            if i in outside_of_act and (m == 0 or later_outside):
+                layer_node = graph.node[outside_of_act[i]]
+                target = clone.output[0]
+                clone.output[0] = f"{node.output[0]}{_suffix(m)}_inside"
+                after.append(
+                    helper.make_node(
+                        "Add",
+                        [clone.output[0], f"{layer_node.output[0]}{_suffix(m)}{OUTSIDE}"],
+                        [target],
+                        name=f"{names[i]}{_suffix(m)}{OUTSIDE}_add",
+                    )
                 )
-    for t in crossing:
+            for n in (clone, *after):
+                new_nodes.append(n)
+                members[m].add(n.name)
+    for t in layout.crossing:
         new_nodes.append(
             helper.make_node("Sum", [t + _suffix(m) for m in range(m_count)], [t], name=f"{t}__ensemble_sum")
         )
@@ -127,14 +202,43 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer]) -> E
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
-    out.graph.node.extend(new_nodes)
+    out.graph.node.extend(_topological(new_nodes, out.graph))
     del out.graph.value_info[:]
-    return Ensemble(out, jobs, m_count)
+    annotated = annotate(plan, verdict) if verdict is not None else plan
+    if m_count > 1:
+        note = f"ensemble: {m_count} predictors, form {form}" + (
+            "" if later_outside else ", later predictors inside only"
+        )
+        annotated = replace(annotated, notes=(*annotated.notes, note))
+    return Ensemble(out, jobs, m_count, form, tuple(frozenset(s) for s in members), layout.crossing, annotated,
+                    verdict)  # fmt: skip
+
+
+def _topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every tensor is produced before it is read (the outside orders of a
+    layer are emitted right after it, before the activation whose output they are added to)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(nodes)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(t in ready for t in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):  # inputs produced by no node (e.g. outer-scope names): keep the order
+            ordered.extend(rest)
+            break
+        pending = rest
+    return ordered
 
 
 def float_predictors(ensemble: Ensemble, source: onnx.ModelProto) -> onnx.ModelProto:
-    """The ensemble graph with each predictor's layers in float: weight = the float sum of its orders,
-    bias only in predictor 1. Running it gives each predictor's own activation statistics.
+    """The ensemble graph with each predictor's layers in float: a clone's weight = the float sum of the
+    orders it holds, bias only in predictor 1. Running it gives each predictor's own activation statistics
+    (and is the ensemble's weight-only float reference).
 
     ``source`` is the model the ensemble was built from. The residual orders computed here are kept
     for the expansion pass (``LayerJob.shared_orders``), which then does not compute them again."""
@@ -142,23 +246,23 @@ def float_predictors(ensemble: Ensemble, source: onnx.ModelProto) -> onnx.ModelP
     out.CopyFrom(ensemble.model)
     consts = ConstantResolver(source)
     nodes = {n.name: n for n in out.graph.node}
-    cache: dict[tuple[str, int, int, float | None, tuple[int, ...]], list[np.ndarray]] = {}
+    cache: dict[tuple[str, int, int, float | None], tuple[list[ResidualOrder], tuple[int, ...]]] = {}
     names = {i.name for i in out.graph.initializer}
     for name, job in ensemble.jobs.items():
         layer, lp = job.layer, job.plan
-        key = (layer.weight, lp.bits, lp.order, lp.gamma, lp.split)
+        key = (layer.weight, lp.bits, lp.order, lp.gamma)
         if key not in cache:
             w = layer_weight(source, layer, consts)
             t0 = time.perf_counter()
             orders = expand_weight(w, lp.bits, lp.order, lp.gamma)
             if job.shared_orders is not None and not lp.block:  # the expand pass takes these orders as they are
-                job.shared_orders.setdefault(key[:4], (orders, time.perf_counter() - t0))
-            cache[key] = ensemble_weights(orders, lp.split, w.shape)
-        m = 0 if not job.tag else int(job.tag.removeprefix("__p")) - 1
-        w_name = f"{layer.weight}__float{job.tag or '__p1'}"
+                job.shared_orders.setdefault(key, (orders, time.perf_counter() - t0))
+            cache[key] = (orders, w.shape)
+        orders, shape = cache[key]
+        w_name = f"{layer.weight}__float_o{'_'.join(map(str, job.orders))}"
         if w_name not in names:
-            value = np.moveaxis(cache[key][m], 0, layer.weight_axis).astype(np.float32)
-            add_initializer(out.graph.initializer, value, w_name)
+            value = reconstruct([orders[k - 1] for k in job.orders], shape)
+            add_initializer(out.graph.initializer, np.moveaxis(value, 0, layer.weight_axis).astype(np.float32), w_name)
             names.add(w_name)
         node = nodes[name]
         node.input[layer.weight_index] = w_name
@@ -168,3 +272,51 @@ def float_predictors(ensemble: Ensemble, source: onnx.ModelProto) -> onnx.ModelP
     g = out.graph
     drop_initializers(g, {i for n in g.node for i in n.input} | {v.name for v in (*g.input, *g.output)})
     return out
+
+
+def predictor_models(model: onnx.ModelProto, predictors: int) -> list[onnx.ModelProto]:
+    """One graph per predictor, cut from ``model`` (the expanded — or float — graph of an ensemble of
+    ``predictors``):
+    predictor m keeps the nodes it owns plus the nodes that produce what they read (Q/DQ, weight
+    DequantizeLinear), and outputs its part of each summed tensor. The caller sums the M outputs (one
+    engine per predictor, e.g. a Triton ensemble); a network tail after the sum is not included, so this
+    needs the predictors to be summed at the graph outputs."""
+    graph = model.graph
+    sums = {n.output[0]: n for n in graph.node if n.op_type == "Sum" and n.name.endswith("__ensemble_sum")}
+    outputs = [o.name for o in graph.output]
+    if sorted(sums) != sorted(outputs):
+        raise PlanError(
+            "predictor_models needs the predictors summed at the graph outputs; this graph has a tail after the "
+            "sum (run it as one engine, whose branches are independent)"
+        )
+    producers = {t: n for n in graph.node for t in n.output}
+    models = []
+    for m in range(predictors):
+        wanted = [sums[o].input[m] for o in outputs]
+        keep: list[onnx.NodeProto] = []
+        seen: set[str] = set()
+        stack = list(wanted)
+        while stack:
+            t = stack.pop()
+            n = producers.get(t)
+            if n is None or n.name in seen:
+                continue
+            seen.add(n.name)
+            keep.append(n)
+            stack.extend(x for x in n.input if x)
+        order = {id(n): k for k, n in enumerate(graph.node)}
+        keep.sort(key=lambda n: order[id(n)])
+        sub = onnx.ModelProto()
+        sub.CopyFrom(model)
+        del sub.graph.node[:]
+        sub.graph.node.extend(keep)
+        del sub.graph.output[:]
+        for name, orig in zip(wanted, graph.output, strict=True):
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(orig)
+            info.name = name
+            sub.graph.output.append(info)
+        del sub.graph.value_info[:]
+        drop_initializers(sub.graph, {i for n in sub.graph.node for i in n.input})
+        models.append(sub)
+    return models

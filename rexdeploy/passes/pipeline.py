@@ -48,7 +48,8 @@ def expand_model(
     if plan is None:
         plan = default_plan(layers, profile or load_profile("x86-avx512"), model_sha256, **overrides)
     if plan.predictors > 1:  # paper §3.3: clone per predictor, each with its own activation ranges
-        ensemble = build_ensemble(folded, plan, layers)
+        ensemble = build_ensemble(folded, plan, layers, bn_stats=bn_stats)  # Appendix-L check: refuses or warns
+        plan = ensemble.plan or plan  # U_ens written in it
         taps = [_act_input(ensemble.model, n, j.layer) for n, j in ensemble.jobs.items() if j.plan.act_bits == 8]
         batch = probe_batch(sum(layer.macs for layer in layers), plan.predictors)
         ranges = probe_ranges(float_predictors(ensemble, folded), taps, calibration=calibration, batch=batch)

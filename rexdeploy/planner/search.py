@@ -23,6 +23,7 @@ from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
 from rexdeploy.errors import BudgetError, PlanError
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.planner.costtable import CostTable, analytic_us
+from rexdeploy.planner.ensembles import ensemble_candidates
 from rexdeploy.planner.fidelity import ErrorModel, LayerOption
 from rexdeploy.planner.sensitivity import measure_sensitivity
 from rexdeploy.plans import LayerPlan, Plan
@@ -266,6 +267,15 @@ def plan_model(
             label = f"uniform W{bits}A8 K={order}" + (f" act order {act_order}" if act_order > 1 else "")
             candidates.append(_evaluate(label, layers, picks, errors, overhead_ms, latency_scale, base, cost_table))
     candidates += _greedy(layers, menus, errors, overhead_ms, latency_scale, base, cost_table)
+    # Eq. 35 ensembles of the uniform candidates, where [parallel] has room for them and Appendix L allows them
+    uniform = [
+        (c.label, c.plan, c.predicted_latency_ms, c.predicted_error)
+        for c in candidates
+        if c.label.startswith("uniform")
+    ]
+    candidates += [
+        Candidate(*c) for c in ensemble_candidates(model, layers, profile, uniform, overhead_ms * latency_scale)
+    ]
     fitting = [c for c in candidates if c.predicted_latency_ms <= budget_ms]
     source = "measured" if cost_table is not None else "estimate"
     if not fitting and fastest_if_none_fits:
