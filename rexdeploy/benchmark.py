@@ -118,6 +118,7 @@ class BenchResult:
     throughput: ThroughputMode | None = None
     warnings: tuple[str, ...] = ()
     layers: LayerTimes | None = None
+    options: dict[str, str] = field(default_factory=dict)  # the runtime options the engine ran with
 
     @property
     def noisy(self) -> bool:
@@ -136,6 +137,7 @@ class BenchResult:
                 "build_seconds": self.build_seconds,
                 "artifacts": list(self.artifacts),
                 "inputs": {k: list(v) for k, v in self.inputs.items()},
+                "options": dict(self.options),
             },
             "timing": self.timing.to_dict(),
             "precisions": self.precisions,
@@ -165,6 +167,7 @@ class BenchResult:
             throughput=ThroughputMode.from_dict(raw["throughput"]) if raw.get("throughput") else None,
             warnings=tuple(raw.get("warnings", ())),
             layers=LayerTimes.from_dict(raw["layers"]) if raw.get("layers") else None,
+            options={str(k): str(v) for k, v in raw["engine"].get("options", {}).items()},
         )
 
     def summary_lines(self) -> list[str]:
@@ -184,6 +187,8 @@ class BenchResult:
                 for layer_type, counts in self.precisions.items()
             ]
             lines.append(f"precisions  {'; '.join(parts)}")
+        if self.options:
+            lines.append("options     " + " ".join(f"{k}={v}" for k, v in self.options.items()))
         # one unit for the whole table, chosen by the median: µs below 1 ms, else ms
         scale, digits, unit = (1000.0, 1, "us") if t.median_ms < 1.0 else (1.0, 3, "ms")
         lines.append(
@@ -470,6 +475,7 @@ def _measure(
         inputs=dict(engine.inputs),
         timing=timing,
         precisions=_precisions(builder, engine),
+        options=dict(engine.options),
         throughput=mode,
         warnings=tuple(warnings),
         layers=per_node,

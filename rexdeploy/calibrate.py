@@ -321,22 +321,6 @@ def _float_precisions(profile: Profile) -> list[str]:
     return ["fp32", *(["bf16"] if q.bf16 else []), *(["fp16"] if q.fp16 else [])]
 
 
-def _float_profile(profile: Profile, precision: str) -> Profile | None:
-    """The profile variant whose engine runs float layers in ``precision`` (None: this engine cannot)."""
-    q = profile.quantization
-    if precision == "fp32":
-        quant = dataclasses.replace(q, bf16=False, fp16=False, fp8=False)
-    elif precision == "bf16" and profile.engine == "openvino":
-        quant = dataclasses.replace(q, bf16=True, fp16=False, fp8=False)
-    elif precision == "fp16" and profile.engine == "tensorrt":
-        quant = dataclasses.replace(q, fp16=True, bf16=False, fp8=False)
-    elif precision == "bf16" and profile.engine == "tensorrt":
-        quant = dataclasses.replace(q, bf16=True, fp16=False, fp8=False)
-    else:
-        return None
-    return dataclasses.replace(profile, quantization=quant)
-
-
 def micro_model(shape: Shape, seed: int = 0) -> onnx.ModelProto:
     """``shape.depth`` identical stacked layers, each followed by Relu, with seeded random weights."""
     rng = np.random.default_rng(seed)
@@ -842,7 +826,7 @@ def _build(
         model = micro_model(shape)
         layer = find_layers(model)[0]
         if setting.bits is None:
-            build_profile = _float_profile(profile, setting.precision)
+            build_profile = profile.with_float_precision(setting.precision)
         else:
             model = expand_model(
                 model,

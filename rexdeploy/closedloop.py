@@ -17,6 +17,7 @@ candidate the planner knows was built and measured too.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import re
 import shutil
@@ -32,8 +33,8 @@ from rexdeploy.budget import format_ms
 from rexdeploy.builders.base import Builder, Engine, TimingSettings
 from rexdeploy.builders.cache import cached_build
 from rexdeploy.builders.registry import builder_for
-from rexdeploy.costmodel import float_precision
-from rexdeploy.errors import BudgetError
+from rexdeploy.costmodel import engine_float_precision, engine_profile, float_precision
+from rexdeploy.errors import BudgetError, BuildError
 from rexdeploy.fidelity import fidelity_disagreement, measure_fidelity, measure_fidelity_on
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
@@ -59,6 +60,8 @@ from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png
 from rexdeploy.samples import Preprocess, load_samples
+from rexdeploy.selfcheck import FLOOR as SELF_CHECK_FLOOR
+from rexdeploy.selfcheck import SelfCheck, self_check
 
 Progress = Callable[[str], None]
 """A progress callback: one line of text at a time (the CLI prints it on stderr; the library never prints)."""
@@ -99,6 +102,7 @@ class _Run:
     calibration: object = None
     fp32_engine: Engine | None = None
     measured: list[Measured] = field(default_factory=list)  # every engine measured in this run
+    checks: dict[int, SelfCheck] = field(default_factory=dict)  # engine id → its self-check
 
     def engine_for(
         self, plan: Plan, name: str, ranges: dict[str, float] | None, where: Path | None = None
@@ -113,8 +117,10 @@ class _Run:
         self.say(f"building {name} ({plan.summary()}) with {self.profile.engine} ...")
         return self.build(path, name, where), expanded.seconds, path
 
-    def build(self, path: Path, name: str, where: Path | None = None) -> Engine:
-        engine, hit = cached_build(self.builder, path, self.profile, (where or self.tmp) / name, enabled=self.use_cache)
+    def build(self, path: Path, name: str, where: Path | None = None, profile: Profile | None = None) -> Engine:
+        """Build ``path`` as ``name`` (``profile``: a float-precision variant of the run's, for the baselines)."""
+        engine, hit = cached_build(self.builder, path, profile or self.profile, (where or self.tmp) / name,
+                                   enabled=self.use_cache)  # fmt: skip
         if hit:
             self.say(f"{name}: engine cache hit, not rebuilt")
         return engine
@@ -128,8 +134,10 @@ class _Run:
         return m
 
     def measured_plan(self, plan: Plan) -> Measured | None:
-        """The engine of this run that carries out ``plan`` (same layer settings, the profile's precision)."""
-        return next((m for m in self.measured if m.plan.layers == plan.layers and m.error is None), None)
+        """The engine of this run that carries out ``plan`` (same layer settings, same engine float precision)."""
+        want = engine_float_precision(self.profile, plan)
+        return next((m for m in self.measured if m.plan.layers == plan.layers
+                     and engine_float_precision(self.profile, m.plan) == want), None)  # fmt: skip
 
 
 def build(
@@ -184,8 +192,8 @@ def build(
         run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name, use_cache, calibration)
         shutil.copyfile(model_path, tmp / "fp32.onnx")
         say(f"building the FP32 baseline with {profile.engine} ...")
-        fp32_engine = run.fp32_engine = run.build(tmp / "fp32.onnx", "fp32")
-        empty = Plan(layers={}, profile=profile.name, model_sha256=sha)
+        fp32_engine = run.fp32_engine = run.build(tmp / "fp32.onnx", "fp32", profile=fp32_profile(profile))
+        empty = Plan(layers={}, profile=profile.name, model_sha256=sha, float_precision="fp32")
         fp32 = run.measure("FP32", empty, fp32_engine, tmp / "fp32.onnx", timing, "the FP32 baseline")
         baselines = {"fp32": engine_result("fp32", fp32, tmp, builder)}
         default = _default_float(run, fp32)
@@ -206,16 +214,26 @@ def build(
             assert budget_ms is not None
             with tempfile.TemporaryDirectory(prefix=".rexdeploy-probes.") as probe_dir:
                 chosen, planned, latency_model, choice = _closed_loop(run, budget_ms, attempts, Path(probe_dir))
+                check = run.checks[id(chosen.engine)]
                 if chosen.engine.artifacts and Path(chosen.engine.artifacts[0]).parent != tmp / "rex":
                     chosen = _adopt(chosen, tmp)  # the returned engine is always at rex/, whichever it is
             plan, rex_engine, expand_s = chosen.plan, chosen.engine, 0.0
             rex_result = engine_result("rex", chosen, tmp, builder)
             final_onnx = chosen.onnx_path
+            returned = chosen
         else:
             assert plan is not None
             rex_engine, expand_s, final_onnx = run.engine_for(plan, "rex", None)
-            rex_result = engine_result("rex", run.measure("REx", plan, rex_engine, final_onnx, timing, "the REx engine"),
-                                       tmp, builder)  # fmt: skip
+            rex_m = run.measure("REx", plan, rex_engine, final_onnx, timing, "the REx engine")
+            rex_result = engine_result("rex", rex_m, tmp, builder)
+            check = _check(run, rex_m, plan.predicted_error or 0.0)
+            if not check.passed:
+                raise BuildError(f"the REx engine ({plan.summary()}) {check.text}: {profile_hint(profile)}")
+            returned = rex_m
+        bare = _bare_load(run, returned, check)
+        if bare.get("warning"):
+            warnings = [*warnings, str(bare["warning"])]
+            say(f"warning: {bare['warning']}")
         if plan.layers and final_onnx.exists() and final_onnx != tmp / "expanded.onnx":
             shutil.copyfile(final_onnx, tmp / "expanded.onnx")
         (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")
@@ -248,6 +266,8 @@ def build(
             front=tuple(c.to_dict() for c in planned.front) if planned else (),
             choice=choice,
             latency_model=latency_model,
+            self_check=check.to_dict(),
+            bare_load=bare,
         )
         if planned is not None:
             png = write_pareto_png(tmp / "pareto.png", report, planned)
@@ -292,7 +312,7 @@ def cost_table_for(
         run = _Run(model, layers, profile, builder, PROBE_TIMING, tmp, file_sha256(model_path), say, model_path.name,
                    use_cache)  # fmt: skip
         shutil.copyfile(model_path, tmp / "fp32.onnx")
-        empty = Plan(layers={}, profile=profile.name, model_sha256=run.sha)
+        empty = Plan(layers={}, profile=profile.name, model_sha256=run.sha, float_precision="fp32")
         if use_cache:
             from rexdeploy.probing import load_cached, table_key
 
@@ -301,8 +321,9 @@ def cost_table_for(
                 say(f"cost table: cached ({len(cached.probes)} probe engines measured earlier on this host)")
                 return dataclasses.replace(cached, cached=True)
         say(f"building the float engine with {profile.engine} ...")
-        run.measure("FP32", empty, run.build(tmp / "fp32.onnx", "fp32"), tmp / "fp32.onnx", PROBE_TIMING,
-                    "the float engine")  # fmt: skip
+        fp32 = run.measure("FP32", empty, run.build(tmp / "fp32.onnx", "fp32", profile=fp32_profile(profile)),
+                           tmp / "fp32.onnx", PROBE_TIMING, "the float engine")  # fmt: skip
+        _default_float(run, fp32, measure_error=False)
         return _cost_table(run, tmp)[0]
 
 
@@ -408,11 +429,11 @@ def _closed_loop(
             f"{_describe(fastest)}, runs in {format_ms(fastest.timing.median_ms)} "
             f"({len(run.measured)} engines measured in this run); relax --budget or pick a faster profile"
         )
-    best = min(fitting, key=lambda m: (error(m), m.timing.median_ms))
+    best = _first_sound(run, sorted(fitting, key=lambda m: (error(m), m.timing.median_ms)), error)
     latency_model["engines"] = [
-        {"label": m.label, "plan": m.plan.summary() if m.plan.layers else "FP32", "median_ms": m.timing.median_ms,
+        {"label": m.label, "plan": _plan_text(run, m.plan), "median_ms": m.timing.median_ms,
          "predicted_error": error(m), "fits": m.timing.median_ms <= budget_ms, "allowed": m in allowed,
-         "returned": m is best}
+         "returned": m is best, "self_check": run.checks[id(m.engine)].to_dict() if id(m.engine) in run.checks else None}
         for m in sorted(run.measured, key=lambda m: m.timing.median_ms)
     ]  # fmt: skip
     why = (
@@ -426,11 +447,69 @@ def _closed_loop(
     return best, result, latency_model, why
 
 
+def _bare_load(run: _Run, m: Measured, check: SelfCheck) -> dict[str, object]:
+    """Where a bare load of the returned engine (``core.compile_model(ir)``, no options: what users do) runs
+    another precision than the engine was measured in, that bare engine against the exact arithmetic of its ONNX,
+    and a warning when it loses what the engine keeps. {} where the builder cannot load an engine bare."""
+    load = getattr(run.builder, "load", None)
+    ir = next((Path(a) for a in m.engine.artifacts if str(a).endswith(".xml")), None)
+    if ir is None or not callable(load) or "options" not in inspect.signature(load).parameters:
+        return {}
+    precision = m.engine.options.get("INFERENCE_PRECISION_HINT", "")
+    bare = load(ir, run.profile, options={})
+    bare_precision = bare.options.get("INFERENCE_PRECISION_HINT", "")
+    if bare_precision == precision:
+        return {"precision": bare_precision, "same_as_engine": True}
+    run.say(f"checking the engine loaded with no options (OpenVINO's default here: {bare_precision}) ...")
+    measured = self_check(run.builder, bare, m.onnx_path, check.tolerance, bare_precision)
+    out: dict[str, object] = {"precision": bare_precision, "engine_precision": precision, "same_as_engine": False,
+                              "relative_error": measured.relative_error, "engine_relative_error": check.relative_error}  # fmt: skip
+    out["text"] = (f"{bare_precision} (the engine: {precision}); {measured.relative_error:.2e} from the engine's ONNX "
+                   f"(the engine as measured: {check.relative_error:.2e})")  # fmt: skip
+    if measured.relative_error > max(4.0 * check.relative_error, SELF_CHECK_FLOOR):  # loses what the engine keeps
+        out["warning"] = (
+            f"loaded with no options (core.compile_model('{ir.parent.name}/{ir.name}')) this engine runs "
+            f"{bare_precision} on this CPU and is {measured.relative_error:.1e} off its ONNX (as measured: "
+            f"{check.relative_error:.1e}): load it with the options in {ir.parent.name}/runtime_options.json "
+            "(rexdeploy's loader, examples/edge_deploy.py and the Triton export read them)"
+        )
+    return out
+
+
+def _check(run: _Run, m: Measured, predicted_error: float) -> SelfCheck:
+    """Self-check an engine of this run against the exact arithmetic of its ONNX (kept on the run)."""
+    if id(m.engine) not in run.checks:
+        run.say(f"self-check: {_describe(m)} against onnxruntime on its ONNX ...")
+        precision = engine_float_precision(run.profile, m.plan)
+        run.checks[id(m.engine)] = self_check(run.builder, m.engine, m.onnx_path, predicted_error, precision)
+    return run.checks[id(m.engine)]
+
+
+def _first_sound(run: _Run, ranked: list[Measured], error: Callable[[Measured], float]) -> Measured:
+    """The first engine of ``ranked`` whose outputs agree with the exact arithmetic of its ONNX; an engine that
+    disagrees beyond its predicted error is a miscompilation and is not returned."""
+    for m in ranked:
+        check = _check(run, m, error(m))
+        if check.passed:
+            return m
+        run.say(f"warning: {_describe(m)}: {check.text}: an engine miscompilation, not returned")
+    raise BuildError(
+        f"every engine that fits the budget disagrees with onnxruntime on its own ONNX ({len(ranked)} checked): "
+        f"{profile_hint(run.profile)}"
+    )
+
+
+def profile_hint(profile: Profile) -> str:
+    """What to try when the engine miscompiles on this host."""
+    return (f"the {profile.engine} engine miscompiles this model on this host with profile {profile.name!r}; "
+            f"try --profile auto ({host_profile_name()}) or report it with the model")  # fmt: skip
+
+
 def _error(result: PlanResult, m: Measured) -> float:
     """A measured engine's error vs FP32: measured (a default-float engine), else the error model's."""
     if m.error is not None:
         return m.error
-    return result.plan_error(m.plan) if m.plan.layers else 0.0
+    return result.plan_error(m.plan)
 
 
 def _allowed(run: _Run, float_ok: bool) -> list[Measured]:
@@ -471,30 +550,52 @@ def _learn(run: _Run, table: CostTable, m: Measured) -> CostTable:
     times = m.layer_times or run.builder.layer_times(m.engine, PROFILE_TIMING)
     owners = node_owners(onnx.load(str(m.onnx_path), load_external_data=False), run.layers)
     per_layer, rest = split_layer_times(times, owners, m.timing.median_ms)
-    return table.observe(run.profile, run.layers, m.plan.layers, per_layer, rest)
+    return table.observe(engine_profile(run.profile, m.plan), run.layers, m.plan.layers, per_layer, rest)
 
 
-def _default_float(run: _Run, fp32: Measured) -> Measured | None:
-    """The engine a user gets by just loading the model: the runtime's default float precision (OpenVINO on a
-    CPU with AVX-512 BF16 or AMX: bf16), built and timed beside FP32 when it differs from the profile's float
-    precision, with its error vs FP32 measured on the synthetic probes (bf16 is not exact)."""
-    query = getattr(run.builder, "default_float_precision", None)
-    if not callable(query) or not run.profile.quantization.float_activations:
+def fp32_profile(profile: Profile) -> Profile:
+    """The run's profile with its engine's float layers in f32: the FP32 reference."""
+    return profile.with_float_precision("fp32") or profile
+
+
+def default_float_precision(builder: Builder, profile: Profile) -> str:
+    """The float precision a user of this device gets without rexdeploy: the profile's own when it is reduced
+    (bf16 / fp16), else the engine's default on this device (OpenVINO on an AVX-512 BF16 CPU: bf16)."""
+    own = float_precision(profile)
+    if own != "fp32":
+        return own
+    query = getattr(builder, "default_float_precision", None)
+    return str(query(profile)) if callable(query) else "fp32"
+
+
+def _default_float(run: _Run, fp32: Measured, measure_error: bool = True) -> Measured | None:
+    """The engine a user gets by just loading the model: the device's default float precision (OpenVINO on a
+    CPU with AVX-512 BF16 or AMX: bf16; TensorRT: fp16), built and timed beside FP32 when it is not f32, with
+    its error vs FP32 measured on the synthetic probes (bf16 is not exact)."""
+    if not run.profile.quantization.float_activations:
         return None
-    default = str(query(run.profile))
-    if default == float_precision(run.profile) or default != "bf16":
+    default = default_float_precision(run.builder, run.profile)
+    variant = run.profile.with_float_precision(default)
+    if default == "fp32" or variant is None:
         return None
-    variant = dataclasses.replace(run.profile, quantization=dataclasses.replace(run.profile.quantization, bf16=True))
     label = f"{default} (default)"
     run.say(f"building the {run.profile.engine} default float engine ({default}) ...")
-    engine, _ = cached_build(run.builder, fp32.onnx_path, variant, run.tmp / default, enabled=run.use_cache)
-    m = run.measure(label, fp32.plan, engine, fp32.onnx_path, run.timing, f"the default float engine ({default})")
-    assert isinstance(run.fp32_engine, Engine)
-    err = measure_fidelity(run.builder, run.fp32_engine, engine, run.model).relative_error
-    note = f"float engine in {default} (the runtime's default float precision)"
-    m = dataclasses.replace(m, error=err, plan=fp32.plan.with_predictions(notes=(note,)))
-    run.measured[-1] = m
+    engine = run.build(fp32.onnx_path, default, profile=variant)
+    plan = dataclasses.replace(fp32.plan, float_precision=default,
+                               notes=(f"float engine in {default} (the runtime's default float precision)",))  # fmt: skip
+    m = run.measure(label, plan, engine, fp32.onnx_path, run.timing if measure_error else PROBE_TIMING,
+                    f"the default float engine ({default})")  # fmt: skip
+    if measure_error:
+        assert isinstance(run.fp32_engine, Engine)
+        err = measure_fidelity(run.builder, run.fp32_engine, engine, run.model).relative_error
+        m = dataclasses.replace(m, error=err)
+        run.measured[-1] = m
     return m
+
+
+def _plan_text(run: _Run, plan: Plan) -> str:
+    """A plan in one line; a float plan as the precision its engine runs in."""
+    return plan.summary() if plan.layers else f"no layer quantized ({engine_float_precision(run.profile, plan)})"
 
 
 def _describe(m: Measured) -> str:
@@ -511,7 +612,7 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
     if not callable(getattr(run.builder, "layer_times", None)):
         run.say(f"{run.profile.engine} has no per-layer profiler here: planning on the analytic cost model (an estimate)")
         return None, {"source": "estimate", "summary": f"analytic cost model of profile {run.profile.name} (an estimate)"}
-    float_m = run.measured[0]
+    floats = [m for m in run.measured if not m.plan.layers]  # FP32 and the default float engine
     reuse = {m.label: m for m in run.measured if m.label == "int8 K=1"}
     def make(probe: Probe) -> Measured:
         name = "probe_" + "".join(c if c.isalnum() else "_" for c in probe.label.lower())
@@ -520,16 +621,16 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
 
     producers = layer_producers(fold_batchnorm(run.model)[0], run.layers)
     table, probed = probe_cost_table(run.builder, run.layers, run.profile, run.sha, make, producers=producers,
-                                     float_engine=float_m,
+                                     float_engines=floats,
                                      reuse=reuse, use_cache=run.use_cache,
                                      say=run.say)  # fmt: skip
-    baselines = {id(m.engine) for m in reuse.values()}
+    baselines = {id(m.engine) for m in [*reuse.values(), *floats]}
     for m in probed:  # the probes' interleaved timings and layer times on the run's records
         for i, old in enumerate(run.measured):
             if old.engine is m.engine:  # a baseline keeps the timing the budget was set from
                 run.measured[i] = dataclasses.replace(m, timing=old.timing) if id(m.engine) in baselines else m
     if table.cached:  # re-anchor a table measured earlier on the baselines measured now (the machine drifts)
-        for m in [m for m in run.measured if m.label in ("FP32", "int8 K=1")]:
+        for m in [m for m in run.measured if m.label == "int8 K=1" or not m.plan.layers]:
             table = _learn(run, table, m)
     n = len(table.probes)
     how = "cached" if table.cached else f"probed now in {table.seconds:.1f} s"

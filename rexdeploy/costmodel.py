@@ -99,7 +99,37 @@ def float_precision(profile: Profile) -> str:
         return "bf16"
     if profile.engine == "tensorrt" and q.fp16:
         return "fp16"
+    if profile.engine == "tensorrt" and q.bf16:
+        return "bf16"
     return "fp32"
+
+
+def needs_fp32(plan: Plan) -> bool:
+    """True when the plan has parts whose numerics need f32: activation orders (the remainders
+    ``x - DQ(Q(x))`` are ~1/256 of ``x`` and vanish in bf16 / fp16)."""
+    return any(lp.act_bits == 8 and lp.act_order > 1 for lp in plan.layers.values())
+
+
+def pins_single_nodes(profile: Profile) -> bool:
+    """True when the profile's engine can keep single layers in f32 inside a reduced-precision engine
+    (TensorRT layer precision constraints). OpenVINO's CPU plugin cannot keep an activation-order chain in f32
+    inside a bf16 engine (measured: docs/precision.md), so such an engine is built f32 as a whole."""
+    return profile.engine == "tensorrt"
+
+
+def engine_float_precision(profile: Profile, plan: Plan) -> str:
+    """The precision the plan's engine runs its float parts in: the plan's own (``Plan.float_precision``),
+    else f32 when the plan needs f32 and the engine cannot pin single nodes, else the profile's."""
+    if plan.float_precision:
+        return plan.float_precision
+    if needs_fp32(plan) and not pins_single_nodes(profile):
+        return "fp32"
+    return float_precision(profile)
+
+
+def engine_profile(profile: Profile, plan: Plan) -> Profile:
+    """``profile`` as the plan's engine runs: its float precision set to :func:`engine_float_precision`."""
+    return profile.with_float_precision(engine_float_precision(profile, plan)) or profile
 
 
 def layer_precision(profile: Profile, *, bits: int | None, act_bits: int = 8) -> str:

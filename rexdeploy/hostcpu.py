@@ -41,13 +41,16 @@ def host_id() -> str:
 
 
 def host_profile_name() -> str:
-    """The shipped OpenVINO CPU profile for this host: AMX → xeon-spr, AVX-512 VNNI → x86-avx512,
+    """The shipped OpenVINO CPU profile for this host: AMX → xeon-spr, AVX-512 VNNI with AVX-512 BF16 →
+    x86-avx512-bf16 (OpenVINO's default float precision there is bf16), AVX-512 VNNI → x86-avx512,
     AVX-VNNI → core-ultra, otherwise x86-avx2 (7-bit weights, no int16 overflow)."""
     flags = cpu_flags()
     if platform.machine().lower() not in ("x86_64", "amd64") and flags:
         return "x86-avx2"
     if "amx_int8" in flags:
         return "xeon-spr"
+    if "avx512_vnni" in flags and "avx512_bf16" in flags:
+        return "x86-avx512-bf16"
     if "avx512_vnni" in flags:
         return "x86-avx512"
     if "avx_vnni" in flags:

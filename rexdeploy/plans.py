@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from rexdeploy.profile import Profile
 
 PLAN_FORMAT = 1
+FLOAT_PRECISIONS = ("", "fp32", "bf16", "fp16")  # "": the profile's float precision
 FORMS = ("branches", "concat")
 MAX_ACT_ORDER = 3
 
@@ -64,9 +65,7 @@ class LayerPlan:
         if not 1 <= self.act_order <= MAX_ACT_ORDER:
             raise PlanError(f"activation order {self.act_order} not supported; use 1 to {MAX_ACT_ORDER}")
         if self.act_order > 1 and self.act_bits != 8:
-            raise PlanError(
-                f"activation order {self.act_order} expands an int8 input: it needs act_bits 8, not float"
-            )
+            raise PlanError(f"activation order {self.act_order} expands an int8 input: it needs act_bits 8, not float")
         if self.form not in FORMS:
             raise PlanError(f"form {self.form!r} unknown; use one of {', '.join(FORMS)}")
         if self.block:
@@ -85,7 +84,10 @@ class Plan:
     """A whole-network plan: a LayerPlan per quantized layer (by node name), plus provenance.
 
     Layers absent from ``layers`` stay float. ``predicted_*`` and ``bound`` are filled by the
-    planner; a plan made from flags leaves them None.
+    planner; a plan made from flags leaves them None. ``float_precision`` is the precision the engine runs
+    the float parts in (float layers, weight-only layers, activation remainders): ``""`` leaves it to the
+    profile and the engine (:func:`rexdeploy.costmodel.engine_float_precision`); the planner sets ``fp32``
+    on a plan it priced as an f32 engine.
     """
 
     layers: dict[str, LayerPlan]
@@ -100,13 +102,26 @@ class Plan:
     u_ens_eq35: float | None = None
     logit_norm: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    float_precision: str = ""
+
+    def __post_init__(self) -> None:
+        if self.float_precision not in FLOAT_PRECISIONS:
+            raise PlanError(
+                f"plan float precision {self.float_precision!r} unknown; use one of "
+                f"{', '.join(p for p in FLOAT_PRECISIONS if p)} (or leave it out: the profile's)"
+            )
 
     @property
     def predictors(self) -> int:
         return max((lp.predictors for lp in self.layers.values()), default=1)
 
     def summary(self) -> str:
-        """One line: the uniform setting if all layers agree (γ may vary: linear+), else the spread."""
+        """One line: the uniform setting if all layers agree (γ may vary: linear+), else the spread; and the
+        engine's float precision when the plan sets it."""
+        text = self._layers_summary()
+        return f"{text}, {self.float_precision} engine" if self.float_precision else text
+
+    def _layers_summary(self) -> str:
         settings = {(lp.bits, lp.order, lp.split, lp.act_bits, lp.form, lp.act_order) for lp in self.layers.values()}
         gammas = sorted({lp.gamma for lp in self.layers.values()}, key=lambda g: -1.0 if g is None else g)
         if len(settings) == 1:
@@ -139,7 +154,7 @@ class Plan:
             "bound": self.bound,
             "notes": list(self.notes),
             "layers": {name: _layer_dict(lp) for name, lp in sorted(self.layers.items())},
-        } | self._ensemble_dict()
+        } | self._ensemble_dict() | ({"float_precision": self.float_precision} if self.float_precision else {})
 
     def _ensemble_dict(self) -> dict[str, Any]:
         """U_ens and what it was checked against, when set (plans without an ensemble keep their JSON)."""
@@ -152,7 +167,8 @@ class Plan:
     @property
     def hash(self) -> str:
         """sha256 of the canonical JSON of the layer settings + model + profile (not predictions)."""
-        core = {k: v for k, v in self.to_dict().items() if k in ("format", "profile", "model_sha256", "layers")}
+        keys = ("format", "profile", "model_sha256", "layers", "float_precision")  # unset precision: the old hash
+        core = {k: v for k, v in self.to_dict().items() if k in keys}
         return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @classmethod
@@ -184,6 +200,7 @@ class Plan:
             u_ens_eq35=raw.get("u_ens_eq35"),
             logit_norm=raw.get("logit_norm"),
             notes=tuple(raw.get("notes", ())),
+            float_precision=str(raw.get("float_precision", "")),
         )
 
     @classmethod

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from rexdeploy.analyze import Layer
 from rexdeploy.builders.base import Builder, Engine, LayerTimes, TimingSettings
 from rexdeploy.builders.cache import cache_root
 from rexdeploy.builders.timing import Timing, combine_rounds, time_rounds
-from rexdeploy.costmodel import input_elements
+from rexdeploy.costmodel import engine_profile, input_elements
 from rexdeploy.errors import PlanError, RexError
 from rexdeploy.fileio import write_text_atomic
 from rexdeploy.hostcpu import host_id
@@ -247,12 +247,13 @@ def table_from_measurements(
     for m, per_layer, rest, share in split:
         excess = rest - line.rest_us(share)
         total = sum(per_layer.values())
+        built = engine_profile(profile, m.plan)  # the float precision this engine ran in
         for layer in layers:
             if layer.name in per_layer:
                 lp = m.plan.layers.get(layer.name)
                 us = per_layer[layer.name] * (1.0 + excess / total if total > 0 else 1.0)
-                key = option_key(profile, layer, lp).text
-                table.setdefault(layer.name, {})[key] = Point(analytic_us(profile, layer, lp), max(us, 0.0))
+                key = option_key(built, layer, lp).text
+                table.setdefault(layer.name, {})[key] = Point(analytic_us(built, layer, lp), max(us, 0.0))
         summary = m.plan.summary() if m.plan.layers else "float"
         assert m.layer_times is not None
         records.append(ProbeRecord(m.label, summary, m.timing.median_ms, m.layer_times.total_us, rest, share,
@@ -264,7 +265,8 @@ def table_from_measurements(
     for m in mixed:
         n = result.transitions(m.plan.layers)
         if n:
-            predicted_us = result.predict_ms(profile, layers, m.plan.layers, with_transitions=False) * 1000.0
+            predicted_us = result.predict_ms(engine_profile(profile, m.plan), layers, m.plan.layers,
+                                             with_transitions=False) * 1000.0  # fmt: skip
             per_transition.append((m.timing.median_ms * 1000.0 - predicted_us) / n)
         records.append(ProbeRecord(m.label, m.plan.summary(), m.timing.median_ms, 0.0, 0.0,
                                    quantized_share(layers, m.plan.layers), m.engine.build_seconds))  # fmt: skip
@@ -280,15 +282,16 @@ def probe_cost_table(
     make: Callable[[Probe], Measured],
     *,
     producers: Mapping[str, tuple[str, ...]] | None = None,
-    float_engine: Measured,
+    float_engines: Sequence[Measured],
     reuse: Mapping[str, Measured] | None = None,
     use_cache: bool = True,
     say: Callable[[str], None] = lambda _: None,
 ) -> tuple[CostTable, list[Measured]]:
     """The model's cost table on this device: cached, or probed now. ``make`` expands and builds one probe
-    (``reuse``: probes already built, by label, e.g. the plain int8 baseline); ``float_engine`` is the float
-    baseline. The probes and the float engine are then timed in interleaved rounds (:data:`PROBE_ROUNDS`) and
-    profiled. Returns the table and the probes measured now (empty on a cache hit)."""
+    (``reuse``: probes already built, by label, e.g. the plain int8 baseline); ``float_engines`` are the float
+    baselines (FP32, and the device's default float precision where it differs: each fills its own ``float-<p>``
+    entries). The probes and the float engines are then timed in interleaved rounds (:data:`PROBE_ROUNDS`) and
+    profiled. Returns the table and the engines measured now, float ones first (empty on a cache hit)."""
     key = table_key(model_sha256, profile, builder)
     if use_cache:
         cached = load_cached(key)
@@ -297,21 +300,23 @@ def probe_cost_table(
             return replace(cached, cached=True), []
     t0 = time.perf_counter()
     probes = probe_plans(layers, profile, model_sha256)
-    say(f"probing: {len(probes)} probe engines + the float engine, each timed and profiled per layer ...")
+    floats = len(float_engines)
+    say(f"probing: {len(probes)} probe engines + {floats} float engine{'s' if floats > 1 else ''}, each timed and "
+        "profiled per layer ...")  # fmt: skip
     measured: list[Measured] = []
     for i, probe in enumerate(probes, start=1):
         say(f"probe {i}/{len(probes)}: {probe.label}")
         measured.append((reuse or {}).get(probe.label) or make(probe))
     # all probes and the float engine timed in interleaved rounds: a drift of the machine hits each alike
-    engines = [float_engine, *measured]
+    engines = [*float_engines, *measured]
     say(f"timing the {len(engines)} engines in {PROBE_ROUNDS} interleaved rounds ...")
     rounds = time_rounds(builder, {str(i): m.engine for i, m in enumerate(engines)}, rounds=PROBE_ROUNDS,
                          round_s=PROBE_TIMING.duration_s / PROBE_ROUNDS, warmup_s=PROBE_TIMING.warmup_s)  # fmt: skip
     engines = [replace(m, timing=combine_rounds(rounds[str(i)])) for i, m in enumerate(engines)]
-    float_engine, measured = engines[0], engines[1:]
     for m in engines:
         say(f"  {m.label}: {m.timing.median_ms:.3f} ms")
-    uniform = [m for m in [float_engine, *measured] if _is_uniform(m.plan, layers)]
+    measured = engines[floats:]
+    uniform = [m for m in engines if _is_uniform(m.plan, layers)]
     profiled = [with_layer_times(builder, m) for m in uniform] + [m for m in measured if m not in uniform]
     def owners_of(m: Measured) -> Mapping[str, str]:
         return node_owners(onnx.load(str(m.onnx_path), load_external_data=False), layers)
@@ -322,7 +327,7 @@ def probe_cost_table(
     if use_cache:
         save_cached(table)
     say(f"probing done in {table.seconds:.1f} s: {sum(len(e) for e in table.layers.values())} measured layer options")
-    return table, profiled[1:]
+    return table, profiled
 
 
 def with_layer_times(builder: Builder, m: Measured) -> Measured:

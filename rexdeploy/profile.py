@@ -106,6 +106,21 @@ class Profile:
             return q.gemm_weight_bits
         return q.conv_weight_bits
 
+    def with_float_precision(self, precision: str) -> Profile | None:
+        """This profile with its engine running float layers in ``precision`` (``fp32``, ``bf16``, ``fp16``):
+        the FP32 reference, the device's default float engine, a plan that needs f32. None when the engine
+        cannot (OpenVINO has no fp16 CPU mode here; TensorRT runs fp16 and bf16)."""
+        q = self.quantization
+        if precision == "fp32":
+            quant = dataclasses.replace(q, bf16=False, fp16=False, fp8=False)
+        elif precision == "bf16" and self.engine in ("openvino", "tensorrt"):
+            quant = dataclasses.replace(q, bf16=True, fp16=False, fp8=False)
+        elif precision == "fp16" and self.engine == "tensorrt":
+            quant = dataclasses.replace(q, fp16=True, bf16=False, fp8=False)
+        else:
+            return None
+        return self if quant == q else dataclasses.replace(self, quantization=quant)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -292,6 +292,12 @@ def export_triton(
     if repository.exists() and not repository.is_dir():
         raise InputError(f"{repository} exists and is not a directory: give a model repository directory")
     target_names = [filename] if kind != "openvino" else ["model.xml", "model.bin"]
+    if kind == "openvino":
+        stored = engine_files[0].with_name("runtime_options.json")
+        if stored.is_file():  # the options the engine was measured with travel beside the IR
+            engine_files = [*engine_files, stored]
+            target_names.append(stored.name)
+            notes += _openvino_option_notes(stored)
     with atomic_dir(repository / model_name) as tmp:
         (tmp / "1").mkdir()
         for source, target in zip(engine_files, target_names, strict=True):
@@ -299,6 +305,23 @@ def export_triton(
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
     files = ("config.pbtxt", *(f"1/{t}" for t in target_names))
     return TritonExport(repository, repository / model_name, config, files, validated, tuple(notes))
+
+
+def _openvino_option_notes(stored: Path) -> list[str]:
+    """What Triton's OpenVINO backend will not reproduce of the engine's runtime options."""
+    try:
+        options = json.loads(stored.read_text(encoding="utf-8")).get("options", {})
+    except (OSError, ValueError, AttributeError):
+        return [f"{stored} is not readable: the engine's runtime options are unknown"]
+    precision = options.get("INFERENCE_PRECISION_HINT", "")
+    if precision != "f32":
+        return []
+    return [
+        "the engine was measured with INFERENCE_PRECISION_HINT=f32, which Triton's OpenVINO backend cannot set: on "
+        "a CPU whose OpenVINO default is bf16 (AVX-512 BF16, AMX) it serves the IR in bf16, and an engine with "
+        "activation orders loses its fidelity there; serve it on an f32 CPU, or load 1/model.xml with the options "
+        "in 1/runtime_options.json (DYNAMIC_QUANTIZATION_GROUP_SIZE travels inside the IR)"
+    ]
 
 
 def _report_field(build_dir: Path, key: str) -> str:

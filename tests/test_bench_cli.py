@@ -162,12 +162,14 @@ def test_bench_saved_ir_runs_and_throughput(
     built = _bench_json(capsys, [str(model_path), "--out", str(out), "--runs", "25", "--warmup", "20ms"])
     assert built["timing"]["runs"] == 25
     xml = out / "model.xml"
-    assert built["engine"]["artifacts"] == [str(xml), str(out / "model.bin")]
-    assert sorted(p.name for p in out.iterdir()) == ["model.bin", "model.xml"]
+    options = out / "runtime_options.json"
+    assert built["engine"]["artifacts"] == [str(xml), str(out / "model.bin"), str(options)]
+    assert sorted(p.name for p in out.iterdir()) == ["model.bin", "model.xml", "runtime_options.json"]
 
     doc = _bench_json(capsys, [str(xml), "--runs", "25", "--warmup", "20ms", "--throughput"])
     assert doc["source"] == "openvino-ir" and doc["engine"]["backend"] == "openvino"
     assert doc["engine"]["artifacts"] == [str(xml), str(out / "model.bin")]
+    assert doc["engine"]["options"] == built["engine"]["options"]  # the stored runtime options, not the profile's
     assert doc["engine"]["inputs"] == {"x": [1, 3, 16, 16]}
     assert built["precisions"]["Convolution"] == doc["precisions"]["Convolution"] == {host_float_precision(): 1}
     _check_statistics(doc["timing"])

@@ -41,7 +41,7 @@ def _fake_host(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str], machine: 
     ("flags", "machine", "want"),
     [
         (AMX, "x86_64", "xeon-spr"),  # AMX int8 tiles beat AVX-512 VNNI
-        (AVX512_BF16, "x86_64", "x86-avx512"),  # bf16 without AMX is still the VNNI profile (f32 floats)
+        (AVX512_BF16, "x86_64", "x86-avx512-bf16"),  # bf16 without AMX: OpenVINO runs float layers in bf16
         (AVX512_VNNI, "x86_64", "x86-avx512"),
         (AVX512_VNNI, "AMD64", "x86-avx512"),  # Windows spells the architecture AMD64
         (AVX_VNNI, "x86_64", "core-ultra"),
@@ -64,13 +64,15 @@ def test_host_profile_name(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str
 
 
 def test_auto_profile_precision_follows_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the AMX host's profile computes float layers in bf16; an AVX-512 BF16 host without AMX stays f32,
-    and an AVX2 host caps weights at 7 bits (no int16 overflow of u8×s8 pairs)."""
+    """Float layers run in bf16 where OpenVINO's CPU default is bf16 (AMX, AVX-512 BF16), f32 on VNNI-only and
+    AVX2 hosts; an AVX2 host caps weights at 7 bits (no int16 overflow of u8×s8 pairs)."""
     _fake_host(monkeypatch, AMX)
     assert load_profile("auto").quantization.bf16
     _fake_host(monkeypatch, AVX512_BF16)
-    assert not load_profile("auto").quantization.bf16
+    assert load_profile("auto").quantization.bf16
     assert max(load_profile("auto").weight_bits("conv")) == 8
+    _fake_host(monkeypatch, AVX512_VNNI)
+    assert not load_profile("auto").quantization.bf16
     _fake_host(monkeypatch, AVX2_EPYC)
     auto = load_profile("auto")
     assert not auto.quantization.bf16 and max(auto.weight_bits("conv")) == 7
@@ -152,7 +154,7 @@ def test_real_host_flags_pick_a_shipped_profile() -> None:
     """On the machine running the suite: whatever it is, auto names a shipped OpenVINO profile whose
     required flags this host has (an x86 host with /proc/cpuinfo always lists avx2 or better here)."""
     name = hostcpu.host_profile_name()
-    assert name in ("xeon-spr", "x86-avx512", "core-ultra", "x86-avx2")
+    assert name in ("xeon-spr", "x86-avx512-bf16", "x86-avx512", "core-ultra", "x86-avx2")
     assert hostcpu.missing_flags(load_profile(name).requires) == []
     assert hostcpu.cpu_flags() == hostcpu.cpu_flags()
     if Path("/proc/cpuinfo").exists() and hostcpu.platform.machine() in ("x86_64", "AMD64"):

@@ -105,8 +105,8 @@ def test_build_writes_an_uncompressed_static_ir(fp32: tuple[Path, Engine]) -> No
     out = engine.artifacts[0].parent
     assert engine.backend == "openvino" and engine.device == "CPU"
     assert engine.model_path == model
-    assert [p.name for p in engine.artifacts] == ["model.xml", "model.bin"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.bin", "model.xml"]  # no staging left behind
+    assert [p.name for p in engine.artifacts] == ["model.xml", "model.bin", "runtime_options.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.bin", "model.xml", "runtime_options.json"]  # no staging
     assert engine.inputs == {"x": (1, 3, 8, 8)}  # dynamic batch → 1
     assert engine.build_seconds > 0
     assert engine.backend_version == ov.get_version()
@@ -200,11 +200,10 @@ def test_throughput_from_a_model_file(fp32: tuple[Path, Engine]) -> None:
 
 def test_bf16_profile_sets_the_precision_hint(tmp_path: Path) -> None:
     import openvino.properties.hint as hint
-    from rexdeploy_openvino._runtime import compile_config, inference_precision
+    from rexdeploy_openvino._runtime import inference_precision
 
     profile = dataclasses.replace(CPU, quantization=Quantization(bf16=True))
     assert inference_precision(profile) == "bf16" and inference_precision(CPU) == "f32"
-    assert compile_config(ov, "LATENCY", "bf16")[hint.inference_precision] == ov.Type.bf16
     model = _save(conv_relu_gemm(), tmp_path / "net.onnx")
     engine = OpenVINOBuilder().build(model, profile, tmp_path / "out")
     # A CPU without bf16 support runs f32 whatever the hint says.
@@ -288,3 +287,49 @@ def test_qdq_matmul_runs_as_an_int8_fully_connected(tmp_path: Path) -> None:
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_engine_options_travel_with_the_ir(tmp_path: Path) -> None:
+    """runtime_options.json beside the IR holds what the engine was compiled with; ``load`` reads it back, the
+    IR itself carries DYNAMIC_QUANTIZATION_GROUP_SIZE (a bare compile_model honours it), and ``options={}``
+    compiles the IR bare, recording what OpenVINO chose (its default precision on this host)."""
+    import json
+
+    model = _save(conv_relu_gemm(), tmp_path / "net.onnx")
+    builder = OpenVINOBuilder()
+    engine = builder.build(model, CPU, tmp_path / "out")
+    stored = json.loads((tmp_path / "out" / "runtime_options.json").read_text())
+    assert stored["options"] == engine.options
+    assert engine.options["INFERENCE_PRECISION_HINT"] == "f32" and engine.options["PERFORMANCE_HINT"] == "LATENCY"
+    assert engine.options.get("DYNAMIC_QUANTIZATION_GROUP_SIZE", "0") == "0"
+    bf16 = dataclasses.replace(CPU, quantization=Quantization(bf16=True))
+    reloaded = builder.load(engine.artifacts[0], bf16)  # the stored options win over the profile's precision
+    assert reloaded.options == engine.options
+    core = ov.Core()
+    bare = builder.load(engine.artifacts[0], CPU, options={})
+    default = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
+    assert bare.options["INFERENCE_PRECISION_HINT"] == default.get_type_name()
+    if "DYNAMIC_QUANTIZATION_GROUP_SIZE" in engine.options:
+        assert core.compile_model(str(engine.artifacts[0]), "CPU").get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
+    assert ("bare compile_model" in stored["note"]) == (default.get_type_name() != "f32")
+
+
+def test_model_metadata_sets_the_engine_precision(tmp_path: Path) -> None:
+    """The plan's engine float precision, stated in the ONNX metadata, decides the inference precision; FP32
+    pins force f32 (OpenVINO cannot keep single nodes f32 inside a bf16 engine)."""
+    from rexdeploy_openvino._runtime import model_precision
+
+    from rexdeploy.pins import pin_fp32, set_float_precision
+
+    bf16 = dataclasses.replace(CPU, quantization=Quantization(bf16=True))
+    assert model_precision({}, bf16) == "bf16" and model_precision({}, CPU) == "f32"
+    proto = conv_relu_gemm()
+    set_float_precision(proto, "fp32")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert model_precision(meta, bf16) == "f32"
+    set_float_precision(proto, "bf16")
+    assert model_precision({p.key: p.value for p in proto.metadata_props}, CPU) == "bf16"
+    pin_fp32(proto, [proto.graph.node[0].name or "n0"])
+    assert model_precision({p.key: p.value for p in proto.metadata_props}, bf16) == "f32"
+    engine = OpenVINOBuilder().build(_save(proto, tmp_path / "pinned.onnx"), bf16, tmp_path / "out")
+    assert engine.options["INFERENCE_PRECISION_HINT"] == "f32"

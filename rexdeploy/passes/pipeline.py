@@ -3,6 +3,7 @@ data-free activation ranges, and run the expansion (or the ensemble clone + expa
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -10,9 +11,11 @@ import numpy as np
 import onnx
 
 from rexdeploy.analyze import Layer, quantizable_layers
+from rexdeploy.costmodel import engine_float_precision
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
+from rexdeploy.pins import pin_fp32, set_float_precision
 from rexdeploy.plans import Plan, default_plan
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import activation_ranges, probe_batch, probe_ranges
@@ -45,8 +48,9 @@ def expand_model(
     t0 = time.perf_counter()
     folded, bn_stats = fold_batchnorm(model)
     layers = quantizable_layers(folded)
+    profile = profile or load_profile("x86-avx512")
     if plan is None:
-        plan = default_plan(layers, profile or load_profile("x86-avx512"), model_sha256, **overrides)
+        plan = default_plan(layers, profile, model_sha256, **overrides)
     if plan.predictors > 1:  # paper §3.3: clone per predictor, each with its own activation ranges
         ensemble = build_ensemble(folded, plan, layers, bn_stats=bn_stats)  # Appendix-L check: refuses or warns
         plan = ensemble.plan or plan  # U_ens written in it
@@ -54,6 +58,7 @@ def expand_model(
         batch = probe_batch(sum(layer.macs for layer in layers), plan.predictors)
         ranges = probe_ranges(float_predictors(ensemble, folded), taps, calibration=calibration, batch=batch)
         result = expand(ensemble.model, plan, ranges, jobs=ensemble.jobs)
+        mark_precisions(result.model, plan, profile)
         return Expanded(
             result.model,
             plan,
@@ -73,9 +78,22 @@ def expand_model(
         else {}
     )
     result = expand(folded, plan, {**(ranges or {}), **computed})
+    mark_precisions(result.model, plan, profile)
     return Expanded(
         result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds
     )
+
+
+_ACT_ORDER_NODE = re.compile(r"_a\d+_(x\d+_(Quantize|Dequantize)Linear|r\d+_Sub)$")
+"""The nodes of an activation-order chain (:meth:`rexdeploy.passes.expand` ``activation_orders``): each order's
+Q/DQ and the remainder ``Sub`` between them."""
+
+
+def mark_precisions(model: onnx.ModelProto, plan: Plan, profile: Profile) -> onnx.ModelProto:
+    """State in the model's metadata what the engine must run in (:mod:`rexdeploy.pins`): the plan's engine float
+    precision, and the activation-order chains pinned to FP32 (in place; returns the model)."""
+    set_float_precision(model, engine_float_precision(profile, plan))
+    return pin_fp32(model, [n.name for n in model.graph.node if _ACT_ORDER_NODE.search(n.name)])
 
 
 def _act_input(model: onnx.ModelProto, node_name: str, layer: Layer) -> str:
@@ -83,4 +101,4 @@ def _act_input(model: onnx.ModelProto, node_name: str, layer: Layer) -> str:
     return str(node.input[layer.act_index])
 
 
-__all__ = ["Expanded", "expand_model"]
+__all__ = ["Expanded", "expand_model", "mark_precisions"]

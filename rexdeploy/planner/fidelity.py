@@ -18,6 +18,10 @@ relative to ``||y||² = C_out · rms(y)² · P``::
 with rms(x), rms(y) measured on the FP32 probes. (Scaling by ||ΔW||/||W|| alone misses how much
 smaller ||Wx|| is than ||W||·||x|| when the input is structured: a ×4 under-estimate on small CNNs.)
 
+A layer the engine computes in a reduced float precision (a float or weight-only layer of a bf16 / fp16 engine)
+adds the rounding of its input, weights and output: relative RMS δ per rounding (bf16: 8-bit significand,
+δ = 2⁻⁸/√3; fp16: 2⁻¹¹/√3), so ``ε_float = δ · sqrt(1 + 2 (||W||_F rms(x) / (sqrt(C_out) rms(y)))²)``.
+
 The network error is ``E = sqrt(Σ_l g_l² ε_l²)`` with the measured gains g_l
 (:mod:`rexdeploy.planner.sensitivity`). The a-priori bound U (Eq. 4 / 15, :func:`network_bound`)
 is reported beside it: rigorous but loose, it cannot rank plans by itself.
@@ -36,6 +40,9 @@ from rexdeploy.analyze import Layer
 from rexdeploy.numerics import expand_weight, weight_error
 from rexdeploy.planner.sensitivity import Sensitivity
 from rexdeploy.plans import LayerPlan
+
+FLOAT_ROUNDING = {"fp32": 0.0, "bf16": 2.0**-8 / math.sqrt(3.0), "fp16": 2.0**-11 / math.sqrt(3.0)}
+"""Relative RMS rounding error δ of one value stored in each float precision (round to nearest)."""
 
 
 @dataclass(frozen=True)
@@ -103,16 +110,32 @@ class ErrorModel:
                     total += (r_k * s1 / ACT_STEP ** (j - 2) / math.sqrt(12.0)) ** 2
         return math.sqrt(total)
 
-    def layer_error(self, name: str, lp: LayerPlan | None) -> float:
-        """ε_l: the relative error the option adds to the layer's output (module docstring)."""
+    def _gain_ratio(self, name: str) -> float:
+        """``||W||_F rms(x) / (sqrt(C_out) rms(y))``: how much larger the layer's terms are than its output."""
+        denom = math.sqrt(self.layers[name].out_channels) * self.sensitivity.output_rms[name]
+        return self._norms[name] * self.sensitivity.input_rms[name] / denom if denom > 0 else 0.0
+
+    def float_error(self, name: str, precision: str) -> float:
+        """ε of a layer computed in the float ``precision`` (0 in fp32): its input, weights and output rounded."""
+        delta = FLOAT_ROUNDING.get(precision, 0.0)
+        return delta * math.sqrt(1.0 + 2.0 * self._gain_ratio(name) ** 2) if delta else 0.0
+
+    def layer_error(self, name: str, lp: LayerPlan | None, precision: str = "fp32") -> float:
+        """ε_l: the relative error the option adds to the layer's output (module docstring), in an engine whose
+        float parts run in ``precision`` (a float layer, and a weight-only layer's float input, are rounded)."""
         if lp is None:
-            return 0.0
+            return self.float_error(name, precision)
         w_norm = self._norms[name]
         rms_x, rms_y = self.sensitivity.input_rms[name], self.sensitivity.output_rms[name]
         weight_term = self.weight_error(name, lp) * w_norm * rms_x
         act_term = w_norm * math.hypot(self.activation_noise(name, lp), self.dropped_terms_error(name, lp))
         denom = math.sqrt(self.layers[name].out_channels) * rms_y
-        return math.hypot(weight_term, act_term) / denom if denom > 0 else 0.0
+        error = math.hypot(weight_term, act_term) / denom if denom > 0 else 0.0
+        return math.hypot(error, self.float_error(name, precision)) if lp.act_bits == 0 else error
+
+    def plan_errors(self, plan_layers: Mapping[str, LayerPlan], precision: str = "fp32") -> dict[str, float]:
+        """ε_l of every layer (float ones too: 0 in fp32) under a plan's layer settings."""
+        return {name: self.layer_error(name, plan_layers.get(name), precision) for name in self.layers}
 
     def network_error(self, errors: Mapping[str, float]) -> float:
         gains = self.sensitivity.gains

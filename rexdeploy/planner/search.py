@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
 from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
+from rexdeploy.costmodel import engine_float_precision, float_precision, pins_single_nodes
 from rexdeploy.errors import BudgetError, PlanError
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.planner.costtable import CostTable, analytic_us
@@ -66,12 +67,15 @@ class PlanResult:
     latency_source: str = "estimate"
     fits: bool = True
     errors: ErrorModel | None = field(default=None, compare=False, repr=False)
+    profile: Profile | None = field(default=None, compare=False, repr=False)
 
     def plan_error(self, plan: Plan) -> float:
-        """The error model's predicted relative output error of any plan of this model (0 for float)."""
+        """The error model's predicted relative output error of any plan of this model, in the float precision
+        its engine runs in (0 for the FP32 engine; a bf16 float layer is not exact)."""
         if self.errors is None:
             raise PlanError("this PlanResult carries no error model")
-        return self.errors.network_error({n: self.errors.layer_error(n, lp) for n, lp in plan.layers.items()})
+        precision = engine_float_precision(self.profile, plan) if self.profile is not None else "fp32"
+        return self.errors.network_error(self.errors.plan_errors(plan.layers, precision))
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -97,7 +101,8 @@ def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: 
             return table.layer_us(profile, layer, lp, n_layers)
         return analytic_us(profile, layer, lp)
 
-    options = [LayerOption(None, latency(None), 0.0)] if allow_float else []
+    precision = float_precision(profile)
+    options = [LayerOption(None, latency(None), model.layer_error(layer.name, None, precision))] if allow_float else []
     allowed = sorted(set(profile.weight_bits(layer.op_class)), reverse=True)
     bits_menu = [b for b in allowed if b in (allowed[0], 6, 4)]
     q = profile.quantization
@@ -108,7 +113,7 @@ def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: 
                 for act, act_order in acts:
                     lp = LayerPlan(bits=bits, order=order, gamma=gamma, act_bits=act, form=profile.defaults.form,
                                    act_order=act_order)  # fmt: skip
-                    options.append(LayerOption(lp, latency(lp), model.layer_error(layer.name, lp)))
+                    options.append(LayerOption(lp, latency(lp), model.layer_error(layer.name, lp, precision)))
     return options
 
 
@@ -117,6 +122,7 @@ def _plan_of(layers: Sequence[Layer], picks: Sequence[LayerOption], base: Plan) 
         layers={layer.name: o.plan for layer, o in zip(layers, picks, strict=True) if o.plan is not None},
         profile=base.profile,
         model_sha256=base.model_sha256,
+        float_precision=base.float_precision,
     )
 
 
@@ -140,7 +146,13 @@ def _greedy(layers: Sequence[Layer], menus: list[list[LayerOption]], model: Erro
     current = [int(np.lexsort((e, t))[0]) for t, e in zip(lat, err2, strict=True)]
     path = [
         _evaluate(
-            "per-layer", layers, [m[i] for m, i in zip(menus, current, strict=True)], model, overhead_ms, scale, base,
+            "per-layer",
+            layers,
+            [m[i] for m, i in zip(menus, current, strict=True)],
+            model,
+            overhead_ms,
+            scale,
+            base,
             table,
         )
     ]
@@ -182,6 +194,58 @@ class Prepared:
     errors: ErrorModel
     ranges: dict[str, float]
     seconds: float
+
+
+def precision_passes(profile: Profile) -> list[tuple[Profile, str]]:
+    """The engine float precisions the search runs in, each as (profile variant, ``Plan.float_precision``).
+
+    One pass in the profile's float precision, unless the engine cannot keep an activation-order chain in f32
+    inside a reduced-precision engine (OpenVINO on a bf16 CPU, :func:`rexdeploy.costmodel.pins_single_nodes`):
+    then the reduced-precision engine is searched without activation orders, and the f32 engine with them —
+    each candidate priced and its error modelled as the engine it will be."""
+    q = profile.quantization
+    reduced = float_precision(profile)
+    if reduced == "fp32" or q.max_act_order <= 1 or pins_single_nodes(profile):
+        return [(profile, "")]
+    fp32 = profile.with_float_precision("fp32")
+    no_orders = replace(profile, quantization=replace(q, max_act_order=1))
+    return [(no_orders, "")] + ([(fp32, "fp32")] if fp32 is not None else [])
+
+
+def _candidates(layers: list[Layer], profile: Profile, errors: ErrorModel, base: Plan, allow_float: bool,
+                latency_scale: float, cost_table: CostTable | None) -> list[Candidate]:  # fmt: skip
+    """The uniform candidates and the greedy per-layer front for one engine float precision."""
+    t0 = time.perf_counter()
+    menus = [layer_options(profile, layer, errors, allow_float=allow_float, table=cost_table, n_layers=len(layers))
+             for layer in layers]  # fmt: skip
+    log.debug("planner: %d layer options in %.2f s", sum(len(m) for m in menus), time.perf_counter() - t0)
+    overhead_ms = (cost_table.rest_line()[0] if cost_table is not None else profile.cost.model_overhead_us) / 1000.0
+    fp = f" ({base.float_precision} engine)" if base.float_precision else ""
+    float_label = "FP32" if float_precision(profile) == "fp32" else f"float ({float_precision(profile)})"
+    candidates = (
+        [_evaluate(float_label, layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base, cost_table)]
+        if allow_float
+        else []
+    )
+    for bits in sorted({b for m in menus for o in m if o.plan for b in [o.plan.bits]}, reverse=True):
+        for order, act_order in ((k, j) for j in range(1, profile.quantization.max_act_order + 1) for k in ORDERS):
+            picks = []
+            for menu in menus:
+                fit = [
+                    o
+                    for o in menu
+                    if o.plan
+                    and o.plan.order == order
+                    and o.plan.gamma is None
+                    and o.plan.act_bits == 8
+                    and o.plan.act_order == act_order
+                ]
+                same = [o for o in fit if o.plan and o.plan.bits == bits]
+                picks.append(same[0] if same else max(fit, key=lambda o: o.plan.bits if o.plan else 0))
+            label = f"uniform W{bits}A8 K={order}" + (f" act order {act_order}" if act_order > 1 else "") + fp
+            candidates.append(_evaluate(label, layers, picks, errors, overhead_ms, latency_scale, base, cost_table))
+    candidates += _greedy(layers, menus, errors, overhead_ms, latency_scale, base, cost_table)
+    return candidates
 
 
 def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndarray | None = None, probes: int = 4,
@@ -239,35 +303,13 @@ def plan_model(
     if prepared is None:
         prepared = prepare(model, layers, calibration=calibration, probes=probes, seed=seed)
     errors, ranges = prepared.errors, prepared.ranges
-    menus = [layer_options(profile, layer, errors, allow_float=allow_float, table=cost_table, n_layers=len(layers))
-             for layer in layers]  # fmt: skip
-    log.debug("planner: %d layer options in %.2f s", sum(len(m) for m in menus), time.perf_counter() - t0)
-    overhead_ms = (cost_table.rest_line()[0] if cost_table is not None else profile.cost.model_overhead_us) / 1000.0
     base = Plan(layers={}, profile=profile.name, model_sha256=model_sha256)
-    candidates = (
-        [_evaluate("FP32", layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base, cost_table)]
-        if allow_float
-        else []
-    )
-    for bits in sorted({b for m in menus for o in m if o.plan for b in [o.plan.bits]}, reverse=True):
-        for order, act_order in ((k, j) for j in range(1, profile.quantization.max_act_order + 1) for k in ORDERS):
-            picks = []
-            for menu in menus:
-                fit = [
-                    o
-                    for o in menu
-                    if o.plan
-                    and o.plan.order == order
-                    and o.plan.gamma is None
-                    and o.plan.act_bits == 8
-                    and o.plan.act_order == act_order
-                ]
-                same = [o for o in fit if o.plan and o.plan.bits == bits]
-                picks.append(same[0] if same else max(fit, key=lambda o: o.plan.bits if o.plan else 0))
-            label = f"uniform W{bits}A8 K={order}" + (f" act order {act_order}" if act_order > 1 else "")
-            candidates.append(_evaluate(label, layers, picks, errors, overhead_ms, latency_scale, base, cost_table))
-    candidates += _greedy(layers, menus, errors, overhead_ms, latency_scale, base, cost_table)
+    candidates: list[Candidate] = []
+    for variant, float_field in precision_passes(profile):
+        candidates += _candidates(layers, variant, errors, replace(base, float_precision=float_field), allow_float,
+                                  latency_scale, cost_table)  # fmt: skip
     # Eq. 35 ensembles of the uniform candidates, where [parallel] has room for them and Appendix L allows them
+    overhead_ms = (cost_table.rest_line()[0] if cost_table is not None else profile.cost.model_overhead_us) / 1000.0
     uniform = [
         (c.label, c.plan, c.predicted_latency_ms, c.predicted_error)
         for c in candidates
@@ -283,12 +325,12 @@ def plan_model(
         notes = (f"planner: nothing predicted to fit {budget_ms:.3f} ms; fastest candidate {fastest.label}",)
         return PlanResult(fastest.plan.with_predictions(notes=notes), fastest, tuple(candidates),
                           tuple(pareto_front(candidates)), budget_ms, time.perf_counter() - t0, dict(ranges),
-                          source, False, errors)  # fmt: skip
+                          source, False, errors, profile)  # fmt: skip
     if not fitting:
         fastest = min(candidates, key=lambda c: c.predicted_latency_ms)
         raise BudgetError(
             f"no plan is predicted to fit the {budget_ms:.3f} ms budget on {profile.name}: the fastest, "
-            f"{fastest.label} ({fastest.plan.summary() if fastest.plan.layers else 'FP32'}), is predicted at "
+            f"{fastest.label} ({fastest.plan.summary() if fastest.plan.layers else 'no layer quantized'}), is predicted at "
             f"{fastest.predicted_latency_ms:.3f} ms; relax --budget or pick a faster profile"
         )
     chosen = min(fitting, key=lambda c: (c.predicted_error, c.predicted_latency_ms, c.label))
@@ -297,7 +339,7 @@ def plan_model(
     notes = (f"planner: {chosen.label}, {len(candidates)} candidates, {how}, latency scale {latency_scale:.3f}",)
     plan = chosen.plan.with_predictions(notes=notes)
     return PlanResult(plan, chosen, tuple(candidates), tuple(front), budget_ms, time.perf_counter() - t0, dict(ranges),
-                      source, True, errors)  # fmt: skip
+                      source, True, errors, profile)  # fmt: skip
 
 
-__all__ = ["Candidate", "PlanResult", "Prepared", "pareto_front", "plan_model", "prepare"]
+__all__ = ["Candidate", "PlanResult", "Prepared", "pareto_front", "plan_model", "precision_passes", "prepare"]

@@ -40,23 +40,65 @@ def one_line(exc: BaseException, limit: int = 400) -> str:
 
 
 def inference_precision(profile: Profile | None) -> str:
-    """``bf16`` when the profile supports bf16, else ``f32``.
+    """The profile's float precision as OpenVINO names it: ``bf16`` when the profile runs float layers in
+    bf16, else ``f32``.
 
-    OpenVINO's CPU plugin otherwise picks bf16 (or f16) for *float* layers on CPUs that have it,
-    which would silently turn an FP32 baseline into a bf16 one; pinning f32 keeps the float parts of a
-    model exact. Integer kernels coming from Q/DQ pairs are not affected by this hint.
+    OpenVINO's CPU plugin otherwise picks bf16 (or f16) for *float* layers on CPUs that have it, which would
+    silently turn an FP32 baseline into a bf16 one; the FP32 reference is built with an fp32 profile variant.
+    Integer kernels coming from Q/DQ pairs are not affected by this hint.
     """
     return "bf16" if profile is not None and profile.quantization.bf16 else "f32"
 
 
-def compile_config(ov: Any, mode: str, precision: str) -> dict[str, Any]:
-    """Compile properties: ``PERFORMANCE_HINT`` (``LATENCY`` / ``THROUGHPUT``) and the inference precision."""
-    import openvino.properties.hint as hint
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+"""rexdeploy's float precision names → OpenVINO's element-type names."""
 
-    return {
-        hint.performance_mode: getattr(hint.PerformanceMode, mode),
-        hint.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
-    }
+RUNTIME_OPTIONS_FILE = "runtime_options.json"
+"""Written beside every IR ``build`` writes: the compile properties the engine was measured with."""
+
+IR_RUNTIME_OPTIONS = ("DYNAMIC_QUANTIZATION_GROUP_SIZE",)
+"""The properties OpenVINO's CPU plugin reads back from an IR's ``rt_info`` ``runtime_options`` (2026.4: it ignores
+``INFERENCE_PRECISION_HINT`` there), so a bare ``core.compile_model(ir)`` honours them."""
+
+
+def model_precision(model_metadata: dict[str, str], profile: Profile | None) -> str:
+    """The OpenVINO inference precision an engine of this model must run in: what the model's metadata states
+    (:mod:`rexdeploy.pins`: the plan's engine float precision; f32 when it pins nodes to FP32), else the
+    profile's."""
+    from rexdeploy.pins import FLOAT_PRECISION_KEY, FP32_NODES_KEY
+
+    stated = model_metadata.get(FLOAT_PRECISION_KEY, "")
+    if model_metadata.get(FP32_NODES_KEY, "[]") not in ("", "[]"):
+        return "f32"  # the CPU plugin cannot keep single nodes in f32 inside a bf16 engine (docs/precision.md)
+    return OV_PRECISION.get(stated, inference_precision(profile))
+
+
+def runtime_options(core: Any, device: str, precision: str, mode: str = "LATENCY") -> dict[str, str]:
+    """The compile properties of an engine: the performance hint, the inference precision, and — where the
+    device has it — ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` 0: no dynamic int8 quantization of the activations of
+    compressed-weight (weight-only) MatMuls behind the plan's back (OpenVINO's CPU default, 32, adds ~100× the
+    planned error to a weight-only K=2 layer; docs/precision.md)."""
+    options = {"PERFORMANCE_HINT": mode, "INFERENCE_PRECISION_HINT": precision}
+    try:
+        supported = {str(p) for p in core.get_property(device, "SUPPORTED_PROPERTIES")}
+    except Exception:
+        supported = set()
+    if "DYNAMIC_QUANTIZATION_GROUP_SIZE" in supported:
+        options["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "0"
+    return options
+
+
+def onnx_metadata(model: Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file ({} for an IR or a file that does not parse)."""
+    if model.suffix == ".xml":
+        return {}
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:
+        return {}
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def check_device(core: Any, device: str) -> None:

@@ -4,6 +4,7 @@ written earlier, compiled as it is (:meth:`OpenVINOBuilder.load`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -17,14 +18,19 @@ from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings, check_in
 from rexdeploy.builders.timing import Timing, measure, random_inputs, timing_from_samples
 from rexdeploy.errors import BuildError, InputError
 from rexdeploy_openvino._runtime import (
+    IR_RUNTIME_OPTIONS,
     NAME,
+    OV_PRECISION,
     PIP_EXTRA,
+    RUNTIME_OPTIONS_FILE,
     check_device,
-    compile_config,
     import_openvino,
     inference_precision,
+    model_precision,
     one_line,
+    onnx_metadata,
     read_static_model,
+    runtime_options,
 )
 from rexdeploy_openvino.precisions import (
     layer_precision_map,
@@ -58,12 +64,64 @@ def _input_arrays(engine: Engine, compiled: Any, seed: int) -> list[np.ndarray]:
     return list(random_inputs(engine.inputs, dtypes, seed).values())
 
 
-def _compile(ov: Any, core: Any, source: Any, name: str, device: str, precision: str) -> Any:
-    """``core.compile_model`` with the LATENCY hint and ``precision``; one-line BuildError on failure."""
+def _compile(core: Any, source: Any, name: str, device: str, options: dict[str, str]) -> Any:
+    """``core.compile_model`` with the engine's runtime options; one-line BuildError on failure."""
     try:
-        return core.compile_model(source, device, compile_config(ov, "LATENCY", precision))
+        return core.compile_model(source, device, dict(options))
     except Exception as exc:
         raise BuildError(f"OpenVINO cannot compile {name} for {device}: {one_line(exc)}") from exc
+
+
+def stored_options(ir: Path) -> dict[str, str] | None:
+    """The runtime options written beside an IR by :meth:`OpenVINOBuilder.build` (None when there are none)."""
+    path = ir.parent / RUNTIME_OPTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        options = raw["options"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a rexdeploy runtime options file ({exc}); rebuild the engine") from exc
+    return {str(k): str(v) for k, v in options.items()}
+
+
+def _write_options(path: Path, options: dict[str, str], default_precision: str) -> None:
+    """``runtime_options.json``: the options, and what a bare ``compile_model`` of the IR would differ in."""
+    bare_differs = options.get("INFERENCE_PRECISION_HINT", "") not in ("", default_precision)
+    note = (
+        f"Compile model.xml with these properties: core.compile_model('model.xml', device, options). "
+        f"{', '.join(IR_RUNTIME_OPTIONS)} travels inside the IR too (rt_info runtime_options); "
+        "INFERENCE_PRECISION_HINT does not: OpenVINO ignores it there."
+        + (
+            f" A bare compile_model on this host runs {default_precision}, not "
+            f"{options['INFERENCE_PRECISION_HINT']}: the engine's fidelity and latency need these options."
+            if bare_differs
+            else ""
+        )
+    )
+    doc = {"format": 1, "options": options, "default_precision_here": default_precision, "note": note}
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+def _chosen_options(compiled: Any) -> dict[str, str]:
+    """The precision and dynamic quantization OpenVINO chose for a model compiled without options."""
+    options: dict[str, str] = {}
+    for key in ("INFERENCE_PRECISION_HINT", *IR_RUNTIME_OPTIONS):
+        try:
+            value = compiled.get_property(key)
+        except Exception:
+            continue
+        options[key] = str(value.get_type_name() if hasattr(value, "get_type_name") else value)
+    return options
+
+
+def _device_default_precision(core: Any, device: str) -> str:
+    """The inference precision OpenVINO picks on ``device`` when nothing pins it (``f32``, ``bf16``, ``f16``)."""
+    try:
+        hint = core.get_property(device, "INFERENCE_PRECISION_HINT")
+        return str(hint.get_type_name() if hasattr(hint, "get_type_name") else hint)
+    except Exception:
+        return "f32"
 
 
 def _engine(
@@ -75,7 +133,7 @@ def _engine(
     index: dict[str, str],
     device: str,
     build_seconds: float,
-    precision: str,
+    options: dict[str, str],
 ) -> Engine:
     """The Engine record of a compiled model, with the runtime precision of every layer."""
     return Engine(
@@ -87,7 +145,7 @@ def _engine(
         build_seconds=build_seconds,
         backend_version=str(ov.get_version()),
         layer_precisions=layer_precision_map(read_execution_graph(compiled, index)),
-        options={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision},
+        options=dict(options),
         handle=compiled,
     )
 
@@ -124,7 +182,10 @@ class OpenVINOBuilder:
         core = ov.Core()
         check_device(core, profile.device)
         ov_model, shapes, index = read_static_model(core, model)
-        precision = inference_precision(profile)
+        options = runtime_options(core, profile.device, model_precision(onnx_metadata(model), profile))
+        for key in IR_RUNTIME_OPTIONS:  # what the CPU plugin honours from the IR itself
+            if key in options:
+                ov_model.set_rt_info(options[key], ["runtime_options", key])
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".openvino-ir.", suffix=".tmp", dir=out_dir))
         try:
@@ -133,19 +194,24 @@ class OpenVINOBuilder:
                 ov.save_model(ov_model, str(staged), compress_to_fp16=False)
             except Exception as exc:
                 raise BuildError(f"OpenVINO cannot save the IR of {model.name}: {one_line(exc)}") from exc
-            compiled = _compile(ov, core, str(staged), model.name, profile.device, precision)
-            artifacts = (out_dir / f"{IR_NAME}.xml", out_dir / f"{IR_NAME}.bin")
-            os.replace(staged, artifacts[0])
+            _write_options(staging / RUNTIME_OPTIONS_FILE, options, _device_default_precision(core, profile.device))
+            compiled = _compile(core, str(staged), model.name, profile.device, options)
+            artifacts = (out_dir / f"{IR_NAME}.xml", out_dir / f"{IR_NAME}.bin", out_dir / RUNTIME_OPTIONS_FILE)
             os.replace(staged.with_suffix(".bin"), artifacts[1])
+            os.replace(staging / RUNTIME_OPTIONS_FILE, artifacts[2])
+            os.replace(staged, artifacts[0])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         build_seconds = _time.perf_counter() - start
-        return _engine(ov, compiled, model, artifacts, shapes, index, profile.device, build_seconds, precision)
+        return _engine(ov, compiled, model, artifacts, shapes, index, profile.device, build_seconds, options)
 
-    def load(self, ir: Path, profile: Profile) -> Engine:
+    def load(self, ir: Path, profile: Profile, options: dict[str, str] | None = None) -> Engine:
         """Compile an already-built OpenVINO IR (``model.xml`` with its ``.bin`` beside it) in place for
-        the profile's device, with the settings :meth:`build` uses; nothing is written.
+        the profile's device; nothing is written.
 
+        ``options``: the compile properties; None reads the ``runtime_options.json`` :meth:`build` wrote beside
+        the IR (the options the engine was measured with), else — an IR from elsewhere — the profile's
+        (its float precision); ``{}`` compiles it bare, as a user's ``core.compile_model(ir)`` does.
         A dynamic batch is fixed to 1 as in :meth:`build`. ``Engine.build_seconds`` is the time spent
         reading and compiling the IR; ``Engine.artifacts`` are the given ``.xml`` and ``.bin``.
         """
@@ -159,11 +225,14 @@ class OpenVINOBuilder:
         core = ov.Core()
         check_device(core, profile.device)
         ov_model, shapes, index = read_static_model(core, ir)
-        precision = inference_precision(profile)
-        compiled = _compile(ov, core, ov_model, ir.name, profile.device, precision)
+        if options is None:
+            options = stored_options(ir) or runtime_options(core, profile.device, inference_precision(profile))
+        compiled = _compile(core, ov_model, ir.name, profile.device, options)
+        if not options:  # bare: record what OpenVINO chose, so a profile run or a reload reproduces it
+            options = _chosen_options(compiled)
         build_seconds = _time.perf_counter() - start
         artifacts = (ir, ir.with_suffix(".bin"))
-        return _engine(ov, compiled, ir, artifacts, shapes, index, profile.device, build_seconds, precision)
+        return _engine(ov, compiled, ir, artifacts, shapes, index, profile.device, build_seconds, options)
 
     def time(self, engine: Engine, settings: TimingSettings) -> Timing:
         """Latency of one synchronous infer request on fixed seeded random inputs, set once.
@@ -209,7 +278,7 @@ class OpenVINOBuilder:
             name = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         except Exception:
             return "fp32"
-        return {"bf16": "bf16", "f16": "fp16"}.get(str(name), "fp32")
+        return {v: k for k, v in OV_PRECISION.items()}.get(str(name), "fp32")
 
     def layer_times(self, engine: Engine, settings: TimingSettings) -> LayerTimes:
         """Per-ONNX-node µs from OpenVINO's ``PERF_COUNT`` profiler, on the inputs :meth:`time` uses; see

@@ -35,7 +35,9 @@ def profiled_layer_times(engine: Engine, arrays: list[np.ndarray], settings: Tim
         request = compiled.create_infer_request()
         for index, array in enumerate(arrays):
             request.set_input_tensor(index, ov.Tensor(array))
-        exec_layers = {layer.name: layer for layer in read_execution_graph(compiled, load_onnx_index(engine.model_path))}
+        exec_layers = {
+            layer.name: layer for layer in read_execution_graph(compiled, load_onnx_index(engine.model_path))
+        }
         totals: dict[str, float] = {}
 
         def profiled() -> None:

@@ -18,11 +18,13 @@ from rexdeploy.builders.timing import Timing, random_inputs, timing_from_samples
 from rexdeploy.errors import BuildError, InputError
 from rexdeploy_openvino._runtime import (
     check_device,
-    compile_config,
     import_openvino,
     inference_precision,
+    model_precision,
     one_line,
+    onnx_metadata,
     read_static_model,
+    runtime_options,
 )
 
 if TYPE_CHECKING:
@@ -60,23 +62,27 @@ class ThroughputResult:
         )
 
 
-def _source(engine_or_model: Engine | Path | str, profile: Profile | None) -> tuple[Path, str, str]:
-    """(model file to compile, device, inference precision) for an engine or a model path."""
+def _source(engine_or_model: Engine | Path | str, profile: Profile | None) -> tuple[Path, str, dict[str, str]]:
+    """(model file to compile, device, compile options in THROUGHPUT mode) for an engine or a model path: an
+    engine keeps the options it was built with (its precision, dynamic quantization); a model file gets the
+    options :meth:`OpenVINOBuilder.build` would give it."""
     if isinstance(engine_or_model, Engine):
         engine = engine_or_model
         if engine.backend != "openvino":
             raise BuildError(f"time_throughput needs an OpenVINO engine, got a {engine.backend} engine")
         ir = next((p for p in engine.artifacts if p.suffix == ".xml"), engine.model_path)
-        precision = inference_precision(profile)
-        if engine.handle is not None:  # keep the precision the engine was compiled with
-            import openvino as ov
-            import openvino.properties.hint as hint
-
-            precision = "bf16" if engine.handle.get_property(hint.inference_precision) == ov.Type.bf16 else "f32"
-        return ir, profile.device if profile is not None else engine.device, precision
+        options = dict(engine.options) or {"INFERENCE_PRECISION_HINT": inference_precision(profile)}
+        return (
+            ir,
+            profile.device if profile is not None else engine.device,
+            {**options, "PERFORMANCE_HINT": "THROUGHPUT"},
+        )
     if profile is None:
         raise InputError("time_throughput on a model file needs a profile (it names the device)")
-    return Path(engine_or_model), profile.device, inference_precision(profile)
+    ov = import_openvino()
+    model = Path(engine_or_model)
+    precision = model_precision(onnx_metadata(model), profile)
+    return model, profile.device, runtime_options(ov.Core(), profile.device, precision, mode="THROUGHPUT")
 
 
 def time_throughput(
@@ -96,12 +102,12 @@ def time_throughput(
     ov = import_openvino()
     import openvino.properties as props
 
-    model, device, precision = _source(engine_or_model, profile)
+    model, device, options = _source(engine_or_model, profile)
     core = ov.Core()
     check_device(core, device)
     ov_model, shapes, _ = read_static_model(core, model)
     try:
-        compiled = core.compile_model(ov_model, device, compile_config(ov, "THROUGHPUT", precision))
+        compiled = core.compile_model(ov_model, device, options)
         n_requests = requests or int(compiled.get_property(props.optimal_number_of_infer_requests))
         streams = int(compiled.get_property(props.num_streams))
     except Exception as exc:
