@@ -104,8 +104,7 @@ class Report:
             "rex": self.rex.to_dict(),
             "baselines": {k: v.to_dict() for k, v in self.baselines.items()},
             "ratios": {f"rex_vs_{k}": self.ratio_to(k) for k in self.baselines},
-            "fidelity": {**self.fidelity.to_dict(), "source": "synthetic probes (an estimate)",
-                         "samples": self.fidelity_samples.to_dict() if self.fidelity_samples else None},
+            "fidelity": self.fidelity_dict(),
             "expand_seconds": self.expand_seconds,
             "out_dir": self.out_dir,
             "warnings": list(self.warnings),
@@ -113,6 +112,19 @@ class Report:
             "pareto_front": list(self.front),
             "choice": self.choice,
             "latency_model": self.latency_model,
+        }
+
+    def fidelity_dict(self) -> dict[str, Any]:
+        """``fidelity`` in report.json: ``estimate`` (the data-free estimate: the worst figure over the probe
+        families, ``family`` / ``error_family`` naming where the top-1 / the error comes from, and
+        ``families``), ``samples`` (measured on the user's --samples, or None), and the estimate's figures
+        at the top level as well (for scripts written before the families)."""
+        f = self.fidelity
+        return {
+            **f.figures(),
+            "source": "synthetic probes (an estimate)",
+            "estimate": f.to_dict(),
+            "samples": self.fidelity_samples.to_dict() if self.fidelity_samples else None,
         }
 
     def to_json(self) -> str:
@@ -139,10 +151,7 @@ class Report:
                 f"{name:<8} median {format_ms(base.timing.median_ms)}  p99 {format_ms(base.timing.p99_ms)}"
                 f"  → REx/{name} = {ratio:.2f}x"
             )
-        f = self.fidelity
-        top1 = f"  top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
-        lines.append(f"fidelity rel. error {f.relative_error:.2e}  cosine {f.cosine:.6f}{top1}  ({f.probes} synthetic "
-                     "probes: an estimate)")  # fmt: skip
+        lines += _estimate_console(self.fidelity)
         if self.fidelity_samples is not None:
             fs = self.fidelity_samples
             top1s = f"  top-1 agreement {fs.top1_agreement:.1%}" if fs.top1_agreement is not None else ""
@@ -198,14 +207,7 @@ class Report:
                     "| engine | plan | median | fits | predicted error | |", "|---|---|---|---|---|---|"]
             out += [f"| {e['label']} | {e['plan']} | {format_ms(e['median_ms'])} | {'yes' if e['fits'] else 'no'} | "
                     f"{e['predicted_error']:.2e} | {'**returned**' if e['returned'] else ''} |" for e in engines]
-        f = self.fidelity
-        out += [
-            "",
-            f"Fidelity vs FP32 on {f.probes} synthetic probes (an estimate): relative error {f.relative_error:.3e}, "
-            f"cosine {f.cosine:.6f}, max abs error {f.max_abs_error:.3e}"
-            + (f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else "")
-            + ".",
-        ]
+        out += ["", *_estimate_markdown(self.fidelity)]
         if self.fidelity_samples is not None:
             fs = self.fidelity_samples
             out += ["", f"Fidelity vs FP32 on {fs.probes} of your samples (measured): relative error "
@@ -216,6 +218,45 @@ class Report:
             for layer_type, per in sorted(self.rex.precisions.items()):
                 out.append(f"- {layer_type}: " + ", ".join(f"{p} × {n}" for p, n in sorted(per.items())))
         return "\n".join(out) + "\n"
+
+
+def _families_text(f: Fidelity) -> str:
+    """Where the estimate's figures come from, e.g. ``top-1 from natural-1/f, error from gaussian``."""
+    if not f.family:
+        return "synthetic probes"
+    if f.top1_agreement is None or f.family == f.error_family:
+        return f"worst probe family {f.error_family or f.family}"
+    return f"top-1 from {f.family}, error from {f.error_family}"
+
+
+def _estimate_console(f: Fidelity) -> list[str]:
+    """The console lines of the data-free estimate: the worst figures, then each family's."""
+    top1 = f"  top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+    lines = [f"estimate rel. error {f.relative_error:.2e}  cosine {f.cosine:.6f}{top1}  (data-free estimate, "
+             f"{f.probes} synthetic probes per family; {_families_text(f)})"]  # fmt: skip
+    for fam in f.families:
+        t = f"  top-1 {fam.top1_agreement:.1%}" if fam.top1_agreement is not None else ""
+        lines.append(f"         estimate on {fam.family}: rel. error {fam.relative_error:.2e}{t}")
+    return lines
+
+
+def _estimate_markdown(f: Fidelity) -> list[str]:
+    """The Markdown of the data-free estimate: a sentence with the worst figures, a table of the families."""
+    top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+    out = [f"Fidelity vs FP32, **data-free estimate** ({f.probes} synthetic probes per family, no data; "
+           f"{_families_text(f)}): relative error {f.relative_error:.3e}, cosine {f.cosine:.6f}, max abs error "
+           f"{f.max_abs_error:.3e}{top1}. Real inputs can fare better or worse (docs/report.md, how far the estimate "
+           "was from natural images): measure on your own with `--samples`."]  # fmt: skip
+    if f.families:
+        from rexdeploy.probes import FAMILY_TEXT
+
+        out += ["", "| probe family (estimate) | probes | top-1 agreement | relative error | cosine |"]
+        out.append("|---|---|---|---|---|")
+        for fam in f.families:
+            t = f"{fam.top1_agreement:.1%}" if fam.top1_agreement is not None else "-"
+            out.append(f"| {fam.family}: {FAMILY_TEXT.get(fam.family, '')} | {fam.probes} | {t} | "
+                       f"{fam.relative_error:.3e} | {fam.cosine:.6f} |")  # fmt: skip
+    return out
 
 
 def write_pareto_png(path: Path, report: Report, planned: Any) -> Path | None:

@@ -1,8 +1,13 @@
-"""rexdeploy.fidelity.compare_outputs against values worked out by hand."""
+"""rexdeploy.fidelity: compare_outputs against values worked out by hand; the data-free estimate over the probe
+families against each family recomputed independently."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +119,75 @@ def test_shape_mismatch_and_json() -> None:
     doc = fid.to_dict()
     assert doc == {"probes": 3, "relative_error": 0.0, "cosine": 1.0, "max_abs_error": 0.0, "top1_agreement": 1.0}
     assert Fidelity(**doc) == fid
+    assert Fidelity.from_dict(doc) == fid
+
+
+def test_estimate_reports_every_family_and_the_worst_of_each_figure() -> None:
+    import onnx
+
+    from rexdeploy.demo import demo_model_path
+    from rexdeploy.fidelity import estimate_fidelity
+    from rexdeploy.probes import GAUSSIAN, family_inputs
+
+    model = onnx.load(str(demo_model_path()))
+    head = np.random.default_rng(0).standard_normal((64, 10))
+
+    def reference(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        return feeds["input"].reshape(-1, 64).astype(np.float64) @ head
+
+    def candidate(feeds: Mapping[str, np.ndarray]) -> np.ndarray:  # inputs rounded to steps of 0.5
+        return np.round(2.0 * feeds["input"].reshape(-1, 64).astype(np.float64)) / 2.0 @ head
+
+    est = estimate_fidelity(model, reference, candidate, probes=24, seed=5)
+    assert [f.family for f in est.families] == ["gaussian", "bn-matched", "natural-1/f"]
+    for f in est.families:  # each family's figures, recomputed from its probes
+        feeds = family_inputs(model, f.family, 24, seed=5)
+        assert f == replace(compare_outputs(reference(feeds), candidate(feeds)), family=f.family)
+    assert est.probes == 24
+    assert est.relative_error == max(f.relative_error for f in est.families)
+    assert est.error_family == max(est.families, key=lambda f: f.relative_error).family
+    assert est.max_abs_error == max(f.max_abs_error for f in est.families)
+    assert est.cosine == min(f.cosine for f in est.families)
+    structured = [f for f in est.families if f.family != GAUSSIAN]
+    assert est.top1_agreement == min(f.top1_agreement for f in structured if f.top1_agreement is not None)
+    assert est.family in {f.family for f in structured if f.top1_agreement == est.top1_agreement}
+    doc = est.to_dict()
+    assert set(doc["families"]) == {"gaussian", "bn-matched", "natural-1/f"}
+    assert doc["family"] == est.family and doc["error_family"] == est.error_family
+    assert Fidelity.from_dict(json.loads(json.dumps(doc))) == est
+
+
+def test_measure_fidelity_runs_the_engines_on_the_estimate_probes(tmp_path: Path) -> None:
+    """The builder path (engines, batch 1) gives what estimate_fidelity gives with onnxruntime sessions."""
+    import onnx
+    import onnxruntime as ort
+    from models import small_cnn
+    from rexdeploy_onnxruntime import OnnxRuntimeBuilder
+
+    from rexdeploy.api import expand_model
+    from rexdeploy.fidelity import estimate_fidelity, measure_fidelity
+    from rexdeploy.profile import Parallel, Profile
+
+    model = small_cnn(batchnorm=True)
+    expanded = expand_model(model, bits=8, order=1, act_bits=8).model
+    paths = {name: tmp_path / f"{name}.onnx" for name in ("fp32", "q")}
+    onnx.save(model, str(paths["fp32"]))
+    onnx.save(expanded, str(paths["q"]))
+    builder = OnnxRuntimeBuilder()
+    profile = Profile(name="test-cpu", engine="onnxruntime", device="CPU", parallel=Parallel(cores=1))
+    engines = {name: builder.build(path, profile, tmp_path / name) for name, path in paths.items()}
+    got = measure_fidelity(builder, engines["fp32"], engines["q"], model, probes=8)
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(m: onnx.ModelProto) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+        session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return lambda feeds: np.asarray(session.run(None, dict(feeds))[0])
+
+    want = estimate_fidelity(model, run(model), run(expanded), probes=8)
+    assert [f.family for f in got.families] == [f.family for f in want.families]
+    assert got.relative_error > 1e-4  # W8A8: not exact
+    for g, w in zip(got.families, want.families, strict=True):
+        assert g.relative_error == pytest.approx(w.relative_error, rel=0.05)
+        assert g.top1_agreement == pytest.approx(w.top1_agreement, abs=1 / 8)
