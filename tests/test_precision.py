@@ -171,3 +171,28 @@ def test_self_check_passes_a_sound_engine_and_catches_a_wrong_one(tmp_path: Path
     wrong_path = save_model(other, tmp_path / "other.onnx")
     bad = self_check(builder, engine, wrong_path, 0.0, "fp32")
     assert not bad.passed and bad.relative_error > 0.1 and "DISAGREES" in bad.text
+
+
+def test_onnxruntime_keeps_weight_only_layers_exact_and_still_fuses_w8a8(tmp_path: Path) -> None:
+    """onnxruntime's Q/DQ fusion would quantize a weight-only layer's float activations dynamically (a K=2 layer
+    then errs like K=1): the builder switches that pass off for models with weight-only layers, and only then."""
+    import onnxruntime as ort
+    from models import transformer_block
+    from rexdeploy_onnxruntime import DYNAMIC_QUANT_TRANSFORMER, has_weight_only_layers
+
+    model = transformer_block(hidden=64, seq=8)
+    feeds = {model.graph.input[0].name: np.random.default_rng(0).standard_normal((1, 8, 64)).astype(np.float32)}
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(model.SerializeToString(), exact, providers=["CPUExecutionProvider"])
+    want = reference.run(None, feeds)[0]
+    weight_only = expand_model(model, profile=F32, order=2, act_bits=0).model
+    w8a8 = expand_model(model, profile=F32, order=1).model
+    builder, engine, path = _engine(tmp_path, weight_only, "wo")
+    assert has_weight_only_layers(path) and engine.options["disabled_optimizers"] == DYNAMIC_QUANT_TRANSFORMER
+    got = builder.run(engine, feeds)[0]
+    simulated = ort.InferenceSession(path.read_bytes(), exact, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert rel < 1e-3 and np.allclose(got, simulated, rtol=1e-4, atol=1e-5)  # K=2 weight-only: near exact
+    _, int8_engine, int8_path = _engine(tmp_path, w8a8, "w8a8")
+    assert not has_weight_only_layers(int8_path) and "disabled_optimizers" not in int8_engine.options

@@ -119,6 +119,39 @@ def session_options(ort: Any, options: dict[str, str]) -> Any:
     return made
 
 
+DYNAMIC_QUANT_TRANSFORMER = "QDQSelectorActionTransformer"
+"""ONNX Runtime's Q/DQ fusion pass. Besides fusing W8A8 Q/DQ pairs into integer kernels it turns a weight-only
+layer (DequantizeLinear on the weight, float activation) into a dynamically quantized MatMul: int8 activations
+the plan never chose (a weight-only K=2 transformer layer: 3.2e-5 → 8.8e-3 relative error)."""
+
+
+def has_weight_only_layers(model: Path) -> bool:
+    """True when a MatMul / Gemm / Conv of ``model`` has a dequantized constant weight and a float activation."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:
+        return False
+    consts = {t.name for t in proto.graph.initializer} | {o for n in proto.graph.node if n.op_type == "Constant"
+                                                           for o in n.output}  # fmt: skip
+    dq_outputs = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.output}
+    weight_dq = {out for out, n in dq_outputs.items() if n.input and n.input[0] in consts}
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2:
+            continue
+        inputs = list(node.input[:2])
+        if any(i in weight_dq for i in inputs) and any(i not in dq_outputs and i not in consts for i in inputs):
+            return True
+    return False
+
+
+def session_kwargs(options: dict[str, str]) -> dict[str, Any]:
+    """The ``InferenceSession`` arguments beyond ``SessionOptions`` that ``Engine.options`` records."""
+    disabled = [o for o in options.get("disabled_optimizers", "").split(",") if o]
+    return {"disabled_optimizers": disabled} if disabled else {}
+
+
 def _input_arrays(engine: Engine, session: Any, seed: int) -> dict[str, np.ndarray]:
     """The seeded random inputs :meth:`OnnxRuntimeBuilder.time` runs on, in the session's input dtypes."""
     dtypes = {arg.name: np.dtype(_DTYPES.get(arg.type, "float32")) for arg in session.get_inputs()}
@@ -130,7 +163,8 @@ class OnnxRuntimeBuilder:
 
     ``build`` copies the model (and its external-data files) into ``out_dir`` and opens an
     ``InferenceSession`` on the copy with every graph optimization (``ORT_ENABLE_ALL``, which also
-    fuses Q/DQ pairs into QLinear* integer kernels) and ``profile.parallel.cores`` intra-op threads
+    fuses Q/DQ pairs into QLinear* integer kernels; for a model with weight-only layers without the Q/DQ fusion
+    pass, :data:`DYNAMIC_QUANT_TRANSFORMER`, which would quantize their activations dynamically) and ``profile.parallel.cores`` intra-op threads
     (0: ONNX Runtime's default). The profile's device is not used: this engine always runs on the CPU.
     """
 
@@ -156,6 +190,8 @@ class OnnxRuntimeBuilder:
         files = [model.name, *_external_files(model)]
         out_dir.mkdir(parents=True, exist_ok=True)
         recorded = _options(profile.parallel.cores)
+        if has_weight_only_layers(model):  # keep the plan's float activations: no dynamic int8 behind its back
+            recorded["disabled_optimizers"] = DYNAMIC_QUANT_TRANSFORMER
         options = session_options(ort, recorded)
         staging = Path(tempfile.mkdtemp(prefix=".onnxruntime.", suffix=".tmp", dir=out_dir))
         try:
@@ -167,7 +203,8 @@ class OnnxRuntimeBuilder:
                     raise BuildError(f"cannot copy {rel} (needed by {model.name}): {exc.strerror}") from exc
             try:
                 session = ort.InferenceSession(
-                    str(staging / model.name), sess_options=options, providers=["CPUExecutionProvider"]
+                    str(staging / model.name), sess_options=options, providers=["CPUExecutionProvider"],
+                    **session_kwargs(recorded),
                 )
             except Exception as exc:
                 raise BuildError(f"onnxruntime cannot load {model.name}: {_one_line(exc)}") from exc

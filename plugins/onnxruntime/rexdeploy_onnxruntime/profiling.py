@@ -274,7 +274,10 @@ def profiled_layer_times(
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "0")
         options.log_severity_level = 3  # the build session already said what there is to say
         try:
-            session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+            from rexdeploy_onnxruntime import session_kwargs
+
+            session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"],
+                                           **session_kwargs(engine.options))  # fmt: skip
         except Exception as exc:
             raise BuildError(f"onnxruntime cannot open {model.name} with profiling on: {one_line(exc)}") from exc
         per_run = _optimized_node_count(optimized, len(graph.order)) + _SESSION_EVENTS_PER_RUN
