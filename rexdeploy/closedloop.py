@@ -104,6 +104,12 @@ class _Run:
     measured: list[Measured] = field(default_factory=list)  # every engine measured in this run
     checks: dict[int, SelfCheck] = field(default_factory=dict)  # engine id → its self-check
 
+    def attempts_dir(self) -> Path:
+        """``attempts/`` of the build folder: the closed loop's engines (the returned one is copied to ``rex/``)."""
+        folder = self.tmp / "attempts"
+        folder.mkdir(exist_ok=True)
+        return folder
+
     def engine_for(
         self, plan: Plan, name: str, ranges: dict[str, float] | None, where: Path | None = None
     ) -> tuple[Engine, float, Path]:
@@ -387,7 +393,7 @@ def _closed_loop(
         m = run.measured_plan(result.plan)
         name = f"rex_attempt{attempt}"
         if m is None:
-            engine, _, path = run.engine_for(result.plan, name, result.ranges)
+            engine, _, path = run.engine_for(result.plan, name, result.ranges, where=run.attempts_dir())
             m = run.measure(result.chosen.label, result.plan, engine, path, run.timing, f"the REx engine ({name})")
         attempts.append(Attempt(attempt, name if m.onnx_path.stem == name else m.onnx_path.stem,
                                 result.plan.summary() if result.plan.layers else "FP32",
@@ -535,7 +541,7 @@ def _fallbacks(run: _Run, result: PlanResult, budget_ms: float, attempts: list[A
         name = f"rex_fastest{i + 1}"
         summary = fallback.summary() if fallback.layers else "FP32"
         run.say(f"nothing measured fits: building {summary} ...")
-        engine, _, path = run.engine_for(fallback, name, result.ranges)
+        engine, _, path = run.engine_for(fallback, name, result.ranges, where=run.attempts_dir())
         m = run.measure("fastest candidate", fallback, engine, path, run.timing, "a fast candidate")
         attempts.append(Attempt(len(attempts) + 1, name, summary, fallback.predicted_latency_ms or 0.0,
                                 m.timing.median_ms, 1.0))  # fmt: skip

@@ -70,6 +70,8 @@ class Report:
     choice: str = ""  # why this engine was returned
     fidelity_samples: Fidelity | None = None  # on the user's --samples (measured), beside the synthetic estimate
     latency_model: dict[str, Any] = field(default_factory=dict)  # where the planner's latencies came from
+    self_check: dict[str, Any] = field(default_factory=dict)  # the returned engine vs onnxruntime on its ONNX
+    bare_load: dict[str, Any] = field(default_factory=dict)  # the IR compiled with no options, where that differs
 
     def with_warning(self, warning: str) -> Report:
         return replace(self, warnings=(*self.warnings, warning))
@@ -89,6 +91,13 @@ class Report:
         base = self.baselines.get(baseline)
         return None if base is None else self.rex.timing.median_ms / base.timing.median_ms
 
+    @property
+    def fastest_float(self) -> str | None:
+        """The fastest float baseline (FP32, or the device's default float precision where it is faster): what a
+        user who does not quantize would run; REx is quoted against it."""
+        floats = [k for k in self.baselines if k != "int8"]
+        return min(floats, key=lambda k: self.baselines[k].timing.median_ms) if floats else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -103,7 +112,9 @@ class Report:
             "plan": self.plan.to_dict(),
             "rex": self.rex.to_dict(),
             "baselines": {k: v.to_dict() for k, v in self.baselines.items()},
-            "ratios": {f"rex_vs_{k}": self.ratio_to(k) for k in self.baselines},
+            "ratios": {f"rex_vs_{k}": self.ratio_to(k) for k in self.baselines}
+            | ({"rex_vs_fastest_float": self.ratio_to(self.fastest_float)} if self.fastest_float else {}),
+            "fastest_float": self.fastest_float,
             "fidelity": self.fidelity_dict(),
             "expand_seconds": self.expand_seconds,
             "out_dir": self.out_dir,
@@ -112,6 +123,8 @@ class Report:
             "pareto_front": list(self.front),
             "choice": self.choice,
             "latency_model": self.latency_model,
+            "self_check": self.self_check,
+            "bare_load": self.bare_load,
         }
 
     def fidelity_dict(self) -> dict[str, Any]:
@@ -147,9 +160,10 @@ class Report:
         )
         for name, base in self.baselines.items():
             ratio = self.ratio_to(name)
+            fastest = "  (the fastest float engine)" if name == self.fastest_float and len(self.baselines) > 1 else ""
             lines.append(
                 f"{name:<8} median {format_ms(base.timing.median_ms)}  p99 {format_ms(base.timing.p99_ms)}"
-                f"  → REx/{name} = {ratio:.2f}x"
+                f"  → REx/{name} = {ratio:.2f}x{fastest}"
             )
         lines += _estimate_console(self.fidelity)
         if self.fidelity_samples is not None:
@@ -170,6 +184,8 @@ class Report:
                              f"{e['label']}: {e['plan']}{mark}")  # fmt: skip
         if self.choice:
             lines.append(f"chosen   {self.choice}")
+        if self.self_check:
+            lines.append(f"check    {self.self_check['text']}")
         noisy = [n for n, e in [("REx", self.rex), *self.baselines.items()] if e.timing.noisy]
         if noisy:
             lines.append(f"warning  timing CoV above 5 % for {', '.join(noisy)}: the machine is noisy")
@@ -188,15 +204,17 @@ class Report:
             + ("" if self.fits_budget is None else f" — {'met' if self.fits_budget else 'missed'}"),
             f"- expansion pass: {self.expand_seconds:.3f} s",
             *([f"- chosen: {self.choice}"] if self.choice else []),
+            *([f"- self-check: {self.self_check['text']}"] if self.self_check else []),
+            *([f"- loaded with no options: {self.bare_load['text']}"] if self.bare_load.get("text") else []),
             *([f"- planner latencies: {self.latency_model.get('summary', '')}"] if self.latency_model else []),
             "",
-            "| engine | median | mean | p90 | p99 | CoV | runs | ratio to FP32 | build s |",
+            f"| engine | median | mean | p90 | p99 | CoV | runs | ratio to {self.fastest_float or 'FP32'} | build s |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        fp32 = self.baselines.get("fp32")
+        ref = self.baselines.get(self.fastest_float or "fp32")
         for name, e in rows:
             t = e.timing
-            ratio = f"{t.median_ms / fp32.timing.median_ms:.2f}" if fp32 else "-"
+            ratio = f"{t.median_ms / ref.timing.median_ms:.2f}" if ref else "-"
             out.append(
                 f"| {name} | {format_ms(t.median_ms)} | {format_ms(t.mean_ms)} | {format_ms(t.p90_ms)} | "
                 f"{format_ms(t.p99_ms)} | {t.cov:.1%} | {t.runs} | {ratio} | {e.build_seconds:.2f} |"
@@ -229,11 +247,19 @@ def _families_text(f: Fidelity) -> str:
     return f"top-1 from {f.family}, error from {f.error_family}"
 
 
+def _probes_text(f: Fidelity) -> str:
+    """``64 synthetic probes per family``, or per family where the counts differ (``64 bn-matched, 32 gaussian``)."""
+    counts = {fam.family: fam.probes for fam in f.families} or {"": f.probes}
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))} synthetic probes per family"
+    return "synthetic probes: " + ", ".join(f"{n} {name}" for name, n in counts.items())
+
+
 def _estimate_console(f: Fidelity) -> list[str]:
     """The console lines of the data-free estimate: the worst figures, then each family's."""
     top1 = f"  top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
     lines = [f"estimate rel. error {f.relative_error:.2e}  cosine {f.cosine:.6f}{top1}  (data-free estimate, "
-             f"{f.probes} synthetic probes per family; {_families_text(f)})"]  # fmt: skip
+             f"{_probes_text(f)}; {_families_text(f)})"]  # fmt: skip
     for fam in f.families:
         t = f"  top-1 {fam.top1_agreement:.1%}" if fam.top1_agreement is not None else ""
         lines.append(f"         estimate on {fam.family}: rel. error {fam.relative_error:.2e}{t}")
@@ -243,7 +269,7 @@ def _estimate_console(f: Fidelity) -> list[str]:
 def _estimate_markdown(f: Fidelity) -> list[str]:
     """The Markdown of the data-free estimate: a sentence with the worst figures, a table of the families."""
     top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
-    out = [f"Fidelity vs FP32, **data-free estimate** ({f.probes} synthetic probes per family, no data; "
+    out = [f"Fidelity vs FP32, **data-free estimate** ({_probes_text(f)}, no data; "
            f"{_families_text(f)}): relative error {f.relative_error:.3e}, cosine {f.cosine:.6f}, max abs error "
            f"{f.max_abs_error:.3e}{top1}. Real inputs can fare better or worse (docs/report.md, how far the estimate "
            "was from natural images): measure on your own with `--samples`."]  # fmt: skip

@@ -290,8 +290,12 @@ def test_build_with_planner_and_budget_ratio(capsys: pytest.CaptureFixture[str],
     from rexdeploy.profile import load_profile
 
     default = OpenVINOBuilder().default_float_precision(load_profile("auto"))  # bf16 on AVX-512 BF16 / AMX CPUs
-    expected = {"fp32", "int8"} | ({f"{default} (default)"} if default == "bf16" and not load_profile("auto").quantization.bf16 else set())
+    expected = {"fp32", "int8"} | ({f"{default} (default)"} if default == "bf16" else set())
     assert set(report["baselines"]) == expected
+    assert report["baselines"]["fp32"]["precisions"]  # the FP32 reference ran in f32 whatever the host's default
+    assert all("bf16" not in p for p in report["baselines"]["fp32"]["precisions"].values())
+    fastest = min((k for k in expected if k != "int8"), key=lambda k: report["baselines"][k]["timing"]["median_ms"])
+    assert report["fastest_float"] == fastest
     assert report["budget_ms"] == pytest.approx(1.5 * report["baselines"]["int8"]["timing"]["median_ms"])
     assert report["latency_model"]["source"] == "measured" and report["latency_model"]["planning_s"] > 0
     returned = [e for e in report["latency_model"]["engines"] if e["returned"]]
@@ -315,7 +319,13 @@ def test_plan_measures_on_this_device_once_then_reads_the_cached_table(
     assert "latency measured on the device" in load_plan(tmp_path / "p.json").notes[0]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "cost table: cached (7 probe engines" in err and "probing" not in err
+    from rexdeploy_openvino import OpenVINOBuilder
+
+    from rexdeploy.profile import load_profile
+
+    # the 6 probes, the FP32 engine, and the default float engine where the host's is not f32 (bf16 CPUs)
+    floats = 1 + (OpenVINOBuilder().default_float_precision(load_profile("x86-avx512")) != "fp32")
+    assert f"cost table: cached ({6 + floats} probe engines" in err and "probing" not in err
 
 
 @pytest.mark.openvino

@@ -8,7 +8,7 @@ import pytest
 from rexdeploy.errors import ProfileError
 from rexdeploy.profile import list_profiles, load_profile, profile_from_dict
 
-SHIPPED = ["a100", "core-ultra", "h100", "orin", "x86-avx2", "x86-avx512", "xeon-spr"]
+SHIPPED = ["a100", "core-ultra", "h100", "orin", "x86-avx2", "x86-avx512", "x86-avx512-bf16", "xeon-spr"]
 
 
 def test_shipped_profiles_listed() -> None:
