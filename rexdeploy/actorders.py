@@ -47,14 +47,17 @@ from rexdeploy.errors import PlanError
 from rexdeploy.numerics import qmax
 
 ACT_QMAX = 127  # symmetric int8 activations, zero-point 0
+ACT_UQMAX = 255  # uint8 activations of a non-negative tensor, zero-point 0 (bnstats.nonnegative_tensors)
 ACT_STEP = 2 * ACT_QMAX  # s_j / s_{j+1}: the remainder of order j spans [-s_j/2, s_j/2]
 # first-range widening per activation order (index J): J = 1 keeps the data-free range as it is
 RANGE_WIDEN: dict[int, float] = {1: 1.0, 2: 4.0, 3: 4.0}
 
 __all__ = [
     "ACT_STEP",
+    "ACT_UQMAX",
     "RANGE_WIDEN",
     "activation_order_scales",
+    "activation_scale",
     "expand_activation",
     "first_range",
     "kept_terms",
@@ -62,9 +65,12 @@ __all__ = [
 ]
 
 
-def activation_scale(max_abs: float) -> float:
-    """Symmetric int8 scale for a tensor whose largest magnitude is ``max_abs`` (1 for 0 / non-finite)."""
-    return float(max_abs) / ACT_QMAX if max_abs > 0.0 and np.isfinite(max_abs) else 1.0
+def activation_scale(max_abs: float, unsigned: bool = False) -> float:
+    """Symmetric int8 scale for a tensor whose largest magnitude is ``max_abs`` (1 for 0 / non-finite);
+    ``unsigned``: the uint8 scale (zero-point 0) of a tensor known to be ≥ 0, ``max_abs / 255``."""
+    if not (max_abs > 0.0 and np.isfinite(max_abs)):
+        return 1.0
+    return float(max_abs) / (ACT_UQMAX if unsigned else ACT_QMAX)
 
 
 def first_range(max_abs: float, act_order: int) -> float:
@@ -81,19 +87,21 @@ def activation_order_scales(first_scale: float, act_order: int) -> list[float]:
     return [float(np.float32(first_scale / ACT_STEP**j)) for j in range(act_order)]
 
 
-def _qdq(x: np.ndarray, scale: float) -> np.ndarray:
-    """ONNX QuantizeLinear + DequantizeLinear (int8, zero-point 0) in float32, as onnxruntime computes it."""
+def _qdq(x: np.ndarray, scale: float, unsigned: bool = False) -> np.ndarray:
+    """ONNX QuantizeLinear + DequantizeLinear (int8 or uint8, zero-point 0) in float32, as onnxruntime computes it."""
     s = np.float32(scale)
-    q = np.clip(np.rint(x.astype(np.float32) / s), -128, 127)
+    lo, hi = (0, ACT_UQMAX) if unsigned else (-128, 127)
+    q = np.clip(np.rint(x.astype(np.float32) / s), lo, hi)
     return (q * s).astype(np.float32)
 
 
-def expand_activation(x: np.ndarray, scales: Sequence[float]) -> list[np.ndarray]:
-    """The activation orders ``x_1 … x_J`` of ``x`` (float32), each an int8 value times its scale."""
+def expand_activation(x: np.ndarray, scales: Sequence[float], unsigned: bool = False) -> list[np.ndarray]:
+    """The activation orders ``x_1 … x_J`` of ``x`` (float32), each an int8 value times its scale; ``unsigned``:
+    ``x ≥ 0`` and ``x_1`` is uint8 (the remainders, of either sign, stay int8)."""
     out: list[np.ndarray] = []
     r = np.asarray(x, dtype=np.float32)
-    for s in scales:
-        xj = _qdq(r, s)
+    for j, s in enumerate(scales):
+        xj = _qdq(r, s, unsigned and j == 0)
         out.append(xj)
         r = (r - xj).astype(np.float32)
     return out

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -46,6 +46,10 @@ _MIN_STD = 1e-12
 # error is flat for n = 3.5..4 and worse below 3 (clipping) and above 5 (resolution); 4 clips less of the heavy
 # tails real activations have beyond the Gaussian model
 DEFAULT_N_STD = 4.0
+# how a tensor's range follows from its statistics (stats_range): a fixed mean ± n·std, or the MSE-optimal range
+ClipRule = Literal["nstd", "mse-gauss", "mse-laplace"]
+CLIP_RULES: tuple[str, ...] = ("nstd", "mse-gauss", "mse-laplace")
+DEFAULT_CLIP: ClipRule = "nstd"
 # std of a global average over the std of its input, per channel: measured 0.54 (MobileNetV2, 7×7, natural
 # images) and 0.58 (demo digits CNN, 4×4); the averaging removes the within-image spread, not the between-image one
 DEFAULT_POOL_STD_FACTOR = 0.6
@@ -148,6 +152,45 @@ class ChannelStats:
         mean, std = self.moments()
         return ChannelStats.gaussian(mean, std * std_factor)
 
+    def quantization_mse(
+        self, alphas: np.ndarray, levels: int, family: ClipFamily = "gauss", gains: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Expected squared error of quantizing the tensor with range ``α`` (each of ``alphas``): uniform steps
+        ``Δ = α / levels`` on ``[0, α]`` (``levels = 255``, uint8, the tensor ≥ 0) or ``[−128Δ, α]`` (127, int8), summed
+        over channels, each channel weighted by ``gains`` (default 1). Per channel: the rounding noise ``Δ²/12``
+        of the values inside (a ReLU's exact zeros round exactly), plus the clipping error of each tail beyond
+        ``±α`` under the channel's distribution (``family``: a Gaussian or a Laplace of the channel's mean and
+        std), rectified / clipped at the channel's ``lo`` / ``hi``."""
+        a = np.asarray(alphas, dtype=np.float64).reshape(-1, 1)
+        mu, sigma, lo, hi = self.mean[None], self.std[None], self.lo[None], self.hi[None]
+        upper = _upper_clip_mse(family, mu, sigma, a, hi)
+        # the mirrored lower tail, −g beyond the lowest code: −128·Δ for int8 (0 for uint8: there lo ≥ 0)
+        lower = _upper_clip_mse(family, -mu, sigma, a * (levels + 1) / levels, -lo)
+        p_exact_zero = np.where(lo == 0.0, 1.0 - partial_moments(family, mu, sigma, lo)[0], 0.0)
+        step = a / levels
+        per_channel = step * step / 12.0 * (1.0 - p_exact_zero) + upper + lower
+        w = np.ones(self.channels) if gains is None else np.asarray(gains, dtype=np.float64).reshape(-1)
+        return np.asarray(per_channel @ w)
+
+    def mse_range(
+        self, family: ClipFamily = "gauss", gains: np.ndarray | None = None, levels: int | None = None
+    ) -> float:
+        """The range ``α`` minimizing :meth:`quantization_mse` over a geometric grid, from the smallest channel's
+        ``|mean| + std`` to the largest channel's ``|mean| + 16·std`` (capped by the channels' clip bounds).
+        ``levels``: 255 when every channel is ≥ 0 (uint8), else 127, unless given."""
+        if self.mean.size == 0:
+            return 0.0
+        if levels is None:
+            levels = 255 if bool(np.all(self.lo >= 0.0)) else 127
+        bound = np.maximum(np.abs(self.lo), np.abs(self.hi))
+        top = float(np.max(np.minimum(np.abs(self.mean) + 16.0 * self.std, bound)))
+        bottom = float(np.min(np.minimum(np.abs(self.mean) + self.std, bound)))
+        if not top > 0.0:
+            return 0.0
+        bottom = min(max(bottom, top * 1e-3), top)
+        alphas = np.geomspace(bottom, top, _MSE_GRID)
+        return float(alphas[int(np.argmin(self.quantization_mse(alphas, levels, family, gains)))])
+
     def max_abs(self, n_std: float) -> float:
         """The tensor's range: the largest |value| over channels of ``clip(mean ± n_std·std, lo, hi)``."""
         if self.mean.size == 0:
@@ -155,6 +198,53 @@ class ChannelStats:
         upper = np.clip(self.mean + n_std * self.std, self.lo, self.hi)
         lower = np.clip(self.mean - n_std * self.std, self.lo, self.hi)
         return float(np.max(np.maximum(np.abs(upper), np.abs(lower))))
+
+
+ClipFamily = Literal["gauss", "laplace"]
+CLIP_FAMILIES: tuple[str, ...] = ("gauss", "laplace")
+_MSE_GRID = 160  # candidate ranges per tensor, geometric between the smallest and largest channel tail
+
+
+def partial_moments(
+    family: ClipFamily, mean: np.ndarray, std: np.ndarray, t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``P(g > t)``, ``E[(g − t)·1{g > t}]`` and ``E[(g − t)²·1{g > t}]`` for ``g`` Gaussian or Laplace with
+    the given mean and standard deviation, elementwise (broadcast), closed form; ``t = inf`` gives zeros.
+
+    Gaussian, z = (t − μ)/σ, Q = 1 − Φ(z): ``Q``, ``σ(φ(z) − zQ)``, ``σ²((1 + z²)Q − zφ(z))``.
+    Laplace, b = σ/√2, d = t − μ: for d ≥ 0 ``P = e^(−d/b)/2``, ``bP``, ``2b²P`` (the excess over t is
+    exponential); for d < 0, with ``p = e^(d/b)/2`` the mass below t: ``1 − p``, ``−d + bp``, ``2b² + d² − 2b²p``.
+    """
+    mu = np.asarray(mean, dtype=np.float64)
+    sigma = np.maximum(np.asarray(std, dtype=np.float64), _MIN_STD)
+    t = np.asarray(t, dtype=np.float64)
+    finite = np.isfinite(t)
+    t_f = np.where(finite, t, 0.0)
+    if family == "gauss":
+        z = np.clip((t_f - mu) / sigma, -_Z_LIMIT, _Z_LIMIT)
+        q, pdf = 1.0 - norm_cdf(z), norm_pdf(z)
+        p, m1, m2 = q, sigma * (pdf - z * q), sigma**2 * ((1.0 + z * z) * q - z * pdf)
+    elif family == "laplace":
+        b = sigma / _SQRT2
+        d = t_f - mu
+        tail = 0.5 * np.exp(-np.abs(d) / b)
+        above = d >= 0
+        p = np.where(above, tail, 1.0 - tail)
+        m1 = np.where(above, b * tail, -d + b * tail)
+        m2 = np.where(above, 2.0 * b * b * tail, 2.0 * b * b + d * d - 2.0 * b * b * tail)
+    else:
+        raise ValueError(f"unknown clipping family {family!r}; use one of {', '.join(CLIP_FAMILIES)}")
+    return tuple(np.where(finite, np.maximum(v, 0.0), 0.0) for v in (p, m1, m2))  # type: ignore[return-value]
+
+
+def _upper_clip_mse(family: ClipFamily, mu: np.ndarray, sigma: np.ndarray, alpha: np.ndarray,
+                    hi: np.ndarray) -> np.ndarray:  # fmt: skip
+    """``E[(min(g, hi) − α)²·1{g > α}]`` (0 where α ≥ hi): the error of values clipped at α, for ``g`` of the
+    family; = SPM(α) − SPM(hi) − 2(hi − α)·FPM(hi) with the partial moments of :func:`partial_moments`."""
+    _, _, spm_a = partial_moments(family, mu, sigma, alpha)
+    _, fpm_h, spm_h = partial_moments(family, mu, sigma, hi)
+    gap = np.where(np.isfinite(hi), hi - alpha, 0.0)
+    return np.where(alpha >= hi, 0.0, np.maximum(spm_a - spm_h - 2.0 * gap * fpm_h, 0.0))
 
 
 def _combine(a: ChannelStats, b: ChannelStats, sign: float) -> ChannelStats | None:
@@ -301,6 +391,54 @@ def _spatial_reduction(consts: _Constants, node: onnx.NodeProto) -> bool:
     return bool(axes) and all(int(a) >= 2 for a in axes)
 
 
+# ops whose output is non-negative whatever their input; ops that keep their input's sign (an output
+# element is an input element, a max / mean / sum of input elements, or a product with non-negative ones)
+_NONNEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "Softmax", "Exp", "Abs", "HardSigmoid", "Softplus"})
+_SIGN_KEEPING_OPS = (
+    _IDENTITY_OPS
+    | _POOL_OPS
+    | frozenset({"GlobalMaxPool", "ReduceMax", "ReduceMin", "Transpose", "Slice", "Gather", "Split", "Tile", "Expand"})
+)
+_ALL_INPUTS_OPS = frozenset({"Concat", "Add", "Sum", "Mul", "Max", "Min"})
+
+
+def nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
+    """The tensors that are ≥ 0 for every input, by the graph alone (no statistics, no data): outputs of
+    ``Relu`` / ``Sigmoid`` / ``Softmax`` / ``Clip`` with a lower bound ≥ 0 / ..., and what ops that keep the
+    sign (pooling, reshapes, ``Concat`` / ``Add`` / ``Mul`` / ``Max`` of non-negative tensors or constants)
+    make of them. Such a tensor can be quantized to uint8 with zero-point 0: all 256 codes cover [0, max]."""
+    consts = _Constants(model)
+    known: set[str] = set()
+
+    def nonneg(name: str) -> bool:
+        if name in known:
+            return True
+        value = consts.get(name)
+        return value is not None and value.size > 0 and bool(np.all(value >= 0))
+
+    for node in model.graph.node:
+        op = node.op_type
+        data = [name for name in node.input if name]
+        if op in _NONNEGATIVE_OPS:
+            ok = True
+        elif op == "Clip":
+            bounds = _clip_bounds(consts, node)
+            ok = bounds is not None and (bounds[0] >= 0.0 or (bool(data) and data[0] in known and bounds[1] >= 0.0))
+        elif op in _SIGN_KEEPING_OPS:
+            ok = bool(data) and data[0] in known  # the other inputs are shapes / indices / pads
+        elif op == "Pad":
+            pad_value = consts.scalar(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
+            mode = _attr(node, "mode", b"constant")
+            ok = bool(data) and data[0] in known and (mode not in (b"constant", "constant") or (pad_value or 0.0) >= 0)
+        elif op in _ALL_INPUTS_OPS:
+            ok = bool(data) and all(nonneg(name) for name in data) and any(name in known for name in data)
+        else:
+            ok = False
+        if ok:
+            known.update(out for out in node.output if out)
+    return known
+
+
 def propagate_bn_stats(
     model: onnx.ModelProto,
     bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -320,6 +458,21 @@ def propagate_bn_stats(
     return known
 
 
+def stats_range(
+    stats: ChannelStats, clip: ClipRule = DEFAULT_CLIP, n_std: float = DEFAULT_N_STD, gains: np.ndarray | None = None
+) -> float:
+    """A tensor's quantization range from its channel statistics by ``clip``: ``"nstd"`` the largest over
+    channels of ``clip(mean ± n_std·std, lo, hi)``; ``"mse-gauss"`` / ``"mse-laplace"`` the MSE-optimal range
+    (:meth:`ChannelStats.mse_range`) with each channel a Gaussian / a Laplace of its mean and std, the
+    channels weighted by ``gains`` (ignored unless one per channel)."""
+    if clip == "nstd":
+        return stats.max_abs(n_std)
+    if clip in ("mse-gauss", "mse-laplace"):
+        weights = gains if gains is not None and np.size(gains) == stats.channels else None
+        return stats.mse_range("gauss" if clip == "mse-gauss" else "laplace", weights)
+    raise ValueError(f"unknown clipping rule {clip!r}; use one of {', '.join(CLIP_RULES)}")
+
+
 def bn_ranges(
     model: onnx.ModelProto,
     bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -327,9 +480,14 @@ def bn_ranges(
     n_std: float = DEFAULT_N_STD,
     *,
     pool_std_factor: float = DEFAULT_POOL_STD_FACTOR,
+    clip: ClipRule = DEFAULT_CLIP,
+    gains: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """max |x| of each tensor in ``tensors`` whose statistics are known: the largest over channels of
-    ``clip(mean ± n_std·std, lo, hi)`` (for a ReLU / ReLU6 output, the clipped upper tail). Tensors with
+    """The range (max |x| kept) of each tensor in ``tensors`` whose statistics are known, by
+    :func:`stats_range` (``clip``, ``n_std``, the tensor's channel ``gains`` when given). Tensors with
     unknown statistics are left out of the result."""
     known = propagate_bn_stats(model, bn_stats, pool_std_factor=pool_std_factor)
-    return {name: known[name].max_abs(n_std) for name in dict.fromkeys(tensors) if name in known}
+    gains = gains or {}
+    return {
+        name: stats_range(known[name], clip, n_std, gains.get(name)) for name in dict.fromkeys(tensors) if name in known
+    }

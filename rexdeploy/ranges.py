@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rexdeploy.bnstats import DEFAULT_N_STD, DEFAULT_POOL_STD_FACTOR, bn_ranges
+from rexdeploy.bnstats import CLIP_RULES, DEFAULT_CLIP, DEFAULT_N_STD, DEFAULT_POOL_STD_FACTOR, ClipRule, bn_ranges
 from rexdeploy.errors import InputError, ModelError
 
 RangeMethod = Literal["auto", "bn", "probe"]
@@ -187,6 +187,34 @@ def probe_ranges(
     return ranges
 
 
+def input_channel_gains(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """How much each input channel of each quantized layer input weighs in the layers that read it: per
+    input channel c, ``Σ_o Σ_k W[o, c, k]²`` over the layer's weight (its output's response to a unit error
+    on channel c), normalised by the layer's total ``Σ W²`` so that every reading layer counts alike, summed
+    over the layers that read the tensor. Data-free: the weights only. The MSE-optimal range
+    (:func:`rexdeploy.bnstats.stats_range`) weighs each channel's quantization error by it."""
+    from rexdeploy.analyze import ConstantResolver, find_layers, layer_weight
+
+    consts = ConstantResolver(model)
+    gains: dict[str, np.ndarray] = {}
+    for layer in find_layers(model):
+        w = layer_weight(model, layer, consts)  # output-channel-major: (O, I / group, ...)
+        if w.ndim < 2:
+            continue
+        out, per_group = w.shape[0], w.shape[1]
+        energy = np.square(w.reshape(out, per_group, -1)).sum(axis=2)  # (O, I / group)
+        group = max(layer.group, 1)
+        if out % group:
+            continue
+        per_channel = energy.reshape(group, out // group, per_group).sum(axis=1).reshape(-1)  # (I,)
+        total = float(per_channel.sum())
+        if total > 0.0:
+            previous = gains.get(layer.input)
+            share = per_channel / total
+            gains[layer.input] = share if previous is None or previous.size != share.size else previous + share
+    return gains
+
+
 def activation_ranges(
     model: onnx.ModelProto,
     bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -196,6 +224,7 @@ def activation_ranges(
     calibration: np.ndarray | None = None,
     n_std: float = DEFAULT_N_STD,
     pool_std_factor: float = DEFAULT_POOL_STD_FACTOR,
+    clip: ClipRule = DEFAULT_CLIP,
     probe: ProbeKind = DEFAULT_PROBE,
     percentile: float | None = DEFAULT_PERCENTILE,
     batch: int = 16,
@@ -215,11 +244,14 @@ def activation_ranges(
     taps = list(dict.fromkeys(tensors))
     if method not in RANGE_METHODS:
         raise InputError(f"unknown activation range method {method!r}; use one of {', '.join(RANGE_METHODS)}")
+    if clip not in CLIP_RULES:
+        raise InputError(f"unknown clipping rule {clip!r}; use one of {', '.join(CLIP_RULES)}")
     if calibration is not None:
         return probe_ranges(model, taps, calibration=calibration)
     if method == "probe":
         return probe_ranges(model, taps, batch=batch, seed=seed, probe=probe, percentile=percentile)
-    ranges = bn_ranges(model, bn_stats, taps, n_std, pool_std_factor=pool_std_factor)
+    gains = input_channel_gains(model) if clip != "nstd" else None
+    ranges = bn_ranges(model, bn_stats, taps, n_std, pool_std_factor=pool_std_factor, clip=clip, gains=gains)
     missing = [name for name in taps if name not in ranges]
     if missing and method == "bn":
         raise ModelError(

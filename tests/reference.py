@@ -7,7 +7,7 @@ so a bug in rexdeploy's numerics shows as a mismatch instead of being copied int
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import onnx
@@ -18,6 +18,7 @@ from rexdeploy.plans import Plan
 from rexdeploy.profile import Profile
 
 ACT_QMAX = 127  # symmetric int8 activations, zero-point 0
+ACT_UQMAX = 255  # uint8 activations (zero-point 0) of a tensor that is >= 0 (a ReLU output, pooled or not)
 ACT_STEP = 254  # each activation order's scale is the previous one's / (2·127): its remainder spans ±s/2
 # the first activation order's range with J >= 2 orders is the data-free range widened 4x (docs/activation-orders.md)
 ACT_RANGE_WIDEN = {1: 1.0, 2: 4.0, 3: 4.0}
@@ -84,10 +85,13 @@ def rex_weight_map(
     return fn
 
 
-def activation_scales(ranges: Mapping[str, float], act_order: int = 1) -> dict[str, float]:
+def activation_scales(
+    ranges: Mapping[str, float], act_order: int = 1, unsigned: Collection[str] = ()
+) -> dict[str, float]:
     """The first activation order's int8 scale of each tensor: its range (widened for J >= 2) / 127 (float64;
-    the graph stores each order's scale in float32, which :func:`fake_quant_int8` rounds to)."""
-    return {t: r * ACT_RANGE_WIDEN[act_order] / ACT_QMAX for t, r in ranges.items()}
+    the graph stores each order's scale in float32, which :func:`fake_quant_int8` rounds to); for a tensor in
+    ``unsigned`` (known ≥ 0, quantized to uint8 with zero-point 0) the range / 255."""
+    return {t: r * ACT_RANGE_WIDEN[act_order] / (ACT_UQMAX if t in unsigned else ACT_QMAX) for t, r in ranges.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,6 +165,11 @@ def fake_quant_int8(x: np.ndarray, scale: float) -> np.ndarray:
     return (np.clip(np.rint(x / np.float32(scale)), -128, 127) * np.float32(scale)).astype(np.float32)
 
 
+def fake_quant_uint8(x: np.ndarray, scale: float) -> np.ndarray:
+    """QuantizeLinear(uint8, zp 0) then DequantizeLinear: round half to even, saturate to [0, 255]."""
+    return (np.clip(np.rint(x / np.float32(scale)), 0, 255) * np.float32(scale)).astype(np.float32)
+
+
 def conv2d(
     x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides: list[int], pads: list[int], group: int
 ) -> np.ndarray:
@@ -191,6 +200,7 @@ def run_reference(
     terms: set[tuple[int, int]] | None = None,
     act_order: int = 1,
     inputs_seen: dict[str, float] | None = None,
+    unsigned: Collection[str] = (),
 ) -> list[np.ndarray]:
     """Interpret ``model`` in float64 numpy. ``weight_map(node_name, w)`` replaces a Conv/Gemm weight
     (e.g. by its REx reconstruction); ``act_scales`` fake-quantizes a node's input tensor.
@@ -198,7 +208,8 @@ def run_reference(
     Activation orders: with ``act_order`` J > 1 a quantized input becomes x_1 = fq(x, s), x_j =
     fq(x − x_1 − … − x_{j−1}, s / 254^(j−1)), and the node computes Σ_{(j, k) in terms} op(x_j, W_k), where
     ``order_weights(node_name, w)`` gives the dequantized weight orders W_1..W_K (bias once). ``inputs_seen``
-    collects max |x| of each Conv/Gemm input tensor."""
+    collects max |x| of each Conv/Gemm input tensor. A tensor in ``unsigned`` has its first order quantized to
+    uint8 (zero-point 0) instead of int8."""
     env: dict[str, np.ndarray] = {k: v.astype(np.float64) for k, v in feeds.items()}
     env.update({i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer})
     for node in model.graph.node:
@@ -214,7 +225,8 @@ def run_reference(
             if act_scales and node.input[0] in act_scales:
                 xs, rest, s1 = [], x.astype(np.float32), act_scales[node.input[0]]
                 for j in range(act_order):
-                    xs.append(fake_quant_int8(rest, s1 / float(ACT_STEP) ** j))
+                    quant = fake_quant_uint8 if j == 0 and node.input[0] in unsigned else fake_quant_int8
+                    xs.append(quant(rest, s1 / float(ACT_STEP) ** j))
                     rest = (rest - xs[-1]).astype(np.float32)
             transposed = op == "Gemm" and not a.get("transB", 0)
             if transposed:

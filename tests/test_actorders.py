@@ -15,6 +15,7 @@ from reference import (
     activation_scales,
     checked_expansion,
     fake_quant_int8,
+    fake_quant_uint8,
     rel_error,
     rex_order_weights,
     run_exact,
@@ -23,6 +24,7 @@ from reference import (
 
 from rexdeploy.actorders import (
     activation_order_scales,
+    activation_scale,
     expand_activation,
     first_range,
     kept_terms,
@@ -37,6 +39,7 @@ from rexdeploy.plans import LayerPlan, Plan, uniform_plan
 from rexdeploy.profile import Profile, load_profile
 
 PROFILE = load_profile("x86-avx512")
+UNSIGNED = frozenset({"r1", "r2", "flat"})  # small_cnn's ReLU outputs: x_1 is uint8 on an OpenVINO profile
 
 
 # numerics
@@ -60,6 +63,26 @@ def test_activation_orders_sum_to_x_within_half_the_last_step(seed: int, amax: f
     remainder = np.abs(x.astype(np.float64) - np.sum(parts, axis=0, dtype=np.float64)).max()
     # |x - Σ x_j| <= s_J / 2, up to float32 arithmetic on the remainders
     assert remainder <= scales[-1] / 2 + 4 * np.finfo(np.float32).eps * amax
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), amax=st.floats(1e-3, 1e3), act_order=st.integers(1, 3))
+def test_unsigned_first_order_is_a_uint8_code_and_halves_the_step(seed: int, amax: float, act_order: int) -> None:
+    """x >= 0 with a uint8 first order (scale amax / 255): x_1 codes in [0, 255] (bit for bit the reference's
+    uint8 Q/DQ), the remainders int8; the sum is within half the last step."""
+    x = (np.random.default_rng(seed).uniform(0.0, 1.0, 512) * amax).astype(np.float32)
+    scales = activation_order_scales(activation_scale(amax, unsigned=True), act_order)
+    parts = expand_activation(x, scales, unsigned=True)
+    codes = parts[0] / np.float32(scales[0])
+    assert np.allclose(codes, np.rint(codes), atol=1e-3) and codes.min() >= 0.0 and codes.max() <= 255.0 + 1e-3
+    np.testing.assert_array_equal(parts[0], fake_quant_uint8(x, scales[0]))
+    for xj, s in zip(parts[1:], scales[1:], strict=True):
+        assert np.abs(xj / np.float32(s)).max() <= 127.0 + 1e-3
+    remainder = np.abs(x.astype(np.float64) - np.sum(parts, axis=0, dtype=np.float64)).max()
+    assert remainder <= scales[-1] / 2 + 4 * np.finfo(np.float32).eps * amax
+    # x_1 alone: within half its step, which is 127/255 of the int8 step on the same range
+    assert np.abs(x - parts[0]).max() <= scales[0] / 2 + 4 * np.finfo(np.float32).eps * amax
+    assert scales[0] == pytest.approx(activation_scale(amax) * 127 / 255, rel=1e-6)
 
 
 def test_each_order_shrinks_the_error_254_fold() -> None:
@@ -133,7 +156,8 @@ def test_graph_matches_numpy_reference(
 ) -> None:
     expanded, got, folded, ranges = checked_expansion(small_cnn(), probe, PROFILE, bits=bits, order=order,
                                                       act_order=act_order, form=form)  # fmt: skip
-    scales = activation_scales(ranges, act_order)  # the data-free range widened 4x for J >= 2, / 127
+    # the data-free range widened 4x for J >= 2, / 127 (int8) or / 255 (uint8 x_1 of a ReLU output)
+    scales = activation_scales(ranges, act_order, unsigned=UNSIGNED)
     assert expanded.activation_scales == pytest.approx(scales, rel=1e-12)
     want = run_reference(
         folded,
@@ -142,6 +166,7 @@ def test_graph_matches_numpy_reference(
         act_scales=scales,
         terms=terms,
         act_order=act_order,
+        unsigned=UNSIGNED,
     )[0]
     # float32 (onnxruntime) vs float64 (reference) upstream of a layer flips a few codes of x_2, whose step is
     # 254x finer than x_1's: on these 4 layers that is ~1e-5 relative (each input quantizer matches bit for
@@ -149,7 +174,7 @@ def test_graph_matches_numpy_reference(
     assert rel_error(got, want) < 5e-5
     # the reference without the activation orders is far off: the test sees them
     single = run_reference(folded, {"x": probe}, order_weights=rex_order_weights(bits, order),
-                           act_scales=scales)[0]  # fmt: skip
+                           act_scales=scales, unsigned=UNSIGNED)[0]  # fmt: skip
     assert rel_error(got, single) > 100 * rel_error(got, want)
 
 

@@ -15,6 +15,9 @@ from rexdeploy.plans import LayerPlan, Plan, uniform_plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
+# small_cnn's quantized inputs that are >= 0 by construction (ReLU outputs, and the pooled ReLU output): an
+# OpenVINO profile quantizes them to uint8 (zero-point 0, range / 255), the image input x to int8
+UNSIGNED = frozenset({"r1", "r2", "flat"})
 
 
 @pytest.mark.parametrize("trans_b", [True, False])
@@ -32,8 +35,9 @@ def test_expanded_graph_matches_numpy_reference(
     model = small_cnn(trans_b=trans_b)
     expanded, got, folded, ranges = checked_expansion(model, probe, PROFILE, bits=bits, order=order,
                                                       act_bits=act_bits, form=form)  # fmt: skip
-    scales = activation_scales(ranges) if act_bits == 8 else None
-    want = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order), act_scales=scales)[0]
+    scales = activation_scales(ranges, unsigned=UNSIGNED) if act_bits == 8 else None
+    want = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order), act_scales=scales,
+                         unsigned=UNSIGNED)[0]  # fmt: skip
     fp32 = run_exact(model, probe)
     quant_error = rel_error(got, fp32)
     # the graph computes exactly the simulated quantization: its distance to the reference is float32
@@ -55,12 +59,14 @@ def test_sparse_expansion_matches_numpy_reference(
     model = small_cnn()
     names = ["conv1", "dwconv", "pwconv", "fc"]
     plan = uniform_plan(names, bits=bits, order=order, gamma=gamma, act_bits=act_bits)
+    # a plan that names no profile: int8 activations everywhere (what every engine runs)
     expanded, got, folded, ranges = checked_expansion(model, probe, PROFILE, plan)
     assert {lp.gamma for lp in expanded.plan.layers.values()} == {gamma}
     scales = activation_scales(ranges) if act_bits == 8 else None
-    want = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order, gamma), act_scales=scales)[0]
-    dense = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order), act_scales=scales)[0]
-    first = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, 1), act_scales=scales)[0]
+    want, dense, first = (
+        run_reference(folded, {"x": probe}, weight_map=weights, act_scales=scales)[0]
+        for weights in (rex_weight_map(bits, order, gamma), rex_weight_map(bits, order), rex_weight_map(bits, 1))
+    )
     assert rel_error(got, want) < 1e-5
     # the sparse orders are neither the dense expansion nor absent (γ = 0: absent, the order-1 graph)
     if gamma > 0:
@@ -177,3 +183,90 @@ def test_int4_weight_only_k3_is_20x_better_than_k1(which: str) -> None:
         for k in (1, 3)
     ]
     assert errors[0] > 20.0 * errors[1], errors
+
+
+# --------------------------------------------------------------------------------------------------
+# uint8 activations for tensors >= 0
+
+
+def _zero_points(model: onnx.ModelProto) -> dict[str, int]:
+    """The zero-point element type of each activation QuantizeLinear, by the tensor it quantizes."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n.input[0]: inits[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize(("profile", "unsigned"), [("x86-avx512", True), ("x86-avx2", True), ("h100", False)])
+def test_relu_outputs_are_uint8_where_the_engine_runs_them(profile: str, unsigned: bool) -> None:
+    """OpenVINO profiles: the ReLU outputs get uint8 (zero-point 0, scale range / 255), the signed image input
+    int8; TensorRT (int8 only): int8 everywhere. The op sequence is the same either way."""
+    model = small_cnn()
+    prof = load_profile(profile)
+    bits = min(8, max(prof.weight_bits("conv")))
+    ranges = {"x": 3.0, "r1": 5.1, "r2": 2.55, "flat": 1.0}
+    expanded = expand_model(model, profile=prof, bits=bits, order=2, act_bits=8, ranges=ranges)
+    onnx.checker.check_model(expanded.model, full_check=True)
+    u8, i8 = onnx.TensorProto.UINT8, onnx.TensorProto.INT8
+    want = {"x": i8, **{t: u8 if unsigned else i8 for t in UNSIGNED}}
+    assert _zero_points(expanded.model) == want
+    assert expanded.activation_scales == pytest.approx(
+        {t: r / (255.0 if unsigned and t in UNSIGNED else 127.0) for t, r in ranges.items()}, rel=1e-12
+    )
+    signed = expand_model(model, profile=prof, bits=bits, order=2, act_bits=8, ranges=ranges)
+    assert _ops(expanded.model) == _ops(signed.model)
+
+
+def test_uint8_activation_orders_keep_int8_remainders(probe: np.ndarray) -> None:
+    """With J = 2 the first order of a ReLU output is uint8 and the remainder x − x_1 (either sign) int8 (the graph
+    against the numpy reference: test_actorders); at J = 1 uint8 cuts the error of int8 on the same ranges."""
+    model = small_cnn()
+    expanded = checked_expansion(model, probe, PROFILE, bits=8, order=1, act_order=2)[0]
+    zps = _zero_points(expanded.model)
+    assert zps["r1"] == onnx.TensorProto.UINT8 and zps["r1_a2_r1"] == onnx.TensorProto.INT8
+    assert zps["x"] == zps["x_a2_r1"] == onnx.TensorProto.INT8
+    fp32 = run_exact(model, probe)
+    u8, _, _, _ = checked_expansion(model, probe, PROFILE, bits=8, order=2, act_bits=8)
+    i8, _, _, _ = checked_expansion(model, probe, load_profile("h100"), bits=8, order=2, act_bits=8)
+    err_u8, err_i8 = (rel_error(run_exact(e.model, probe), fp32) for e in (u8, i8))
+    assert err_u8 < 0.75 * err_i8, (err_u8, err_i8)
+
+
+def test_unsigned_activations_follow_the_profile_engine() -> None:
+    from rexdeploy.passes.expand import unsigned_activations_for
+
+    assert unsigned_activations_for("x86-avx512") and unsigned_activations_for("core-ultra")
+    assert not unsigned_activations_for("h100") and not unsigned_activations_for("orin")
+    assert not unsigned_activations_for("")  # a plan made without a profile: int8, which every engine runs
+    assert not unsigned_activations_for("no-such-profile")
+
+
+@pytest.mark.openvino
+def test_openvino_runs_uint8_inputs_in_u8_kernels(tmp_path: object) -> None:
+    """OpenVINO's execution graph: the convolutions reading a uint8 ReLU output run u8 integer kernels, the one
+    reading the int8 image input an integer kernel too (OpenVINO reports it u8 as well: it shifts int8
+    inputs); the outputs equal the graph's exact semantics."""
+    pytest.importorskip("openvino")
+    import dataclasses
+    from pathlib import Path
+
+    from reference import assert_engine_agrees
+    from rexdeploy_openvino.precisions import kernel_precisions
+
+    from rexdeploy.builders.registry import get_builder
+
+    host = load_profile("auto")
+    if host.engine != "openvino":
+        pytest.skip(f"host profile {host.name} is not an OpenVINO profile")
+    profile = dataclasses.replace(host, quantization=dataclasses.replace(host.quantization, bf16=False))
+    bits = min(8, max(profile.weight_bits("conv")))
+    expanded = expand_model(small_cnn(), profile=profile, bits=bits, order=1, act_bits=8)
+    assert set(_zero_points(expanded.model).values()) == {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    path = Path(str(tmp_path)) / "rex.onnx"
+    onnx.save(expanded.model, str(path))
+    builder = get_builder("openvino")
+    engine = builder.build(path, profile, Path(str(tmp_path)) / "ov")
+    precisions = kernel_precisions(engine)  # by ONNX node: the order-1 layer node of each quantized layer
+    assert precisions.get("dwconv_order1") == "u8" and precisions.get("pwconv_order1") == "u8", precisions
+    assert {precisions.get("conv1_order1"), precisions.get("fc_order1")} <= {"i8", "u8"}, precisions
+    probes = np.random.default_rng(0).standard_normal((16, 1, 3, 8, 8)).astype(np.float32)
+    got = [builder.run(engine, {"x": x})[0] for x in probes]
+    assert_engine_agrees(got, [run_exact(expanded.model, x) for x in probes], 1)

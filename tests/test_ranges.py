@@ -270,13 +270,17 @@ def test_expand_model_uses_bn_ranges_and_calibration() -> None:
     expanded = expand_model(model, profile=profile, bits=8, order=1, act_bits=8)
     folded, stats = fold_batchnorm(model)
     want = activation_ranges(folded, stats, ["x", "r1", "r2", "flat"])
-    assert expanded.activation_scales == pytest.approx({k: activation_scale(v) for k, v in want.items()})
+    unsigned = {"r1", "r2", "flat"}  # ReLU outputs (pooled or not): uint8 on an OpenVINO profile, scale range / 255
+    scales = {k: activation_scale(v, k in unsigned) for k, v in want.items()}
+    assert expanded.activation_scales == pytest.approx(scales)
     # r1 (BN → Relu) comes from the BN statistics, not from the probes
     assert want["r1"] == bn_ranges(folded, stats, ["r1"])["r1"]
     calibration = np.random.default_rng(9).standard_normal((8, 3, 8, 8)).astype(np.float32) * 4.0
     calibrated = expand_model(model, profile=profile, bits=8, order=1, act_bits=8, calibration=calibration)
     cal = probe_ranges(folded, ["x", "r1", "r2", "flat"], calibration=calibration)
-    assert calibrated.activation_scales == pytest.approx({k: activation_scale(v) for k, v in cal.items()})
+    assert calibrated.activation_scales == pytest.approx(
+        {k: activation_scale(v, k in unsigned) for k, v in cal.items()}
+    )
 
 
 def test_op_rules_identity_pooling_and_unknowns() -> None:

@@ -44,10 +44,12 @@ from onnx import helper, numpy_helper
 
 from rexdeploy.actorders import activation_order_scales, activation_scale, first_range, kept_terms
 from rexdeploy.analyze import ConstantResolver, Layer, find_layers, layer_weight
-from rexdeploy.errors import PlanError
+from rexdeploy.bnstats import nonnegative_tensors
+from rexdeploy.errors import PlanError, ProfileError
 from rexdeploy.graph import add_initializer, drop_initializers
 from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
 from rexdeploy.plans import LayerPlan, Plan
+from rexdeploy.profile import load_profile
 
 SPARSE_FORMS = ("gather", "dense", "onehot", "auto")
 # sparse_form="auto": a sparse order runs narrow (Pad + Gather) only on a group-1 layer with at least
@@ -119,13 +121,14 @@ class _Emitter:
     def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: Any) -> None:
         self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, **attrs))
 
-    def quantized_activation(self, tensor: str, scale: float) -> str:
-        """One shared Q/DQ pair per activation tensor (engines want one scale per tensor)."""
+    def quantized_activation(self, tensor: str, scale: float, unsigned: bool = False) -> str:
+        """One shared Q/DQ pair per activation tensor (engines want one scale per tensor); ``unsigned``:
+        uint8 with zero-point 0 (the tensor is ≥ 0), else int8 with zero-point 0."""
         if tensor in self.act_dq:
             return self.act_dq[tensor]
         base = _safe(tensor)
         s = self.const(f"{base}_act_scale", np.array(scale, dtype=np.float32))
-        zp = self.const(f"{base}_act_zp", np.array(0, dtype=np.int8))
+        zp = self.const(f"{base}_act_zp", np.array(0, dtype=np.uint8 if unsigned else np.int8))
         q, dq = f"{base}_q", f"{base}_dq"
         self.node("QuantizeLinear", [tensor, s, zp], [q], f"{base}_QuantizeLinear")
         self.node("DequantizeLinear", [q, s, zp], [dq], f"{base}_DequantizeLinear")
@@ -133,19 +136,22 @@ class _Emitter:
         self.act_scales[tensor] = scale
         return dq
 
-    def activation_orders(self, tensor: str, scale: float, act_order: int) -> list[str]:
+    def activation_orders(self, tensor: str, scale: float, act_order: int, unsigned: bool = False) -> list[str]:
         """``x_1 … x_J`` of :mod:`rexdeploy.actorders`: a Q/DQ of ``tensor``, then of each remainder
-        (``Sub`` of the previous order's DQ), scale / 254 per order. One chain per (tensor, J)."""
+        (``Sub`` of the previous order's DQ), scale / 254 per order. One chain per (tensor, J).
+        ``unsigned``: ``x_1`` is uint8 (the tensor is ≥ 0); the remainders have either sign: int8."""
         if act_order == 1:
-            return [self.quantized_activation(tensor, scale)]
+            return [self.quantized_activation(tensor, scale, unsigned)]
         key = (tensor, act_order)
         if key in self.act_orders:
             return self.act_orders[key]
         base = f"{_safe(tensor)}_a{act_order}"
-        zp = self.const(f"{base}_zp", np.array(0, dtype=np.int8))
+        zp_signed = self.const(f"{base}_zp", np.array(0, dtype=np.int8))
+        zp_first = self.const(f"{base}_uzp", np.array(0, dtype=np.uint8)) if unsigned else zp_signed
         outs: list[str] = []
         current = tensor
         for j, s_j in enumerate(activation_order_scales(scale, act_order), start=1):
+            zp = zp_first if j == 1 else zp_signed
             s = self.const(f"{base}_x{j}_scale", np.array(s_j, dtype=np.float32))
             q, dq = f"{base}_x{j}_q", f"{base}_x{j}"
             self.node("QuantizeLinear", [current, s, zp], [q], f"{base}_x{j}_QuantizeLinear")
@@ -298,12 +304,12 @@ def _full_width(o: ResidualOrder, channels: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[ResidualOrder], x_scale: float | None,
-                bias_value: np.ndarray | None) -> None:  # fmt: skip
+                bias_value: np.ndarray | None, unsigned: bool = False) -> None:  # fmt: skip
     """Emit one node's terms ``R^k·x_j`` (:func:`rexdeploy.actorders.kept_terms`; J = 1 without act_order)
-    and sum them into the node's output."""
+    and sum them into the node's output. ``unsigned``: the input's first order is uint8."""
     layer, lp = job.layer, job.plan
     tensor = node.input[layer.act_index]
-    xs = [tensor] if x_scale is None else em.activation_orders(tensor, x_scale, lp.act_order)
+    xs = [tensor] if x_scale is None else em.activation_orders(tensor, x_scale, lp.act_order, unsigned)
     mine = [orders[k - 1] for k in job.orders if orders[k - 1].n_channels > 0]  # γ_l = 0 leaves orders empty
     if not mine:
         raise PlanError(
@@ -404,12 +410,18 @@ def expand(
     *,
     jobs: dict[str, LayerJob] | None = None,
     sparse_form: str = "gather",
+    unsigned_activations: bool | None = None,
 ) -> ExpandResult:
     """Return the expanded Q/DQ model that carries out ``plan`` on ``model`` (already BN-folded).
 
     ``activation_ranges`` maps each int8-quantized layer's activation input tensor to its data-free
     max |x|. ``jobs`` (from the ensemble pass) maps node names to the orders each node holds; by
-    default every planned layer holds all its orders and its bias.
+    default every planned layer holds all its orders and its bias. ``unsigned_activations``: a layer
+    input that is ≥ 0 by the graph (:func:`rexdeploy.bnstats.nonnegative_tensors`: ReLU / ReLU6 outputs,
+    pooled or concatenated) is quantized to uint8 (zero-point 0, scale ``max / 255``: twice the
+    resolution of int8 on the same range) — what OpenVINO's CPU plugin and onnxruntime run natively
+    (u8 × i8 kernels); TensorRT wants int8 only. ``None``: as the plan's profile's engine allows
+    (:func:`unsigned_activations_for`).
     """
     if sparse_form not in SPARSE_FORMS:
         raise PlanError(f"sparse form {sparse_form!r} unknown; use one of {', '.join(SPARSE_FORMS)}")
@@ -434,6 +446,9 @@ def expand(
     out = onnx.ModelProto()
     out.CopyFrom(model)  # the new initializers go straight into it; its nodes are replaced below
     em = _Emitter(sparse_form, out.graph.initializer)
+    if unsigned_activations is None:
+        unsigned_activations = unsigned_activations_for(plan.profile)
+    nonnegative = nonnegative_tensors(model) if unsigned_activations else set()
     cache: dict[tuple[str, int, int, float | None, int], list[ResidualOrder]] = {}
     t_numerics = 0.0
     for index, node in enumerate(model.graph.node):
@@ -444,11 +459,12 @@ def expand(
             continue
         lp, layer = job.plan, job.layer
         x_scale: float | None = None
+        unsigned = node.input[layer.act_index] in nonnegative
         if lp.act_bits == 8:
             tensor = node.input[layer.act_index]
             if tensor not in ranges:
                 raise PlanError(f"layer {name!r}: no activation range for its input {tensor!r}")
-            x_scale = activation_scale(first_range(ranges[tensor], lp.act_order))
+            x_scale = activation_scale(first_range(ranges[tensor], lp.act_order), unsigned)
         key = (layer.weight, lp.bits, lp.order, lp.gamma, lp.block)
         shared = job.shared_orders.get(key[:4]) if job.shared_orders is not None and not lp.block else None
         if key not in cache and shared is not None:  # same weight, same expansion: computed once
@@ -467,7 +483,7 @@ def expand(
             cache[key] = expand_weight(w, lp.bits, lp.order, lp.gamma)
             t_numerics += time.perf_counter() - tn
         bias_value = consts.value(layer.bias) if layer.bias else None
-        _emit_layer(em, node, job, cache[key], x_scale, bias_value)
+        _emit_layer(em, node, job, cache[key], x_scale, bias_value, unsigned)
     del out.graph.node[:]
     out.graph.node.extend(em.nodes)
     _drop_dead_nodes(out)
@@ -475,6 +491,22 @@ def expand(
     out.producer_name = "rexdeploy"
     t_graph = time.perf_counter() - t0 - t_numerics
     return ExpandResult(out, len(jobs), t_numerics, t_graph, dict(em.act_scales))
+
+
+UNSIGNED_ACTIVATION_ENGINES = ("openvino", "onnxruntime")
+
+
+def unsigned_activations_for(profile_name: str) -> bool:
+    """Whether the engine of the profile named ``profile_name`` runs uint8 activations: OpenVINO's CPU plugin
+    and onnxruntime do (u8 × i8 integer kernels are their x86 norm); TensorRT quantizes to int8 only. A
+    profile that does not load by name (a plan made without one, a custom file) gets int8, which every
+    engine runs."""
+    if not profile_name:
+        return False
+    try:
+        return load_profile(profile_name).engine in UNSIGNED_ACTIVATION_ENGINES
+    except ProfileError:
+        return False
 
 
 def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:

@@ -1,0 +1,222 @@
+"""Data-free range rules beyond mean ± n·std: which tensors are >= 0 by the graph (uint8 activations), the
+partial moments and expected quantization error of Gaussian / Laplace channels against numeric integration and
+simulated quantization, the MSE-optimal range against a brute-force search, and the channel gains."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import small_cnn
+from onnx import TensorProto, helper, numpy_helper
+
+from rexdeploy.bnstats import ChannelStats, bn_ranges, nonnegative_tensors, partial_moments, stats_range
+from rexdeploy.graph import fold_batchnorm
+from rexdeploy.ranges import activation_ranges, input_channel_gains, run_with_taps
+
+
+def _draw(family: str, mean: float, std: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    if family == "gauss":
+        return rng.normal(mean, std, n)
+    return rng.laplace(mean, std / np.sqrt(2.0), n)
+
+
+def _density(family: str, mean: float, std: float, x: np.ndarray) -> np.ndarray:
+    if family == "gauss":
+        return np.exp(-0.5 * ((x - mean) / std) ** 2) / (std * np.sqrt(2.0 * np.pi))
+    b = std / np.sqrt(2.0)
+    return np.exp(-np.abs(x - mean) / b) / (2.0 * b)
+
+
+# --------------------------------------------------------------------------------------------------
+# partial moments and the expected quantization error
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    family=st.sampled_from(["gauss", "laplace"]),
+    mean=st.floats(-3.0, 3.0),
+    std=st.floats(0.1, 3.0),
+    z=st.floats(-4.0, 6.0),
+)
+def test_partial_moments_match_numeric_integration(family: str, mean: float, std: float, z: float) -> None:
+    t = mean + z * std
+    x = np.linspace(t, mean + 40.0 * std, 400_001)
+    f = _density(family, mean, std, x)
+    want = [np.trapezoid(f * (x - t) ** p, x) for p in (0, 1, 2)]
+    got = partial_moments(family, np.array(mean), np.array(std), np.array(t))  # type: ignore[arg-type]
+    # A&S erfc (|error| < 1.5e-7) loses digits in the cancellation of the tail moments: 1 % far out
+    np.testing.assert_allclose([float(g) for g in got], want, rtol=1e-2, atol=1e-6 * std * std)
+
+
+def test_partial_moments_of_an_infinite_threshold_are_zero() -> None:
+    for family in ("gauss", "laplace"):
+        got = partial_moments(family, np.zeros(2), np.ones(2), np.array([np.inf, np.inf]))  # type: ignore[arg-type]
+        assert all(np.all(v == 0.0) for v in got)
+    with pytest.raises(ValueError, match="clipping family"):
+        partial_moments("cauchy", np.zeros(1), np.ones(1), np.zeros(1))  # type: ignore[arg-type]
+
+
+def _quantize(x: np.ndarray, alpha: float, levels: int) -> np.ndarray:
+    """ONNX Q/DQ with scale alpha / levels, zero-point 0: codes [0, 255] (uint8) or [-128, 127] (int8)."""
+    step = alpha / levels
+    lo, hi = (0, 255) if levels == 255 else (-128, 127)
+    return np.clip(np.rint(x / step), lo, hi) * step
+
+
+def _integrated_mse(family: str, mean: float, std: float, lo: float, hi: float, alpha: float, levels: int) -> float:
+    """E[(Q(x) − x)²] for x = clip(g, lo, hi) by numeric integration of g's density against the real quantizer
+    (its exact rounding grid, not Δ²/12), the point masses at lo / hi included. Independent of the closed forms."""
+    step = alpha / levels
+    a, b = max(lo, mean - 40.0 * std), min(hi, mean + 40.0 * std)
+    n = int(min(4e6, max(2e5, 40.0 * (b - a) / min(step, std))))
+    x = np.linspace(a, b, n)
+    total = float(np.trapezoid(_density(family, mean, std, x) * (_quantize(x, alpha, levels) - x) ** 2, x))
+    for edge, mass_below in ((lo, True), (hi, False)):
+        if np.isfinite(edge):
+            y = (
+                np.linspace(mean - 40.0 * std, edge, 200_001)
+                if mass_below
+                else np.linspace(edge, mean + 40 * std, 200_001)
+            )
+            mass = float(np.trapezoid(_density(family, mean, std, y), y))
+            total += mass * float((_quantize(np.array(edge), alpha, levels) - edge) ** 2)
+    return total
+
+
+@pytest.mark.parametrize("family", ["gauss", "laplace"])
+@pytest.mark.parametrize(
+    ("lo", "hi", "levels"), [(-np.inf, np.inf, 127), (0.0, np.inf, 255), (0.0, 6.0, 255), (-1.0, 2.0, 127)]
+)
+def test_quantization_mse_matches_numeric_integration(family: str, lo: float, hi: float, levels: int) -> None:
+    """The model's expected error (Δ²/12 inside, the clipped tails in closed form, exact ReLU zeros) against
+    integrating the real quantizer's error over each channel, rectified / clipped at (lo, hi), summed over 3
+    channels with their gains; ranges from mostly clipping to mostly rounding."""
+    means, stds, gains = np.array([0.5, -0.3, 1.0]), np.array([1.0, 0.4, 2.0]), np.array([1.0, 3.0, 0.5])
+    stats = ChannelStats(means, stds, np.full(3, lo), np.full(3, hi))
+    alphas = np.array([0.5, 1.5, 3.0, 6.0, 12.0])
+    got = stats.quantization_mse(alphas, levels, family, gains)  # type: ignore[arg-type]
+    for a, g in zip(alphas, got, strict=True):
+        parts = [_integrated_mse(family, m, s, lo, hi, float(a), levels) for m, s in zip(means, stds, strict=True)]
+        want = float(np.dot(gains, parts))
+        # Δ²/12 for the values on the rounding grid (and at a ReLU6's 6) is the one approximation: a few %
+        assert g == pytest.approx(want, rel=0.05), (a, g, want)
+
+
+@pytest.mark.parametrize("family", ["gauss", "laplace"])
+@pytest.mark.parametrize("rectified", [False, True])
+def test_mse_range_is_the_brute_force_optimum(family: str, rectified: bool) -> None:
+    """The chosen range's integrated error is within 3 % of the best of a brute-force scan of integrated
+    errors, and well below that of a range 2x too narrow or too wide."""
+    means, stds = np.array([0.2, -0.5, 0.0, 1.0]), np.array([0.5, 1.0, 2.0, 0.3])
+    lo = 0.0 if rectified else -np.inf
+    stats = ChannelStats(means, stds, np.full(4, lo), np.full(4, np.inf))
+    levels = 255 if rectified else 127
+    chosen = stats.mse_range(family)  # type: ignore[arg-type]
+
+    def err(a: float) -> float:
+        return sum(_integrated_mse(family, m, s, lo, np.inf, a, levels) for m, s in zip(means, stds, strict=True))
+
+    best = min(err(a) for a in np.geomspace(2.0, 40.0, 60))
+    assert err(chosen) <= 1.03 * best
+    assert err(chosen) < 0.8 * min(err(chosen / 2.0), err(chosen * 2.0))
+
+
+def test_laplace_tails_widen_the_range_and_gains_steer_it() -> None:
+    one = ChannelStats.gaussian(np.zeros(1), np.ones(1))
+    assert one.mse_range("laplace") > 1.5 * one.mse_range("gauss")  # the heavier tail costs more to clip
+    assert one.clip(0.0, np.inf).mse_range("gauss", levels=255) > one.mse_range("gauss")  # finer steps on [0, α]
+    # a wide channel and a narrow one: the range follows the channel whose error weighs more downstream
+    two = ChannelStats.gaussian(np.zeros(2), np.array([1.0, 10.0]))
+    wide, narrow = two.mse_range("gauss", np.array([1e-8, 1.0])), two.mse_range("gauss", np.array([1.0, 1e-8]))
+    assert wide > 5.0 * narrow
+    assert stats_range(two, "nstd", 4.0) == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="clipping rule"):
+        stats_range(two, "max")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# channel gains and the wiring
+
+
+def test_input_channel_gains_match_numpy() -> None:
+    folded, _ = fold_batchnorm(small_cnn())
+    weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in folded.graph.initializer}
+    conv = next(n for n in folded.graph.node if n.name == "conv1")
+    gains = input_channel_gains(folded)
+    w1 = weights[conv.input[1]]  # (8, 3, 3, 3): input channel c gathers W[:, c]²
+    np.testing.assert_allclose(gains["x"], (w1**2).sum(axis=(0, 2, 3)) / (w1**2).sum())
+    dw = weights["dw_w"]  # depthwise (8, 1, 3, 3): channel c reads only its own filter
+    np.testing.assert_allclose(gains["r1"], (dw**2).sum(axis=(1, 2, 3)) / (dw**2).sum())
+    fc = weights["fc_w"]  # Gemm transB=1: (10, 16)
+    np.testing.assert_allclose(gains["flat"], (fc**2).sum(axis=0) / (fc**2).sum())
+    assert all(g.sum() == pytest.approx(1.0) for g in gains.values())
+
+
+def test_activation_ranges_use_the_clipping_rule() -> None:
+    folded, stats = fold_batchnorm(small_cnn())
+    gains = input_channel_gains(folded)
+    for clip in ("nstd", "mse-gauss", "mse-laplace"):
+        got = activation_ranges(folded, stats, ["r1"], method="bn", clip=clip)  # type: ignore[arg-type]
+        want = bn_ranges(folded, stats, ["r1"], clip=clip, gains=gains)  # type: ignore[arg-type]
+        assert got == want
+    mse = activation_ranges(folded, stats, ["r1"], method="bn", clip="mse-laplace")["r1"]
+    assert mse != activation_ranges(folded, stats, ["r1"], method="bn", clip="nstd")["r1"]
+
+
+# --------------------------------------------------------------------------------------------------
+# tensors >= 0 by the graph
+
+
+def _const(name: str, values: list[float]) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(values, dtype=np.float32), name)
+
+
+def test_nonnegative_tensors_by_the_graph_hold_on_random_inputs() -> None:
+    nodes = [
+        helper.make_node("Relu", ["x"], ["relu"]),
+        helper.make_node("Clip", ["x", "zero", "six"], ["relu6"]),
+        helper.make_node("Clip", ["x", "neg", "six"], ["clip_neg"]),
+        helper.make_node("Clip", ["relu", "neg", "six"], ["clip_of_relu"]),
+        helper.make_node("MaxPool", ["relu6"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Resize", ["pool", "", "scales"], ["pool_up"], mode="nearest"),
+        helper.make_node("Add", ["relu", "pool_up"], ["add"]),
+        helper.make_node("Add", ["relu", "x"], ["add_signed"]),
+        helper.make_node("Concat", ["relu", "relu6"], ["cat"], axis=1),
+        helper.make_node("Concat", ["relu", "x"], ["cat_signed"], axis=1),
+        helper.make_node("Mul", ["relu", "half"], ["scaled"]),
+        helper.make_node("Mul", ["relu", "minus"], ["flipped"]),
+        helper.make_node("Sigmoid", ["x"], ["sig"]),
+        helper.make_node("Neg", ["relu"], ["neg_relu"]),
+    ]
+    inits = [
+        _const("zero", [0.0]),
+        _const("six", [6.0]),
+        _const("neg", [-1.0]),
+        _const("half", [0.5]),
+        _const("minus", [-1.0]),
+        _const("scales", [1.0, 1.0, 2.0, 2.0]),
+    ]
+    for init in inits[:4]:
+        init.dims[:] = []  # scalar Clip bounds
+    outputs = ["relu", "relu6", "clip_neg", "clip_of_relu", "pool", "flat", "add", "add_signed", "cat", "cat_signed",
+               "scaled", "flipped", "sig", "neg_relu"]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "signs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    got = nonnegative_tensors(model)
+    assert got & set(outputs) == {"relu", "relu6", "clip_of_relu", "pool", "flat", "add", "cat", "scaled", "sig"}
+    x = np.random.default_rng(3).standard_normal((8, 2, 4, 4)).astype(np.float32) * 3.0
+    values = run_with_taps(model, {"x": x}, outputs)
+    for name in outputs:  # every tensor claimed >= 0 is; every other one here takes negative values
+        assert (float(values[name].min()) >= 0.0) == (name in got), name
