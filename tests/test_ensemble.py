@@ -21,6 +21,7 @@ from rexdeploy.graph import fold_batchnorm
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors, predictor_models
 from rexdeploy.passes.expand import expand
 from rexdeploy.planner.ensembles import (
+    aux_streams_for,
     check_ensemble,
     ensemble_candidates,
     ensemble_latency_ms,
@@ -46,7 +47,10 @@ def deep_net(seed: int = 0) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(w, f"{n}_w") for n, w in weights.items()]
     inits += [numpy_helper.from_array(rng.normal(0, 0.1, w.shape[0]).astype(np.float32), f"{n}_b")
               for n, w in weights.items()]  # fmt: skip
-    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    inits += [
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+    ]
 
     def conv(name: str, x: str, pad: int) -> onnx.NodeProto:
         return helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [name], name=name, pads=[pad] * 4)
@@ -91,9 +95,10 @@ def simulate(model: onnx.ModelProto, x: Arr, bits: int, split: tuple[int, ...], 
         outside = list(range(k1 + 1, k_total + 1)) if form == "eq35" and (m == 0 or later_outside) else []
         linear = list(range(1, k_total + 1)) if form == "eq35" else group
 
-        def with_act(x: Arr, name: str, pad: int, act: Callable[[Arr], Arr]) -> Arr:
-            y = act(conv2d(x, w(name, inside), b(name), [1, 1], [pad] * 4, 1))
-            return y + conv2d(x, w(name, outside), None, [1, 1], [pad] * 4, 1) if outside else y
+        def with_act(x: Arr, name: str, pad: int, act: Callable[[Arr], Arr], ins: list[int] = inside,
+                     out: list[int] = outside) -> Arr:  # fmt: skip
+            y = act(conv2d(x, w(name, ins), b(name), [1, 1], [pad] * 4, 1))
+            return y + conv2d(x, w(name, out), None, [1, 1], [pad] * 4, 1) if out else y
 
         def relu(t: Arr) -> Arr:
             return np.maximum(t, 0.0)
@@ -264,10 +269,14 @@ def test_appendix_l_check_ranks_splits_and_writes_u_ens_in_the_plan() -> None:
     assert gaps[(3, 1)] < gaps[(2, 2)]
     expanded = expand_model(model, profile=PROFILE, bits=4, order=4, split=(3, 1), act_bits=0)
     plan = expanded.plan
-    assert plan.u_ens == pytest.approx(checks[(3, 1)].u_ens) and plan.logit_norm == pytest.approx(checks[(3, 1)].logit_norm)
+    assert plan.u_ens == pytest.approx(checks[(3, 1)].u_ens) and plan.logit_norm == pytest.approx(
+        checks[(3, 1)].logit_norm
+    )
     again = Plan.from_json(plan.to_json())
     assert again == plan and again.hash == plan.hash
-    assert "u_ens" in json.loads(plan.to_json()) and "u_ens" not in json.loads(uniform_plan(names, bits=4, order=2).to_json())
+    assert "u_ens" in json.loads(plan.to_json()) and "u_ens" not in json.loads(
+        uniform_plan(names, bits=4, order=2).to_json()
+    )
 
 
 def test_invalid_split_is_refused_and_a_doubtful_one_warns(caplog: pytest.LogCaptureFixture) -> None:
@@ -315,6 +324,11 @@ def test_parallel_capacity_and_lanes() -> None:
     assert parallel_capacity(load_profile("a100")) == 5  # main stream + 4 auxiliary streams
     assert ensemble_latency_ms([3.0, 1.0], 0.5, 2) == pytest.approx(3.5)  # side by side: the slower one
     assert ensemble_latency_ms([3.0, 1.0], 0.5, 1) == pytest.approx(4.5)  # one lane: one after the other
+    names = ["a", "b"]
+    assert aux_streams_for(uniform_plan(names, bits=8, order=3, split=(2, 1)), load_profile("a100")) == 1
+    assert aux_streams_for(uniform_plan(names, bits=8, order=3, split=(1, 1, 1)), load_profile("orin")) == 2
+    assert aux_streams_for(uniform_plan(names, bits=8, order=3, split=(1, 1, 1)), load_profile("x86-avx512")) == 0
+    assert aux_streams_for(uniform_plan(names, bits=8, order=3), load_profile("a100")) == 0
 
 
 def test_planner_offers_ensembles_only_with_parallel_capacity() -> None:
@@ -323,7 +337,10 @@ def test_planner_offers_ensembles_only_with_parallel_capacity() -> None:
     layers = quantizable_layers(folded)
     names = [layer.name for layer in layers]
     dense = uniform_plan(names, bits=8, order=3, act_bits=8)
-    uniform = [("uniform W8A8 K=3", dense, 2.0, 0.01), ("uniform W8A8 K=1", uniform_plan(names, bits=8, order=1), 1.0, 0.1)]
+    uniform = [
+        ("uniform W8A8 K=3", dense, 2.0, 0.01),
+        ("uniform W8A8 K=1", uniform_plan(names, bits=8, order=1), 1.0, 0.1),
+    ]
     assert ensemble_candidates(model, layers, load_profile("x86-avx512"), uniform, 0.2) == []
     offers = ensemble_candidates(model, layers, load_profile("a100"), uniform, 0.2)
     assert offers, "int8 K=3 splits pass Appendix L on this model"

@@ -331,6 +331,13 @@ def parallel_capacity(profile: Profile) -> int:
     return max(1, profile.parallel.streams, 1 + profile.parallel.aux_streams)
 
 
+def aux_streams_for(plan: Plan, profile: Profile) -> int:
+    """TensorRT ``max_aux_streams`` for an engine of ``plan``: one auxiliary stream per predictor beyond the
+    first, at most what the profile's ``[parallel] aux_streams`` allows; 0 without an ensemble (TensorRT may
+    still use streams for other independent branches when the profile's value is passed instead)."""
+    return min(max(profile.parallel.aux_streams, 0), max(plan.predictors - 1, 0))
+
+
 def ensemble_latency_ms(predictor_ms: Sequence[float], overhead_ms: float, capacity: int) -> float:
     """Predicted latency of M predictors: the slowest one when the device runs them all at once, else
     they queue on ``capacity`` lanes (longest first)."""
@@ -421,6 +428,7 @@ __all__ = [
     "Layout",
     "Offer",
     "annotate",
+    "aux_streams_for",
     "check_ensemble",
     "enforce",
     "ensemble_candidates",
