@@ -60,7 +60,13 @@ NATURAL_TINT = 0.05  # per-image, per-channel shift of the mean pixel value, uni
 MIN_IMAGE_SIDE = 8
 BN_EXPONENTS = tuple(np.round(np.arange(0.0, 2.01, 0.125), 3))  # spectral exponents tried by fit_bn_matched
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-_INTEGERS = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+_INTEGERS: dict[int, type[np.generic]] = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+_DTYPES: dict[int, type[np.generic]] = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    **_INTEGERS,
+}
 _PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 
 
@@ -72,14 +78,17 @@ def spectral_field(shape: tuple[int, ...], rng: np.random.Generator, exponent: f
     """Random fields over the last two axes with amplitude exactly ∝ 1/f^exponent (power ∝ 1/f^(2·exponent))
     and uniformly random phase, each plane standardised to mean 0, std 1. Float64.
 
-    The phases are made odd (φ(−k) = −φ(k)) so that the inverse transform is real with the amplitude kept:
-    every plane has exactly the autocorrelation :func:`field_autocorrelation`."""
+    The half-plane spectrum irfft2 reads has its phases made odd (φ(−k) = −φ(k)) on the columns that are their
+    own mirror (f_x = 0 and Nyquist), so the inverse transform keeps the amplitude: every plane has exactly the
+    autocorrelation :func:`field_autocorrelation`."""
     h, w = shape[-2], shape[-1]
-    power = _power_spectrum(h, w, exponent)
-    phase = rng.uniform(0.0, 2.0 * np.pi, size=(*shape[:-2], h, w))
-    mirror_y, mirror_x = (-np.arange(h)) % h, (-np.arange(w)) % w
-    phase = phase - phase[..., mirror_y, :][..., :, mirror_x]  # odd; uniform mod 2π; 0 where k = −k
-    field = np.real(np.fft.ifft2(np.sqrt(power) * np.exp(1j * phase)))
+    half = w // 2 + 1
+    amplitude = np.sqrt(_power_spectrum(h, w, exponent)[:, :half])
+    phase = rng.uniform(0.0, 2.0 * np.pi, size=(*shape[:-2], h, half))
+    mirror_y = (-np.arange(h)) % h
+    for col in {0, w // 2} if w % 2 == 0 else {0}:
+        phase[..., :, col] -= phase[..., mirror_y, col]  # odd in f_y; uniform mod 2π; 0 where f = −f
+    field = np.fft.irfft2(amplitude * np.exp(1j * phase), s=(h, w))
     field -= field.mean(axis=(-2, -1), keepdims=True)
     std = field.std(axis=(-2, -1), keepdims=True)
     return field / np.where(std > 0, std, 1.0)
@@ -352,28 +361,37 @@ def family_inputs(model: onnx.ModelProto, family: str, count: int, seed: int = 1
         raise InputError(f"unknown probe family {family!r}; use one of {', '.join(FAMILIES)}")
     if count < 1:
         raise InputError(f"probe count {count} must be >= 1")
-    # the Gaussian base: sample i with seed + i, the probes rexdeploy has always measured on
-    base = [synthetic_inputs(model, batch=1, seed=seed + i) for i in range(count)]
-    feeds = {name: np.concatenate([b[name] for b in base]) for name in base[0]}
+    feeds: dict[str, np.ndarray] = {}
+    if family == GAUSSIAN:  # sample i with seed + i: the probes rexdeploy has always measured on
+        base = [synthetic_inputs(model, batch=1, seed=seed + i) for i in range(count)]
+        feeds = {name: np.concatenate([b[name] for b in base]) for name in base[0]}
     rng = _family_seed(seed, family)
     vocab = embedding_vocab(model)
     for info in graph_inputs(model):
         name, elem = info.name, info.type.tensor_type.elem_type
-        shape, dtype = feeds[name].shape, feeds[name].dtype
+        dtype = _DTYPES.get(int(elem))
+        if dtype is None:
+            raise ModelError(f"input {name!r} has an element type rexdeploy cannot synthesize ({elem})")
+        shape = input_shape(info, count)
+        layout = image_layout(shape) if elem in _FLOATS else None
+        found = first_batchnorm(model, name) if family == BN_MATCHED and layout == "NCHW" else None
         if "mask" in name.lower():
             feeds[name] = np.ones(shape, dtype=dtype)
         elif name in vocab:
             token_rng = rng if family == TOKENS else np.random.default_rng([seed, len(FAMILIES), 0])
             feeds[name] = token_rng.integers(0, vocab[name], size=shape).astype(dtype)
-        elif elem in _FLOATS and family == NATURAL and image_layout(shape) is not None:
-            feeds[name] = natural_images(shape, rng, image_layout(shape) or "NCHW").astype(dtype)
-        elif elem in _FLOATS and family == BN_MATCHED and image_layout(shape) == "NCHW":
-            found = first_batchnorm(model, name)
-            if found is None:
-                continue
+        elif name in feeds:
+            continue  # the Gaussian family's own probes
+        elif family == NATURAL and layout is not None:
+            feeds[name] = natural_images(shape, rng, layout).astype(dtype)
+        elif found is not None:
             weight, bias, bn_mean, bn_var, dilations = found
             if weight.shape[1] != shape[1]:
                 raise ModelError(f"input {name!r} has {shape[1]} channels but its first Conv reads {weight.shape[1]}")
             match = fit_bn_matched(weight, bias, bn_mean, bn_var, (shape[2], shape[3]), dilations, name)
             feeds[name] = bn_matched_fields(match, shape, rng).astype(dtype)
+        elif elem in _FLOATS:
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[name] = np.zeros(shape, dtype=dtype)
     return feeds

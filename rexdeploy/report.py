@@ -247,6 +247,13 @@ def _families_text(f: Fidelity) -> str:
     return f"top-1 from {f.family}, error from {f.error_family}"
 
 
+def _bound_only(estimate: Fidelity, family: Fidelity) -> str:
+    """A note on the Gaussian family where a structured family gives the top-1 estimate."""
+    if family.family == "gaussian" and estimate.family not in ("", "gaussian"):
+        return " (bounds the error only: noise has no class, its top-1 is not counted)"
+    return ""
+
+
 def _probes_text(f: Fidelity) -> str:
     """``64 synthetic probes per family``, or per family where the counts differ (``64 bn-matched, 32 gaussian``)."""
     counts = {fam.family: fam.probes for fam in f.families} or {"": f.probes}
@@ -262,7 +269,7 @@ def _estimate_console(f: Fidelity) -> list[str]:
              f"{_probes_text(f)}; {_families_text(f)})"]  # fmt: skip
     for fam in f.families:
         t = f"  top-1 {fam.top1_agreement:.1%}" if fam.top1_agreement is not None else ""
-        lines.append(f"         estimate on {fam.family}: rel. error {fam.relative_error:.2e}{t}")
+        lines.append(f"         estimate on {fam.family}: rel. error {fam.relative_error:.2e}{t}{_bound_only(f, fam)}")
     return lines
 
 
@@ -280,7 +287,7 @@ def _estimate_markdown(f: Fidelity) -> list[str]:
         out.append("|---|---|---|---|---|")
         for fam in f.families:
             t = f"{fam.top1_agreement:.1%}" if fam.top1_agreement is not None else "-"
-            out.append(f"| {fam.family}: {FAMILY_TEXT.get(fam.family, '')} | {fam.probes} | {t} | "
+            out.append(f"| {fam.family}: {FAMILY_TEXT.get(fam.family, '')}{_bound_only(f, fam)} | {fam.probes} | {t} | "
                        f"{fam.relative_error:.3e} | {fam.cosine:.6f} |")  # fmt: skip
     return out
 

@@ -155,6 +155,9 @@ def test_estimate_reports_every_family_and_the_worst_of_each_figure() -> None:
     assert set(doc["families"]) == {"gaussian", "bn-matched", "natural-1/f"}
     assert doc["family"] == est.family and doc["error_family"] == est.error_family
     assert Fidelity.from_dict(json.loads(json.dumps(doc))) == est
+    # the Gaussian family only bounds the error where a structured family applies: at most 32 probes
+    more = estimate_fidelity(model, reference, candidate, probes=40, seed=5)
+    assert {f.family: f.probes for f in more.families} == {"gaussian": 32, "bn-matched": 40, "natural-1/f": 40}
 
 
 def test_measure_fidelity_runs_the_engines_on_the_estimate_probes(tmp_path: Path) -> None:
