@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rexdeploy.builders.registry import unavailable_error
 from rexdeploy.errors import BuildError, InputError
-from rexdeploy_openvino.precisions import onnx_node_index
+from rexdeploy_openvino.precisions import onnx_node_index, read_onnx
 
 if TYPE_CHECKING:
     from rexdeploy.profile import Profile
@@ -90,15 +90,8 @@ def runtime_options(core: Any, device: str, precision: str, mode: str = "LATENCY
 
 def onnx_metadata(model: Path) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file ({} for an IR or a file that does not parse)."""
-    if model.suffix == ".xml":
-        return {}
-    import onnx
-
-    try:
-        proto = onnx.load(str(model), load_external_data=False)
-    except Exception:
-        return {}
-    return {p.key: p.value for p in proto.metadata_props}
+    proto = read_onnx(model)
+    return {} if proto is None else {p.key: p.value for p in proto.metadata_props}
 
 
 def check_device(core: Any, device: str) -> None:

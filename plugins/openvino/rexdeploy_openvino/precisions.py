@@ -65,18 +65,24 @@ def onnx_node_index(proto: Any) -> dict[str, str]:
     return index
 
 
-def load_onnx_index(model: Path) -> dict[str, str]:
-    """:func:`onnx_node_index` of an ONNX file; {} for an IR ``.xml`` or a file that does not parse
-    (the execution-layer names are then used as they are)."""
+def read_onnx(model: Path) -> Any:
+    """The ``onnx.ModelProto`` of an ONNX file without its external data; None for an IR ``.xml`` or a file
+    that does not parse."""
     if model.suffix == ".xml":
-        return {}
+        return None
     import onnx
 
     try:
-        proto = onnx.load(str(model), load_external_data=False)
+        return onnx.load(str(model), load_external_data=False)
     except Exception:
-        return {}
-    return onnx_node_index(proto)
+        return None
+
+
+def load_onnx_index(model: Path) -> dict[str, str]:
+    """:func:`onnx_node_index` of an ONNX file; {} for an IR ``.xml`` or a file that does not parse
+    (the execution-layer names are then used as they are)."""
+    proto = read_onnx(model)
+    return {} if proto is None else onnx_node_index(proto)
 
 
 def _resolve(name: str, index: Mapping[str, str]) -> str | None:
