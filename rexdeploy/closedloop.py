@@ -75,14 +75,24 @@ def _quiet(_: str) -> None:
 
 
 def host_warnings(profile: Profile) -> list[str]:
-    missing = missing_flags(profile.requires) if profile.engine == "openvino" else []
-    if not missing:
+    """What the profile gets wrong about this CPU: flags it needs and the CPU lacks (int8 kernels may overflow or
+    run slower), or an f32 profile on a CPU whose OpenVINO default is bf16 (its float layers could run 2× faster)."""
+    if profile.engine != "openvino":
         return []
-    return [
-        f"profile {profile.name!r} is for CPUs with {', '.join(profile.requires)}, which this CPU lacks "
-        f"({', '.join(missing)}): its int8 kernels may overflow or run slower here; "
-        f"--profile auto picks {host_profile_name()!r} for this host"
-    ]
+    missing = missing_flags(profile.requires)
+    if missing:
+        return [
+            f"profile {profile.name!r} is for CPUs with {', '.join(profile.requires)}, which this CPU lacks "
+            f"({', '.join(missing)}): its int8 kernels may overflow or run slower here; "
+            f"--profile auto picks {host_profile_name()!r} for this host"
+        ]
+    auto = host_profile_name()
+    if float_precision(profile) == "fp32" and auto != profile.name and load_profile(auto).quantization.bf16:
+        return [
+            f"profile {profile.name!r} runs float layers in f32, but OpenVINO's default on this CPU is bf16 "
+            f"(measured as the 'bf16 (default)' baseline); --profile auto ({auto!r}) lets the planner use bf16 layers"
+        ]
+    return []
 
 
 @dataclass

@@ -196,3 +196,24 @@ def test_onnxruntime_keeps_weight_only_layers_exact_and_still_fuses_w8a8(tmp_pat
     assert rel < 1e-3 and np.allclose(got, simulated, rtol=1e-4, atol=1e-5)  # K=2 weight-only: near exact
     _, int8_engine, int8_path = _engine(tmp_path, w8a8, "w8a8")
     assert not has_weight_only_layers(int8_path) and "disabled_optimizers" not in int8_engine.options
+
+
+@pytest.mark.parametrize(
+    ("flags", "profile", "expect"),
+    [
+        ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, "x86-avx512", "OpenVINO's default on this CPU is bf16"),
+        ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, "x86-avx512-bf16", None),
+        ({"avx2", "avx512f", "avx512_vnni"}, "x86-avx512-bf16", "which this CPU lacks (avx512_bf16)"),
+        ({"avx2", "avx512f", "avx512_vnni"}, "x86-avx512", None),
+        ({"avx2"}, "x86-avx512", "which this CPU lacks (avx512_vnni)"),
+    ],
+)
+def test_host_warnings_name_the_precision_mismatch(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], profile: str, expect: str | None
+) -> None:
+    from rexdeploy import closedloop, hostcpu
+
+    monkeypatch.setattr(hostcpu, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hostcpu.platform, "machine", lambda: "x86_64")
+    warnings = closedloop.host_warnings(load_profile(profile))
+    assert (warnings == []) if expect is None else (len(warnings) == 1 and expect in warnings[0])
