@@ -33,6 +33,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -258,9 +259,11 @@ def _logit_norm(model: onnx.ModelProto, layer: Layer, stats: ChannelStats | None
 
 def check_ensemble(model: onnx.ModelProto, plan: Plan, layers: Sequence[Layer],
                    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                   layout: Layout | None = None) -> EnsembleCheck:  # fmt: skip
+                   layout: Layout | None = None, memo: dict[tuple[Any, ...], Any] | None = None) -> EnsembleCheck:  # fmt: skip
     """Appendix L's check of ``plan``'s ensemble on ``model`` (BN-folded; ``bn_stats`` from
-    :func:`rexdeploy.graph.fold_batchnorm`). The plan's layers must share one split and one K."""
+    :func:`rexdeploy.graph.fold_batchnorm`). The plan's layers must share one split and one K. ``memo``: a
+    dict kept across calls on the same model (the planner checks several splits), for the per-layer orders."""
+    memo = {} if memo is None else memo
     settings = {(lp.split, lp.bits, lp.order, lp.gamma) for lp in plan.layers.values()}
     splits = {s[0] for s in settings}
     if len(splits) != 1:
@@ -269,23 +272,29 @@ def check_ensemble(model: onnx.ModelProto, plan: Plan, layers: Sequence[Layer],
     layout = layout or ensemble_layout(model, set(plan.layers), layers)
     names = node_names(model)
     consts = ConstantResolver(model)
-    stats = propagate_bn_stats(model, bn_stats) if bn_stats else {}
+    if ("stats",) not in memo:
+        memo[("stats",)] = propagate_bn_stats(model, bn_stats) if bn_stats else {}
+    stats = memo[("stats",)]
     by_name = {layer.name: layer for layer in layers}
+    index = {n: i for i, n in enumerate(names)}
     ordered = [by_name[n] for n in names if n in plan.layers]
     k1 = split[0]
     norms = []
     terms = []
     for layer in ordered:
         lp = plan.layers[layer.name]
-        w = layer_weight(model, layer, consts)
-        orders = expand_weight(w, lp.bits, lp.order, lp.gamma)
-        norms.append(order_norms(orders, w.shape))
-        i = names.index(layer.name)
-        kind, act = layout.roles.get(i, ("linear", None))
+        key = (layer.weight, lp.bits, lp.order, lp.gamma)
+        if key not in memo:
+            w = layer_weight(model, layer, consts)
+            orders = expand_weight(w, lp.bits, lp.order, lp.gamma)
+            w_sq = max(float(np.sum(np.asarray(w, dtype=np.float64) ** 2)), 1e-300)
+            memo[key] = (orders, w.shape, order_norms(orders, w.shape), w_sq)
+        orders, shape, layer_norms, w_sq = memo[key]
+        norms.append(layer_norms)
+        kind, act = layout.roles.get(index[layer.name], ("linear", None))
         if kind == "linear" or len(split) == 1:
             continue
-        rest = reconstruct(orders[k1:], w.shape)
-        rho2 = float(np.sum(rest**2)) / max(float(np.sum(np.asarray(w, dtype=np.float64) ** 2)), 1e-300)
+        rho2 = float(np.sum(reconstruct(orders[k1:], shape) ** 2)) / w_sq
         if kind == "first":
             p = UNKNOWN_OFF_SHARE
         else:
@@ -368,7 +377,8 @@ class Offer:
 
 
 def ensemble_offers(model: onnx.ModelProto, layers: Sequence[Layer], profile: Profile, dense: Plan,
-                    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[Offer]:  # fmt: skip
+                    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                    memo: dict[tuple[Any, ...], Any] | None = None) -> list[Offer]:  # fmt: skip
     """Two-predictor ensembles of a uniform dense plan ``dense`` (order K >= 2 on every quantized layer of
     ``model``, BN-folded), offered only where the profile has parallel capacity for two predictors and the
     Appendix-L check finds the split valid (not doubtful)."""
@@ -387,7 +397,7 @@ def ensemble_offers(model: onnx.ModelProto, layers: Sequence[Layer], profile: Pr
     offers = []
     for split in splits_for(order, bits):
         plan = replace(dense, layers={n: replace(lp, split=split) for n, lp in dense.layers.items()})
-        check = check_ensemble(model, plan, layers, bn_stats, layout)
+        check = check_ensemble(model, plan, layers, bn_stats, layout, memo)
         if check.verdict == "valid":
             offers.append(Offer(annotate(plan, check), check))
     return offers
@@ -410,9 +420,18 @@ def ensemble_candidates(model: onnx.ModelProto, layers: Sequence[Layer], profile
     if capacity < 2 or not dense:
         return []
     folded, bn_stats = fold_batchnorm(model)
+    memo: dict[tuple[Any, ...], Any] = {}
+    offers_of: dict[tuple[Any, ...], list[Offer]] = {}  # candidates that differ only in act_order / engine precision
     out = []
     for label, plan, latency_ms, error in dense:
-        for offer in ensemble_offers(folded, layers, profile, plan, bn_stats):
+        sig = tuple(sorted((n, lp.bits, lp.order, lp.gamma, lp.act_order) for n, lp in plan.layers.items()))
+        if sig not in offers_of:
+            offers_of[sig] = ensemble_offers(folded, layers, profile, plan, bn_stats, memo)
+        for found in offers_of[sig]:  # the same check, on this candidate's own plan (its act bits, engine precision)
+            split_plan = replace(
+                plan, layers={n: replace(lp, split=found.check.split) for n, lp in plan.layers.items()}
+            )
+            offer = Offer(annotate(split_plan, found.check), found.check)
             predictor_ms = [latency_ms - overhead_ms] * len(offer.check.split)
             lat = ensemble_latency_ms(predictor_ms, overhead_ms, capacity)
             err = math.hypot(error, EQ35_GAIN * offer.check.eq35_ratio)
