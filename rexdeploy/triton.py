@@ -5,7 +5,12 @@
 * OpenVINO IR (``model.xml`` / ``model.bin``) → ``backend: "openvino"``, ``KIND_CPU`` instances and the backend
   parameters the Triton OpenVINO backend reads (``PERFORMANCE_HINT``, ``NUM_STREAMS``, ``ENABLE_BATCH_PADDING``);
 * TensorRT plan (``engine.plan``) → ``backend: "tensorrt"`` / ``platform: "tensorrt_plan"``, ``KIND_GPU``;
-* ONNX Runtime (the ``.onnx`` itself) → ``backend: "onnxruntime"`` / ``platform: "onnxruntime_onnx"``, ``KIND_CPU``.
+* ONNX Runtime (the ``.onnx`` itself) → ``backend: "onnxruntime"`` / ``platform: "onnxruntime_onnx"``, ``KIND_CPU``;
+* ``backend="python"`` (OpenVINO engines): ``backend: "python"``, ``KIND_CPU``, the IR with its
+  ``runtime_options.json`` and ``1/model.py`` (``rexdeploy/triton_python/model.py``), which compiles the IR with
+  the options the engine was measured with (Triton's OpenVINO backend cannot set the inference precision).
+  Config parameters tell it where its packages are (Triton's Python stub ignores ``PYTHONPATH``):
+  ``REXDEPLOY_SITE_PACKAGES``, and the Python version (``REXDEPLOY_PYTHON``) its stub must run.
 
 Inputs and outputs (names, ``TYPE_*`` data types, dims) come from the ONNX the engine was built from
 (``expanded.onnx`` or ``fp32.onnx``). A dynamic first axis on every input and output is the batch axis: it becomes
@@ -18,9 +23,12 @@ installed (``pip install 'rexdeploy[triton]'``); without it the export still suc
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,9 @@ from rexdeploy.errors import InputError
 from rexdeploy.fileio import atomic_dir
 
 WHICH = ("rex", "fp32")
+ENGINE_BACKENDS = ("openvino", "tensorrt", "onnxruntime")
+PYTHON_BACKEND = "python"
+MODEL_PY = Path(__file__).resolve().parent / "triton_python" / "model.py"
 DEFAULT_OPENVINO_MAX_BATCH = 1  # the IR is built and timed at batch 1 (latency hint); --max-batch raises it
 DEFAULT_TENSORRT_MAX_BATCH = 8  # the TensorRT builder's default optimization-profile max batch
 
@@ -199,6 +210,7 @@ def export_triton(
     max_batch: int | None = None,
     instances: int = 1,
     which: str = "rex",
+    backend: str | None = None,
 ) -> TritonExport:
     """Write ``repository/<name>/config.pbtxt`` + ``repository/<name>/1/<engine>`` from a ``rexdeploy build`` output.
 
@@ -206,6 +218,8 @@ def export_triton(
     ``max_batch_size`` (only for models with a dynamic batch axis; default: 1 for OpenVINO, the engine's
     optimization-profile maximum for TensorRT). ``instances`` is the instance-group count (for OpenVINO also
     ``NUM_STREAMS``). Other models already in ``repository`` are left alone; ``<name>`` is replaced atomically.
+    ``backend``: None (or the engine's own name) for the engine's Triton backend; ``"python"`` for a
+    Python-backend model serving an OpenVINO engine with its runtime options (``rexdeploy serve`` runs it).
     """
     build_dir = Path(build_dir)
     if which not in WHICH:
@@ -217,6 +231,7 @@ def export_triton(
     if max_batch is not None and max_batch < 0:
         raise InputError(f"--max-batch {max_batch} must be 0 (no batching) or more")
     kind, engine_files, onnx_path = _engine_files(build_dir, which)
+    python = _python_backend(backend, kind)
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path} not found: the build directory is incomplete, rebuild it with rexdeploy build")
     report_model = _report_field(build_dir, "model")
@@ -251,7 +266,13 @@ def export_triton(
     outputs = _specs(model.graph.output, batching)
 
     parameters: dict[str, str] = {}
-    if kind == "openvino":
+    if python:
+        parameters = python_parameters(_report_field(build_dir, "device") or "CPU")
+        notes.append(
+            f"model.py imports numpy and openvino from {parameters['REXDEPLOY_SITE_PACKAGES']} and needs Triton's "
+            f"Python {parameters['REXDEPLOY_PYTHON']} stub (rexdeploy serve starts the server with it)"
+        )
+    elif kind == "openvino":
         # Triton OpenVINO backend parameters (triton-inference-server/openvino_backend README)
         parameters["PERFORMANCE_HINT"] = "LATENCY" if instances == 1 else "THROUGHPUT"
         parameters["NUM_STREAMS"] = str(instances)
@@ -260,11 +281,13 @@ def export_triton(
             notes.append(
                 f"OpenVINO compiles the model at batch {batch}; smaller batches are padded (ENABLE_BATCH_PADDING)"
             )
-    backend, platform, filename, instance_kind = {
+    backend_name, platform, filename, instance_kind = {
         "openvino": ("openvino", None, "model.xml", "KIND_CPU"),
         "tensorrt": ("tensorrt", "tensorrt_plan", "model.plan", "KIND_GPU"),
         "onnxruntime": ("onnxruntime", "onnxruntime_onnx", "model.onnx", "KIND_CPU"),
     }[kind]
+    if python:
+        backend_name = PYTHON_BACKEND
     if kind == "tensorrt":
         version = _report_engine_field(build_dir, which, "backend_version")
         notes.append(
@@ -273,7 +296,7 @@ def export_triton(
         )
     config = TritonConfig(
         name=model_name,
-        backend=backend,
+        backend=backend_name,
         platform=platform,
         max_batch_size=batch,
         inputs=inputs,
@@ -297,7 +320,15 @@ def export_triton(
         if stored.is_file():  # the options the engine was measured with travel beside the IR
             engine_files = [*engine_files, stored]
             target_names.append(stored.name)
-            notes += _openvino_option_notes(stored)
+            if not python:
+                notes += _openvino_option_notes(stored)
+        elif python:
+            notes.append("no runtime_options.json beside the IR: model.py compiles it with OpenVINO's defaults")
+    if python:
+        if not MODEL_PY.is_file():
+            raise InputError(f"{MODEL_PY} is missing from this rexdeploy install: reinstall rexdeploy")
+        engine_files = [MODEL_PY, *engine_files]
+        target_names.insert(0, "model.py")
     with atomic_dir(repository / model_name) as tmp:
         (tmp / "1").mkdir()
         for source, target in zip(engine_files, target_names, strict=True):
@@ -305,6 +336,49 @@ def export_triton(
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
     files = ("config.pbtxt", *(f"1/{t}" for t in target_names))
     return TritonExport(repository, repository / model_name, config, files, validated, tuple(notes))
+
+
+def _python_backend(backend: str | None, kind: str) -> bool:
+    """True for the Python-backend model; InputError for a backend that cannot serve this engine."""
+    if backend in (None, "", kind):
+        return False
+    if backend != PYTHON_BACKEND:
+        choices = ", ".join((kind, PYTHON_BACKEND) if kind == "openvino" else (kind,))
+        raise InputError(f"--backend {backend!r} cannot serve this build's {kind} engine: use {choices}")
+    if kind != "openvino":
+        raise InputError(
+            f"--backend python serves OpenVINO engines; this build's engine is {kind}: leave out --backend "
+            f"(Triton's {kind} backend serves it)"
+        )
+    return True
+
+
+def package_dirs() -> list[str]:
+    """The directories numpy and openvino import from here (where the exported model.py will look for them),
+    falling back to this interpreter's site-packages for a package that is not installed."""
+    dirs: list[str] = []
+    missing = False
+    for package in ("numpy", "openvino"):
+        spec = importlib.util.find_spec(package)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        parent = str(Path(locations[0]).parent) if locations else ""
+        missing = missing or not parent
+        if parent and parent not in dirs:
+            dirs.append(parent)
+    if missing:
+        import site
+
+        dirs += [d for d in site.getsitepackages() if d not in dirs]
+    return dirs
+
+
+def python_parameters(device: str = "CPU") -> dict[str, str]:
+    """The config parameters the exported model.py reads: package directories, Python version, device."""
+    return {
+        "REXDEPLOY_SITE_PACKAGES": os.pathsep.join(package_dirs()),
+        "REXDEPLOY_PYTHON": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "REXDEPLOY_DEVICE": device,
+    }
 
 
 def _openvino_option_notes(stored: Path) -> list[str]:

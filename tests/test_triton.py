@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def test_openvino_repository_layout_and_config(openvino_build: Path, tmp_path: P
     assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()) == [
         "1/model.bin",
         "1/model.xml",
+        "1/runtime_options.json",
         "config.pbtxt",
     ]
     assert (model_dir / "1" / "model.xml").read_bytes() == (openvino_build / "rex" / "model.xml").read_bytes()
@@ -94,7 +96,7 @@ def test_openvino_fp32_batched_throughput(
     assert main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["validated"] is True
-    assert doc["files"] == ["config.pbtxt", "1/model.xml", "1/model.bin"]
+    assert doc["files"] == ["config.pbtxt", "1/model.xml", "1/model.bin", "1/runtime_options.json"]
     model_dir = repo / "digits-fp32"
     assert (model_dir / "1" / "model.bin").read_bytes() == (openvino_build / "fp32" / "model.bin").read_bytes()
     config = parse(model_dir / "config.pbtxt")
@@ -103,6 +105,77 @@ def test_openvino_fp32_batched_throughput(
     assert config.instance_group[0].count == 3
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "3", "ENABLE_BATCH_PADDING": "YES"}
+
+
+def test_python_backend_model(openvino_build: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    import numpy
+
+    from rexdeploy.triton import MODEL_PY
+
+    repo = tmp_path / "models"
+    argv = ["export", "triton", str(repo), "--from", str(openvino_build), "--backend", "python", "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["validated"] is True
+    assert doc["backend"] == "python"
+    assert doc["files"] == [
+        "config.pbtxt", "1/model.py", "1/model.xml", "1/model.bin", "1/runtime_options.json",
+    ]  # fmt: skip
+    model_dir = repo / "digits_cnn"
+    assert (model_dir / "1" / "model.py").read_bytes() == MODEL_PY.read_bytes()
+    for name in ("model.xml", "model.bin", "runtime_options.json"):
+        assert (model_dir / "1" / name).read_bytes() == (openvino_build / "rex" / name).read_bytes()
+    config = parse(model_dir / "config.pbtxt")
+    assert (config.backend, config.platform, config.max_batch_size) == ("python", "", 1)
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert not config.HasField("dynamic_batching")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["REXDEPLOY_PYTHON"] == f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert params["REXDEPLOY_DEVICE"] == "CPU"
+    assert str(Path(numpy.__file__).parents[1]) in params["REXDEPLOY_SITE_PACKAGES"].split(os.pathsep)
+
+    batched = export_triton(openvino_build, repo, name="digits_b4", backend="python", max_batch=4, instances=2)
+    config = parse(batched.model_dir / "config.pbtxt")
+    assert (config.max_batch_size, config.instance_group[0].count) == (4, 2)
+    assert config.HasField("dynamic_batching")
+    assert "ENABLE_BATCH_PADDING" not in config.parameters  # model.py reshapes the IR to a batch of 1..4
+
+
+def test_python_backend_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.py's own functions (it runs inside Triton's stub; tests/test_triton_server.py runs it there)."""
+    import importlib.util
+    import sys
+
+    from rexdeploy.triton import MODEL_PY
+
+    spec = importlib.util.spec_from_file_location("rexdeploy_triton_model", MODEL_PY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recorded, from_env = tmp_path / "recorded", tmp_path / "from_env"
+    recorded.mkdir()
+    from_env.mkdir()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", str(from_env))
+    params = {"REXDEPLOY_SITE_PACKAGES": os.pathsep.join([str(recorded), str(tmp_path / "missing")])}
+    assert module.add_site_packages(params) == [str(recorded), str(from_env)]
+    assert sys.path[-2:] == [str(recorded), str(from_env)]
+    assert module.read_options(tmp_path) == {}
+    (tmp_path / "runtime_options.json").write_text(json.dumps({"options": {"INFERENCE_PRECISION_HINT": "f32"}}))
+    assert module.read_options(tmp_path) == {"INFERENCE_PRECISION_HINT": "f32"}
+    (tmp_path / "runtime_options.json").write_text("[]")
+    with pytest.raises(module.ModelSetupError, match="is not a rexdeploy runtime options file"):
+        module.read_options(tmp_path)
+
+
+def test_python_backend_refused_for_tensorrt(tensorrt_build: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--backend python serves OpenVINO engines; this build's engine is tensorrt"):
+        export_triton(tensorrt_build, tmp_path / "models", backend="python")
+    with pytest.raises(InputError, match="--backend 'openvino' cannot serve this build's tensorrt engine"):
+        export_triton(tensorrt_build, tmp_path / "models", backend="openvino")
+    assert export_triton(tensorrt_build, tmp_path / "models", backend="tensorrt").config.backend == "tensorrt"
 
 
 def test_export_keeps_other_models_and_replaces_its_own(openvino_build: Path, tmp_path: Path) -> None:

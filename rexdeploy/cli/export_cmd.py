@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="write a Triton Inference Server model repository",
         description="Write OUT_DIR/<name>/config.pbtxt and OUT_DIR/<name>/1/<engine> (OpenVINO IR → backend "
         "openvino on KIND_CPU; TensorRT plan → platform tensorrt_plan on KIND_GPU) from a rexdeploy build directory. "
-        "The config is validated against Triton's ModelConfig schema when tritonclient is installed.",
+        "--backend python writes a Python-backend model (1/model.py) that compiles an OpenVINO engine with the "
+        "runtime options it was measured with. The config is validated against Triton's ModelConfig schema when "
+        "tritonclient is installed.",
     )
     t.add_argument("out_dir", metavar="OUT_DIR", help="model repository directory (other models in it are kept)")
     t.add_argument(
@@ -34,6 +36,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     t.add_argument("--instances", type=int, default=1, help="instance_group count (default 1)")
     t.add_argument("--which", default="rex", help="which engine of the build: rex (default) or fp32")
+    t.add_argument(
+        "--backend",
+        help="Triton backend: the engine's own (default: openvino, tensorrt or onnxruntime) or python (OpenVINO "
+        "engines: model.py loads the IR with its runtime_options.json; run it with rexdeploy serve)",
+    )
     t.add_argument("--json", action="store_true", help="print what was written as one JSON document on stdout")
     t.set_defaults(func=run)
 
@@ -50,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         instances=args.instances,
         which=args.which,
+        backend=args.backend,
     )
     c = result.config
     if args.json:
@@ -73,8 +81,16 @@ def run(args: argparse.Namespace) -> int:
         common.stderr("config.pbtxt validated against Triton's ModelConfig schema")
     for note in result.notes:
         common.stderr(f"note: {note}")
-    common.stderr(
-        f"serve: docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v {result.repository.resolve()}:/models "
-        "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"
-    )
+    repository = result.repository.resolve()
+    if c.backend == "python":
+        common.stderr(
+            f"serve: pip install --no-deps nvidia-pytriton; rexdeploy serve {args.build_dir} (or start "
+            f"pytriton/tritonserver/bin/tritonserver --model-repository={repository} with the stub for this Python: "
+            "docs/triton.md)"
+        )
+    else:
+        common.stderr(
+            f"serve: docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v {repository}:/models "
+            "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"
+        )
     return 0

@@ -1,0 +1,1 @@
+"""The model.py that ``rexdeploy export triton --backend python`` writes (a file template, not imported)."""
