@@ -348,3 +348,17 @@ def test_planner_offers_ensembles_only_with_parallel_capacity() -> None:
         assert label.startswith("ensemble ") and plan.predictors == 2 and plan.u_ens is not None
         assert latency == pytest.approx(2.0) and error >= 0.01  # never faster, never better than its dense K
         assert plan.predicted_latency_ms == latency and plan.predicted_error == error
+
+
+def test_plan_model_lists_ensembles_only_on_profiles_with_parallel_capacity() -> None:
+    from rexdeploy.planner.search import plan_model
+
+    model = mobilenet_v2_like()
+    folded, _ = fold_batchnorm(model)
+    layers = quantizable_layers(folded)
+    labels = {
+        p: [c.label for c in plan_model(model, layers, load_profile(p), 1e3).candidates] for p in ("x86-avx512", "a100")
+    }
+    assert not any(label.startswith("ensemble") for label in labels["x86-avx512"])
+    ensembles = [label for label in labels["a100"] if label.startswith("ensemble")]
+    assert ensembles and all(" of uniform " in label for label in ensembles)
