@@ -106,8 +106,8 @@ def estimate_fidelity(
     The relative error, max abs error and cosine are the worst over all families. The top-1 agreement is
     the lowest over the structured families (BN-matched, natural-like images, tokens) where one applies and
     over the Gaussian family only when none does: N(0, 1) pixels are no image, and a classifier's own top-1
-    on them is degenerate both ways (benchmarks/results/fidelity_estimate.md: 100 % agreement on a
-    ResNet-style net, 9 % on MobileNetV2, against 97 % and 72 % on natural images)."""
+    on them is degenerate both ways (100 % agreement on a ResNet-style net that kept 49 % of natural images,
+    issue 15; 12–25 % on MobileNetV2 against 79–90 %, benchmarks/results/fidelity_estimate.md)."""
     from rexdeploy.probes import GAUSSIAN, applicable_families, family_inputs
 
     families = applicable_families(model)
