@@ -14,7 +14,16 @@ Two forms (``ENSEMBLE_FORMS``):
   there: inside and outside are the same sum, so it holds all K orders (bias in predictor 1).
 
   The later predictors start from the residual orders of the first layer and carry that signal
-  through the depth with the full weights, instead of losing ~1/(2^(b-1)-1) of it per layer.
+  through the depth with the full weights, instead of losing ~1/(2^(b-1)-1) of it per layer. Measured
+  (MobileNetV2 int4 [2,2], ``benchmarks/results/ensembles.md``): predictor 2 keeps an output (0.5 % of
+  predictor 1's) but does not lower the error — under its own activation masks it is not the correction
+  the dense expansion makes; the ensemble's gain over K_1 (error 0.25×) comes from predictor 1's outside
+  orders, which also make predictor 1 as costly as the dense K expansion.
+
+  A tensor all predictors have (a bias ``Add``, the network input added on a residual path) is added in
+  predictor 1 only; an op between the planned layers that is neither linear nor an activation with
+  σ(0) = 0 (Softmax, a product of two signals) is refused, naming the node
+  (:func:`rexdeploy.planner.ensembles.ensemble_layout`).
 
 ``algorithm1`` (Appendix E.2, Algorithm 1 read literally): predictor m holds only cluster m's orders in
 every layer. On a deep network the later predictors' signal shrinks by the residual ratio per layer and
@@ -66,8 +75,6 @@ class Ensemble:
     jobs: dict[str, LayerJob]  # clone node name → what it holds
     predictors: int
     form: str = "eq35"
-    # per predictor (0-based), the node names it owns: the clones, the outside orders, their Adds
-    members: tuple[frozenset[str], ...] = ()
     outputs: tuple[str, ...] = ()  # the tensors where the predictors are summed (one Sum each)
     plan: Plan | None = None  # the plan with U_ens written in it (Appendix L), for M > 1
     check: EnsembleCheck | None = None
@@ -147,7 +154,6 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
 
     new_nodes: list[onnx.NodeProto] = []
     jobs: dict[str, LayerJob] = {}
-    members: list[set[str]] = [set() for _ in range(m_count)]
     shared: dict[tuple[str, int, int, float | None], tuple[list[ResidualOrder], float]] = {}
     for i, node in enumerate(graph.node):
         if i not in region:
@@ -191,9 +197,7 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
                         name=f"{names[i]}{_suffix(m)}{OUTSIDE}_add",
                     )
                 )
-            for n in (clone, *after):
-                new_nodes.append(n)
-                members[m].add(n.name)
+            new_nodes += [clone, *after]
     for t in layout.crossing:
         new_nodes.append(
             helper.make_node("Sum", [t + _suffix(m) for m in range(m_count)], [t], name=f"{t}__ensemble_sum")
@@ -210,7 +214,7 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
             "" if later_outside else ", later predictors inside only"
         )
         annotated = replace(annotated, notes=(*annotated.notes, note))
-    return Ensemble(out, jobs, m_count, form, tuple(frozenset(s) for s in members), layout.crossing, annotated,
+    return Ensemble(out, jobs, m_count, form, layout.crossing, annotated,
                     verdict)  # fmt: skip
 
 
