@@ -74,9 +74,12 @@ def deep_net(seed: int = 0) -> onnx.ModelProto:
 
 
 def simulate(model: onnx.ModelProto, x: Arr, bits: int, split: tuple[int, ...], form: str = "eq35",
-             later_outside: bool = True, parts: bool = False) -> Arr | list[Arr]:  # fmt: skip
+             later_outside: bool = True, parts: bool = False,
+             quant: Callable[[str, Arr], Arr] | None = None) -> Arr | list[Arr]:  # fmt: skip
     """The ensemble of ``deep_net`` written from Eq. 31 / 35 (or Algorithm 1) in float64 numpy, orders from
-    :func:`reference.rex_orders`; the sum of the predictors, or each predictor's output (``parts``)."""
+    :func:`reference.rex_orders`; the sum of the predictors, or each predictor's output (``parts``).
+    ``quant(tensor, value)`` fake-quantizes each layer input (tensor names as the pass gives them: ``r1`` in
+    predictor 1, ``r1__p2`` in predictor 2; the network input ``x`` is shared)."""
     p = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
     k_total, k1 = sum(split), split[0]
     orders = {n: rex_orders(p[f"{n}_w"], bits, k_total) for n in ("c0", "c1", "c2", "c3", "c4", "fc")}
@@ -95,6 +98,11 @@ def simulate(model: onnx.ModelProto, x: Arr, bits: int, split: tuple[int, ...], 
         outside = list(range(k1 + 1, k_total + 1)) if form == "eq35" and (m == 0 or later_outside) else []
         linear = list(range(1, k_total + 1)) if form == "eq35" else group
 
+        def q(tensor: str, value: Arr, m: int = m) -> Arr:
+            if quant is None:
+                return value
+            return quant(tensor if m == 0 or tensor == "x" else f"{tensor}__p{m + 1}", value)
+
         def with_act(x: Arr, name: str, pad: int, act: Callable[[Arr], Arr], ins: list[int] = inside,
                      out: list[int] = outside) -> Arr:  # fmt: skip
             y = act(conv2d(x, w(name, ins), b(name), [1, 1], [pad] * 4, 1))
@@ -103,11 +111,12 @@ def simulate(model: onnx.ModelProto, x: Arr, bits: int, split: tuple[int, ...], 
         def relu(t: Arr) -> Arr:
             return np.maximum(t, 0.0)
 
-        r0 = relu(conv2d(x, w("c0", group), b("c0"), [1, 1], [1] * 4, 1))  # reads the network input: Eq. 31
-        r1 = with_act(r0, "c1", 1, lambda t: np.clip(t, 0.0, 6.0))
-        s2 = conv2d(r1, w("c2", linear), b("c2"), [1, 1], [0] * 4, 1) + r0  # linear: all orders
-        r4 = with_act(with_act(s2, "c3", 1, relu), "c4", 0, relu)
-        y = r4.mean(axis=(2, 3)) @ w("fc", linear).T
+        r0 = relu(conv2d(q("x", x), w("c0", group), b("c0"), [1, 1], [1] * 4, 1))  # reads the network input: Eq. 31
+        r1 = with_act(q("r0", r0), "c1", 1, lambda t: np.clip(t, 0.0, 6.0))
+        s2 = conv2d(q("r1", r1), w("c2", linear), b("c2"), [1, 1], [0] * 4, 1) + r0  # linear: all orders
+        r3 = with_act(q("s2", s2), "c3", 1, relu)
+        r4 = with_act(q("r3", r3), "c4", 0, relu)
+        y = q("flat", r4.mean(axis=(2, 3))) @ w("fc", linear).T
         outs.append(y + p["fc_b"] if m == 0 else y)
     return outs if parts else sum(outs)
 
@@ -128,6 +137,36 @@ def test_eq35_graph_equals_the_numpy_construction(bits: int, split: tuple[int, .
     assert rel(got, simulate(model, X.astype(np.float64), bits, split)) < 2e-6
     # not the Algorithm-1 clone, and not the dense K expansion either (the numbers tell the forms apart)
     assert rel(got, simulate(model, X.astype(np.float64), bits, split, form="algorithm1")) > 1e-4
+
+
+def graph_fake_quant(model: onnx.ModelProto) -> Callable[[str, Arr], Arr]:
+    """Q/DQ of a tensor as the emitted graph declares it (its QuantizeLinear's scale and zero-point type),
+    computed in numpy: round half to even, saturate to the int8 (or uint8) range."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    spec = {n.input[0]: (float(inits[n.input[1]]), inits[n.input[2]].dtype) for n in model.graph.node
+            if n.op_type == "QuantizeLinear"}  # fmt: skip
+
+    def fq(tensor: str, value: Arr) -> Arr:
+        scale, dtype = spec[tensor]
+        lo, hi = (0, 255) if dtype == np.uint8 else (-128, 127)
+        return np.clip(np.rint(value.astype(np.float32) / np.float32(scale)), lo, hi) * np.float32(scale)
+
+    return fq
+
+
+@pytest.mark.parametrize("split", [(2, 2), (1, 1)])
+def test_eq35_w8a8_graph_equals_the_numpy_construction(split: tuple[int, ...]) -> None:
+    """Activations int8 (each predictor with its own ranges): the emitted Q/DQ graph against the numpy
+    construction with the graph's activation scales."""
+    model = deep_net()
+    expanded = expand_model(model, profile=PROFILE, bits=8, order=sum(split), split=split, act_bits=8)
+    onnx.checker.check_model(expanded.model, full_check=True)
+    fq = graph_fake_quant(expanded.model)
+    want = simulate(model, X.astype(np.float64), 8, split, quant=fq)
+    assert rel(run_exact(expanded.model, X), want) < 1e-5  # type: ignore[arg-type]
+    # the later predictor has its own, smaller activation ranges
+    scales = expanded.activation_scales
+    assert scales["r3__p2"] < scales["r3"] / 4
 
 
 @pytest.mark.parametrize(("form", "later_outside"), [("algorithm1", True), ("eq35", False)])
