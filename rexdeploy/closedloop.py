@@ -406,7 +406,7 @@ def _closed_loop(
             engine, _, path = run.engine_for(result.plan, name, result.ranges, where=run.attempts_dir())
             m = run.measure(result.chosen.label, result.plan, engine, path, run.timing, f"the REx engine ({name})")
         attempts.append(Attempt(attempt, name if m.onnx_path.stem == name else m.onnx_path.stem,
-                                result.plan.summary() if result.plan.layers else "FP32",
+                                _plan_text(run, result.plan),
                                 chosen.predicted_latency_ms, m.timing.median_ms, scale))  # fmt: skip
         if m.onnx_path.stem != name:  # measured before (a baseline or probe): nothing new to learn from it
             break
@@ -549,7 +549,7 @@ def _fallbacks(run: _Run, result: PlanResult, budget_ms: float, attempts: list[A
         if run.measured_plan(fallback) is not None:
             continue
         name = f"rex_fastest{i + 1}"
-        summary = fallback.summary() if fallback.layers else "FP32"
+        summary = _plan_text(run, fallback)
         run.say(f"nothing measured fits: building {summary} ...")
         engine, _, path = run.engine_for(fallback, name, result.ranges, where=run.attempts_dir())
         m = run.measure("fastest candidate", fallback, engine, path, run.timing, "a fast candidate")

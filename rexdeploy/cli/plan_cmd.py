@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     common.stderr(f"{'predicted latency':>18}  {'predicted error':>15}  candidate")
     for c in result.front:
         mark = "  <- chosen" if c.plan.hash == result.chosen.plan.hash else ""
-        summary = c.plan.summary() if c.plan.layers else "FP32"
+        summary = c.plan.summary() if c.plan.layers else f"no layer quantized ({c.label})"
         common.stderr(
             f"{format_ms(c.predicted_latency_ms):>18}  {c.predicted_error:>15.3e}  {c.label}: {summary}{mark}"
         )
