@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 NAME = "openvino"
 PIP_EXTRA = "openvino"
 META_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
-_NOISE = re.compile(r"^(Exception from \S+|Check '.*' failed at \S+)$")
+_NOISE = re.compile(r"^Exception from \S+$")
+_CHECK = re.compile(r"^Check '(.*)' failed at \S+$")
 
 
 def import_openvino() -> Any:
@@ -32,9 +33,16 @@ def import_openvino() -> Any:
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:
-    """OpenVINO's multi-line exception text (``Exception from src/...`` frames) as one readable line."""
-    lines = [ln.strip() for ln in str(exc).splitlines()]
-    kept = [ln.rstrip(":").strip() for ln in lines if ln and not _NOISE.match(ln.rstrip(":"))]
+    """OpenVINO's multi-line exception text (``Exception from src/...`` frames) as one readable line; a failed
+    internal check keeps what it checked (``Check 'x' failed at src/...`` → ``check failed: x``)."""
+    kept = []
+    for raw in str(exc).splitlines():
+        line = raw.strip().rstrip(":").strip()
+        check = _CHECK.match(line)
+        if check:
+            kept.append(f"check failed: {check.group(1)}")
+        elif line and not _NOISE.match(line):
+            kept.append(line)
     text = "; ".join(kept) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
