@@ -150,10 +150,11 @@ class _Run:
         return m
 
     def measured_plan(self, plan: Plan) -> Measured | None:
-        """The engine of this run that carries out ``plan`` (same layer settings, same engine float precision)."""
-        want = engine_float_precision(self.profile, plan)
+        """The engine of this run that carries out ``plan`` (same layer settings, same engine float precision and
+        dynamic activations)."""
+        want = engine_profile(self.profile, plan)
         return next((m for m in self.measured if m.plan.layers == plan.layers
-                     and engine_float_precision(self.profile, m.plan) == want), None)  # fmt: skip
+                     and engine_profile(self.profile, m.plan) == want), None)  # fmt: skip
 
 
 def build(

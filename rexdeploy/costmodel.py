@@ -46,6 +46,7 @@ non-negative least squares on measured micro-benchmarks, then ρ on the concat p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -127,9 +128,26 @@ def engine_float_precision(profile: Profile, plan: Plan) -> str:
     return float_precision(profile)
 
 
+def has_dynamic_activations(profile: Profile) -> bool:
+    """True when the profile's engine can quantize weight-only layers' inputs at run time (OpenVINO CPU)."""
+    return profile.engine == "openvino" and profile.device.split(".")[0] == "CPU"
+
+
+def dynamic_input(profile: Profile, layer: Layer, lp: LayerPlan | None) -> bool:
+    """True when the engine quantizes this layer's input at run time: a weight-only Gemm/MatMul layer of an engine
+    running with dynamic activations (OpenVINO quantizes the inputs of compressed-weight FullyConnected layers)."""
+    return (lp is not None and lp.act_bits == 0 and profile.quantization.dynamic_activations
+            and layer.op_class in ("gemm", "matmul"))  # fmt: skip
+
+
 def engine_profile(profile: Profile, plan: Plan) -> Profile:
-    """``profile`` as the plan's engine runs: its float precision set to :func:`engine_float_precision`."""
-    return profile.with_float_precision(engine_float_precision(profile, plan)) or profile
+    """``profile`` as the plan's engine runs: its float precision set to :func:`engine_float_precision`, dynamic
+    activations as the plan says (None: the profile's)."""
+    built = profile.with_float_precision(engine_float_precision(profile, plan)) or profile
+    dynamic = built.quantization.dynamic_activations if plan.dynamic_activations is None else plan.dynamic_activations
+    if dynamic == built.quantization.dynamic_activations:
+        return built
+    return dataclasses.replace(built, quantization=dataclasses.replace(built.quantization, dynamic_activations=dynamic))
 
 
 def layer_precision(profile: Profile, *, bits: int | None, act_bits: int = 8) -> str:

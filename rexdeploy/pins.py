@@ -18,6 +18,8 @@ import onnx
 
 FP32_NODES_KEY = "rexdeploy.fp32_nodes"
 FLOAT_PRECISION_KEY = "rexdeploy.float_precision"
+DYNAMIC_ACTIVATIONS_KEY = "rexdeploy.dynamic_activations"
+"""``true`` when the engine must quantize weight-only layers' inputs at run time (the plan chose it), else ``false``."""
 """The precision the engine must run the model's float parts in (``fp32``, ``bf16``, ``fp16``), chosen with the
 plan (:func:`rexdeploy.costmodel.engine_float_precision`)."""
 
@@ -52,8 +54,23 @@ def float_precision_of(model: onnx.ModelProto) -> str:
 
 def set_float_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
     """State the engine float precision ``model`` must run in (in place; returns it)."""
-    kept = [p for p in model.metadata_props if p.key != FLOAT_PRECISION_KEY]
+    return _set(model, FLOAT_PRECISION_KEY, precision)
+
+
+def set_dynamic_activations(model: onnx.ModelProto, on: bool) -> onnx.ModelProto:
+    """State whether the engine must quantize weight-only layers' inputs at run time (in place; returns it)."""
+    return _set(model, DYNAMIC_ACTIVATIONS_KEY, "true" if on else "false")
+
+
+def dynamic_activations_of(model: onnx.ModelProto) -> bool | None:
+    """What the model states about dynamic activations (None: nothing — the profile's setting)."""
+    value = next((p.value for p in model.metadata_props if p.key == DYNAMIC_ACTIVATIONS_KEY), None)
+    return None if value is None else value == "true"
+
+
+def _set(model: onnx.ModelProto, key: str, value: str) -> onnx.ModelProto:
+    kept = [p for p in model.metadata_props if p.key != key]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
-    model.metadata_props.add(key=FLOAT_PRECISION_KEY, value=precision)
+    model.metadata_props.add(key=key, value=value)
     return model

@@ -103,6 +103,8 @@ class Plan:
     logit_norm: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     float_precision: str = ""
+    # weight-only Gemm/MatMul inputs quantized by the engine at run time (None: the profile's setting)
+    dynamic_activations: bool | None = None
 
     def __post_init__(self) -> None:
         if self.float_precision not in FLOAT_PRECISIONS:
@@ -119,7 +121,8 @@ class Plan:
         """One line: the uniform setting if all layers agree (γ may vary: linear+), else the spread; and the
         engine's float precision when the plan sets it."""
         text = self._layers_summary()
-        return f"{text}, {self.float_precision} engine" if self.float_precision else text
+        text = f"{text}, {self.float_precision} engine" if self.float_precision else text
+        return f"{text}, dynamic activations" if self.dynamic_activations else text
 
     def _layers_summary(self) -> str:
         settings = {(lp.bits, lp.order, lp.split, lp.act_bits, lp.form, lp.act_order) for lp in self.layers.values()}
@@ -154,7 +157,9 @@ class Plan:
             "bound": self.bound,
             "notes": list(self.notes),
             "layers": {name: _layer_dict(lp) for name, lp in sorted(self.layers.items())},
-        } | self._ensemble_dict() | ({"float_precision": self.float_precision} if self.float_precision else {})
+        } | self._ensemble_dict() | ({"float_precision": self.float_precision} if self.float_precision else {}) | (
+            {"dynamic_activations": self.dynamic_activations} if self.dynamic_activations is not None else {}
+        )
 
     def _ensemble_dict(self) -> dict[str, Any]:
         """U_ens and what it was checked against, when set (plans without an ensemble keep their JSON)."""
@@ -167,7 +172,8 @@ class Plan:
     @property
     def hash(self) -> str:
         """sha256 of the canonical JSON of the layer settings + model + profile (not predictions)."""
-        keys = ("format", "profile", "model_sha256", "layers", "float_precision")  # unset precision: the old hash
+        # unset precision / dynamic activations: the hash plans had before these fields
+        keys = ("format", "profile", "model_sha256", "layers", "float_precision", "dynamic_activations")
         core = {k: v for k, v in self.to_dict().items() if k in keys}
         return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -201,6 +207,7 @@ class Plan:
             logit_norm=raw.get("logit_norm"),
             notes=tuple(raw.get("notes", ())),
             float_precision=str(raw.get("float_precision", "")),
+            dynamic_activations=None if raw.get("dynamic_activations") is None else bool(raw["dynamic_activations"]),
         )
 
     @classmethod

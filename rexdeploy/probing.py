@@ -10,6 +10,7 @@ version, and the host CPU (model name and flags): a second build plans without p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from rexdeploy.analyze import Layer
 from rexdeploy.builders.base import Builder, Engine, LayerTimes, TimingSettings
 from rexdeploy.builders.cache import cache_root
 from rexdeploy.builders.timing import Timing, combine_rounds, time_rounds
-from rexdeploy.costmodel import engine_profile, input_elements
+from rexdeploy.costmodel import engine_profile, has_dynamic_activations, input_elements
 from rexdeploy.errors import PlanError, RexError
 from rexdeploy.fileio import write_text_atomic
 from rexdeploy.hostcpu import host_id
@@ -67,7 +68,8 @@ class Measured:
 def probe_plans(layers: list[Layer], profile: Profile, model_sha256: str = "") -> list[Probe]:
     """The probes the planner's menu needs, beyond the float engine: uniform int8 K=1, K=2 dense, K=2 at
     γ = 0.5 (sparse), activation order 2 (when the profile offers it), weight-only K=1 (when float
-    activations are allowed). Each layer takes the highest weight bits its class allows."""
+    activations are allowed; and with dynamic activations where the engine has them and the model has
+    Gemm/MatMul layers). Each layer takes the highest weight bits its class allows."""
 
     def uniform(order: int, gamma: float | None = None, act_bits: int = 8, act_order: int = 1) -> Plan:
         lps = {
@@ -83,6 +85,11 @@ def probe_plans(layers: list[Layer], profile: Profile, model_sha256: str = "") -
         probes.append(Probe("int8 K=2 act order 2", uniform(2, act_order=2)))
     if q.float_activations:
         probes.append(Probe("weight-only K=1", uniform(1, act_bits=0)))
+        if has_dynamic_activations(profile) and not q.dynamic_activations and any(
+            layer.op_class in ("gemm", "matmul") for layer in layers
+        ):  # the planner's dynamic-activation engine: weight-only Gemm/MatMul layers on runtime-quantized inputs
+            dynamic = dataclasses.replace(uniform(1, act_bits=0), dynamic_activations=True)
+            probes.append(Probe("weight-only K=1 dynamic", dynamic))
         if len(layers) >= 2:  # every other layer int8: the transitions between int8 and float layers
             k1 = uniform(1)
             alternate = {layer.name: k1.layers[layer.name] for layer in layers[::2]}

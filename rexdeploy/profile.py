@@ -38,6 +38,9 @@ class Quantization:
     fp16: bool = False
     bf16: bool = False
     fp8: bool = False
+    # the engine quantizes the float inputs of weight-only Gemm/MatMul layers at run time, per group of 32 values
+    # (OpenVINO CPU DYNAMIC_QUANTIZATION_GROUP_SIZE); off: they stay float. The planner may turn it on per plan.
+    dynamic_activations: bool = False
 
 
 @dataclass(frozen=True)

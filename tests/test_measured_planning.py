@@ -290,8 +290,13 @@ def test_split_layer_times_scales_layers_and_rest_to_the_measured_median() -> No
 def test_probe_plans_follow_the_profile_menu() -> None:
     layers = _layers(mobilenet_v2_like())
     labels = [p.label for p in probe_plans(layers, PROFILE)]
+    # the model has a Gemm and the OpenVINO CPU engine can quantize its input at run time: a dynamic probe too
     assert labels == ["int8 K=1", "int8 K=2", "int8 K=2 g=0.5", "int8 K=2 act order 2", "weight-only K=1",
-                      "int8 K=1 alternate"]
+                      "weight-only K=1 dynamic", "int8 K=1 alternate"]
+    dynamic = probe_plans(layers, PROFILE)[5].plan
+    assert dynamic.dynamic_activations is True and all(lp.act_bits == 0 for lp in dynamic.layers.values())
+    no_gemm = [layer for layer in layers if layer.op_class not in ("gemm", "matmul")]
+    assert "weight-only K=1 dynamic" not in [p.label for p in probe_plans(no_gemm, PROFILE)]
     alternate = probe_plans(layers, PROFILE)[-1].plan
     assert sorted(alternate.layers) == sorted(layer.name for layer in layers[::2])
     int8_only = dataclasses.replace(PROFILE, quantization=dataclasses.replace(
@@ -322,7 +327,7 @@ def test_table_from_scripted_probes_predicts_each_probe_exactly(tmp_path: Path) 
     model = small_cnn(seed=2)
     layers = _layers(model)
     table, measured = _scripted_table(model, ScriptedBuilder(), tmp_path)
-    assert len(measured) == 7
+    assert len(measured) == 1 + len(probe_plans(layers, PROFILE)) == 8  # the float engine and 7 probes
     for m in measured:  # every probe's own plan is predicted at its measured median
         assert table.predict_ms(PROFILE, layers, m.plan.layers) == pytest.approx(m.timing.median_ms, rel=1e-9)
     # the rest line runs through the float engine (share 0) and uniform int8 K=1 (share 1)
@@ -370,7 +375,7 @@ def test_build_returns_fp32_when_it_fits_and_probes_once_then_reads_the_cache(
     assert report.latency_model["source"] == "measured" and report.latency_model["cached"] is False
     assert "exact" in report.choice
     n_probes = len(report.latency_model["probes"])  # type: ignore[arg-type]
-    assert n_probes == 7  # the float engine + the six probes
+    assert n_probes == 8  # the float engine + the seven probes (small_cnn has a Gemm: the dynamic probe too)
     built = len(builder.built)
     report2 = _build(monkeypatch, builder, cnn_path, tmp_path / "b", budget_ms=10.0)
     assert report2.latency_model["cached"] is True
@@ -405,7 +410,7 @@ def test_a_miss_updates_the_table_and_the_loop_replans(monkeypatch: pytest.Monke
     first = report.attempts[0]
     assert first.measured_ms > report.budget_ms  # the first plan missed (timed twice) ...
     assert report.latency_model["observations"] >= 1
-    assert builder.profiled == 6 + report.latency_model["observations"]  # ... was profiled: 6 uniform probes + misses
+    assert builder.profiled == 7 + report.latency_model["observations"]  # ... was profiled: 7 uniform probes + misses
     assert report.latency_model["observations"] == len([a for a in report.attempts if a.measured_ms > report.budget_ms])
     assert len({a.plan_summary + str(a.predicted_ms) for a in report.attempts}) == len(report.attempts)
     # then the planner ran again, and either built a new plan or found a measured engine at least as accurate

@@ -122,10 +122,15 @@ def test_bf16_float_error_matches_a_bf16_simulation() -> None:
 
 
 def test_precision_passes() -> None:
-    passes = precision_passes(BF16)
-    assert [(p.quantization.bf16, p.quantization.max_act_order, f) for p, f in passes] == [(True, 1, ""), (False, 2, "fp32")]
-    assert precision_passes(F32) == [(F32, "")]
-    assert precision_passes(GPU) == [(GPU, "")]
+    """bf16 OpenVINO: a bf16 engine without activation orders, an f32 engine with them, and an engine with dynamic
+    activations; f32 OpenVINO: one pass and the dynamic one; TensorRT: one pass (it pins layers, has no dynamic)."""
+    def shape(profile: object) -> list[tuple[bool, int, str, bool | None, bool]]:
+        return [(p.quantization.bf16, p.quantization.max_act_order, f, d, p.quantization.dynamic_activations)
+                for p, f, d in precision_passes(profile)]  # type: ignore[arg-type]  # fmt: skip
+
+    assert shape(BF16) == [(True, 1, "", None, False), (False, 2, "fp32", None, False), (True, 1, "", True, True)]
+    assert shape(F32) == [(False, 2, "", None, False), (False, 1, "", True, True)]
+    assert precision_passes(GPU) == [(GPU, "", None)]
 
 
 def test_bf16_planner_prices_activation_orders_as_f32_engines() -> None:
@@ -217,3 +222,44 @@ def test_host_warnings_name_the_precision_mismatch(
     monkeypatch.setattr(hostcpu.platform, "machine", lambda: "x86_64")
     warnings = closedloop.host_warnings(load_profile(profile))
     assert (warnings == []) if expect is None else (len(warnings) == 1 and expect in warnings[0])
+
+
+@pytest.mark.openvino
+def test_dynamic_activations_are_a_plan_choice_the_engine_carries_and_the_error_model_predicts(tmp_path: Path) -> None:
+    """A plan with dynamic activations builds an OpenVINO engine that quantizes its weight-only MatMul inputs at run
+    time (DYNAMIC_QUANTIZATION_GROUP_SIZE 32, stated in the ONNX metadata and stored with the engine); the error
+    model predicts what that costs within a factor 2 of the engine's measured error vs FP32; without it the
+    weight-only K=2 engine stays near exact."""
+    pytest.importorskip("openvino")
+    import onnxruntime as ort
+    from models import transformer_block
+
+    from rexdeploy.pins import dynamic_activations_of
+    from rexdeploy.plans import default_plan
+
+    model = transformer_block(hidden=64, seq=16)
+    layers = quantizable_layers(fold_batchnorm(model)[0])
+    errors = prepare(model, layers).errors
+    feeds = {model.graph.input[0].name: np.random.default_rng(1).standard_normal((1, 16, 64)).astype(np.float32)}
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(model.SerializeToString(), exact, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    builder = get_builder("openvino")
+    for dynamic in (False, True):
+        plan = dataclasses.replace(default_plan(layers, F32, order=2, act_bits=0), dynamic_activations=dynamic)
+        expanded = expand_model(model, plan, profile=F32).model
+        assert dynamic_activations_of(expanded) is dynamic
+        path = save_model(expanded, tmp_path / f"dyn{dynamic}.onnx")
+        engine = builder.build(path, F32, tmp_path / f"engine{dynamic}")
+        group = engine.options.get("DYNAMIC_QUANTIZATION_GROUP_SIZE")
+        if group is None:
+            pytest.skip("this OpenVINO has no DYNAMIC_QUANTIZATION_GROUP_SIZE")
+        assert group == ("32" if dynamic else "0")
+        got = builder.run(engine, feeds)[0]
+        measured = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        predicted = errors.network_error(errors.plan_errors(plan.layers, "fp32", dynamic))
+        if dynamic:
+            assert predicted / 2 < measured < predicted * 2, (measured, predicted)
+            assert self_check(builder, engine, path, predicted, "fp32").passed
+        else:
+            assert measured < 1e-3 and predicted < 1e-3

@@ -11,11 +11,11 @@ import numpy as np
 import onnx
 
 from rexdeploy.analyze import Layer, quantizable_layers
-from rexdeploy.costmodel import engine_float_precision
+from rexdeploy.costmodel import engine_float_precision, engine_profile
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
-from rexdeploy.pins import pin_fp32, set_float_precision
+from rexdeploy.pins import pin_fp32, set_dynamic_activations, set_float_precision
 from rexdeploy.plans import Plan, default_plan
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import activation_ranges, probe_batch, probe_ranges
@@ -91,8 +91,10 @@ Q/DQ and the remainder ``Sub`` between them."""
 
 def mark_precisions(model: onnx.ModelProto, plan: Plan, profile: Profile) -> onnx.ModelProto:
     """State in the model's metadata what the engine must run in (:mod:`rexdeploy.pins`): the plan's engine float
-    precision, and the activation-order chains pinned to FP32 (in place; returns the model)."""
+    precision, whether weight-only inputs are quantized at run time, and the activation-order chains pinned to
+    FP32 (in place; returns the model)."""
     set_float_precision(model, engine_float_precision(profile, plan))
+    set_dynamic_activations(model, engine_profile(profile, plan).quantization.dynamic_activations)
     return pin_fp32(model, [n.name for n in model.graph.node if _ACT_ORDER_NODE.search(n.name)])
 
 

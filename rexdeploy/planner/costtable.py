@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from rexdeploy.analyze import Layer
-from rexdeploy.costmodel import float_precision, layer_precision, predict_layer_us
+from rexdeploy.costmodel import dynamic_input, float_precision, layer_precision, predict_layer_us
 from rexdeploy.errors import PlanError
 from rexdeploy.numerics import kept_channels
 from rexdeploy.plans import LayerPlan
@@ -85,7 +85,7 @@ def option_key(profile: Profile, layer: Layer, lp: LayerPlan | None) -> OptionKe
     if lp is None:
         return OptionKey(f"float-{float_precision(profile)}")
     precision = layer_precision(profile, bits=lp.bits, act_bits=lp.act_bits)
-    kind = "int8" if lp.act_bits == 8 else f"wo-{precision}"
+    kind = "int8" if lp.act_bits == 8 else f"wo-{precision}" + ("-dyn" if dynamic_input(profile, layer, lp) else "")
     c = layer.out_channels
     kept = kept_channels(c, lp.gamma, lp.order) / c if lp.order > 1 and c else 1.0
     return OptionKey(kind, lp.order, round(kept, 3), lp.act_order if lp.act_bits == 8 else 1, lp.predictors)
@@ -95,7 +95,8 @@ def analytic_us(profile: Profile, layer: Layer, lp: LayerPlan | None) -> float:
     """The profile's analytic cost model for one layer option (the prior)."""
     if lp is None:
         return predict_layer_us(profile, layer)
-    return predict_layer_us(profile, layer, bits=lp.bits, order=lp.order, gamma=lp.gamma, act_bits=lp.act_bits,
+    act_bits = 8 if dynamic_input(profile, layer, lp) else lp.act_bits  # int8 kernels on runtime-quantized inputs
+    return predict_layer_us(profile, layer, bits=lp.bits, order=lp.order, gamma=lp.gamma, act_bits=act_bits,
                             form=lp.form, act_order=lp.act_order)  # fmt: skip
 
 

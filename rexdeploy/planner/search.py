@@ -20,7 +20,13 @@ import numpy as np
 import onnx
 
 from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
-from rexdeploy.costmodel import engine_float_precision, float_precision, pins_single_nodes
+from rexdeploy.costmodel import (
+    engine_float_precision,
+    engine_profile,
+    float_precision,
+    has_dynamic_activations,
+    pins_single_nodes,
+)
 from rexdeploy.errors import BudgetError, PlanError
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.planner.costtable import CostTable, analytic_us
@@ -74,8 +80,11 @@ class PlanResult:
         its engine runs in (0 for the FP32 engine; a bf16 float layer is not exact)."""
         if self.errors is None:
             raise PlanError("this PlanResult carries no error model")
-        precision = engine_float_precision(self.profile, plan) if self.profile is not None else "fp32"
-        return self.errors.network_error(self.errors.plan_errors(plan.layers, precision))
+        if self.profile is None:
+            return self.errors.network_error(self.errors.plan_errors(plan.layers))
+        built = engine_profile(self.profile, plan)
+        return self.errors.network_error(self.errors.plan_errors(plan.layers, engine_float_precision(self.profile, plan),
+                                                                 built.quantization.dynamic_activations))  # fmt: skip
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -101,7 +110,7 @@ def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: 
             return table.layer_us(profile, layer, lp, n_layers)
         return analytic_us(profile, layer, lp)
 
-    precision = float_precision(profile)
+    precision, dynamic = float_precision(profile), profile.quantization.dynamic_activations
     options = [LayerOption(None, latency(None), model.layer_error(layer.name, None, precision))] if allow_float else []
     allowed = sorted(set(profile.weight_bits(layer.op_class)), reverse=True)
     bits_menu = [b for b in allowed if b in (allowed[0], 6, 4)]
@@ -113,7 +122,7 @@ def layer_options(profile: Profile, layer: Layer, model: ErrorModel, max_order: 
                 for act, act_order in acts:
                     lp = LayerPlan(bits=bits, order=order, gamma=gamma, act_bits=act, form=profile.defaults.form,
                                    act_order=act_order)  # fmt: skip
-                    options.append(LayerOption(lp, latency(lp), model.layer_error(layer.name, lp, precision)))
+                    options.append(LayerOption(lp, latency(lp), model.layer_error(layer.name, lp, precision, dynamic)))
     return options
 
 
@@ -123,6 +132,7 @@ def _plan_of(layers: Sequence[Layer], picks: Sequence[LayerOption], base: Plan) 
         profile=base.profile,
         model_sha256=base.model_sha256,
         float_precision=base.float_precision,
+        dynamic_activations=base.dynamic_activations,
     )
 
 
@@ -196,20 +206,37 @@ class Prepared:
     seconds: float
 
 
-def precision_passes(profile: Profile) -> list[tuple[Profile, str]]:
-    """The engine float precisions the search runs in, each as (profile variant, ``Plan.float_precision``).
+def precision_passes(profile: Profile) -> list[tuple[Profile, str, bool | None]]:
+    """The engines the search plans for, each as (profile variant, ``Plan.float_precision``,
+    ``Plan.dynamic_activations``).
 
     One pass in the profile's float precision, unless the engine cannot keep an activation-order chain in f32
     inside a reduced-precision engine (OpenVINO on a bf16 CPU, :func:`rexdeploy.costmodel.pins_single_nodes`):
-    then the reduced-precision engine is searched without activation orders, and the f32 engine with them —
-    each candidate priced and its error modelled as the engine it will be."""
+    then the reduced-precision engine is searched without activation orders, and the f32 engine with them. Where
+    the engine can quantize weight-only layers' inputs at run time (OpenVINO CPU) and the profile leaves that off,
+    one more pass plans an engine that does (data-free runtime ranges; no activation orders). Each candidate is
+    priced and its error modelled as the engine it will be."""
     q = profile.quantization
     reduced = float_precision(profile)
     if reduced == "fp32" or q.max_act_order <= 1 or pins_single_nodes(profile):
-        return [(profile, "")]
-    fp32 = profile.with_float_precision("fp32")
-    no_orders = replace(profile, quantization=replace(q, max_act_order=1))
-    return [(no_orders, "")] + ([(fp32, "fp32")] if fp32 is not None else [])
+        passes: list[tuple[Profile, str, bool | None]] = [(profile, "", None)]
+    else:
+        fp32 = profile.with_float_precision("fp32")
+        no_orders = replace(profile, quantization=replace(q, max_act_order=1))
+        passes = [(no_orders, "", None)]
+        if fp32 is not None:
+            passes.append((fp32, "fp32", None))
+    if has_dynamic_activations(profile) and q.float_activations and not q.dynamic_activations:
+        first = passes[0][0]
+        dynamic = replace(first, quantization=replace(first.quantization, max_act_order=1, dynamic_activations=True))
+        passes.append((dynamic, "", True))
+    return passes
+
+
+def _runtime_quantized(plan: Plan, layers: list[Layer]) -> bool:
+    """True when the plan has a weight-only Gemm/MatMul layer (what dynamic activations change)."""
+    kinds = {layer.name: layer.op_class for layer in layers}
+    return any(lp.act_bits == 0 and kinds.get(n) in ("gemm", "matmul") for n, lp in plan.layers.items())
 
 
 def _candidates(layers: list[Layer], profile: Profile, errors: ErrorModel, base: Plan, allow_float: bool,
@@ -221,6 +248,7 @@ def _candidates(layers: list[Layer], profile: Profile, errors: ErrorModel, base:
     log.debug("planner: %d layer options in %.2f s", sum(len(m) for m in menus), time.perf_counter() - t0)
     overhead_ms = (cost_table.rest_line()[0] if cost_table is not None else profile.cost.model_overhead_us) / 1000.0
     fp = f" ({base.float_precision} engine)" if base.float_precision else ""
+    fp += " (dynamic activations)" if base.dynamic_activations else ""
     float_label = "FP32" if float_precision(profile) == "fp32" else f"float ({float_precision(profile)})"
     candidates = (
         [_evaluate(float_label, layers, [m[0] for m in menus], errors, overhead_ms, latency_scale, base, cost_table)]
@@ -305,9 +333,11 @@ def plan_model(
     errors, ranges = prepared.errors, prepared.ranges
     base = Plan(layers={}, profile=profile.name, model_sha256=model_sha256)
     candidates: list[Candidate] = []
-    for variant, float_field in precision_passes(profile):
-        candidates += _candidates(layers, variant, errors, replace(base, float_precision=float_field), allow_float,
-                                  latency_scale, cost_table)  # fmt: skip
+    for variant, float_field, dynamic in precision_passes(profile):
+        found = _candidates(layers, variant, errors, replace(base, float_precision=float_field,
+                                                             dynamic_activations=dynamic),
+                            allow_float, latency_scale, cost_table)  # fmt: skip
+        candidates += [c for c in found if not dynamic or _runtime_quantized(c.plan, layers)]
     # Eq. 35 ensembles of the uniform candidates, where [parallel] has room for them and Appendix L allows them
     overhead_ms = (cost_table.rest_line()[0] if cost_table is not None else profile.cost.model_overhead_us) / 1000.0
     uniform = [

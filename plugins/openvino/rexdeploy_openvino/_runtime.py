@@ -81,18 +81,34 @@ def model_precision(model_metadata: dict[str, str], profile: Profile | None) -> 
     return OV_PRECISION.get(stated, inference_precision(profile))
 
 
-def runtime_options(core: Any, device: str, precision: str, mode: str = "LATENCY") -> dict[str, str]:
+DYNAMIC_GROUP = 32
+"""Values per runtime-computed int8 scale when a plan asks for dynamic activations (OpenVINO's CPU default)."""
+
+
+def model_dynamic(model_metadata: dict[str, str], profile: Profile | None) -> bool:
+    """Whether the engine quantizes weight-only layers' inputs at run time: the model's metadata (the plan's choice,
+    :mod:`rexdeploy.pins`), else the profile's ``dynamic_activations``."""
+    from rexdeploy.pins import DYNAMIC_ACTIVATIONS_KEY
+
+    stated = model_metadata.get(DYNAMIC_ACTIVATIONS_KEY)
+    if stated is not None:
+        return stated == "true"
+    return bool(profile is not None and profile.quantization.dynamic_activations)
+
+
+def runtime_options(core: Any, device: str, precision: str, mode: str = "LATENCY",
+                    dynamic: bool = False) -> dict[str, str]:  # fmt: skip
     """The compile properties of an engine: the performance hint, the inference precision, and — where the
-    device has it — ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` 0: no dynamic int8 quantization of the activations of
-    compressed-weight (weight-only) MatMuls behind the plan's back (OpenVINO's CPU default, 32, adds ~100× the
-    planned error to a weight-only K=2 layer; docs/precision.md)."""
+    device has it — ``DYNAMIC_QUANTIZATION_GROUP_SIZE``: 0 unless the plan chose dynamic activations, so that
+    the activations of compressed-weight (weight-only) MatMuls are not quantized behind the plan's back
+    (OpenVINO's CPU default, 32, adds ~100× the planned error to a weight-only K=2 layer; docs/precision.md)."""
     options = {"PERFORMANCE_HINT": mode, "INFERENCE_PRECISION_HINT": precision}
     try:
         supported = {str(p) for p in core.get_property(device, "SUPPORTED_PROPERTIES")}
     except Exception:
         supported = set()
     if "DYNAMIC_QUANTIZATION_GROUP_SIZE" in supported:
-        options["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "0"
+        options["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = str(DYNAMIC_GROUP if dynamic else 0)
     return options
 
 

@@ -26,6 +26,7 @@ from rexdeploy_openvino._runtime import (
     check_device,
     import_openvino,
     inference_precision,
+    model_dynamic,
     model_precision,
     one_line,
     onnx_metadata,
@@ -182,7 +183,9 @@ class OpenVINOBuilder:
         core = ov.Core()
         check_device(core, profile.device)
         ov_model, shapes, index = read_static_model(core, model)
-        options = runtime_options(core, profile.device, model_precision(onnx_metadata(model), profile))
+        meta = onnx_metadata(model)
+        options = runtime_options(core, profile.device, model_precision(meta, profile),
+                                  dynamic=model_dynamic(meta, profile))  # fmt: skip
         for key in IR_RUNTIME_OPTIONS:  # what the CPU plugin honours from the IR itself
             if key in options:
                 ov_model.set_rt_info(options[key], ["runtime_options", key])
@@ -226,7 +229,8 @@ class OpenVINOBuilder:
         check_device(core, profile.device)
         ov_model, shapes, index = read_static_model(core, ir)
         if options is None:
-            options = stored_options(ir) or runtime_options(core, profile.device, inference_precision(profile))
+            options = stored_options(ir) or runtime_options(core, profile.device, inference_precision(profile),
+                                                            dynamic=profile.quantization.dynamic_activations)  # fmt: skip
         compiled = _compile(core, ov_model, ir.name, profile.device, options)
         if not options:  # bare: record what OpenVINO chose, so a profile run or a reload reproduces it
             options = _chosen_options(compiled)

@@ -20,6 +20,7 @@ from rexdeploy_openvino._runtime import (
     check_device,
     import_openvino,
     inference_precision,
+    model_dynamic,
     model_precision,
     one_line,
     onnx_metadata,
@@ -81,8 +82,10 @@ def _source(engine_or_model: Engine | Path | str, profile: Profile | None) -> tu
         raise InputError("time_throughput on a model file needs a profile (it names the device)")
     ov = import_openvino()
     model = Path(engine_or_model)
-    precision = model_precision(onnx_metadata(model), profile)
-    return model, profile.device, runtime_options(ov.Core(), profile.device, precision, mode="THROUGHPUT")
+    meta = onnx_metadata(model)
+    options = runtime_options(ov.Core(), profile.device, model_precision(meta, profile), mode="THROUGHPUT",
+                              dynamic=model_dynamic(meta, profile))  # fmt: skip
+    return model, profile.device, options
 
 
 def time_throughput(
