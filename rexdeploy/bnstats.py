@@ -22,8 +22,19 @@ module models each such channel as a Gaussian and carries the model forward, nod
   is multiplied by ``pool_std_factor`` (assumption: a global average removes the within-image spread and keeps
   the between-image one; default 0.6, the ratio measured on MobileNetV2 and the demo CNN; 1 is a bound);
 * ``Concat`` on axis 1: the channels are concatenated;
-* a ``BatchNormalization`` that was not folded: its (beta, |gamma|) directly;
-* anything else (Conv/Gemm without BN, Mul of two tensors, Sigmoid, ...): unknown.
+* a ``BatchNormalization`` that was not folded: its (beta, |gamma|) directly (a ``LayerNormalization``'s
+  (beta, |gamma|) were tried the same way and measured worse than probes on the digits ViT: not used);
+* ``Conv`` / ``Gemm`` / ``MatMul`` with a constant weight and no BN after it: the weights map the channel
+  means and variances (inputs independent), interval arithmetic maps the bounds;
+* elementwise activations (``Sigmoid``, ``Tanh``, ``Erf``, ``Softplus``, ``HardSigmoid``, ``HardSwish``,
+  ``LeakyRelu``, ``Gelu``, and SiLU written ``Mul(x, Sigmoid(x))``): the moments of ``f(clip(g))`` by
+  Gauss–Hermite quadrature, the bounds f takes; ``Mul`` of a tensor by a gate in [0, 1] (a Sigmoid):
+  the tensor's statistics, as a bound;
+* anything else (MatMul of two activations, Mul of two other tensors, Softmax, Transpose, ...): unknown.
+
+Which tensors are ≥ 0 whatever the input (:func:`nonnegative_tensors`: uint8 activations) is read from the
+graph alone. How a range follows from a tensor's statistics: :func:`stats_range` — a fixed ``mean ± n·std``
+or the MSE-optimal range of Gaussian / Laplace channels (:meth:`ChannelStats.mse_range`).
 
 erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), vectorized; rexdeploy does not depend on scipy.
 """
@@ -49,7 +60,9 @@ DEFAULT_N_STD = 4.0
 # how a tensor's range follows from its statistics (stats_range): a fixed mean ± n·std, or the MSE-optimal range
 ClipRule = Literal["nstd", "mse-gauss", "mse-laplace"]
 CLIP_RULES: tuple[str, ...] = ("nstd", "mse-gauss", "mse-laplace")
-DEFAULT_CLIP: ClipRule = "nstd"
+# measured (benchmarks/results/activation_ranges.md): the Laplace MSE range, channels weighted by the weights that
+# read them, beats mean + 4·std on MobileNetV2 and on a ResNet-style net with BatchNorm, at K = 1 and K = 2
+DEFAULT_CLIP: ClipRule = "mse-laplace"
 # std of a global average over the std of its input, per channel: measured 0.54 (MobileNetV2, 7×7, natural
 # images) and 0.58 (demo digits CNN, 4×4); the averaging removes the within-image spread, not the between-image one
 DEFAULT_POOL_STD_FACTOR = 0.6
@@ -322,17 +335,148 @@ def _bn_node_stats(consts: _Constants, node: onnx.NodeProto) -> ChannelStats | N
     return ChannelStats.gaussian(beta, np.abs(gamma))
 
 
+_QUAD_NODES, _QUAD_WEIGHTS = np.polynomial.hermite_e.hermegauss(64)  # ∫ f(z) φ(z) dz ≈ Σ w_i f(z_i) / √(2π)
+_QUAD_WEIGHTS = _QUAD_WEIGHTS / np.sqrt(2.0 * np.pi)
+_BIG = 1e30  # ±inf stands in as ±1e30 where an activation function is evaluated at a channel's bounds
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * x)))  # = 1 / (1 + e^−x), without overflow
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x * 0.5 * (1.0 + erf(x / _SQRT2)))
+
+
+def _hard_sigmoid(alpha: float, beta: float) -> Any:
+    return lambda x: np.clip(alpha * x + beta, 0.0, 1.0)
+
+
+# elementwise activations: f, and the x where f has an interior minimum (None: f is monotone non-decreasing)
+_ELEMENTWISE: dict[str, tuple[Any, float | None]] = {
+    "Sigmoid": (_sigmoid, None),
+    "Tanh": (np.tanh, None),
+    "Erf": (erf, None),
+    "Softplus": (lambda x: np.logaddexp(0.0, x), None),
+    "HardSwish": (lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0), -1.5),
+    "Gelu": (_gelu, -0.7517915),  # exact GELU (opset 20); the tanh approximation is within 1e-3
+    "SiLU": (lambda x: x * _sigmoid(x), -1.2784645),  # Mul(x, Sigmoid(x)), matched in _node_stats
+}
+
+
+def _elementwise(stats: ChannelStats, f: Any, dip: float | None) -> ChannelStats:
+    """Statistics of ``f(x)`` for an elementwise activation: the mean and std of ``f(clip(g, lo, hi))`` by
+    Gauss–Hermite quadrature over the channel's Gaussian, kept as a Gaussian of those moments, clipped to
+    the range f takes on ``[lo, hi]`` (its values at the bounds, and its interior minimum ``f(dip)``)."""
+    g = stats.mean[None] + stats.std[None] * _QUAD_NODES[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = f(np.clip(g, stats.lo[None], stats.hi[None]))
+        mean = _QUAD_WEIGHTS @ y
+        var = np.maximum(_QUAD_WEIGHTS @ (y * y) - mean * mean, 0.0)
+        ends = [np.asarray(f(np.clip(b, -_BIG, _BIG)), dtype=np.float64) for b in (stats.lo, stats.hi)]
+    lo, hi = np.minimum(*ends), np.maximum(*ends)
+    if dip is not None:
+        inside = (stats.lo < dip) & (stats.hi > dip)
+        lo = np.where(inside, np.minimum(lo, float(f(np.array(dip)))), lo)
+    lo = np.where(lo <= -_BIG / 10, -np.inf, lo)
+    hi = np.where(hi >= _BIG / 10, np.inf, hi)
+    return _fit_clipped(mean, np.sqrt(var), lo, hi)
+
+
+def _fit_clipped(mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray, steps: int = 40) -> ChannelStats:
+    """A clipped Gaussian ``clip(g, lo, hi)`` whose mean and std are ``mean`` / ``std``: the Gaussian's parameters
+    by fixed-point steps (shift by the mean's miss, scale by the std's ratio); where the bounds cannot hold the
+    std (a near two-point distribution), the widest Gaussian tried."""
+    mu, sigma = mean.copy(), np.maximum(std, _MIN_STD)
+    with np.errstate(invalid="ignore"):
+        width = np.where(np.isfinite(hi - lo), hi - lo, 0.0)
+    cap = np.maximum(1e3 * np.maximum(width, std), _MIN_STD)
+    reach = 1e3 * (std + np.abs(mean) + 1.0)  # a mean on a bound would drive μ away without end: stop it
+    for _ in range(steps):
+        m, sd = clipped_normal_moments(mu, sigma, lo, hi)
+        mu = np.clip(mu + (mean - m), mean - reach, mean + reach)
+        sigma = np.minimum(sigma * std / np.maximum(sd, _MIN_STD), cap)
+    return ChannelStats(mu, sigma, lo, hi)
+
+
+def _gated(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
+    """``a · b`` where ``b`` lies in [0, 1] (a Sigmoid / HardSigmoid gate, as in squeeze-and-excitation blocks):
+    ``|a·b| ≤ |a|`` elementwise, so ``a``'s statistics stand as a bound (as for a max-pool); the gate is computed
+    from the same input, so the product's moments are not those of independent factors. Else unknown."""
+    if b.channels not in (a.channels, 1) or not (bool(np.all(b.lo >= 0.0)) and bool(np.all(b.hi <= 1.0))):
+        return None
+    return ChannelStats(a.mean, a.std, np.minimum(a.lo, 0.0), np.maximum(a.hi, 0.0))
+
+
+def _linear(consts: _Constants, node: onnx.NodeProto, x: ChannelStats) -> ChannelStats | None:
+    """A Conv / Gemm / MatMul with a constant weight and no BatchNorm after it: per output channel o,
+    ``mean_o = Σ_{c,k} W[o,c,k]·E[x_c] + b_o`` and ``var_o = Σ_{c,k} W[o,c,k]²·Var[x_c]`` (inputs independent;
+    spatially correlated inputs make the true variance larger for k > 1: an estimate, not a bound)."""
+    op = node.op_type
+    w = consts.get(node.input[1]) if len(node.input) > 1 else None
+    if w is None or w.ndim < 2:
+        return None
+    w = w.astype(np.float64)
+    bias = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    scale = 1.0
+    if op == "Conv":
+        group = int(_attr(node, "group", 1))
+        out, per_group = w.shape[0], w.shape[1]
+        if per_group * group != x.channels or out % group:
+            return None
+        w2 = w.reshape(group, out // group, per_group, -1)
+        sums, squares = w2.sum(axis=3), np.square(w2).sum(axis=3)  # (group, O/g, I/g)
+        pos, neg = np.maximum(w2, 0.0).sum(axis=3), np.minimum(w2, 0.0).sum(axis=3)
+    elif op in ("Gemm", "MatMul"):
+        if op == "Gemm":
+            w = w.T if int(_attr(node, "transB", 0)) else w  # → (I, O)
+            scale = float(_attr(node, "alpha", 1.0))
+            bias = None if bias is None else bias * float(_attr(node, "beta", 1.0))
+        if w.ndim != 2 or w.shape[0] != x.channels:
+            return None
+        sums, squares = (scale * w.T)[None], np.square(scale * w.T)[None]  # (1, O, I)
+        pos, neg = np.maximum(sums, 0.0), np.minimum(sums, 0.0)
+        group, per_group = 1, x.channels
+    else:
+        return None
+    mean, std = x.moments()
+    m, v = mean.reshape(group, 1, per_group), np.square(std).reshape(group, 1, per_group)
+    out_mean = (sums * m).sum(axis=2).reshape(-1)
+    out_std = np.sqrt((squares * v).sum(axis=2).reshape(-1))
+    # interval bounds: Σ positive weights × input bound + Σ negative weights × the other bound (0 · inf = 0)
+    lo_in, hi_in = x.lo.reshape(group, 1, per_group), x.hi.reshape(group, 1, per_group)
+
+    def times(w: np.ndarray, bound: np.ndarray) -> np.ndarray:
+        return np.where(w == 0.0, 0.0, w * np.where(np.isfinite(bound), bound, np.sign(bound) * np.inf))
+
+    with np.errstate(invalid="ignore"):
+        lo = (times(pos, lo_in) + times(neg, hi_in)).sum(axis=2).reshape(-1)
+        hi = (times(pos, hi_in) + times(neg, lo_in)).sum(axis=2).reshape(-1)
+    lo, hi = np.where(np.isnan(lo), -np.inf, lo), np.where(np.isnan(hi), np.inf, hi)
+    if bias is not None:
+        if bias.size not in (1, out_mean.size):
+            return None
+        b = bias.astype(np.float64).reshape(-1)
+        out_mean, lo, hi = out_mean + b, lo + b, hi + b
+    if not (np.isfinite(lo).any() or np.isfinite(hi).any()):
+        return ChannelStats.gaussian(out_mean, out_std)
+    return _fit_clipped(out_mean, out_std, lo, hi)
+
+
 def _node_stats(
     consts: _Constants,
     node: onnx.NodeProto,
     known: Mapping[str, ChannelStats],
     pool_std_factor: float,
+    producers: Mapping[str, onnx.NodeProto] | None = None,
 ) -> ChannelStats | None:
     """The statistics of ``node.output[0]`` from those of its inputs, or None where they are unknown."""
     op = node.op_type
     first = known.get(node.input[0]) if node.input else None
     if op == "BatchNormalization":
         return _bn_node_stats(consts, node)
+    if op in ("Conv", "Gemm", "MatMul"):
+        return None if first is None else _linear(consts, node, first)
     if op in ("Add", "Sub", "Sum", "Concat"):
         ins = [known.get(name) for name in node.input]
         if op == "Concat":
@@ -358,12 +502,17 @@ def _node_stats(
             return None if c is None else ins[1].affine(1.0 if op == "Add" else -1.0, c)
         return None
     if op in ("Mul", "Div") and len(node.input) == 2:
+        second = known.get(node.input[1])
+        if op == "Mul" and first is not None and second is not None:
+            silu = _silu_source(node, producers)
+            if silu is not None and silu in known:
+                return _elementwise(known[silu], *_ELEMENTWISE["SiLU"])
+            return _gated(first, second) or _gated(second, first)
         if first is not None:
             c = consts.scalar(node.input[1])
             if c is None or (op == "Div" and c == 0.0):
                 return None
             return first.affine(c if op == "Mul" else 1.0 / c, 0.0)
-        second = known.get(node.input[1])
         c = consts.scalar(node.input[0])
         if op == "Mul" and second is not None and c is not None:
             return second.affine(c, 0.0)
@@ -372,6 +521,15 @@ def _node_stats(
         return None
     if op == "Relu":
         return first.clip(0.0, np.inf)
+    if op in _ELEMENTWISE:
+        return _elementwise(first, *_ELEMENTWISE[op])
+    if op == "HardSigmoid":
+        return _elementwise(
+            first, _hard_sigmoid(float(_attr(node, "alpha", 0.2)), float(_attr(node, "beta", 0.5))), None
+        )
+    if op == "LeakyRelu":
+        alpha = float(_attr(node, "alpha", 0.01))
+        return _elementwise(first, lambda x: np.where(x >= 0, x, alpha * x), None) if alpha >= 0 else None
     if op == "Clip":
         bounds = _clip_bounds(consts, node)
         return None if bounds is None else first.clip(*bounds)
@@ -379,6 +537,18 @@ def _node_stats(
         return first
     if op in _POOL_OPS and (op != "ReduceMean" or _spatial_reduction(consts, node)):
         return first.pooled(pool_std_factor)
+    return None
+
+
+def _silu_source(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto] | None) -> str | None:
+    """``x`` when ``node`` is ``Mul(x, Sigmoid(x))`` (or ``Mul(Sigmoid(x), x)``): SiLU / Swish, one elementwise
+    function of x (its two factors are not independent)."""
+    if producers is None:
+        return None
+    for a, b in ((0, 1), (1, 0)):
+        gate = producers.get(node.input[b])
+        if gate is not None and gate.op_type == "Sigmoid" and gate.input[0] == node.input[a]:
+            return str(node.input[a])
     return None
 
 
@@ -449,10 +619,11 @@ def propagate_bn_stats(
     (topologically ordered) nodes. ``bn_stats`` maps a (folded) BN output tensor to its (beta, |gamma|)."""
     known: dict[str, ChannelStats] = {name: ChannelStats.gaussian(m, s) for name, (m, s) in bn_stats.items()}
     consts = _Constants(model)
+    producers = {out: node for node in model.graph.node for out in node.output if out}
     for node in model.graph.node:
         if not node.output or node.output[0] in known:
             continue
-        stats = _node_stats(consts, node, known, pool_std_factor)
+        stats = _node_stats(consts, node, known, pool_std_factor, producers)
         if stats is not None:
             known[node.output[0]] = stats
     return known

@@ -1,11 +1,14 @@
-"""Data-free activation ranges: the max |x| of each quantized layer input, whose symmetric int8 scale
-is then ``max|x| / 127``.
+"""Data-free activation ranges: the max |x| of each quantized layer input, whose scale is then
+``max|x| / 127`` (int8) or ``max|x| / 255`` (uint8, a tensor ≥ 0 on an engine that runs uint8).
 
 Two sources, combined by :func:`activation_ranges`:
 
 * **BatchNorm statistics** (:mod:`rexdeploy.bnstats`): every folded BN output has per-channel mean
-  ``beta`` and std ``|gamma|``; propagated through Relu / Clip / Add / pooling / Concat, they give each
-  reachable tensor's range as ``max_c clip(mean_c ± n·std_c, lo_c, hi_c)``. No model run is needed.
+  ``beta`` and std ``|gamma|``; propagated through Relu / Clip / Add / pooling / Concat / activations /
+  layers without BN, they give each reachable tensor's range by a clipping rule (``clip``): by default the
+  range that minimizes the expected quantization error of Laplace channels of those moments, each channel
+  weighted by the weights that read it (:func:`input_channel_gains`); ``"nstd"`` is the older
+  ``max_c clip(mean_c ± n·std_c, lo_c, hi_c)``. No model run is needed.
 * **Synthetic probes** (:func:`probe_ranges`): the FP32 model is run by onnxruntime on seeded inputs —
   standard-normal noise, or for image-shaped inputs smooth random fields with a natural-image 1/f
   spectrum — and each tensor's largest magnitude (or a high percentile of |x|) is recorded.

@@ -22,7 +22,9 @@ it clones the network per predictor and tells this pass which orders each clone 
 
 Engine rules (cited where they apply): symmetric scales, zero-point 0 (int8), per-output-channel
 weight scales on the weight's output axis, per-tensor activation scales, one Q/DQ pair per
-activation tensor — TensorRT developer guide, "Explicit Quantization" / "Q/DQ Layer-Placement
+activation tensor; on OpenVINO / onnxruntime profiles a layer input that is ≥ 0 by the graph (a ReLU /
+ReLU6 output) is uint8 with zero-point 0 instead (``unsigned_activations``: u8 × i8 is those engines'
+x86 kernel) — TensorRT developer guide, "Explicit Quantization" / "Q/DQ Layer-Placement
 Recommendations" (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/
 work-quantized-types.html); OpenVINO Low Precision Transformations fuse DequantizeLinear on weights
 + Q/DQ on activations of Convolution / MatMul into int8 kernels
