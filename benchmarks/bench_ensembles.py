@@ -85,6 +85,7 @@ def graphs(fp32: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
     for k in (2, 4):
         out[f"dense K={k}"] = expand_model(fp32, profile=profile, bits=4, order=k, act_bits=0).model
     out["[2,2] Eq. 35"] = expand_model(fp32, profile=profile, bits=4, order=4, split=(2, 2), act_bits=0).model
+    out["[3,1] Eq. 35"] = expand_model(fp32, profile=profile, bits=4, order=4, split=(3, 1), act_bits=0).model
     folded, _ = fold_batchnorm(fp32)
     layers = quantizable_layers(folded)
     # the floor of the construction when predictor 2 adds nothing: predictor 1 exact at K=4 except the first
