@@ -140,7 +140,7 @@ def test_python_backend_model(openvino_build: Path, tmp_path: Path, capsys: pyte
     config = parse(batched.model_dir / "config.pbtxt")
     assert (config.max_batch_size, config.instance_group[0].count) == (4, 2)
     assert config.HasField("dynamic_batching")
-    assert "ENABLE_BATCH_PADDING" not in config.parameters  # model.py reshapes the IR to a batch of 1..4
+    assert "ENABLE_BATCH_PADDING" not in config.parameters  # model.py compiles the IR at batches 1, 2, 4
 
 
 def test_python_backend_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,6 +163,7 @@ def test_python_backend_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert module.add_site_packages(params) == [str(recorded), str(from_env)]
     assert sys.path[-2:] == [str(recorded), str(from_env)]
     assert module.read_options(tmp_path) == {}
+    assert [module._batch_sizes(n) for n in (0, 1, 2, 6, 8)] == [[0], [0], [1, 2], [1, 2, 4], [1, 2, 4, 8]]
     (tmp_path / "runtime_options.json").write_text(json.dumps({"options": {"INFERENCE_PRECISION_HINT": "f32"}}))
     assert module.read_options(tmp_path) == {"INFERENCE_PRECISION_HINT": "f32"}
     (tmp_path / "runtime_options.json").write_text("[]")

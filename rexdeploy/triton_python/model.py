@@ -9,9 +9,12 @@ on ``sys.path`` the directories named by the config parameter ``REXDEPLOY_SITE_P
 time: where numpy and openvino were installed; ``os.pathsep``-separated, edit it to serve from another
 environment) and then those in ``PYTHONPATH``, before importing numpy, openvino or Triton's utilities.
 
-Batching: with ``max_batch_size`` > 1 in ``config.pbtxt`` the IR (built at batch 1) is reshaped to a batch
-axis of 1..max_batch_size and the requests of one ``execute`` call (Triton's dynamic batcher gathers them) run
-as one inference, then are split back; with ``max_batch_size`` <= 1 every request runs as sent.
+Batching: with ``max_batch_size`` > 1 in ``config.pbtxt`` the IR (built at batch 1) is also compiled at the
+static batches 2, 4, 8, ... up to ``max_batch_size``; the samples of all requests of one ``execute`` call
+(Triton's dynamic batcher gathers them) are joined and run in chunks of those sizes, largest first, then split
+back per request. Static shapes keep the engine's kernels: each sample's output is the batch-1 engine's (a
+dynamic batch axis makes OpenVINO pick other kernels: 0.1 off the engine's logits on the bf16 demo engine).
+With ``max_batch_size`` <= 1 every request runs as sent.
 
 Errors are one ``rexdeploy model <name>: ...`` line in the server log (and, for a request, in its response).
 This file uses only the standard library, numpy and openvino: it does not import rexdeploy.
@@ -127,20 +130,24 @@ class TritonPythonModel:
             raise ModelSetupError(f"{xml} or its model.bin is missing: export the model again")
         self.options = read_options(version_dir)
         self.max_batch = int(config.get("max_batch_size", 0))
-        core = ov.Core()
-        model = core.read_model(str(xml))
-        self.reshaped = False
-        if self.max_batch > 1:
-            model.reshape({port: _batched(ov, port.get_partial_shape(), self.max_batch) for port in model.inputs})
-            self.reshaped = True
         device = parameters.get(DEVICE_KEY, "") or "CPU"
-        try:
-            self.compiled = core.compile_model(model, device, dict(self.options))
-        except Exception as exc:
-            raise ModelSetupError(
-                f"OpenVINO cannot compile model.xml for {device} with {self.options}: {_one_line(exc)}"
-            ) from None
-        self.request = self.compiled.create_infer_request()
+        core = ov.Core()
+        self.sizes = _batch_sizes(self.max_batch)
+        self.requests: dict[int, Any] = {}
+        for size in self.sizes:  # 0: the IR as it is
+            model = core.read_model(str(xml))
+            if size:
+                model.reshape({port: _with_batch(ov, port.get_partial_shape(), size) for port in model.inputs})
+            try:
+                compiled = core.compile_model(model, device, dict(self.options))
+            except Exception as exc:
+                raise ModelSetupError(
+                    f"OpenVINO cannot compile model.xml for {device} with {self.options}"
+                    + (f" at batch {size}" if size else "")
+                    + f": {_one_line(exc)}"
+                ) from None
+            self.requests[size] = compiled.create_infer_request()
+        self.compiled = compiled
         self.input_names = [i["name"] for i in config.get("input", [])]
         self.output_names = [o["name"] for o in config.get("output", [])]
         ports = {n for p in self.compiled.inputs for n in p.get_names()}
@@ -149,7 +156,9 @@ class TritonPythonModel:
             raise ModelSetupError(f"config.pbtxt inputs {missing} are not inputs of model.xml: export the model again")
         self.pb_utils.Logger.log_info(
             f"rexdeploy model {self.name}: OpenVINO {ov.get_version()} on {device}, options {self.options}, "
-            f"max_batch_size {self.max_batch}, Python {sys.version.split()[0]}"
+            f"max_batch_size {self.max_batch}"
+            + (f" (compiled at batch {', '.join(map(str, self.sizes))})" if self.max_batch > 1 else "")
+            + f", Python {sys.version.split()[0]}"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -160,13 +169,15 @@ class TritonPythonModel:
             ]
         except Exception as exc:
             return [self._error(f"cannot read the request's inputs: {_one_line(exc)}") for _ in requests]
-        if self.reshaped and len(requests) > 1:
+        if self.max_batch > 1:
             sizes = [int(f[0].shape[0]) for f in feeds]
             try:
                 joined = [self.np.concatenate([f[i] for f in feeds]) for i in range(len(self.input_names))]
-                outputs = self._infer(joined)
+                outputs = self._infer_chunks(joined, sum(sizes))
             except Exception as exc:
-                message = f"batched inference of {sum(sizes)} samples failed: {_one_line(exc)}"
+                message = (
+                    f"batched inference of {sum(sizes)} samples ({len(requests)} requests) failed: {_one_line(exc)}"
+                )
                 return [self._error(message) for _ in requests]
             bounds = self.np.cumsum([0, *sizes])
             return [self._response([o[bounds[k] : bounds[k + 1]] for o in outputs]) for k in range(len(requests))]
@@ -179,9 +190,22 @@ class TritonPythonModel:
                 responses.append(self._error(f"inference on inputs of shape {shapes} failed: {_one_line(exc)}"))
         return responses
 
-    def _infer(self, arrays: list[Any]) -> list[Any]:
-        self.request.infer(dict(zip(self.input_names, arrays, strict=True)))
-        return [self.request.get_tensor(name).data.copy() for name in self.output_names]
+    def _infer(self, arrays: list[Any], size: int = -1) -> list[Any]:
+        request = self.requests[size] if size >= 0 else next(iter(self.requests.values()))
+        request.infer(dict(zip(self.input_names, arrays, strict=True)))
+        return [request.get_tensor(name).data.copy() for name in self.output_names]
+
+    def _infer_chunks(self, arrays: list[Any], total: int) -> list[Any]:
+        """``total`` samples in chunks of the compiled batch sizes, largest first; outputs joined again."""
+        parts: list[list[Any]] = []
+        start = 0
+        while start < total:
+            size = max(s for s in self.sizes if s <= total - start)
+            parts.append(self._infer([a[start : start + size] for a in arrays], size))
+            start += size
+        if len(parts) == 1:
+            return parts[0]
+        return [self.np.concatenate([p[k] for p in parts]) for k in range(len(self.output_names))]
 
     def _array(self, tensor: Any) -> Any:
         """A request tensor as numpy, through DLPack: the stub's numpy C API is numpy 1's, whose array layout
@@ -207,13 +231,24 @@ class TritonPythonModel:
         return self.pb_utils.InferenceResponse(error=self.pb_utils.TritonError(line))
 
     def finalize(self) -> None:
-        self.request = None
+        self.requests.clear()
         self.compiled = None
 
 
-def _batched(ov: Any, shape: Any, max_batch: int) -> Any:
-    """``shape`` with its first axis made 1..max_batch (the IR was built with a batch of 1)."""
+def _batch_sizes(max_batch: int) -> list[int]:
+    """The static batches to compile: 1, 2, 4, ... <= max_batch (any batch up to it is a sum of them); [0] (the
+    IR's own shapes) without batching."""
+    if max_batch <= 1:
+        return [0]
+    sizes = [1]
+    while sizes[-1] * 2 <= max_batch:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def _with_batch(ov: Any, shape: Any, size: int) -> Any:
+    """``shape`` with its first axis ``size`` (the IR was built with a batch of 1)."""
     dims = list(shape)
     if not dims:
         return shape
-    return ov.PartialShape([ov.Dimension(1, max_batch), *dims[1:]])
+    return ov.PartialShape([ov.Dimension(size), *dims[1:]])
