@@ -244,8 +244,15 @@ class TritonServer:
                 found.append(int(entry.name))
         return sorted(found)
 
+    def wait(self) -> int:
+        """Block until the server exits; its exit status."""
+        if self.process is None:
+            raise ServerError("tritonserver is not running: start() it first")
+        return self.process.wait()
+
     def stop(self) -> None:
-        """SIGTERM the server (it unloads the models and ends the stubs), SIGKILL the group after the grace time."""
+        """SIGTERM the server (it unloads the models and ends the stubs), SIGKILL the group after the grace time
+        or at once when a second stop signal (KeyboardInterrupt) arrives meanwhile."""
         process = self.process
         try:
             if process is not None and process.poll() is None:
@@ -254,19 +261,27 @@ class TritonServer:
                 try:
                     process.wait(timeout=self.stop_timeout)
                 except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
+                    self._kill_group()
                     process.wait(timeout=5)
             deadline = time.monotonic() + 5.0
             while self.pids() and time.monotonic() < deadline:  # the stubs end shortly after the server
                 time.sleep(0.05)
-            if process is not None and self.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+            if self.pids():
+                self._kill_group()
+        except BaseException:
+            self._kill_group()
+            raise
         finally:
             if self._scratch is not None:  # the backend copy (and the log, unless log_path was given)
                 shutil.rmtree(self._scratch, ignore_errors=True)
                 self._scratch = None
+
+    def _kill_group(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -6,7 +6,11 @@ listens on loopback ports picked by the OS and is stopped, stubs included, befor
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,3 +176,65 @@ def test_a_model_that_cannot_load_stops_the_server_with_one_line(build: Path, tm
     logged = [line for line in ours if " model.py:" in line.split("]", 1)[0]]  # model.py's own log line
     assert len(logged) == 1 and logged[0].startswith("E")  # (Triton's own lines repeat it, with a traceback)
     assert srv.pids() == []
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_cleanly(build: Path, tmp_path: Path, engine_outputs: Any, stop: signal.Signals) -> None:
+    """``rexdeploy serve`` answers on the ports it was given and leaves nothing behind on Ctrl-C / SIGTERM."""
+    from rexdeploy.triton_server import free_port
+
+    http_port, grpc_port = free_port(), free_port()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    argv = [sys.executable, "-m", "rexdeploy.cli.main", "serve", str(build), "--name", "digits",
+            "--http-port", str(http_port), "--grpc-port", str(grpc_port)]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:  # the "serving" line comes once the server is ready
+            lines.append(line)
+            if line.startswith("serving ") or proc.poll() is not None:
+                break
+        assert lines and lines[-1].startswith("serving 'digits'"), "".join(lines)
+        assert f"HTTP http://127.0.0.1:{http_port}/v2/models/digits/infer, gRPC 127.0.0.1:{grpc_port}" in lines[-1]
+        server_pid = next(pid for pid in _children(proc.pid))  # tritonserver: its own process group
+        x = inputs(1, seed=3)
+        with httpclient.InferenceServerClient(f"127.0.0.1:{http_port}") as http:
+            np.testing.assert_array_equal(http_infer(http, "digits", x), engine_outputs(x))
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (130 if stop == signal.SIGINT else 128 + stop)
+    assert err.strip().splitlines()[-1] in ("rexdeploy: interrupted", f"rexdeploy: terminated by {stop.name}")
+    assert _group(server_pid) == [], "tritonserver or its stubs still running"
+    assert list(scratch.iterdir()) == [], "temporary files left behind"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found

@@ -19,11 +19,21 @@ from types import FrameType
 from typing import Any
 
 from rexdeploy import __version__
-from rexdeploy.cli import bench_cmd, build_cmd, common, expand_cmd, export_cmd, inspect_cmd, plan_cmd, profile_cmd
+from rexdeploy.cli import (
+    bench_cmd,
+    build_cmd,
+    common,
+    expand_cmd,
+    export_cmd,
+    inspect_cmd,
+    plan_cmd,
+    profile_cmd,
+    serve_cmd,
+)
 from rexdeploy.errors import InternalError, RexError
 from rexdeploy.fileio import raise_or_defer
 
-SUBCOMMANDS = (build_cmd, plan_cmd, expand_cmd, inspect_cmd, bench_cmd, profile_cmd, export_cmd)
+SUBCOMMANDS = (build_cmd, plan_cmd, expand_cmd, inspect_cmd, bench_cmd, profile_cmd, export_cmd, serve_cmd)
 
 
 def make_parser() -> argparse.ArgumentParser:
