@@ -247,3 +247,16 @@ def test_validation_skipped_without_tritonclient(
     assert result.validated is False
     assert any("rexdeploy[triton]" in n for n in result.notes)
     assert (result.model_dir / "config.pbtxt").is_file()
+
+
+def test_serve_without_the_server_is_one_line(
+    openvino_build: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pytriton") is not None:
+        pytest.skip("nvidia-pytriton is installed here: tests/test_triton_server.py serves for real")
+    assert main(["serve", str(openvino_build), "--repository", str(tmp_path / "models")]) == 1
+    err = capsys.readouterr().err
+    assert err == "rexdeploy: error: the Triton server is not installed: pip install --no-deps nvidia-pytriton\n"
+    assert not (tmp_path / "models").exists()  # nothing exported before the check
