@@ -498,7 +498,10 @@ def _check(run: _Run, m: Measured, predicted_error: float) -> SelfCheck:
     if id(m.engine) not in run.checks:
         run.say(f"self-check: {_describe(m)} against onnxruntime on its ONNX ...")
         precision = engine_float_precision(run.profile, m.plan)
-        run.checks[id(m.engine)] = self_check(run.builder, m.engine, m.onnx_path, predicted_error, precision)
+        noise = max((f.error or 0.0 for f in run.measured if not f.plan.layers and f.error is not None
+                     and engine_float_precision(run.profile, f.plan) == precision), default=0.0)  # fmt: skip
+        run.checks[id(m.engine)] = self_check(run.builder, m.engine, m.onnx_path, predicted_error, precision,
+                                              float_noise=noise)  # fmt: skip
     return run.checks[id(m.engine)]
 
 

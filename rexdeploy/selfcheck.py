@@ -60,9 +60,12 @@ class SelfCheck:
                 f"{self.relative_error:.2e} (tolerance {self.tolerance:.2e}, {self.probes} probes)")  # fmt: skip
 
 
-def tolerance(predicted_error: float, precision: str) -> float:
-    """How far the engine may be from the exact arithmetic of its ONNX (module docstring)."""
-    return max(FLOOR, predicted_error) + REDUCED_FLOAT_ALLOWANCE.get(precision, 0.0)
+def tolerance(predicted_error: float, precision: str, float_noise: float = 0.0) -> float:
+    """How far the engine may be from the exact arithmetic of its ONNX (module docstring); ``float_noise``: the
+    measured error of this device's reduced-precision float engine of the model (deep nets round more often
+    than :data:`REDUCED_FLOAT_ALLOWANCE` assumes; twice it is allowed)."""
+    reduced = max(REDUCED_FLOAT_ALLOWANCE[precision], 2.0 * float_noise) if precision in REDUCED_FLOAT_ALLOWANCE else 0.0
+    return max(FLOOR, predicted_error) + reduced
 
 
 def probe_feeds(model: onnx.ModelProto, probes: int = PROBES, seed: int = 7) -> dict[str, np.ndarray]:
@@ -92,12 +95,13 @@ def engine_outputs(builder: Builder, engine: Engine, feeds: Mapping[str, np.ndar
 
 
 def self_check(builder: Builder, engine: Engine, onnx_path: Path, predicted_error: float, precision: str,
-               probes: int = PROBES) -> SelfCheck:  # fmt: skip
-    """Compare ``engine`` with the exact arithmetic of ``onnx_path`` (the ONNX it was built from)."""
+               probes: int = PROBES, float_noise: float = 0.0) -> SelfCheck:  # fmt: skip
+    """Compare ``engine`` with the exact arithmetic of ``onnx_path`` (the ONNX it was built from); see
+    :func:`tolerance` for ``float_noise``."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     feeds = probe_feeds(model, probes)
     measured = compare_outputs(reference_outputs(onnx_path, feeds), engine_outputs(builder, engine, feeds))
-    tol = tolerance(predicted_error, precision)
+    tol = tolerance(predicted_error, precision, float_noise)
     return SelfCheck(measured.relative_error, measured.cosine, tol, measured.probes,
                      bool(np.isfinite(measured.relative_error) and measured.relative_error <= tol), precision)  # fmt: skip
 

@@ -11,10 +11,12 @@ import onnx
 import pytest
 from models import conv_relu_gemm, mobilenet_v2_like, small_cnn, transformer_block
 
+from rexdeploy.analyze import quantizable_layers
 from rexdeploy.builders.registry import get_builder
-from rexdeploy.graph import save_model
+from rexdeploy.graph import fold_batchnorm, save_model
 from rexdeploy.passes.pipeline import expand_model
 from rexdeploy.pins import float_precision_of
+from rexdeploy.planner.search import prepare
 from rexdeploy.profile import load_profile
 from rexdeploy.selfcheck import self_check
 
@@ -41,9 +43,12 @@ def test_openvino_compiles_and_agrees_with_the_exact_arithmetic(tmp_path: Path, 
     builder = get_builder("openvino")
     profile = load_profile("auto")
     model: onnx.ModelProto = MODELS[name]()
-    expanded = expand_model(model, profile=profile, **SETTINGS[setting]).model  # type: ignore[arg-type]
-    path = save_model(expanded, tmp_path / "rex.onnx")
+    result = expand_model(model, profile=profile, **SETTINGS[setting])  # type: ignore[arg-type]
+    path = save_model(result.model, tmp_path / "rex.onnx")
     engine = builder.build(path, profile, tmp_path / "engine")
-    precision = {"fp32": "fp32", "bf16": "bf16"}.get(float_precision_of(expanded), "fp32")
-    check = self_check(builder, engine, path, 0.0, precision)
+    precision = {"fp32": "fp32", "bf16": "bf16"}.get(float_precision_of(result.model), "fp32")
+    # the tolerance the build would use: the error model's prediction for this plan in this engine's precision
+    errors = prepare(model, quantizable_layers(fold_batchnorm(model)[0])).errors
+    predicted = errors.network_error(errors.plan_errors(result.plan.layers, precision))
+    check = self_check(builder, engine, path, predicted, precision)
     assert check.passed, check.text
