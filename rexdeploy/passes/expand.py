@@ -461,7 +461,9 @@ def expand(
             continue
         lp, layer = job.plan, job.layer
         x_scale: float | None = None
-        unsigned = node.input[layer.act_index] in nonnegative
+        # OpenVINO 2026.4's CPU plugin refuses a u8 input of a MatMul layer ("check failed: any_of(scale.size(),
+        # OC, 1U)", tests/test_engine_compiles.py): MatMul inputs stay int8
+        unsigned = node.input[layer.act_index] in nonnegative and node.op_type != "MatMul"
         if lp.act_bits == 8:
             tensor = node.input[layer.act_index]
             if tensor not in ranges:
