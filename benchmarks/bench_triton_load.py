@@ -71,15 +71,19 @@ def build(model: Path, out: Path, profile: str) -> Path:
 
 
 def rss_kib(pids: list[int]) -> dict[str, int]:
-    """VmRSS (KiB) of each process, by ``name:pid``."""
+    """VmRSS (KiB) of each process, by ``name:pid`` (a Python stub: ``stub <model>:pid``, from its model.py path)."""
     found = {}
     for pid in pids:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        found[f"{fields.get('Name', '?').strip()}:{pid}"] = int(fields.get("VmRSS", "0 kB").split()[0])
+        name = fields.get("Name", "?").strip()
+        if name.startswith("triton_python") and len(argv) > 1:
+            name = f"stub {Path(argv[1].decode(errors='replace')).parent.parent.name}"
+        found[f"{name}:{pid}"] = int(fields.get("VmRSS", "0 kB").split()[0])
     return found
 
 
