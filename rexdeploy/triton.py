@@ -326,7 +326,10 @@ def export_triton(
             notes.append("no runtime_options.json beside the IR: model.py compiles it with OpenVINO's defaults")
     if python:
         if not MODEL_PY.is_file():
-            raise InputError(f"{MODEL_PY} is missing from this rexdeploy install: reinstall rexdeploy")
+            raise InputError(
+                f"{MODEL_PY} is missing from this rexdeploy install (a package built without "
+                "rexdeploy.triton_python): install rexdeploy from its source tree (pip install -e .)"
+            )
         engine_files = [MODEL_PY, *engine_files]
         target_names.insert(0, "model.py")
     with atomic_dir(repository / model_name) as tmp:

@@ -260,3 +260,14 @@ def test_serve_without_the_server_is_one_line(
     err = capsys.readouterr().err
     assert err == "rexdeploy: error: the Triton server is not installed: pip install --no-deps nvidia-pytriton\n"
     assert not (tmp_path / "models").exists()  # nothing exported before the check
+
+
+def test_python_backend_without_its_template_is_one_error(
+    openvino_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rexdeploy.triton
+
+    monkeypatch.setattr(rexdeploy.triton, "MODEL_PY", tmp_path / "absent" / "model.py")
+    with pytest.raises(InputError, match=r"missing from this rexdeploy install .*pip install -e \.\)$"):
+        export_triton(openvino_build, tmp_path / "models", backend="python")
+    assert not (tmp_path / "models" / "digits_cnn").exists()
