@@ -26,10 +26,12 @@ from rexdeploy.fidelity import compare_outputs
 if TYPE_CHECKING:
     from rexdeploy.builders.base import Builder, Engine
 
-FLOOR = 5e-3
+FLOOR = 2e-2
 """Relative L2 disagreement an f32 engine may show against the exact arithmetic (summation order, fused
 requantization, an int8 code one step off where the engine rounds a value at a tie differently): measured 8.3e-4
-for an f32 W8A8 K=1 engine of a MobileNetV2-like net on an AVX-512 host, 1.0e-4 with activation orders."""
+for an f32 W8A8 K=1 engine of a MobileNetV2-like net on an AVX-512 host, 1.0e-4 with activation orders, 5.05e-3
+for a ResNet-style net with the x86-avx2 profile (7-bit weights) there; a miscompilation is far above it (8-bit
+weights on an AVX2 CPU without VNNI: 0.18)."""
 REDUCED_FLOAT_ALLOWANCE = {"bf16": 0.02, "fp16": 0.005}
 """What a reduced-precision engine may add: its float parts rounded to 8 (bf16) / 11 (fp16) significant bits
 (measured on an AVX-512 BF16 host, MobileNetV2-like net: the bf16 float engine 3.3e-3 and a bf16 W8A8 K=1 engine

@@ -148,7 +148,7 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 ENGINE_MODULES = ("openvino", "tensorrt", "onnxruntime", "onnx")
-COMMANDS = ("build", "plan", "expand", "inspect", "bench", "profile", "export")
+COMMANDS = ("build", "plan", "expand", "inspect", "bench", "profile", "export", "serve")
 
 
 def test_help_without_engines_and_no_traceback_in_subprocess(tmp_path: Path) -> None:
