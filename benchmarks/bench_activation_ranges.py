@@ -27,6 +27,7 @@ seed 0) against FP32: top-1 agreement and relative L2 error of the logits. The r
 3. + the MSE-optimal range of the propagated statistics, each channel a Gaussian (rectified / clipped as the
    graph does) weighted by the energy of the weights that read it;
 4. the same with Laplace channels (heavier tails);
+5. + data-free bias correction of the weight error from the propagated channel means (Nagel et al. 2019, §4.2);
 
 plus a few alternatives (n = 6; unweighted Laplace), ``expand_model``'s default, and the with-data anchors:
 rexdeploy's graph with ranges = max |x| over 32 other natural-image crops, and NNCF ``nncf.quantize`` (int8,
@@ -58,7 +59,7 @@ from rexdeploy.passes.expand import expand
 from rexdeploy.passes.pipeline import expand_model
 from rexdeploy.plans import default_plan
 from rexdeploy.profile import load_profile
-from rexdeploy.ranges import activation_ranges
+from rexdeploy.ranges import activation_means, activation_ranges
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILE = load_profile("x86-avx512")  # OpenVINO engine (uint8 allowed), 8-bit weights on every layer class
@@ -69,15 +70,16 @@ BEFORE = "1. before: int8, BN mean + 4·std"
 UINT8 = "2. + uint8 for tensors ≥ 0, BN mean + 4·std"
 MSE_GAUSS = "3. + MSE-optimal range, Gaussian channels, weighted"
 MSE_LAPLACE = "4. + MSE-optimal range, Laplace channels, weighted"
+BIAS = "5. + bias correction of the weight error (BN channel means)"
 AUTO = "expand_model default"
-LADDER = (BEFORE, UINT8, MSE_GAUSS, MSE_LAPLACE)
+LADDER = (BEFORE, UINT8, MSE_GAUSS, MSE_LAPLACE, BIAS)
 
 
 class Variant:
-    """A range rule: (clip rule, n·std, uint8 on tensors ≥ 0, channel gains on)."""
+    """A range rule: (clip rule, n·std, uint8 on tensors ≥ 0, channel gains on, bias correction on)."""
 
-    def __init__(self, clip: str, n_std: float, unsigned: bool, gains: bool = True) -> None:
-        self.clip, self.n_std, self.unsigned, self.gains = clip, n_std, unsigned, gains
+    def __init__(self, clip: str, n_std: float, unsigned: bool, gains: bool = True, bias: bool = False) -> None:
+        self.clip, self.n_std, self.unsigned, self.gains, self.bias = clip, n_std, unsigned, gains, bias
 
 
 VARIANTS: dict[str, Variant] = {
@@ -87,6 +89,7 @@ VARIANTS: dict[str, Variant] = {
     MSE_GAUSS: Variant("mse-gauss", 4.0, True),
     MSE_LAPLACE: Variant("mse-laplace", 4.0, True),
     "uint8, MSE-optimal Laplace, unweighted": Variant("mse-laplace", 4.0, True, gains=False),
+    BIAS: Variant("mse-laplace", 4.0, True, bias=True),
 }
 
 
@@ -199,7 +202,8 @@ def quantized(model: onnx.ModelProto, order: int, variant: Variant, act_order: i
 
         ranges = activation_ranges(folded, bn_stats, tensors, method="probe")
         ranges.update(bn_ranges(folded, bn_stats, tensors, clip=variant.clip))  # type: ignore[arg-type]
-    return expand(folded, plan, ranges, unsigned_activations=variant.unsigned).model
+    means = activation_means(folded, bn_stats, tensors) if variant.bias else None
+    return expand(folded, plan, ranges, unsigned_activations=variant.unsigned, input_means=means).model
 
 
 def nncf_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
@@ -211,7 +215,9 @@ def nncf_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProt
 
 
 def evaluate(label: str, q_model: onnx.ModelProto, x: np.ndarray, ref: np.ndarray, **extra: Any) -> dict[str, Any]:
-    row = {"method": label, **fidelity(ref, run_onnx(q_model, x)), **extra}
+    """Fidelity of ``q_model`` run with onnxruntime on ``x`` (or of ready ``_logits``) against ``ref``."""
+    logits = extra.pop("_logits", None)
+    row = {"method": label, **fidelity(ref, run_onnx(q_model, x) if logits is None else logits), **extra}
     print(f"  {label:58s} top-1 {row['top1_agreement']:6.1%}   rel. logit error {row['rel_l2']:.4f}", flush=True)
     return row
 
@@ -234,8 +240,13 @@ def model_rows(model: onnx.ModelProto, x: np.ndarray, calibration: np.ndarray, o
         rows.append(evaluate(AUTO, auto.model, x, ref))
         with_data = expand_model(model, profile=PROFILE, bits=8, order=order, act_bits=8, calibration=calibration)
         rows.append(evaluate("with data: rexdeploy, max |x| over 32 crops (uint8)", with_data.model, x, ref))
+        folded, _ = fold_batchnorm(model)
+        w_plan = default_plan(quantizable_layers(folded), PROFILE, bits=8, order=order, act_bits=0)
+        rows.append(
+            evaluate("weights only (activations float), no bias correction", expand(folded, w_plan).model, x, ref)
+        )
         w_only = expand_model(model, profile=PROFILE, bits=8, order=order, act_bits=0)
-        rows.append(evaluate("weights only (activations float)", w_only.model, x, ref))
+        rows.append(evaluate("weights only (activations float), bias correction", w_only.model, x, ref))
         out["by_order"][str(order)] = rows
     t0 = time.perf_counter()
     label = "with data: NNCF nncf.quantize int8, 32 crops"
@@ -248,7 +259,7 @@ def model_rows(model: onnx.ModelProto, x: np.ndarray, calibration: np.ndarray, o
     print(" activation order J = 2 (K = 2): first-range widening", flush=True)
     saved = dict(actorders.RANGE_WIDEN)
     try:
-        for label in (BEFORE, MSE_LAPLACE):
+        for label in (BEFORE, BIAS):
             for widen in (1.0, 2.0, 4.0):
                 actorders.RANGE_WIDEN[2] = widen
                 row = evaluate(f"{label}, J = 2, widen ×{widen:g}", quantized(model, 2, VARIANTS[label], 2), x, ref)
@@ -259,28 +270,49 @@ def model_rows(model: onnx.ModelProto, x: np.ndarray, calibration: np.ndarray, o
     return out
 
 
-def openvino_precisions(model: onnx.ModelProto, tmp: Path) -> dict[str, Any]:
+def openvino_precisions(model: onnx.ModelProto, tmp: Path, x: np.ndarray, calibration: np.ndarray) -> dict[str, Any]:
     """Build the uint8 MobileNetV2 (W8A8 K=1, expand_model default) with OpenVINO (f32 float layers): the
-    execution graph's runtime precision per layer type (rexdeploy_openvino.precisions)."""
+    execution graph's runtime precision per layer type (rexdeploy_openvino.precisions); and the fidelity on the
+    natural-image probes (batch 1) of OpenVINO engines: the default at K = 1 / K = 2, the int8 rule before this
+    work, and NNCF int8 calibrated with data."""
     import dataclasses
 
     from rexdeploy.builders.registry import get_builder
 
     profile = load_profile("auto")
     profile = dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization, bf16=False))
-    expanded = expand_model(model, profile=profile, bits=min(8, max(profile.weight_bits("conv"))), order=1, act_bits=8)
-    path = tmp / "mobilenet_v2_w8a8_u8.onnx"
-    onnx.save(expanded.model, str(path))
+    bits = min(8, max(profile.weight_bits("conv")))
     builder = get_builder("openvino")
-    engine = builder.build(path, profile, tmp / "ov")
+    ref = run_onnx(model, x)
+
+    def build(name: str, q_model: onnx.ModelProto) -> Any:
+        path = tmp / f"{name}.onnx"
+        onnx.save(q_model, str(path))
+        return builder.build(path, profile, tmp / name)
+
+    expanded = expand_model(model, profile=profile, bits=bits, order=1, act_bits=8)
+    engine = build("default_k1", expanded.model)
     zero_points = {i.name: i.data_type for i in expanded.model.graph.initializer}
     qtypes = [zero_points[n.input[2]] for n in expanded.model.graph.node if n.op_type == "QuantizeLinear"]
-    return {
+    out: dict[str, Any] = {
         "profile": profile.name,
         "summary": builder.precision_summary(engine),  # type: ignore[attr-defined]
         "uint8_inputs": qtypes.count(onnx.TensorProto.UINT8),
         "int8_inputs": qtypes.count(onnx.TensorProto.INT8),
+        "fidelity": [],
     }
+    engines = {
+        "default, K = 1": engine,
+        "default, K = 2": build(
+            "default_k2", expand_model(model, profile=profile, bits=bits, order=2, act_bits=8).model
+        ),
+        BEFORE + ", K = 1": build("before_k1", quantized(model, 1, VARIANTS[BEFORE])),
+        "with data: NNCF nncf.quantize int8, 32 crops": build("nncf", nncf_int8(model, calibration)),
+    }
+    for label, eng in engines.items():
+        got = np.concatenate([builder.run(eng, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+        out["fidelity"].append(evaluate(f"OpenVINO: {label}", onnx.ModelProto(), x, ref, _logits=got))
+    return out
 
 
 def digits_rows(orders: list[int]) -> list[dict[str, Any]]:
@@ -288,7 +320,7 @@ def digits_rows(orders: list[int]) -> list[dict[str, Any]]:
     ref = run_onnx(model, inputs, batch=512)
     rows: list[dict[str, Any]] = [{"method": "FP32", "order": None, "accuracy": accuracy(ref, labels)}]
     for order in orders:
-        for label in (BEFORE, UINT8, MSE_LAPLACE):
+        for label in (BEFORE, UINT8, MSE_LAPLACE, BIAS):
             logits = run_onnx(quantized(model, order, VARIANTS[label]), inputs, batch=512)
             rows.append(
                 {"method": label, "order": order, "accuracy": accuracy(logits, labels), **fidelity(ref, logits)}
@@ -355,8 +387,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "Conv/Gemm input (per-tensor) and weight (per channel, int8, K residual orders); the image input has no "
         "BN statistics and keeps the probe range (N(0, 1) noise, 99.99th percentile of |x|) in every data-free row.",
         "",
-        f"Default now: `clip = {result['defaults']['clip']!r}`, uint8 for tensors ≥ 0 on OpenVINO / onnxruntime "
-        "profiles (TensorRT profiles keep int8).",
+        f"Default now (`expand_model`): `clip = {result['defaults']['clip']!r}`, uint8 for tensors ≥ 0 on OpenVINO / "
+        "onnxruntime profiles (TensorRT profiles keep int8), bias correction from the BN channel means.",
         "",
     ]
     for key, title in (("resnet_bn", "ResNet-style net with BatchNorm"), ("mobilenet_v2", "MobileNetV2")):
@@ -379,6 +411,15 @@ def to_markdown(result: dict[str, Any]) -> str:
             "uint8; the FullyConnected, fed by the pooled ReLU6 output, reports i8 with an int8 input and u8 now). The "
             "53 Reshape layers are there with int8 inputs too (OpenVINO's own flatten reshapes).",
             "",
+            "Fidelity of OpenVINO engines (f32 float layers, batch 1) on the same probes:",
+            "",
+            "| engine | top-1 | rel. error |",
+            "|---|---|---|",
+            *(
+                f"| {_md(r['method'])} | {r['top1_agreement']:.1%} | {_err(r['rel_l2'])} |"
+                for r in ov.get("fidelity", [])
+            ),
+            "",
         ]
     lines += ["## Demo digits CNN, real accuracy on all 1,797 digits", "",
               "| ranges | K | accuracy | top-1 agreement with FP32 | rel. logit error |", "|---|---|---|---|---|"]  # fmt: skip
@@ -400,7 +441,21 @@ def main() -> None:
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write results/")
     parser.add_argument("--markdown-only", action="store_true", help="re-render the .md from the existing .json")
+    parser.add_argument("--openvino-only", action="store_true", help="redo the OpenVINO section of the .json")
     args = parser.parse_args()
+    if args.openvino_only:  # redo the OpenVINO section of the existing results
+        import tempfile
+
+        saved = json.loads((RESULTS / "activation_ranges.json").read_text(encoding="utf-8"))
+        x, calibration = (
+            natural_image_probes(saved["probes"], saved["seed"]),
+            natural_image_probes(32, CALIBRATION_SEED),
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            saved["openvino"] = openvino_precisions(onnx.load(str(export_mobilenet_v2())), Path(tmp), x, calibration)
+        (RESULTS / "activation_ranges.json").write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+        (RESULTS / "activation_ranges.md").write_text(to_markdown(saved), encoding="utf-8")
+        return
     if args.markdown_only:
         saved = json.loads((RESULTS / "activation_ranges.json").read_text(encoding="utf-8"))
         (RESULTS / "activation_ranges.md").write_text(to_markdown(saved), encoding="utf-8")
@@ -431,8 +486,8 @@ def main() -> None:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            result["openvino"] = openvino_precisions(onnx.load(str(export_mobilenet_v2())), Path(tmp))
-            print(" OpenVINO:", result["openvino"], flush=True)
+            result["openvino"] = openvino_precisions(onnx.load(str(export_mobilenet_v2())), Path(tmp), x, calibration)
+            print(" OpenVINO:", result["openvino"]["summary"], flush=True)
     result["digits"] = digits_rows(args.orders)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if not args.no_write:

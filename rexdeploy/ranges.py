@@ -15,6 +15,7 @@ Two sources, combined by :func:`activation_ranges`:
 
 ``method="auto"`` (what :func:`rexdeploy.api.expand_model` uses) takes BN statistics where they are
 known and probes elsewhere. A user calibration array, when given, replaces both (max |x| over it).
+:func:`activation_means` gives the same statistics' channel means, for the expansion pass's bias correction.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rexdeploy.bnstats import CLIP_RULES, DEFAULT_CLIP, DEFAULT_N_STD, DEFAULT_POOL_STD_FACTOR, ClipRule, bn_ranges
+from rexdeploy.bnstats import (
+    CLIP_RULES,
+    DEFAULT_CLIP,
+    DEFAULT_N_STD,
+    DEFAULT_POOL_STD_FACTOR,
+    ClipRule,
+    bn_ranges,
+    propagate_bn_stats,
+)
 from rexdeploy.errors import InputError, ModelError
 
 RangeMethod = Literal["auto", "bn", "probe"]
@@ -216,6 +225,20 @@ def input_channel_gains(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             share = per_channel / total
             gains[layer.input] = share if previous is None or previous.size != share.size else previous + share
     return gains
+
+
+def activation_means(
+    model: onnx.ModelProto,
+    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    tensors: Sequence[str],
+    *,
+    pool_std_factor: float = DEFAULT_POOL_STD_FACTOR,
+) -> dict[str, np.ndarray]:
+    """The per-channel mean of each tensor in ``tensors`` that BatchNorm statistics reach (the moments of the
+    propagated, rectified / clipped channels; :mod:`rexdeploy.bnstats`): what the expansion pass's bias
+    correction needs. Tensors without statistics are left out. Data-free."""
+    known = propagate_bn_stats(model, bn_stats, pool_std_factor=pool_std_factor)
+    return {name: known[name].moments()[0] for name in dict.fromkeys(tensors) if name in known}
 
 
 def activation_ranges(

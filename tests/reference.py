@@ -141,6 +141,17 @@ def layer_input_ranges(model: onnx.ModelProto, probe: np.ndarray, name: str = "x
     return seen
 
 
+def bias_correction_means(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The per-channel means of every layer input that expand_model's bias correction uses (BN statistics
+    propagated by rexdeploy: an input here, whose own accuracy tests/test_ranges*.py check against Monte Carlo)."""
+    from rexdeploy.analyze import quantizable_layers
+    from rexdeploy.graph import fold_batchnorm
+    from rexdeploy.ranges import activation_means
+
+    folded, stats = fold_batchnorm(model)
+    return activation_means(folded, stats, [layer.input for layer in quantizable_layers(folded)])
+
+
 def checked_expansion(
     model: onnx.ModelProto, probe: np.ndarray, profile: Profile, plan: Plan | None = None, **settings: object
 ) -> tuple[Expanded, np.ndarray, onnx.ModelProto, dict[str, float]]:
@@ -201,6 +212,7 @@ def run_reference(
     act_order: int = 1,
     inputs_seen: dict[str, float] | None = None,
     unsigned: Collection[str] = (),
+    input_means: Mapping[str, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Interpret ``model`` in float64 numpy. ``weight_map(node_name, w)`` replaces a Conv/Gemm weight
     (e.g. by its REx reconstruction); ``act_scales`` fake-quantizes a node's input tensor.
@@ -209,7 +221,9 @@ def run_reference(
     fq(x − x_1 − … − x_{j−1}, s / 254^(j−1)), and the node computes Σ_{(j, k) in terms} op(x_j, W_k), where
     ``order_weights(node_name, w)`` gives the dequantized weight orders W_1..W_K (bias once). ``inputs_seen``
     collects max |x| of each Conv/Gemm input tensor. A tensor in ``unsigned`` has its first order quantized to
-    uint8 (zero-point 0) instead of int8."""
+    uint8 (zero-point 0) instead of int8. ``input_means`` (per-channel means of layer inputs) turns on the bias
+    correction: a layer whose weight was replaced adds ``Σ_{c,k} (W − Ŵ)[o,c,k]·mean_c`` to its bias (Ŵ the sum of
+    its replacement orders)."""
     env: dict[str, np.ndarray] = {k: v.astype(np.float64) for k, v in feeds.items()}
     env.update({i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer})
     for node in model.graph.node:
@@ -238,6 +252,12 @@ def run_reference(
                 ws = order_weights(node.name, w)
             pairs = sorted(terms) if terms is not None and len(xs) > 1 else [(1, k) for k in range(1, len(ws) + 1)]
             b = ins[2] if len(ins) > 2 else None
+            if input_means is not None and node.input[0] in input_means and (weight_map or order_weights):
+                delta = (w - np.sum(ws, axis=0)).reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # (O, I / group)
+                group = int(a.get("group", 1))  # type: ignore[call-overload]
+                mean = np.asarray(input_means[node.input[0]], dtype=np.float64).reshape(group, 1, -1)
+                shift = (delta.reshape(group, -1, delta.shape[1]) * mean).sum(axis=2).reshape(-1)
+                b = shift if b is None else b + shift
             out = sum(
                 _layer(op, a, xs[j - 1].astype(np.float64), ws[k - 1], b if first else None)
                 for first, (j, k) in zip([True] + [False] * len(pairs), pairs, strict=False)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from models import small_cnn
 from reference import (
     activation_scales,
+    bias_correction_means,
     checked_expansion,
     fake_quant_int8,
     fake_quant_uint8,
@@ -167,6 +168,7 @@ def test_graph_matches_numpy_reference(
         terms=terms,
         act_order=act_order,
         unsigned=UNSIGNED,
+        input_means=bias_correction_means(small_cnn()),
     )[0]
     # float32 (onnxruntime) vs float64 (reference) upstream of a layer flips a few codes of x_2, whose step is
     # 254x finer than x_1's: on these 4 layers that is ~1e-5 relative (each input quantizer matches bit for
@@ -174,7 +176,7 @@ def test_graph_matches_numpy_reference(
     assert rel_error(got, want) < 5e-5
     # the reference without the activation orders is far off: the test sees them
     single = run_reference(folded, {"x": probe}, order_weights=rex_order_weights(bits, order),
-                           act_scales=scales, unsigned=UNSIGNED)[0]  # fmt: skip
+                           act_scales=scales, unsigned=UNSIGNED, input_means=bias_correction_means(small_cnn()))[0]  # fmt: skip
     assert rel_error(got, single) > 100 * rel_error(got, want)
 
 

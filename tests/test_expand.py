@@ -6,11 +6,21 @@ import numpy as np
 import onnx
 import pytest
 from models import no_conv_model, quantized_model, small_cnn
-from reference import activation_scales, checked_expansion, rel_error, rex_weight_map, run_exact, run_reference
+from onnx import TensorProto, helper, numpy_helper
+from reference import (
+    activation_scales,
+    bias_correction_means,
+    checked_expansion,
+    rel_error,
+    rex_weight_map,
+    run_exact,
+    run_reference,
+)
 
 from rexdeploy.api import expand_model
 from rexdeploy.errors import PlanError, UnsupportedModelError
 from rexdeploy.graph import fold_batchnorm
+from rexdeploy.passes.expand import expand
 from rexdeploy.plans import LayerPlan, Plan, uniform_plan
 from rexdeploy.profile import load_profile
 
@@ -37,7 +47,7 @@ def test_expanded_graph_matches_numpy_reference(
                                                       act_bits=act_bits, form=form)  # fmt: skip
     scales = activation_scales(ranges, unsigned=UNSIGNED) if act_bits == 8 else None
     want = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order), act_scales=scales,
-                         unsigned=UNSIGNED)[0]  # fmt: skip
+                         unsigned=UNSIGNED, input_means=bias_correction_means(model))[0]  # fmt: skip
     fp32 = run_exact(model, probe)
     quant_error = rel_error(got, fp32)
     # the graph computes exactly the simulated quantization: its distance to the reference is float32
@@ -63,8 +73,9 @@ def test_sparse_expansion_matches_numpy_reference(
     expanded, got, folded, ranges = checked_expansion(model, probe, PROFILE, plan)
     assert {lp.gamma for lp in expanded.plan.layers.values()} == {gamma}
     scales = activation_scales(ranges) if act_bits == 8 else None
+    means = bias_correction_means(model)
     want, dense, first = (
-        run_reference(folded, {"x": probe}, weight_map=weights, act_scales=scales)[0]
+        run_reference(folded, {"x": probe}, weight_map=weights, act_scales=scales, input_means=means)[0]
         for weights in (rex_weight_map(bits, order, gamma), rex_weight_map(bits, order), rex_weight_map(bits, 1))
     )
     assert rel_error(got, want) < 1e-5
@@ -270,3 +281,43 @@ def test_openvino_runs_uint8_inputs_in_u8_kernels(tmp_path: object) -> None:
     probes = np.random.default_rng(0).standard_normal((16, 1, 3, 8, 8)).astype(np.float32)
     got = [builder.run(engine, {"x": x})[0] for x in probes]
     assert_engine_agrees(got, [run_exact(expanded.model, x) for x in probes], 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# bias correction from the data-free channel means
+
+
+def test_bias_correction_removes_the_mean_shift_of_the_weight_error() -> None:
+    """x ~ N(running mean, running var) per channel makes BN → Relu exactly the rectified Gaussian the statistics
+    describe; a 1×1 Conv with int4 K = 1 weights (large ΔW) reads it. Without the correction the output's mean
+    error per channel is −ΔW·E[relu] (numpy); with it (expand_model's default) that shift is gone."""
+    rng = np.random.default_rng(6)
+    c, o = 8, 6
+    mean, var = rng.normal(0.0, 1.0, c), rng.uniform(0.5, 2.0, c)
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.normal(0.3, 0.5, c)
+    w = rng.normal(0.0, 0.4, (o, c, 1, 1))
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+             (("g", gamma), ("b", beta), ("m", mean), ("v", var), ("w", w), ("wb", np.zeros(o)))]  # fmt: skip
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["bn"], name="bn"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w", "wb"], ["y"], name="conv"),
+    ]
+    graph = helper.make_graph(nodes, "bc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", o, 4, 4])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = mean[None, :, None, None] + np.sqrt(var)[None, :, None, None] * rng.standard_normal((4000, c, 4, 4))
+    x = x.astype(np.float32)
+    fp32 = run_exact(model, x)
+    corrected = expand_model(model, profile=PROFILE, bits=4, order=1, act_bits=0).model
+    folded, _ = fold_batchnorm(model)
+    plain = expand(folded, uniform_plan(["conv"], bits=4, order=1, act_bits=0), {}).model
+    shift = {name: (run_exact(m, x) - fp32).mean(axis=(0, 2, 3)) for name, m in (("plain", plain), ("corr", corrected))}
+    per_channel = (slice(None), None, None)
+    z = (x.astype(np.float64) - mean[per_channel]) / np.sqrt(var + 1e-5)[per_channel]
+    relu = np.maximum(z * gamma[per_channel] + beta[per_channel], 0.0)
+    w_hat = rex_weight_map(4, 1)("conv", w.astype(np.float32).astype(np.float64))
+    want_plain = -((w - w_hat)[:, :, 0, 0] @ relu.mean(axis=(0, 2, 3)))
+    np.testing.assert_allclose(shift["plain"], want_plain, atol=0.02 * np.abs(want_plain).max())
+    assert np.abs(shift["corr"]).max() < 0.1 * np.abs(shift["plain"]).max()

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from models import deconv_model, small_cnn, transformer_block
-from reference import run_exact
+from reference import bias_correction_means, run_exact
 
 from rexdeploy.analyze import ConstantResolver, find_layers
 from rexdeploy.api import expand_model
@@ -19,9 +19,16 @@ from rexdeploy.profile import load_profile
 PROFILE = load_profile("x86-avx512")
 
 
-def with_rex_weights(model: onnx.ModelProto, bits: int, order: int, gammas: dict[str, float | None]) -> onnx.ModelProto:
+def with_rex_weights(
+    model: onnx.ModelProto,
+    bits: int,
+    order: int,
+    gammas: dict[str, float | None],
+    means: dict[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
     """The original graph, each layer's weight input rewired to its float REx reconstruction
-    (``gammas``: each layer's sparse budget, as the plan split it)."""
+    (``gammas``: each layer's sparse budget, as the plan split it). ``means``: per-channel means of layer inputs;
+    a Conv / Gemm reading one gets the bias correction ``b + Σ_{c,k} (W − Ŵ)[o,c,k]·mean_c``."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     consts = ConstantResolver(model)
@@ -34,7 +41,18 @@ def with_rex_weights(model: onnx.ModelProto, bits: int, order: int, gammas: dict
         out.graph.initializer.append(
             onnx.numpy_helper.from_array(np.moveaxis(rec, 0, layer.weight_axis).astype(np.float32), name)
         )
-        nodes[layer.name].input[layer.weight_index] = name
+        node = nodes[layer.name]
+        node.input[layer.weight_index] = name
+        if means is not None and layer.input in means and layer.op_type in ("Conv", "Gemm"):
+            delta = (w_major - rec).reshape(w_major.shape[0], w_major.shape[1], -1).sum(axis=2)  # (O, I / group)
+            mean = means[layer.input].reshape(layer.group, 1, -1)
+            shift = (delta.reshape(layer.group, -1, delta.shape[1]) * mean).sum(axis=2).reshape(-1)
+            bias = consts.value(layer.bias).astype(np.float64) if layer.bias else np.zeros(shift.size)
+            out.graph.initializer.append(
+                onnx.numpy_helper.from_array((bias + shift).astype(np.float32), f"{layer.name}_corrected_bias")
+            )
+            del node.input[2:]
+            node.input.append(f"{layer.name}_corrected_bias")
     return out
 
 
@@ -65,7 +83,7 @@ def test_weight_only_expansion_equals_rex_weights(kind: str, make: object, shape
         assert len(set(gammas.values())) > 1
     got, want, fp32 = (
         run_exact(expanded.model, x),
-        run_exact(with_rex_weights(folded, bits, order, gammas), x),
+        run_exact(with_rex_weights(folded, bits, order, gammas, bias_correction_means(model)), x),
         run_exact(model, x),
     )
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-6

@@ -164,6 +164,7 @@ def test_expanded_graph_on_the_builder_matches_the_reference(
     from reference import (
         activation_scales,
         assert_engine_agrees,
+        bias_correction_means,
         fold_batchnorm_reference,
         layer_input_ranges,
         rel_error,
@@ -185,13 +186,14 @@ def test_expanded_graph_on_the_builder_matches_the_reference(
     engine = builder.build(path, PROFILE, tmp_path / "engine")
     got = [builder.run(engine, {"x": x})[0] for x in probes]
     scales = activation_scales(ranges, act_order) if act_bits == 8 else None
+    means = bias_correction_means(model)
 
     def reference(k: int) -> list[np.ndarray]:  # the expansion to order k
         weights = rex_order_weights(bits, k, gamma)
         # every product R^k·x_j: with 8-bit weights none is dropped (the cross term (2, 2) = 1/254² is kept)
         terms = {(j, kk) for j in range(1, act_order + 1) for kk in range(1, k + 1)}
         return [run_reference(folded, {"x": x}, order_weights=weights, act_scales=scales, terms=terms,
-                              act_order=act_order)[0] for x in probes]  # fmt: skip
+                              act_order=act_order, input_means=means)[0] for x in probes]  # fmt: skip
 
     want = reference(order)
     errors = assert_engine_agrees(got, want, act_order)
@@ -207,6 +209,7 @@ def test_cli_expand_output_on_the_builder_matches_the_reference(tmp_path: Path) 
     from models import small_cnn
     from reference import (
         activation_scales,
+        bias_correction_means,
         fold_batchnorm_reference,
         layer_input_ranges,
         rel_error,
@@ -230,7 +233,7 @@ def test_cli_expand_output_on_the_builder_matches_the_reference(tmp_path: Path) 
     unsigned = {"r1", "r2", "flat"}  # ReLU outputs: uint8 (zero-point 0) on the OpenVINO-engine profile x86-avx512
     scales = activation_scales(layer_input_ranges(folded, probes), unsigned=unsigned)
     want = run_reference(folded, {"x": probes}, weight_map=rex_weight_map(4, 3), act_scales=scales,
-                         unsigned=unsigned)[0]  # fmt: skip
+                         unsigned=unsigned, input_means=bias_correction_means(small_cnn()))[0]  # fmt: skip
     assert rel_error(got, want) < 1e-5
     fp32 = run_reference(folded, {"x": probes})[0]
     assert rel_error(want, fp32) > 1e-3  # the quantization the engine reproduces is real

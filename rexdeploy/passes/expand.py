@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,10 +306,12 @@ def _full_width(o: ResidualOrder, channels: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[ResidualOrder], x_scale: float | None,
-                bias_value: np.ndarray | None, unsigned: bool = False) -> None:  # fmt: skip
+                bias_value: np.ndarray | None, unsigned: bool = False, bias_name: str | None = None) -> None:  # fmt: skip
     """Emit one node's terms ``R^k·x_j`` (:func:`rexdeploy.actorders.kept_terms`; J = 1 without act_order)
-    and sum them into the node's output. ``unsigned``: the input's first order is uint8."""
+    and sum them into the node's output. ``unsigned``: the input's first order is uint8. ``bias_name``: the bias
+    tensor the first term adds (default: the layer's own; a bias-corrected one, :func:`corrected_bias`)."""
     layer, lp = job.layer, job.plan
+    bias_name = bias_name or layer.bias
     tensor = node.input[layer.act_index]
     xs = [tensor] if x_scale is None else em.activation_orders(tensor, x_scale, lp.act_order, unsigned)
     mine = [orders[k - 1] for k in job.orders if orders[k - 1].n_channels > 0]  # γ_l = 0 leaves orders empty
@@ -325,7 +327,7 @@ def _emit_layer(em: _Emitter, node: onnx.NodeProto, job: LayerJob, orders: list[
     outputs: list[str] = []
     for j, (x, chosen) in enumerate(zip(xs, per_input, strict=True), start=1):
         suffix = "" if j == 1 else f"_a{j}"
-        bias = layer.bias if job.bias and j == 1 else None
+        bias = bias_name if job.bias and j == 1 else None
         outputs += _emit_terms(em, node, job, chosen, x, bias, bias_value, sole, suffix)
     if len(outputs) > 1:
         acc = outputs[0]
@@ -413,6 +415,7 @@ def expand(
     jobs: dict[str, LayerJob] | None = None,
     sparse_form: str = "gather",
     unsigned_activations: bool | None = None,
+    input_means: Mapping[str, np.ndarray] | None = None,
 ) -> ExpandResult:
     """Return the expanded Q/DQ model that carries out ``plan`` on ``model`` (already BN-folded).
 
@@ -423,7 +426,9 @@ def expand(
     pooled or concatenated) is quantized to uint8 (zero-point 0, scale ``max / 255``: twice the
     resolution of int8 on the same range) — what OpenVINO's CPU plugin and onnxruntime run natively
     (u8 × i8 kernels); TensorRT wants int8 only. ``None``: as the plan's profile's engine allows
-    (:func:`unsigned_activations_for`).
+    (:func:`unsigned_activations_for`). ``input_means``: the per-channel mean of layer input tensors (data-free:
+    :func:`rexdeploy.ranges.activation_means`); a Conv / Gemm layer whose input has one gets the bias correction
+    of :func:`corrected_bias` (not with ensembles: there the orders are split across predictors).
     """
     if sparse_form not in SPARSE_FORMS:
         raise PlanError(f"sparse form {sparse_form!r} unknown; use one of {', '.join(SPARSE_FORMS)}")
@@ -487,7 +492,15 @@ def expand(
             cache[key] = expand_weight(w, lp.bits, lp.order, lp.gamma)
             t_numerics += time.perf_counter() - tn
         bias_value = consts.value(layer.bias) if layer.bias else None
-        _emit_layer(em, node, job, cache[key], x_scale, bias_value, unsigned)
+        bias_name = layer.bias
+        mean = (input_means or {}).get(node.input[layer.act_index])
+        if mean is not None and job.bias and len(job.orders) == lp.order and layer.op_type in ("Conv", "Gemm"):
+            w = layer_weight(model, layer, consts)
+            corrected = corrected_bias(node, layer, w, cache[key], mean, bias_value)
+            if corrected is not None:
+                bias_value = corrected
+                bias_name = em.const(f"{_safe(layer.name)}{job.tag}_bias_corrected", corrected)
+        _emit_layer(em, node, job, cache[key], x_scale, bias_value, unsigned, bias_name)
     del out.graph.node[:]
     out.graph.node.extend(em.nodes)
     _drop_dead_nodes(out)
@@ -495,6 +508,34 @@ def expand(
     out.producer_name = "rexdeploy"
     t_graph = time.perf_counter() - t0 - t_numerics
     return ExpandResult(out, len(jobs), t_numerics, t_graph, dict(em.act_scales))
+
+
+def corrected_bias(node: onnx.NodeProto, layer: Layer, w: np.ndarray, orders: Sequence[ResidualOrder], mean: np.ndarray,
+                   bias: np.ndarray | None) -> np.ndarray | None:  # fmt: skip
+    """Data-free bias correction (Nagel et al. 2019, "Data-Free Quantization", §4.2): the REx weight
+    ``Ŵ = Σ_k Q^-1(R^k)`` misses ``ΔW = W − Ŵ``, which shifts output channel o by ``Σ_{c,k} ΔW[o,c,k]·E[x_c]`` on
+    average; adding that to the bias removes the shift. ``E[x_c]`` is the layer input's per-channel mean (e.g. from
+    the propagated BatchNorm statistics); a padded border, which reads zeros, is over-corrected (an approximation).
+    ``w`` is the float weight, output-channel-major. Returns the new bias (float32, one per output channel), or
+    None where the mean does not fit the layer's input channels."""
+    out_channels, per_group = w.shape[0], w.shape[1]
+    group = max(layer.group, 1)
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    if mean.size != per_group * group or out_channels % group:
+        return None
+    delta = w - sum(o.dense(out_channels) for o in orders)
+    summed = delta.reshape(group, out_channels // group, per_group, -1).sum(axis=3)  # (group, O/g, I/g)
+    shift = (summed * mean.reshape(group, 1, per_group)).sum(axis=2).reshape(-1)
+    if layer.op_type == "Gemm":  # y = alpha·A·B + beta·C: the weight's shift is alpha·ΔW·E[x], the bias counts beta×
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        beta = float(attrs.get("beta", 1.0))
+        if beta == 0.0:
+            return None
+        shift = shift * float(attrs.get("alpha", 1.0)) / beta
+    base = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+    if base.size not in (1, out_channels):
+        return None
+    return (base + shift).astype(np.float32)
 
 
 UNSIGNED_ACTIVATION_ENGINES = ("openvino", "onnxruntime")

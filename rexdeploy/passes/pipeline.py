@@ -18,7 +18,7 @@ from rexdeploy.passes.expand import expand
 from rexdeploy.pins import pin_fp32, set_dynamic_activations, set_float_precision
 from rexdeploy.plans import Plan, default_plan
 from rexdeploy.profile import Profile, load_profile
-from rexdeploy.ranges import activation_ranges, probe_batch, probe_ranges
+from rexdeploy.ranges import activation_means, activation_ranges, probe_batch, probe_ranges
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ def expand_model(
         if missing
         else {}
     )
-    result = expand(folded, plan, {**(ranges or {}), **computed})
+    # data-free bias correction of every layer's weight error from its input's BN-propagated channel means
+    means = activation_means(folded, bn_stats, [layer.input for layer in layers])
+    result = expand(folded, plan, {**(ranges or {}), **computed}, input_means=means)
     mark_precisions(result.model, plan, profile)
     return Expanded(
         result.model, plan, tuple(layers), result.activation_scales, time.perf_counter() - t0, result.numerics_seconds
