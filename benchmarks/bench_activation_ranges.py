@@ -248,6 +248,7 @@ def model_rows(model: onnx.ModelProto, x: np.ndarray, calibration: np.ndarray, o
         w_only = expand_model(model, profile=PROFILE, bits=8, order=order, act_bits=0)
         rows.append(evaluate("weights only (activations float), bias correction", w_only.model, x, ref))
         out["by_order"][str(order)] = rows
+    out["mixed"] = mixed_rows(model, x, ref)
     t0 = time.perf_counter()
     label = "with data: NNCF nncf.quantize int8, 32 crops"
     try:
@@ -268,6 +269,31 @@ def model_rows(model: onnx.ModelProto, x: np.ndarray, calibration: np.ndarray, o
         actorders.RANGE_WIDEN.clear()
         actorders.RANGE_WIDEN.update(saved)
     return out
+
+
+def mixed_rows(model: onnx.ModelProto, x: np.ndarray, ref: np.ndarray) -> list[dict[str, Any]]:
+    """W8A8 K = 1 with the defaults, some layers' inputs left float (what the planner may choose): the first
+    layer's input (the image, whose range only the probes give), and every depthwise layer (weights and input)."""
+    import dataclasses
+
+    from rexdeploy.plans import Plan
+
+    folded, _ = fold_batchnorm(model)
+    layers = quantizable_layers(folded)
+    plan = default_plan(layers, PROFILE, bits=8, order=1, act_bits=8)
+    first = layers[0].name
+    variants = {
+        "K = 1, the first layer's input float": Plan(
+            {n: dataclasses.replace(lp, act_bits=0) if n == first else lp for n, lp in plan.layers.items()},
+            profile=plan.profile,
+        ),
+    }
+    depthwise = {layer.name for layer in layers if layer.op_class == "depthwise"}
+    if depthwise:
+        variants["K = 1, depthwise layers float"] = Plan(
+            {n: lp for n, lp in plan.layers.items() if n not in depthwise}, profile=plan.profile
+        )
+    return [evaluate(label, expand_model(model, p, profile=PROFILE).model, x, ref) for label, p in variants.items()]
 
 
 def openvino_precisions(model: onnx.ModelProto, tmp: Path, x: np.ndarray, calibration: np.ndarray) -> dict[str, Any]:
@@ -363,6 +389,10 @@ def _table(result: dict[str, Any]) -> list[str]:
     else:  # NNCF quantizes the weights once (int8, K = 1 alike): its figures in the K = 1 columns
         cells = [f"{nncf['top1_agreement']:.1%}", _err(nncf["rel_l2"])] + ["—"] * (2 * len(orders) - 2)
         lines.append(f"| {nncf['method']} | " + " | ".join(cells) + " |")
+    if result.get("mixed"):
+        lines += ["", "Mixed plans (the defaults, W8A8 K = 1, some layers float):", "", "| plan | top-1 | rel. error |",
+                  "|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['method']} | {r['top1_agreement']:.1%} | {_err(r['rel_l2'])} |" for r in result["mixed"]]
     lines += ["", "Activation order J = 2 on K = 2 (first range widened ×w):", "", "| rule | w | top-1 | rel. error |",
               "|---|---|---|---|"]  # fmt: skip
     for row in result["act_order_2"]:

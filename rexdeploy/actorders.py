@@ -2,7 +2,8 @@
 
 REx expands the *weights* (``W ≈ Σ_k R^k``, paper Eq. 2-3). At W8A8 the error of a data-free plan comes
 mostly from the int8 *input* of each layer, so the same idea is applied to it. With the first scale
-``s_1 = max|x| / 127`` (the data-free range) and ``Q``/``DQ`` symmetric int8 (zero-point 0)::
+``s_1 = max|x| / 127`` (the data-free range) and ``Q``/``DQ`` symmetric int8 (zero-point 0) — or, for a tensor
+≥ 0 on an engine that runs it, ``s_1 = max|x| / 255`` and a uint8 ``x_1`` (the remainders stay int8)::
 
     x_1 = DQ(Q(x; s_1))            r_1 = x - x_1
     x_j = DQ(Q(r_{j-1}; s_j))      r_j = r_{j-1} - x_j         s_j = s_{j-1} / 254    (j = 2..J)
