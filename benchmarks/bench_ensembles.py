@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -120,12 +121,16 @@ def accuracy(models: dict[str, onnx.ModelProto], x: np.ndarray) -> dict[str, Any
     return rows
 
 
-def _compile(core: Any, model: onnx.ModelProto, tmp: Path, name: str, threads: int | None) -> Any:
+def _compile(core: Any, model: onnx.ModelProto, tmp: Path, name: str, threads: int | None, pin: bool = False) -> Any:
+    """An OpenVINO CPU engine; ``threads``: its inference threads. One-thread engines are compiled with
+    ``ENABLE_CPU_PINNING=False`` unless ``pin``: with OpenVINO's default pinning every one-thread engine of the
+    process sits on the same core, and two of them run one after the other (measured: 2x)."""
     path = tmp / f"{name}.onnx"
     onnx.save(model, str(path))
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+        config["ENABLE_CPU_PINNING"] = pin
     return core.compile_model(core.read_model(str(path)), "CPU", config)
 
 
@@ -143,8 +148,10 @@ def runners(models: dict[str, onnx.ModelProto], tmp: Path, x: np.ndarray) -> dic
         out[f"{label} (one engine, 1 thread)"] = lambda r=req: r.infer({0: x})[0]
     for source, tag in (("[2,2] Eq. 35", "Eq. 35"), ("[2,2] Eq. 35, later inside only", "Eq. 35, later inside only")):
         parts = predictor_models(models[source], 2)
-        for threads in (1, None):
-            reqs = [_compile(core, p, tmp, f"{tag[:6]}_{i}_{threads}", threads).create_infer_request()
+        for threads, pin in ((1, False), (None, False), (1, True)):
+            if pin and tag != "Eq. 35":
+                continue
+            reqs = [_compile(core, p, tmp, f"{tag[:6]}_{i}_{threads}_{pin}", threads, pin).create_infer_request()
                     for i, p in enumerate(parts)]  # fmt: skip
 
             def pair(rs: list[Any] = reqs) -> np.ndarray:
@@ -154,7 +161,14 @@ def runners(models: dict[str, onnx.ModelProto], tmp: Path, x: np.ndarray) -> dic
                     r.wait()
                 return sum(np.asarray(r.get_output_tensor(0).data) for r in rs)  # type: ignore[return-value]
 
-            name = f"[2,2] {tag}: 2 engines side by side ({'1 thread each' if threads else 'all cores each'})"
+            how = (
+                "all cores each"
+                if not threads
+                else "1 thread each, OpenVINO's default pinning"
+                if pin
+                else "1 thread each"
+            )
+            name = f"[2,2] {tag}: 2 engines side by side ({how})"
             out[name] = pair
     return out
 
@@ -166,16 +180,23 @@ def time_rounds(run: dict[str, Callable[[], np.ndarray]], rounds: int, round_s: 
         while time.perf_counter() < t_end:
             fn()
     medians: dict[str, list[float]] = {n: [] for n in names}
+    cores: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             times = []
-            t_end = time.perf_counter() + round_s
+            u0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            t_end = w0 + round_s
             while time.perf_counter() < t_end or len(times) < 5:
                 t0 = time.perf_counter()
                 run[n]()
                 times.append((time.perf_counter() - t0) * 1e3)
+            u1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - w0
+            cores[n].append((u1.ru_utime - u0.ru_utime + u1.ru_stime - u0.ru_stime) / wall)
             medians[n].append(statistics.median(times))
-    return {n: {"median_ms": statistics.median(m), "round_medians_ms": m} for n, m in medians.items()}
+    # cores_used: this process's CPU time over wall time while the row ran (its inference threads): ~2 when two
+    # predictors really ran side by side, ~1 when they queued on one core (the machine's other work took the rest)
+    return {n: {"median_ms": statistics.median(m), "round_medians_ms": m, "cores_used": statistics.median(cores[n])}
+            for n, m in medians.items()}  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -217,13 +238,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Latency (OpenVINO CPU, LATENCY hint, f32, batch 1; interleaved rounds, median of round medians)",
         "",
-        "| engine | ms | × FP32 | × dense K=4 |",
-        "|---|---|---|---|",
+        "| engine | ms | × FP32 | × dense K=4 | cores used |",
+        "|---|---|---|---|---|",
     ]
     d4 = lat["dense K=4 (one engine)"]["median_ms"]
     for label, row in lat.items():
         lines.append(
-            f"| {label} | {row['median_ms']:.3f} | {row['median_ms'] / fp:.2f} | {row['median_ms'] / d4:.2f} |"
+            f"| {label} | {row['median_ms']:.3f} | {row['median_ms'] / fp:.2f} | {row['median_ms'] / d4:.2f} "
+            f"| {row['cores_used']:.2f} |"
         )
     lines += ["", *result["findings"], ""]
     return "\n".join(lines)
@@ -238,6 +260,9 @@ def findings(result: dict[str, Any]) -> list[str]:
     cheap1 = lat["[2,2] Eq. 35, later inside only: 2 engines side by side (1 thread each)"]
     alg1 = lat["[2,2] Algorithm 1 (one engine)"]
     cores = result["host"]["cores"]
+    side_cores = result["latency"]["[2,2] Eq. 35: 2 engines side by side (1 thread each)"]["cores_used"]
+    pinned_row = result["latency"]["[2,2] Eq. 35: 2 engines side by side (1 thread each, OpenVINO's default pinning)"]
+    pinned, pinned_ms = pinned_row["cores_used"], pinned_row["median_ms"]
     return [
         "Findings (this run):",
         f"- Figure-3 shape, all cores: dense K=2 {k2 / k4:.2f}×, Eq. 35 [2,2] as one engine {one / k4:.2f}×, Algorithm 1 "
@@ -245,12 +270,22 @@ def findings(result: dict[str, Any]) -> list[str]:
         f"{one_1t / k4_1t:.2f}× dense K=4 on one core; the two Eq. 35 predictors as two engines on one core each "
         f"{side1 / k4_1t:.2f}×, with the later predictor's outside orders left out {cheap1 / k4_1t:.2f}× "
         "(dense K=4 on one core as the reference: the pair uses two).",
-        f"- Parallel capacity: dense K=4 on all {cores} cores takes {k4 / k4_1t:.2f}× its one-core time "
-        "(below 1: the second core helps one network; above 1: the cores are taken by other work and a second "
-        "thread only waits). Predictor 1 of Eq. 35 alone costs a dense K=4 (its later orders run outside the "
-        "activations), so an ensemble cannot be faster than dense K=4 on the same cores; it can match it only "
-        "where the device has lanes one network cannot fill (TensorRT auxiliary streams on a GPU whose layers "
-        "are too small to fill it; OpenVINO streams on otherwise idle cores). This 2-core CPU has none to spare.",
+        f"- One engine per predictor works on this CPU only without OpenVINO's default CPU pinning: pinned, the "
+        f"two one-thread engines share a core ({pinned:.2f} cores used, {pinned_ms / side1:.2f}× the unpinned "
+        f"pair); unpinned they ran on {side_cores:.2f} cores.",
+        "- Parallel capacity: "
+        + (
+            f"the second core is there and one network already uses it — dense K=4 on all {cores} cores takes "
+            f"{k4 / k4_1t:.2f}× its one-core time, so the predictor-per-core pair ({side1 / k4:.2f}× dense K=4 on all "
+            "cores) has nothing left to win."
+            if k4 < 0.9 * k4_1t
+            else f"none in this run: dense K=4 on all {cores} cores takes {k4 / k4_1t:.2f}× its one-core time (the "
+            "cores were taken by other work)."
+        )
+        + " Predictor 1 of Eq. 35 alone costs a dense K=4 (its later orders run outside the activations), so an "
+        "Eq. 35 ensemble is never faster than dense K=4 on the same lanes; it can only match it where the device has "
+        "lanes one network cannot fill (TensorRT auxiliary streams on a GPU whose layers are too small to fill it; "
+        "OpenVINO streams on cores one request leaves idle).",
     ]
 
 
