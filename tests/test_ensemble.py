@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -401,3 +402,24 @@ def test_plan_model_lists_ensembles_only_on_profiles_with_parallel_capacity() ->
     assert not any(label.startswith("ensemble") for label in labels["x86-avx512"])
     ensembles = [label for label in labels["a100"] if label.startswith("ensemble")]
     assert ensembles and all(" of uniform " in label for label in ensembles)
+
+
+@pytest.mark.openvino
+def test_one_openvino_engine_per_predictor_run_side_by_side_sums_to_the_graph(tmp_path: Path) -> None:
+    """The parallel form on a real engine: each predictor compiled on its own (one thread, unpinned), started as
+    async requests, the outputs summed by the caller — against the whole graph run exactly by onnxruntime."""
+    ov = pytest.importorskip("openvino")
+    expanded = expand_model(deep_net(), profile=PROFILE, bits=4, order=4, split=(2, 2), act_bits=0)
+    core = ov.Core()
+    requests = []
+    for i, part in enumerate(predictor_models(expanded.model, 2)):
+        path = tmp_path / f"p{i}.onnx"
+        onnx.save(part, str(path))
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1, "ENABLE_CPU_PINNING": False}
+        requests.append(core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request())
+    for r in requests:
+        r.start_async({0: X})
+    for r in requests:
+        r.wait()
+    got = sum(np.asarray(r.get_output_tensor(0).data, dtype=np.float64) for r in requests)
+    assert rel(got, run_exact(expanded.model, X)) < 1e-5  # type: ignore[arg-type]
