@@ -234,9 +234,10 @@ def test_build_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     fidelity = estimate["families"]["gaussian"]
     assert fidelity["probes"] == 32
     # f32 engines add only a few flipped activation codes (measured: 0.2 % of the error on AVX-512 VNNI,
-    # 2e-5 % on x86-avx2); bf16 float layers (the xeon-spr profile of AMX hosts) add their own rounding (+6 %)
+    # 2e-5 % on x86-avx2); bf16 float layers (the profiles of AVX-512 BF16 and AMX hosts) add their own rounding
+    # and flip the int8 codes of values they round across a step (+6 % measured, up to ~20 % on some probe sets)
     bf16 = any("bf16" in kinds for kinds in report["rex"]["precisions"].values())
-    tol = 0.15 if bf16 else 0.02
+    tol = 0.3 if bf16 else 0.02
     assert fidelity["relative_error"] == pytest.approx(exact.relative_error, rel=tol)
     assert 1.0 - fidelity["cosine"] == pytest.approx(1.0 - exact.cosine, rel=2 * tol)
     assert fidelity["top1_agreement"] == pytest.approx(exact.top1_agreement, abs=2 / 32)
