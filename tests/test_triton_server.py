@@ -25,8 +25,11 @@ pytestmark = pytest.mark.triton
 
 DEMO = Path(__file__).resolve().parents[1] / "rexdeploy" / "demo" / "digits_cnn.onnx"
 
-httpclient = pytest.importorskip("tritonclient.http", reason="pip install 'tritonclient[http,grpc]'")
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="pip install 'tritonclient[http,grpc]'")
+try:  # tritonclient raises RuntimeError (not ImportError) when installed without its http / grpc support
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+except (ImportError, RuntimeError) as exc:
+    pytest.skip(f"pip install 'tritonclient[http,grpc]' ({exc})", allow_module_level=True)
 pytest.importorskip("openvino")
 
 from rexdeploy.triton_server import ServerError, TritonServer, find_install  # noqa: E402
