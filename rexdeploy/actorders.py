@@ -57,12 +57,14 @@ __all__ = [
     "ACT_STEP",
     "ACT_UQMAX",
     "RANGE_WIDEN",
+    "UNSIGNED_ACTIVATION_ENGINES",
     "activation_order_scales",
     "activation_scale",
     "expand_activation",
     "first_range",
     "kept_terms",
     "term_bound",
+    "unsigned_activations_for",
 ]
 
 
@@ -128,3 +130,22 @@ def kept_terms(bits: int, order: int, act_order: int) -> list[tuple[int, int]]:
         for k in range(1, order + 1)
         if j == 1 or k == 1 or term_bound(j, k, bits) >= truncation
     ]
+
+
+UNSIGNED_ACTIVATION_ENGINES = ("openvino", "onnxruntime")
+
+
+def unsigned_activations_for(profile_name: str) -> bool:
+    """Whether the engine of the profile named ``profile_name`` runs uint8 activations: OpenVINO's CPU plugin
+    and onnxruntime do (u8 × i8 integer kernels are their x86 norm); TensorRT quantizes to int8 only. A
+    profile that does not load by name (a plan made without one, a custom file) gets int8, which every
+    engine runs."""
+    if not profile_name:
+        return False
+    from rexdeploy.errors import ProfileError
+    from rexdeploy.profile import load_profile
+
+    try:
+        return load_profile(profile_name).engine in UNSIGNED_ACTIVATION_ENGINES
+    except ProfileError:
+        return False

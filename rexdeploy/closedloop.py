@@ -384,7 +384,7 @@ def _closed_loop(
     scale = 1.0
     result: PlanResult | None = None
     run.say("planner: sensitivity and data-free activation ranges ...")
-    prepared = prepare(run.model, run.layers, calibration=run.calibration)  # type: ignore[arg-type]
+    prepared = prepare(run.model, run.layers, calibration=run.calibration, profile=run.profile)  # type: ignore[arg-type]
     planning_s = prepared.seconds
     for attempt in range(1, MAX_ATTEMPTS + 1):
         target = budget_ms * (1.0 - PLANNING_MARGIN)

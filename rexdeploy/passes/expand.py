@@ -44,14 +44,19 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rexdeploy.actorders import activation_order_scales, activation_scale, first_range, kept_terms
+from rexdeploy.actorders import (
+    activation_order_scales,
+    activation_scale,
+    first_range,
+    kept_terms,
+    unsigned_activations_for,
+)
 from rexdeploy.analyze import ConstantResolver, Layer, find_layers, layer_weight
 from rexdeploy.bnstats import nonnegative_tensors
-from rexdeploy.errors import PlanError, ProfileError
+from rexdeploy.errors import PlanError
 from rexdeploy.graph import add_initializer, drop_initializers
 from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
 from rexdeploy.plans import LayerPlan, Plan
-from rexdeploy.profile import load_profile
 
 SPARSE_FORMS = ("gather", "dense", "onehot", "auto")
 # sparse_form="auto": a sparse order runs narrow (Pad + Gather) only on a group-1 layer with at least
@@ -536,22 +541,6 @@ def corrected_bias(node: onnx.NodeProto, layer: Layer, w: np.ndarray, orders: Se
     if base.size not in (1, out_channels):
         return None
     return (base + shift).astype(np.float32)
-
-
-UNSIGNED_ACTIVATION_ENGINES = ("openvino", "onnxruntime")
-
-
-def unsigned_activations_for(profile_name: str) -> bool:
-    """Whether the engine of the profile named ``profile_name`` runs uint8 activations: OpenVINO's CPU plugin
-    and onnxruntime do (u8 × i8 integer kernels are their x86 norm); TensorRT quantizes to int8 only. A
-    profile that does not load by name (a plan made without one, a custom file) gets int8, which every
-    engine runs."""
-    if not profile_name:
-        return False
-    try:
-        return load_profile(profile_name).engine in UNSIGNED_ACTIVATION_ENGINES
-    except ProfileError:
-        return False
 
 
 def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:

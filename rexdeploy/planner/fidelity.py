@@ -74,11 +74,12 @@ class ErrorModel:
     """Per-layer errors ε_l(option), cached; combines them with the gains."""
 
     def __init__(self, layers: list[Layer], weights: Mapping[str, np.ndarray], sensitivity: Sensitivity,
-                 ranges: Mapping[str, float]) -> None:  # fmt: skip
+                 ranges: Mapping[str, float], unsigned_inputs: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.layers = {layer.name: layer for layer in layers}
         self.weights = weights
         self.sensitivity = sensitivity
         self.ranges = ranges
+        self.unsigned_inputs = unsigned_inputs  # layers whose int8 input is emitted as uint8 (twice the codes)
         self._weight_cache: dict[tuple[str, int, int, float | None], float] = {}
         self._norms = {name: float(np.linalg.norm(w)) for name, w in weights.items()}
 
@@ -91,12 +92,12 @@ class ErrorModel:
         return self._weight_cache[key]
 
     def activation_noise(self, name: str, lp: LayerPlan) -> float:
-        """RMS error of int8 Q/DQ on the layer input: rounding (s/√12) and what the range clips off
-        the probes (0 for a float input)."""
+        """RMS error of int8 Q/DQ on the layer input: rounding (s/√12; a uint8 input of a tensor ≥ 0 has half the
+        step) and what the range clips off the probes (0 for a float input)."""
         if lp.act_bits == 0:
             return 0.0
         first = first_range(self.ranges.get(self.layers[name].input, 0.0), lp.act_order)
-        s1 = activation_scale(first)
+        s1 = activation_scale(first, name in self.unsigned_inputs)
         step = s1 / ACT_STEP ** (lp.act_order - 1)
         # the orders j ≥ 2 absorb up to 127·s_2 = s_1/2 beyond the first range (then they saturate too)
         reach = first + (s1 / 2.0 if lp.act_order > 1 else 0.0)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
+from rexdeploy.actorders import unsigned_activations_for
 from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
+from rexdeploy.bnstats import nonnegative_tensors
 from rexdeploy.costmodel import (
     engine_float_precision,
     engine_profile,
@@ -277,9 +279,10 @@ def _candidates(layers: list[Layer], profile: Profile, errors: ErrorModel, base:
 
 
 def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndarray | None = None, probes: int = 4,
-            seed: int = 0) -> Prepared:  # fmt: skip
+            seed: int = 0, profile: Profile | None = None) -> Prepared:  # fmt: skip
     """Sensitivity (the gains of each layer's error at the output), data-free activation ranges and the
-    per-layer weights: the budget-independent half of :func:`plan_model`."""
+    per-layer weights: the budget-independent half of :func:`plan_model`. ``profile``: whose engine the plans
+    are for (inputs ≥ 0 are emitted as uint8 where the engine runs it: half the rounding step)."""
     t0 = time.perf_counter()
     folded, bn_stats = fold_batchnorm(model)
     feeds = {k: v for k, v in synthetic_inputs(folded, batch=probes, seed=seed).items()}
@@ -293,7 +296,11 @@ def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndar
     )
     consts = ConstantResolver(folded)
     weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
-    errors = ErrorModel(layers, weights, sensitivity, ranges)
+    unsigned: frozenset[str] = frozenset()
+    if profile is not None and unsigned_activations_for(profile.name):  # the expansion's rule (passes.expand)
+        nonnegative = nonnegative_tensors(folded)
+        unsigned = frozenset(layer.name for layer in layers if layer.input in nonnegative and layer.op_type != "MatMul")
+    errors = ErrorModel(layers, weights, sensitivity, ranges, unsigned)
     log.debug("planner: sensitivity and ranges of %d layers in %.2f s", len(layers), time.perf_counter() - t0)
     return Prepared(errors, dict(ranges), time.perf_counter() - t0)
 
@@ -329,7 +336,7 @@ def plan_model(
     t0 = time.perf_counter()
     allow_float = allow_float and profile.quantization.float_activations  # int8-only devices: no float layer
     if prepared is None:
-        prepared = prepare(model, layers, calibration=calibration, probes=probes, seed=seed)
+        prepared = prepare(model, layers, calibration=calibration, probes=probes, seed=seed, profile=profile)
     errors, ranges = prepared.errors, prepared.ranges
     base = Plan(layers={}, profile=profile.name, model_sha256=model_sha256)
     candidates: list[Candidate] = []
