@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from rexdeploy.errors import InputError, ModelError
+from rexdeploy.graph import constant_value
 from rexdeploy.ranges import graph_inputs, input_shape, synthetic_inputs
 
 GAUSSIAN = "gaussian"
@@ -188,17 +188,6 @@ class BnMatch:
     mean_miss: float  # RMS of (predicted − running mean) / running std
 
 
-def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            return None if value is None else numpy_helper.to_array(value)
-    return None
-
-
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for attr in node.attribute:
         if attr.name == name:
@@ -221,9 +210,9 @@ def first_batchnorm(
         after = users.get(conv.output[0], [])
         if len(after) != 1 or after[0].op_type != "BatchNormalization" or len(after[0].input) < 5:
             continue
-        weight = _initializer(model, conv.input[1])
-        bias = _initializer(model, conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        bn_mean, bn_var = (_initializer(model, n) for n in after[0].input[3:5])
+        weight = constant_value(model, conv.input[1])
+        bias = constant_value(model, conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        bn_mean, bn_var = (constant_value(model, n) for n in after[0].input[3:5])
         if weight is None or weight.ndim != 4 or bn_mean is None or bn_var is None:
             continue
         out = weight.shape[0]
@@ -316,7 +305,7 @@ def embedding_vocab(model: onnx.ModelProto) -> dict[str, int]:
             seen.add(tensor)
             for node in users.get(tensor, []):
                 if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == tensor:
-                    table = _initializer(model, node.input[0])
+                    table = constant_value(model, node.input[0])
                     if table is not None and table.ndim >= 1:
                         axis = int(_attr(node, "axis", 0))
                         vocab[info.name] = int(table.shape[axis % table.ndim])

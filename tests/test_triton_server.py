@@ -217,7 +217,9 @@ def test_serve_stops_cleanly(build: Path, tmp_path: Path, engine_outputs: Any, s
     assert list(scratch.iterdir()) == [], "temporary files left behind"
 
 
-def _children(pid: int) -> list[int]:
+def _procs(field: int, value: int) -> list[int]:
+    """Live processes whose /proc stat field ``field`` (after the command name: 1 = parent, 2 = process group)
+    equals ``value``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -225,19 +227,14 @@ def _children(pid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[field]) == value and fields[0] != "Z":
                 found.append(int(entry.name))
     return found
+
+
+def _children(pid: int) -> list[int]:
+    return _procs(1, pid)
 
 
 def _group(pgid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
+    return _procs(2, pgid)
