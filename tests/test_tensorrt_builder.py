@@ -306,11 +306,12 @@ def test_finding_prints_on_one_line() -> None:
 # settings selection
 
 
-def test_h100_on_sm90_allows_fp8_and_uses_aux_streams() -> None:
+def test_h100_on_sm90_allows_fp8_and_a_single_model_gets_no_aux_streams() -> None:
     s = select_settings(load_profile("h100"), qdq_conv(), (9, 0))
     # h100 allows fp16 and bf16: the float precision is fp16 (the cost model's), so bf16 is not set
     assert (s.float_precision, s.fp16, s.bf16, s.int8, s.fp8, s.int4) == ("fp16", True, False, True, True, True)
-    assert s.max_aux_streams == load_profile("h100").parallel.aux_streams == 4
+    # not an ensemble: no auxiliary streams (tests/test_tensorrt_aux_streams.py has the ensembles)
+    assert s.max_aux_streams == 0 and s.predictors == 1
     # float32 graph + fp16 profile: weakly typed so TensorRT may run the float layers in fp16
     assert not s.strongly_typed and "float32" in s.typing_reason
     # FP8 / INT4 are allowed but come only from Q/DQ types the model holds (int8 here); TF32 never
@@ -321,9 +322,9 @@ def test_h100_on_sm90_allows_fp8_and_uses_aux_streams() -> None:
 def test_a100_and_orin_flags_and_streams() -> None:
     a100 = select_settings(load_profile("a100"), qdq_conv(), (8, 0))
     assert not a100.fp8 and a100.int4 and a100.builder_flags() == ("FP16", "INT8")
-    assert a100.max_aux_streams == 4
+    assert a100.max_aux_streams == 0
     orin = select_settings(load_profile("orin"), qdq_conv(), (8, 7))
-    assert not orin.fp8 and orin.max_aux_streams == 2
+    assert not orin.fp8 and orin.max_aux_streams == 0
 
 
 def test_fp8_on_sm80_is_a_build_error_saying_what_is_needed() -> None:
@@ -643,7 +644,7 @@ def test_trtexec_command_for_weakly_typed_dynamic_build(tmp_path: Path) -> None:
     for flag in ("--fp16", "--int8", "--noTF32"):
         assert flag in args
     assert not {"--stronglyTyped", "--bf16", "--fp8", "--int4", "--precisionConstraints=obey"} & set(args)
-    assert "--maxAuxStreams=4" in args and "--builderOptimizationLevel=3" in args
+    assert "--maxAuxStreams=0" in args and "--builderOptimizationLevel=3" in args
     assert "--memPoolSize=workspace:1024" in args
     assert f"--timingCacheFile={tmp_path / 'out' / 'timing.cache'}" in args
     assert "--minShapes=x:1x4x8x8" in args and "--optShapes=x:1x4x8x8" in args
@@ -658,7 +659,7 @@ def test_trtexec_command_strongly_typed_static_with_timing() -> None:
     assert "--stronglyTyped" in args and not {"--fp16", "--int8", "--bf16"} & set(args)
     assert "--saveEngine=model.plan" in args and "--timingCacheFile=timing.cache" in args
     assert not any(a.startswith(("--minShapes", "--shapes")) for a in args)
-    assert "--maxAuxStreams=2" in args
+    assert "--maxAuxStreams=0" in args
     assert {"--warmUp=500", "--duration=3", "--iterations=50", "--noDataTransfers", "--useCudaGraph"} <= set(args)
     assert "--skipInference" not in args
 
@@ -862,6 +863,7 @@ def test_a_loaded_plan_carries_the_options_it_was_built_with(tmp_path: Path) -> 
         "builder_flags": "FP16,INT8,OBEY_PRECISION_CONSTRAINTS",
         "tf32": "off",
         "fp32_pins": "1",
+        "max_aux_streams": "0",
     }
     (tmp_path / "engine.json").write_text(json.dumps({"settings": {"device": "cuda:1"}}))
     assert engine_from_plan(plan).options == {} and engine_from_plan(plan).device == "cuda:1"
@@ -1085,7 +1087,8 @@ def test_build_run_and_time_a_qdq_conv_engine(tmp_path: Path) -> None:
     assert (tmp_path / "engine" / "timing.cache").stat().st_size > 0
     meta = json.loads((tmp_path / "engine" / "engine.json").read_text())
     settings = TrtBuildSettings.from_dict(meta["settings"])
-    assert settings.max_aux_streams == profile.parallel.aux_streams and settings.int8
+    assert settings.max_aux_streams == 0 and settings.int8  # one predictor: no auxiliary streams
+    assert meta["aux_streams"]["used"] == engine.handle.num_aux_streams == 0
     assert meta["tensorrt_version"] == trt.__version__ == engine.backend_version
     assert engine.inputs == {"x": (1, 16, 16, 16)} and engine.build_seconds > 0
     assert "int8" in engine.layer_precisions.values(), engine.layer_precisions

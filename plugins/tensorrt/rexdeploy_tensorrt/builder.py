@@ -8,11 +8,14 @@ errors → one-line :class:`BuildError`) → FP32 pins on the parsed layers
 (:mod:`rexdeploy_tensorrt.precision_pins`) → ``IBuilderConfig`` (the one float-precision flag and the
 Q/DQ flags for weakly typed networks, ``OBEY_PRECISION_CONSTRAINTS`` with pins, ``TF32`` cleared,
 ``WORKSPACE`` memory-pool limit,
-``max_aux_streams``, ``builder_optimization_level``, ``profiling_verbosity = DETAILED``, an
+``max_aux_streams`` (an ensemble's predictors - 1, capped by the profile; 0 otherwise: :mod:`.settings`),
+``builder_optimization_level``, ``profiling_verbosity = DETAILED``, an
 optimization profile for a dynamic batch, the timing cache loaded from and saved to
 ``timing.cache``) → ``build_serialized_network`` → ``engine.plan`` + ``engine.json`` written
 atomically → per-layer precisions and their summary by layer type from the engine inspector
-(``get_engine_information(LayerInformationFormat.JSON)``). Every Builder, OnnxParser and Runtime gets
+(``get_engine_information(LayerInformationFormat.JSON)``), and the auxiliary streams the engine
+actually uses (``ICudaEngine.num_aux_streams``, at most ``max_aux_streams``; each execution context
+creates its own unless given some with ``IExecutionContext.set_aux_streams``, which rexdeploy does not call). Every Builder, OnnxParser and Runtime gets
 the one process-wide logger (:mod:`rexdeploy_tensorrt.trt_logger`); each build collects what it logs, so
 a :class:`BuildError` quotes TensorRT's own errors.
 Python API reference: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/index.html
@@ -143,7 +146,8 @@ def build_plan(
             config.clear_flag(tf32)  # on by default: FP32 conv/matmul inputs rounded to a 10-bit mantissa
         if settings.workspace_bytes is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
-        config.max_aux_streams = settings.max_aux_streams
+        if settings.sets_aux_streams:  # else TensorRT's heuristics choose (-1: its default, never set)
+            config.max_aux_streams = settings.max_aux_streams
         config.builder_optimization_level = settings.builder_optimization_level
         config.profiling_verbosity = getattr(trt.ProfilingVerbosity, settings.profiling_verbosity.upper())
         if settings.dynamic:
@@ -220,16 +224,36 @@ def pin_record(pin: LayerPin) -> dict[str, Any]:
     return {"layer": pin.name, "node": pin.node, "precision": pin.precision, "outputs": list(pin.outputs)}
 
 
-def engine_options(settings: TrtBuildSettings) -> dict[str, str]:
+def engine_options(settings: TrtBuildSettings, aux_streams_used: int | None = None) -> dict[str, str]:
     """What the engine was built with, as :attr:`Engine.options` records it (the float precision, the
-    typing, the builder flags set and cleared, the FP32 pins)."""
-    return {
+    typing, the builder flags set and cleared, the FP32 pins, the auxiliary streams allowed: ``-1`` where
+    TensorRT's heuristics chose) and, when known, the auxiliary streams the built engine uses."""
+    options = {
         "float_precision": settings.float_precision,
         "typing": "strong" if settings.strongly_typed else "weak",
         "builder_flags": ",".join(settings.builder_flags()),
         "tf32": "on" if settings.tf32 else "off",
         "fp32_pins": str(len(settings.fp32_pins)),
+        "max_aux_streams": str(settings.max_aux_streams),
     }
+    if aux_streams_used is not None:
+        options["aux_streams"] = str(aux_streams_used)
+    return options
+
+
+def aux_streams_used(engine: Any) -> int | None:
+    """``ICudaEngine.num_aux_streams`` (TensorRT 8.6+): the auxiliary streams the engine runs layers on, at
+    most the ``max_aux_streams`` it was built with (fewer where TensorRT finds too little parallelism or no
+    gain); None where the binding lacks it."""
+    value = getattr(engine, "num_aux_streams", None)
+    return None if value is None else int(value)
+
+
+def _stored_aux_streams(meta: Mapping[str, Any]) -> int | None:
+    """The ``aux_streams.used`` count an ``engine.json`` records, or None."""
+    record = meta.get("aux_streams")
+    used = record.get("used") if isinstance(record, Mapping) else None
+    return int(used) if isinstance(used, int) else None
 
 
 @dataclass(frozen=True)
@@ -259,7 +283,7 @@ def engine_from_plan(plan: str | Path, device: str = "cuda:0") -> Engine:
     meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     settings = meta.get("settings", {})
     try:
-        options = engine_options(TrtBuildSettings.from_dict(settings)) if settings else {}
+        options = engine_options(TrtBuildSettings.from_dict(settings), _stored_aux_streams(meta)) if settings else {}
     except (TypeError, KeyError, ValueError):  # an engine.json from another writer: no options known
         options = {}
     return Engine(
@@ -278,7 +302,8 @@ def engine_from_plan(plan: str | Path, device: str = "cuda:0") -> Engine:
 class TensorRTBuilder:
     """Builds explicit-quantization (Q/DQ) ONNX models into TensorRT engines and times them.
 
-    The options are those of :func:`select_settings`; the defaults suit ``rexdeploy build``.
+    The options are those of :func:`select_settings`; the defaults suit ``rexdeploy build``
+    (``max_aux_streams=None``: an ensemble's predictors - 1, capped by the profile; 0 for other models).
     ``timing_cache`` defaults to ``<out_dir>/timing.cache``.
     """
 
@@ -295,6 +320,7 @@ class TensorRTBuilder:
         workspace_mib: int | None = None,
         timing_cache: str | Path | None = None,
         use_cuda_graph: bool = False,
+        max_aux_streams: int | None = None,
     ) -> None:
         self.typing = typing
         self.max_batch = max_batch
@@ -303,6 +329,7 @@ class TensorRTBuilder:
         self.workspace_mib = workspace_mib
         self.timing_cache = Path(timing_cache) if timing_cache is not None else None
         self.use_cuda_graph = use_cuda_graph
+        self.max_aux_streams = max_aux_streams
 
     def available(self) -> bool:
         """True when ``tensorrt`` imports and a CUDA GPU is visible (never raises)."""
@@ -335,6 +362,7 @@ class TensorRTBuilder:
             workspace_mib=self.workspace_mib,
             timing_cache=cache,
             use_cuda_graph=self.use_cuda_graph,
+            max_aux_streams=self.max_aux_streams,
         )
 
     def build(self, model: Path, profile: Profile, out_dir: Path) -> Engine:
@@ -388,6 +416,7 @@ class TensorRTBuilder:
                     f"{log.summary() or 'no error logged'}; rebuild it"
                 )
             information = engine_information(trt, engine, settings)
+            aux_used = aux_streams_used(engine)
         precisions = layer_precisions(information)
         summary = precision_summary(information)
         pins = {
@@ -408,6 +437,7 @@ class TensorRTBuilder:
             "layer_precisions": precisions,
             "precision_summary": summary,
             "fp32_pins": pins,
+            "aux_streams": {"max": settings.max_aux_streams, "predictors": settings.predictors, "used": aux_used},
             "lint_warnings": [str(f) for f in findings],
         }
         write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True))
@@ -420,7 +450,7 @@ class TensorRTBuilder:
             build_seconds=build_seconds,
             backend_version=str(trt.__version__),
             layer_precisions=precisions,
-            options=engine_options(settings),
+            options=engine_options(settings, aux_used),
             handle=engine,
         )
 
@@ -445,6 +475,19 @@ class TensorRTBuilder:
         information = engine_information(trt, cuda_engine, shapes)
         del runtime
         return precision_summary(information)
+
+    def aux_streams(self, engine: Engine) -> int | None:
+        """The auxiliary streams ``engine`` runs layers on (``ICudaEngine.num_aux_streams``): stored in
+        ``engine.json`` at build time, else read from the live handle or the deserialized plan; None where the
+        TensorRT binding does not expose it."""
+        stored = _stored_aux_streams(_read_meta(engine))
+        if stored is not None:
+            return stored
+        trt = tensorrt_for_gpu()
+        runtime, cuda_engine = self._engine(trt, engine)
+        used = aux_streams_used(cuda_engine)
+        del runtime
+        return used
 
     def load(self, plan: Path, profile: Profile) -> Engine:
         """An already-built engine (``engine.plan`` with its ``engine.json``): no rebuild."""

@@ -90,6 +90,8 @@ def trtexec_command(
     is given, and the timing cache next to the engine unless the settings name one. Given the target's
     ``tensorrt_version``, a command its trtexec cannot run (``--int4`` before 10.1) is refused. TF32 is
     always off (``--noTF32``: an fp32 layer is fp32); FP32 pins add precision constraints (``_pin_specs``).
+    ``--maxAuxStreams=N`` carries the settings' auxiliary streams (an ensemble's predictors - 1, capped by the
+    profile; 0 otherwise), and is left out when the settings leave them to TensorRT's heuristics (-1).
     """
     onnx_path = Path(onnx_path)
     engine = Path(engine_path) if engine_path is not None else onnx_path.with_suffix(".plan")
@@ -108,7 +110,8 @@ def trtexec_command(
         args += _pin_specs(settings)
     if not settings.tf32:
         args.append("--noTF32")
-    args.append(f"--maxAuxStreams={settings.max_aux_streams}")
+    if settings.sets_aux_streams:  # else trtexec's default: TensorRT's heuristics
+        args.append(f"--maxAuxStreams={settings.max_aux_streams}")
     args.append(f"--builderOptimizationLevel={settings.builder_optimization_level}")
     if settings.workspace_bytes is not None:
         args.append(f"--memPoolSize=workspace:{max(1, math.ceil(settings.workspace_bytes / (1 << 20)))}")

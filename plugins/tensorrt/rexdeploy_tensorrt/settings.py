@@ -32,8 +32,17 @@ The choices, each with the TensorRT 10.x documentation it follows:
   SM 8.0+. ``compute_capability=None`` (planning on a machine without the target GPU) trusts the profile.
 * **INT4** weight-only only when ``profile.quantization.int4_weight_only``; ``BuilderFlag.INT4`` and
   trtexec ``--int4`` exist from TensorRT 10.1 (:func:`check_tensorrt_version`).
-* ``max_aux_streams = profile.parallel.aux_streams`` so REx ensemble predictors (parallel branches
-  summed at the output) can run concurrently ("Within-Inference Multi-Streaming").
+* **Auxiliary streams** (``IBuilderConfig.max_aux_streams``, trtexec ``--maxAuxStreams``, TensorRT 8.6+:
+  the 10.1 floor covers it). A REx ensemble of M predictors (:mod:`rexdeploy.passes.ensemble`: M independent
+  branches meeting at ``<tensor>__ensemble_sum`` nodes) gets ``M - 1`` auxiliary streams, at most the
+  profile's ``[parallel] aux_streams`` (:func:`aux_streams_for_predictors`, the rule of
+  :func:`rexdeploy.planner.ensembles.aux_streams_for`), so its predictors can run at once ("Within-Inference
+  Multi-Streaming"). Any other model gets **0**, not TensorRT's default: unset, TensorRT picks a count by
+  its own heuristics (``include/NvInfer.h``, ``setMaxAuxStreams``), and may then overlap a dense
+  expansion's order branches — which the cost model prices one after the other, which holds extra
+  activation memory (blocks on different streams are not reused), and which would make the engine's
+  stream count depend on TensorRT's version rather than on the plan. ``max_aux_streams=N`` overrides
+  (``-1``: leave it to TensorRT's heuristics; nothing is set and trtexec gets no ``--maxAuxStreams``).
 * One optimization profile: a dynamic batch dimension becomes min 1 / opt 1 / max ``max_batch``.
 """
 
@@ -59,6 +68,9 @@ FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 BF16_MIN_CC = (8, 0)
 TYPINGS = ("auto", "strong", "weak")
 OPT_LEVELS = range(0, 6)  # builder_optimization_level: 0..5, TensorRT's default is 3
+HEURISTIC_AUX_STREAMS = -1  # max_aux_streams left unset: TensorRT's own heuristics choose (its default)
+# the Sum nodes where rexdeploy.passes.ensemble adds up the predictors (one input per predictor)
+ENSEMBLE_SUM_SUFFIX = "__ensemble_sum"
 
 _REDUCED_FLOATS: set[int] = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 _QUANT_TYPE_NAMES: dict[int, str] = {
@@ -97,6 +109,8 @@ class TrtBuildSettings:
     always False (TF32 cleared: an fp32 layer is fp32). ``fp32_pins`` are the (ONNX node, op type)
     pairs pinned to FP32 (:mod:`rexdeploy.pins`). In a strongly typed network the precisions come from
     the graph, so :meth:`builder_flags` is empty; in a weakly typed one it lists the flags.
+    ``max_aux_streams`` is what the builder config gets (:data:`HEURISTIC_AUX_STREAMS`: not set);
+    ``predictors`` is the model's ensemble predictor count it was chosen from (1: not an ensemble).
     """
 
     profile_name: str
@@ -120,6 +134,13 @@ class TrtBuildSettings:
     float_precision: str = "fp32"
     tf32: bool = False
     fp32_pins: tuple[tuple[str, str], ...] = ()
+    predictors: int = 1
+
+    @property
+    def sets_aux_streams(self) -> bool:
+        """True when the builder sets ``max_aux_streams`` (and trtexec gets ``--maxAuxStreams``); False leaves
+        TensorRT's heuristics to choose."""
+        return self.max_aux_streams != HEURISTIC_AUX_STREAMS
 
     @property
     def pinned_nodes(self) -> tuple[str, ...]:
@@ -267,6 +288,25 @@ def model_types(model: onnx.ModelProto) -> ModelTypes:
         quantized_types=tuple(sorted(qtypes)),
         reduced_nodes=reduced_nodes,
     )
+
+
+def ensemble_predictors(model: onnx.ModelProto) -> int:
+    """How many predictors ``model`` sums (the inputs of its ``<tensor>__ensemble_sum`` nodes, written by
+    :func:`rexdeploy.passes.ensemble.build_ensemble`); 1 for a model that is not an ensemble."""
+    counts = [
+        len([t for t in n.input if t])
+        for n in model.graph.node
+        if n.op_type == "Sum" and n.name.endswith(ENSEMBLE_SUM_SUFFIX)
+    ]
+    return max(counts, default=1)
+
+
+def aux_streams_for_predictors(profile: Profile, predictors: int) -> int:
+    """``max_aux_streams`` for an engine running ``predictors`` ensemble predictors on ``profile``: one
+    auxiliary stream per predictor beyond the first, at most the profile's ``[parallel] aux_streams``; 0 for a
+    single predictor (the rule of :func:`rexdeploy.planner.ensembles.aux_streams_for`, from a predictor count
+    read off the graph: the builder sees the ONNX, not the plan)."""
+    return min(max(profile.parallel.aux_streams, 0), max(predictors - 1, 0))
 
 
 def float_precision(profile: Profile) -> str:
@@ -444,10 +484,13 @@ def select_settings(
     workspace_mib: int | None = None,
     timing_cache: str | Path | None = None,
     use_cuda_graph: bool = False,
+    max_aux_streams: int | None = None,
 ) -> TrtBuildSettings:
     """Choose the TensorRT build settings for ``model`` on ``profile`` (see the module docstring).
 
     ``compute_capability`` is the target GPU's (major, minor), or None when unknown (cross-planning).
+    ``max_aux_streams``: None chooses from the model's ensemble predictors and the profile
+    (:func:`aux_streams_for_predictors`); N >= 0 sets N; -1 leaves TensorRT's heuristics to choose.
     Raises :class:`BuildError` for combinations that cannot be built, saying what is needed.
     """
     if profile.engine != "tensorrt":
@@ -462,6 +505,11 @@ def select_settings(
     if builder_optimization_level not in OPT_LEVELS:
         raise BuildError(
             f"builder_optimization_level must be 0..5 (TensorRT's default is 3), got {builder_optimization_level}"
+        )
+    if max_aux_streams is not None and max_aux_streams < HEURISTIC_AUX_STREAMS:
+        raise BuildError(
+            f"max_aux_streams must be >= 0, or -1 for TensorRT's own heuristics (None: from the ensemble and the "
+            f"profile), got {max_aux_streams}"
         )
     if workspace_mib is not None and workspace_mib <= 0:
         raise BuildError(f"workspace_mib must be > 0 (or None for TensorRT's default), got {workspace_mib}")
@@ -507,6 +555,8 @@ def select_settings(
             "cast the graph to float16 for a strongly typed build)"
         )
     pins = _pins(proto, types, strong)
+    predictors = ensemble_predictors(proto)
+    aux = aux_streams_for_predictors(profile, predictors) if max_aux_streams is None else max_aux_streams
     return TrtBuildSettings(
         profile_name=profile.name,
         device=profile.device,
@@ -517,7 +567,7 @@ def select_settings(
         int8="int8" in types.quantized_types,
         fp8=fp8,
         int4=q.int4_weight_only,
-        max_aux_streams=profile.parallel.aux_streams,
+        max_aux_streams=aux,
         shapes=input_shape_ranges(proto, max_batch, input_shapes),
         builder_optimization_level=builder_optimization_level,
         workspace_bytes=workspace_mib * (1 << 20) if workspace_mib is not None else None,
@@ -528,4 +578,5 @@ def select_settings(
         float_precision=precision,
         tf32=False,
         fp32_pins=pins,
+        predictors=predictors,
     )
