@@ -15,7 +15,8 @@ optimization profile for a dynamic batch, the timing cache loaded from and saved
 atomically → per-layer precisions and their summary by layer type from the engine inspector
 (``get_engine_information(LayerInformationFormat.JSON)``), and the auxiliary streams the engine
 actually uses (``ICudaEngine.num_aux_streams``, at most ``max_aux_streams``; each execution context
-creates its own unless given some with ``IExecutionContext.set_aux_streams``, which rexdeploy does not call). Every Builder, OnnxParser and Runtime gets
+creates its own unless given some with ``IExecutionContext.set_aux_streams``, which rexdeploy does not
+call). Every Builder, OnnxParser and Runtime gets
 the one process-wide logger (:mod:`rexdeploy_tensorrt.trt_logger`); each build collects what it logs, so
 a :class:`BuildError` quotes TensorRT's own errors.
 Python API reference: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/index.html
