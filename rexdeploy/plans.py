@@ -21,6 +21,17 @@ FORMS = ("branches", "concat")
 MAX_ACT_ORDER = 3
 
 
+def validate_smooth_alpha(alpha: float) -> float:
+    """A LayerNorm smoothing strength α as a float in [0, 1] (:mod:`rexdeploy.passes.smooth`), else a PlanError."""
+    value = float(alpha)
+    if not 0.0 <= value <= 1.0:
+        raise PlanError(
+            f"smoothing strength alpha {alpha} must be in [0, 1] (0.5 is SmoothQuant's default; "
+            "higher moves more of the activation range into the weights)"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """One layer's REx setting.
@@ -105,8 +116,13 @@ class Plan:
     float_precision: str = ""
     # weight-only Gemm/MatMul inputs quantized by the engine at run time (None: the profile's setting)
     dynamic_activations: bool | None = None
+    # SmoothQuant strength α of the data-free LayerNorm smoothing run before the expansion (None: off;
+    # rexdeploy.passes.smooth)
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
+        if self.smooth_alpha is not None:
+            object.__setattr__(self, "smooth_alpha", validate_smooth_alpha(self.smooth_alpha))
         if self.float_precision not in FLOAT_PRECISIONS:
             raise PlanError(
                 f"plan float precision {self.float_precision!r} unknown; use one of "
@@ -122,6 +138,7 @@ class Plan:
         engine's float precision when the plan sets it."""
         text = self._layers_summary()
         text = f"{text}, {self.float_precision} engine" if self.float_precision else text
+        text = f"{text}, LayerNorm smoothing alpha={self.smooth_alpha:g}" if self.smooth_alpha is not None else text
         return f"{text}, dynamic activations" if self.dynamic_activations else text
 
     def _layers_summary(self) -> str:
@@ -148,17 +165,21 @@ class Plan:
         return f"per-layer plan over {len(self.layers)} layers ({len(settings)} distinct settings)"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": PLAN_FORMAT,
-            "profile": self.profile,
-            "model_sha256": self.model_sha256,
-            "predicted_latency_ms": self.predicted_latency_ms,
-            "predicted_error": self.predicted_error,
-            "bound": self.bound,
-            "notes": list(self.notes),
-            "layers": {name: _layer_dict(lp) for name, lp in sorted(self.layers.items())},
-        } | self._ensemble_dict() | ({"float_precision": self.float_precision} if self.float_precision else {}) | (
-            {"dynamic_activations": self.dynamic_activations} if self.dynamic_activations is not None else {}
+        return (
+            {
+                "format": PLAN_FORMAT,
+                "profile": self.profile,
+                "model_sha256": self.model_sha256,
+                "predicted_latency_ms": self.predicted_latency_ms,
+                "predicted_error": self.predicted_error,
+                "bound": self.bound,
+                "notes": list(self.notes),
+                "layers": {name: _layer_dict(lp) for name, lp in sorted(self.layers.items())},
+            }
+            | self._ensemble_dict()
+            | ({"float_precision": self.float_precision} if self.float_precision else {})
+            | ({"dynamic_activations": self.dynamic_activations} if self.dynamic_activations is not None else {})
+            | ({"smooth_alpha": self.smooth_alpha} if self.smooth_alpha is not None else {})
         )
 
     def _ensemble_dict(self) -> dict[str, Any]:
@@ -172,8 +193,8 @@ class Plan:
     @property
     def hash(self) -> str:
         """sha256 of the canonical JSON of the layer settings + model + profile (not predictions)."""
-        # unset precision / dynamic activations: the hash plans had before these fields
-        keys = ("format", "profile", "model_sha256", "layers", "float_precision", "dynamic_activations")
+        # unset precision / dynamic activations / smoothing: the hash plans had before these fields
+        keys = ("format", "profile", "model_sha256", "layers", "float_precision", "dynamic_activations", "smooth_alpha")
         core = {k: v for k, v in self.to_dict().items() if k in keys}
         return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -208,6 +229,7 @@ class Plan:
             notes=tuple(raw.get("notes", ())),
             float_precision=str(raw.get("float_precision", "")),
             dynamic_activations=None if raw.get("dynamic_activations") is None else bool(raw["dynamic_activations"]),
+            smooth_alpha=None if raw.get("smooth_alpha") is None else float(raw["smooth_alpha"]),
         )
 
     @classmethod
@@ -258,7 +280,12 @@ def uniform_plan(
 
 
 def default_plan(layers: list[Layer], profile: Profile, model_sha256: str = "", **overrides: object) -> Plan:
-    """The uniform plan of the profile's [defaults], with flag overrides (bits, order, act_bits, form, ...)."""
+    """The uniform plan of the profile's [defaults], with flag overrides (bits, order, act_bits, form, ...;
+    ``smooth_alpha``: the plan's LayerNorm smoothing)."""
+    smooth_alpha = overrides.pop("smooth_alpha", None)
+    if smooth_alpha is not None:
+        plan = default_plan(layers, profile, model_sha256, **overrides)
+        return replace(plan, smooth_alpha=float(smooth_alpha))  # type: ignore[arg-type]
     d = profile.defaults
     settings: dict[str, object] = {"bits": d.bits, "order": d.order, "act_bits": d.act_bits, "form": d.form}
     if overrides.get("block"):  # int4 weight-only unless told otherwise

@@ -77,6 +77,24 @@ def require_suffix(path: str, suffix: str, what: str) -> None:
         raise InputError(f"{what} {path!r} should end in {suffix}")
 
 
+def smooth_alpha(text: str) -> float:
+    """``--smooth ALPHA``: a SmoothQuant strength in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"invalid smoothing strength {text!r}: use a number in [0, 1], e.g. 0.5")
+    return value
+
+
+def add_smooth_arg(p: argparse.ArgumentParser) -> None:
+    """``--smooth ALPHA``: data-free LayerNorm smoothing before the expansion (rexdeploy.passes.smooth)."""
+    p.add_argument("--smooth", type=smooth_alpha, metavar="ALPHA", help="transformers: move activation outliers of "
+                   "LayerNorm outputs into the next MatMul weights (data-free SmoothQuant, strength ALPHA in [0, 1], "
+                   "e.g. 0.5); off by default")  # fmt: skip
+
+
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     """``--samples`` and the preprocessing flags of a folder of images (rexdeploy.samples)."""
     p.add_argument("--samples", help="your own model inputs to MEASURE fidelity on (never to quantize): .npy (one "

@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--form", choices=("branches", "concat"), help="dense expansion form")
     p.add_argument("--block", type=int, help="int4 weight-only with per-block scales on Gemm/MatMul (e.g. 64)")
+    common.add_smooth_arg(p)
     p.add_argument("--calib", help="optional calibration batch (.npy)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=run)
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         act_order=args.act_order,
         form=args.form,
         block=args.block,
+        smooth_alpha=args.smooth,
     )
     save_model(expanded.model, args.output)
     summary = {

@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--estimate", action="store_true",
                    help="plan on the profile's analytic cost model only: build no probe engine")
     p.add_argument("--no-cache", action="store_true", help="probe again even if a cost table of this model is cached")
+    common.add_smooth_arg(p)
     common.add_sample_args(p)
     p.set_defaults(func=run)
 
@@ -54,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
         f"budget {format_ms(budget)}: chose {result.chosen.label} ({len(result.candidates)} candidates, "
         f"{result.seconds:.2f} s)"
     )
+    chosen = result.plan
+    if args.smooth is not None:  # the planner priced the unsmoothed model: the plan says so
+        from dataclasses import replace
+
+        note = f"smooth_alpha={args.smooth:g} set after planning: the predictions are for the unsmoothed model"
+        chosen = replace(chosen, smooth_alpha=args.smooth, notes=(*chosen.notes, note))
+        common.stderr(f"LayerNorm smoothing alpha={args.smooth:g} added to the plan ({note.split(': ')[1]})")
     if args.samples:
         from rexdeploy.api import simulated_fidelity
         from rexdeploy.graph import load_model
@@ -62,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_model(args.model)
         samples = load_samples(args.samples, model, common.sample_preprocess(args))
-        f = simulated_fidelity(model, result.plan, samples, profile=load_profile(args.profile), ranges=result.ranges)
+        f = simulated_fidelity(model, chosen, samples, profile=load_profile(args.profile), ranges=result.ranges)
         top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
         common.stderr(f"fidelity on your {f.probes} samples (onnxruntime, exact Q/DQ arithmetic): rel. error "
                       f"{f.relative_error:.2e}, cosine {f.cosine:.6f}{top1}; predicted error {result.chosen.predicted_error:.2e}")  # fmt: skip
     if args.output:
-        write_text_atomic(args.output, result.plan.to_json() + "\n")
+        write_text_atomic(args.output, chosen.to_json() + "\n")
         common.stderr(f"wrote {args.output}")
     else:
-        print(json.dumps(result.plan.to_dict(), indent=2, sort_keys=True))
+        print(json.dumps(chosen.to_dict(), indent=2, sort_keys=True))
     return 0

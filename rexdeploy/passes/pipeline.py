@@ -1,11 +1,12 @@
-"""The compiler pass as one call: fold BatchNorm, find the layers, make (or take) the Plan, derive the
-data-free activation ranges, and run the expansion (or the ensemble clone + expansion)."""
+"""The compiler pass as one call: fold BatchNorm, smooth LayerNorm outputs when the plan says so, find the layers,
+make (or take) the Plan, derive the data-free activation ranges, and run the expansion (or the ensemble clone +
+expansion)."""
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from rexdeploy.costmodel import engine_float_precision, engine_profile
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
+from rexdeploy.passes.smooth import smooth_layernorms, smoothing_note
 from rexdeploy.pins import pin_fp32, set_dynamic_activations, set_float_precision
 from rexdeploy.plans import Plan, default_plan
 from rexdeploy.profile import Profile, load_profile
@@ -47,10 +49,22 @@ def expand_model(
     the planner, which derived them the same way), run the pass."""
     t0 = time.perf_counter()
     folded, bn_stats = fold_batchnorm(model)
+    # LayerNorm smoothing (SmoothQuant Eq. 4, data-free) first: it changes weights and LayerNorm outputs, so the
+    # layers are found and the activation ranges derived on the smoothed graph
+    flag = overrides.pop("smooth_alpha", None)
+    alpha = float(flag) if isinstance(flag, int | float) else (plan.smooth_alpha if plan is not None else None)
+    note = ""
+    if alpha is not None:
+        smoothed = smooth_layernorms(folded, alpha)
+        folded, note = smoothed.model, smoothing_note(smoothed, alpha)
+        if ranges is not None:  # ranges given by the caller were derived before smoothing: stale where it acted
+            ranges = {k: v for k, v in ranges.items() if k not in smoothed.smoothed_tensors}
     layers = quantizable_layers(folded)
     profile = profile or load_profile("x86-avx512")
     if plan is None:
         plan = default_plan(layers, profile, model_sha256, **overrides)
+    if alpha is not None:
+        plan = replace(plan, smooth_alpha=alpha, notes=(*plan.notes, note))
     if plan.predictors > 1:  # paper §3.3: clone per predictor, each with its own activation ranges
         ensemble = build_ensemble(folded, plan, layers, bn_stats=bn_stats)  # Appendix-L check: refuses or warns
         plan = ensemble.plan or plan  # U_ens written in it
