@@ -523,3 +523,55 @@ def test_plan_error_of_any_plan() -> None:
     k2 = default_plan(layers, PROFILE, order=2)
     assert result.plan_error(Plan(layers={})) == 0.0
     assert 0.0 < result.plan_error(k2) <= result.plan_error(k1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The greedy step prices transitions
+# ---------------------------------------------------------------------------------------------------
+def _gemm_chain(seed: int = 0, width: int = 16) -> onnx.ModelProto:
+    """X → Gemm → Relu → Gemm → Relu → Gemm: three layers in a chain."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = [], [], "x"
+    for i in range(3):
+        w = onnx.numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) / 4, f"w{i}")
+        inits.append(w)
+        nodes.append(onnx.helper.make_node("Gemm", [x, f"w{i}"], [f"g{i}"], name=f"gemm{i}", transB=1))
+        x = f"g{i}"
+        if i < 2:
+            nodes.append(onnx.helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    graph = onnx.helper.make_graph(
+        nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, width])],
+        [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, width])], inits,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_the_greedy_step_pays_for_the_transitions_it_adds_and_is_paid_for_those_it_removes() -> None:
+    from rexdeploy.planner.fidelity import LayerOption
+    from rexdeploy.planner.search import _greedy, _Transitions, prepare
+
+    model = _gemm_chain()
+    layers = _layers(model)
+    a, b, c = (layer.name for layer in layers)
+    prepared = prepare(model, layers, profile=PROFILE)
+    gains = prepared.errors.sensitivity.gains
+    # int8 4 µs, float 10 µs everywhere; the int8 error at the output (gain × ε): A 0.9, B 1.0, C 0.1
+    target = {a: 0.9, b: 1.0, c: 0.1}
+    menus = [[LayerOption(LayerPlan(8, 1), 4.0, target[layer.name] / gains[layer.name]),
+              LayerOption(None, 10.0, 0.0)] for layer in layers]  # fmt: skip
+    table = CostTable(layers={}, rest_points=((0.0, 0.0),), producers={b: (a,), c: (b,)},
+                      edge_elements={b: 1.0, c: 1.0}, transition_us=10.0)  # fmt: skip
+    t = _Transitions(layers, menus, table)
+    assert t.added_us(0, [0, 0, 0]).tolist() == [0.0, 10.0]  # A to float: one new edge A→B
+    assert t.added_us(1, [0, 0, 0]).tolist() == [0.0, 20.0]  # B to float: two
+    assert t.added_us(1, [1, 0, 0]).tolist() == [0.0, 0.0]  # A float: B to float trades A→B for B→C
+    assert t.added_us(2, [1, 1, 0]).tolist() == [0.0, -10.0]  # A, B float: C to float removes B→C
+    base = Plan(layers={}, profile=PROFILE.name)
+    path = _greedy(layers, menus, prepared.errors, 0.0, 1.0, base, table)
+    floats = [sorted(n for n in (a, b, c) if n not in cand.plan.layers) for cand in path]
+    # B alone would pay two reorders (38 µs for error² 0.82); A first pays one (28 µs for 0.81), then B is cheap
+    assert floats[:4] == [[], [a], [a, b], [a, b, c]]
+    assert [cand.predicted_latency_ms * 1000 for cand in path[:4]] == pytest.approx([12.0, 28.0, 34.0, 30.0])
+    blind = _greedy(layers, menus, prepared.errors, 0.0, 1.0, base, dataclasses.replace(table, producers={}))
+    assert sorted(n for n in (a, b, c) if n not in blind[1].plan.layers) == [b]  # without the term: B first

@@ -3,7 +3,8 @@
 Every layer gets a menu of options (float, or weight bits × K × γ × activation precision allowed by
 the profile), each with a predicted latency (:mod:`rexdeploy.costmodel`) and a predicted error
 (:mod:`rexdeploy.planner.fidelity`). Starting from the fastest option everywhere, the greedy step
-takes the option change with the largest reduction of the squared network error per added µs
+takes the option change with the largest reduction of the squared network error per added µs — the
+layer's own µs plus the transitions (int8 ↔ float reorders, :class:`CostTable`) it adds or removes —
 (free improvements first) until nothing improves; every step is a point of the explored front. The
 chosen plan is the most accurate point — uniform or per-layer — whose predicted latency fits the
 budget. This goes beyond the paper's one global setting (§5.1 limitation).
@@ -140,13 +141,46 @@ def _plan_of(layers: Sequence[Layer], picks: Sequence[LayerOption], base: Plan) 
 
 def _evaluate(label: str, layers: Sequence[Layer], picks: Sequence[LayerOption], model: ErrorModel,
               overhead_ms: float, scale: float, base: Plan, table: CostTable | None = None) -> Candidate:  # fmt: skip
-    latency = (overhead_ms + sum(o.latency_us for o in picks) / 1000.0) * scale
     error = model.network_error({layer.name: o.error for layer, o in zip(layers, picks, strict=True)})
     plan = _plan_of(layers, picks, base)
-    if table is not None and table.transition_us:  # a pairwise term: on whole candidates, not in the greedy step
-        latency += table.transition_us * table.transitions(plan.layers) / 1000.0
+    us = sum(o.latency_us for o in picks)
+    if table is not None and table.transition_us:  # a pairwise term (the greedy step prices it too: _Transitions)
+        us += table.transition_us * table.transitions(plan.layers)
+    latency = (overhead_ms + us / 1000.0) * scale
     plan = plan.with_predictions(predicted_latency_ms=latency, predicted_error=error)
     return Candidate(label, plan, latency, error)
+
+
+class _Transitions:
+    """The greedy step's view of the transition term (:meth:`CostTable.transitions`): per layer, its neighbours
+    along the producer → consumer edges and the thousands of elements each edge carries, so that a step is priced
+    with the transitions it adds or removes (``tau`` µs per thousand elements), not only with its own layer's µs.
+    Without it the greedy scatters float layers among int8 ones, and every scattered layer pays two reorders."""
+
+    def __init__(self, layers: Sequence[Layer], menus: list[list[LayerOption]], table: CostTable | None) -> None:
+        self.tau = table.transition_us if table is not None else 0.0
+        index = {layer.name: i for i, layer in enumerate(layers)}
+        self.neighbours: list[list[tuple[int, float]]] = [[] for _ in layers]
+        if table is not None and self.tau > 0.0:
+            for consumer, feeders in table.producers.items():
+                for feeder in feeders:
+                    if consumer in index and feeder in index:
+                        w = table.edge_elements.get(consumer, 1.0)
+                        self.neighbours[index[consumer]].append((index[feeder], w))
+                        self.neighbours[index[feeder]].append((index[consumer], w))
+        self.quantized = [np.array([o.plan is not None and o.plan.act_bits == 8 for o in m]) for m in menus]
+
+    def added_us(self, li: int, current: list[int]) -> np.ndarray:
+        """µs of transitions each option of layer ``li`` adds (negative: removes) given the other layers' picks."""
+        q = self.quantized[li]
+        if not self.neighbours[li]:
+            return np.zeros(len(q))
+        now = bool(q[current[li]])
+        delta = np.zeros(len(q))
+        for nb, w in self.neighbours[li]:
+            other = bool(self.quantized[nb][current[nb]])
+            delta += w * ((q != other).astype(float) - float(now != other))
+        return self.tau * delta
 
 
 def _greedy(layers: Sequence[Layer], menus: list[list[LayerOption]], model: ErrorModel, overhead_ms: float,
@@ -154,6 +188,7 @@ def _greedy(layers: Sequence[Layer], menus: list[list[LayerOption]], model: Erro
     gains2 = np.array([model.sensitivity.gains[layer.name] ** 2 for layer in layers])
     lat = [np.array([o.latency_us for o in m]) for m in menus]
     err2 = [np.array([o.error**2 for o in m]) for m in menus]
+    transitions = _Transitions(layers, menus, table)
     # start: the fastest option of each layer (ties: the more accurate)
     current = [int(np.lexsort((e, t))[0]) for t, e in zip(lat, err2, strict=True)]
     path = [
@@ -172,10 +207,10 @@ def _greedy(layers: Sequence[Layer], menus: list[list[LayerOption]], model: Erro
         best: tuple[float, float, int, int] | None = None  # (ratio, benefit, layer, option)
         for li, (t, e) in enumerate(zip(lat, err2, strict=True)):
             benefit = gains2[li] * (e[current[li]] - e)
-            cost = t - t[current[li]]
             ok = benefit > 1e-18 * max(1.0, float(gains2[li]))
             if not ok.any():
                 continue
+            cost = t - t[current[li]] + transitions.added_us(li, current)
             ratio = np.where(cost <= 0, np.inf, benefit / np.maximum(cost, 1e-12))
             ratio = np.where(ok, ratio, -np.inf)
             oi = int(np.lexsort((-benefit, -ratio))[0])
