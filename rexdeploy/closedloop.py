@@ -649,14 +649,24 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
         for i, old in enumerate(run.measured):
             if old.engine is m.engine:  # a baseline keeps the timing the budget was set from
                 run.measured[i] = dataclasses.replace(m, timing=old.timing) if id(m.engine) in baselines else m
-    if table.cached:  # re-anchor a table measured earlier on the baselines measured now (the machine drifts)
-        for m in [m for m in run.measured if m.label == "int8 K=1" or not m.plan.layers]:
+    reanchor = 1.0
+    if table.cached:  # re-anchor a table measured earlier on the baselines measured now (the machine drifts):
+        # first every entry by how much slower or faster the device runs now, then the baselines' own layers
+        anchors = [m for m in run.measured if m.label == "int8 K=1" or not m.plan.layers]
+        reanchor = table.speed_ratio(run.layers, [(engine_profile(run.profile, m.plan), m.plan.layers,
+                                                   m.timing.median_ms) for m in anchors])  # fmt: skip
+        table = table.scaled(reanchor)
+        for m in anchors:
             table = _learn(run, table, m)
+        if abs(reanchor - 1.0) > 0.1:
+            run.say(f"cost table: the baselines measured now take {reanchor:.2f}x what the cached table predicts "
+                    "(load or clock changed): every entry rescaled")
     n = len(table.probes)
     how = "cached" if table.cached else f"probed now in {table.seconds:.1f} s"
     summary = (f"measured on this device: cost table of {n} engines of this model ({how}; {table.engine}; "
                f"{table.host})")  # fmt: skip
     return table, {"source": "measured", "cached": table.cached, "probe_seconds": 0.0 if table.cached else table.seconds,
+                   "reanchor_scale": reanchor,
                    "probes": [p.to_dict() for p in table.probes], "host": table.host, "engine": table.engine,
                    "summary": summary}  # fmt: skip
 

@@ -19,7 +19,7 @@ from rexdeploy.api import default_plan, expand_model, quantizable_layers
 from rexdeploy.builders.base import Engine, LayerTimes, TimingSettings
 from rexdeploy.builders.timing import Timing, timing_from_samples
 from rexdeploy.costmodel import input_elements
-from rexdeploy.errors import BudgetError
+from rexdeploy.errors import BudgetError, PlanError
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.planner import plan_model
 from rexdeploy.planner.costtable import CostTable, OptionKey, Point, analytic_us, option_key
@@ -244,6 +244,31 @@ def test_observe_learns_layers_rest_ends_and_transitions() -> None:
     assert spread.transition_us == 0.0
 
 
+def test_a_table_scales_as_a_whole_to_the_speed_measured_now() -> None:
+    model = small_cnn(seed=6)
+    layers = _layers(model)
+    k1, k2 = LayerPlan(8, 1), LayerPlan(8, 2)
+    table = CostTable(
+        layers={layer.name: {option_key(PROFILE, layer, k1).text: Point(analytic_us(PROFILE, layer, k1), 5.0),
+                             option_key(PROFILE, layer, k2).text: Point(analytic_us(PROFILE, layer, k2), 9.0)}
+                for layer in layers},
+        rest_points=((0.0, 7.0), (1.0, 9.0)), producers={}, transition_us=0.5,
+    )  # fmt: skip
+    uniform = {layer.name: k1 for layer in layers}
+    both = {layer.name: k2 for layer in layers}
+    before_k1, before_k2 = table.predict_ms(PROFILE, layers, uniform), table.predict_ms(PROFILE, layers, both)
+    # two engines measured now, 1.2x and 1.4x their prediction: the median ratio (1.3) rescales every entry
+    ratio = table.speed_ratio(layers, [(PROFILE, uniform, 1.2 * before_k1), (PROFILE, {}, 1.4 * table.predict_ms(PROFILE, layers, {}))])
+    assert ratio == pytest.approx(1.3)
+    assert table.speed_ratio(layers, []) == 1.0
+    scaled = table.scaled(ratio)
+    assert scaled.predict_ms(PROFILE, layers, both) == pytest.approx(1.3 * before_k2)  # an option never re-measured
+    assert scaled.transition_us == pytest.approx(0.65)
+    assert np.allclose(scaled.rest_points, ((0.0, 7.0 * 1.3), (1.0, 9.0 * 1.3)))
+    with pytest.raises(PlanError, match="positive"):
+        table.scaled(float("nan"))
+
+
 def test_cost_table_json_round_trip_and_rejects_a_damaged_file() -> None:
     layer = _layers(small_cnn())[0]
     key = option_key(PROFILE, layer, LayerPlan(bits=8, order=1)).text
@@ -447,6 +472,7 @@ def test_a_cached_table_is_reanchored_on_the_baselines_measured_now(
     built = len(builder.built)
     report = _build(monkeypatch, builder, cnn_path, tmp_path / "slow", budget_ratio=1.0)
     assert report.latency_model["cached"] is True
+    assert report.latency_model["reanchor_scale"] == pytest.approx(1.3, rel=0.02)  # the whole table, not just baselines
     assert report.fits_budget
     # budget = 1.0 x plain int8: only that engine fits, and the re-anchored table knows it — no plan is built
     # on the stale (30 % too fast) figures; the plain int8 engine of this run is returned

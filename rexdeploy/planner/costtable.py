@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -258,6 +258,23 @@ class CostTable:
                 table.setdefault(layer.name, {})[option_key(profile, layer, lp).text] = point
         return replace(self, layers=table, rest_points=rest_points, transition_us=tau,
                        observations=self.observations + 1, _slope_cache={})  # fmt: skip
+
+    def scaled(self, factor: float) -> CostTable:
+        """Every measured µs (layers, rest, transitions) times ``factor``: the same device running slower or faster
+        than when the table was measured (another load, another clock)."""
+        if not (factor > 0.0 and math.isfinite(factor)):
+            raise PlanError(f"cost table scale {factor!r} must be a positive number")
+        layers = {name: {k: Point(p.analytic_us, p.measured_us * factor) for k, p in entries.items()}
+                  for name, entries in self.layers.items()}  # fmt: skip
+        rest = tuple((q, r * factor) for q, r in self.rest_points)
+        return replace(self, layers=layers, rest_points=rest, transition_us=self.transition_us * factor,
+                       _slope_cache={})  # fmt: skip
+
+    def speed_ratio(self, layers: list[Layer], measured: Sequence[tuple[Profile, Mapping[str, LayerPlan], float]]) -> float:
+        """How much slower (> 1) or faster the device runs now than the table says: the median, over engines
+        measured now (their profile variant, plan layers and median ms), of measured / predicted. 1 without any."""
+        ratios = [ms / p for prof, plan_layers, ms in measured if (p := self.predict_ms(prof, layers, plan_layers)) > 0]
+        return float(np.median(ratios)) if ratios else 1.0
 
     # -- JSON -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
