@@ -8,14 +8,19 @@ own Python API, which rexdeploy does not use; the server binary needs none of th
 :class:`TritonServer` lays out a backend directory holding the stub for the running Python, starts the server on
 loopback ports with a model repository (``rexdeploy export triton --backend python``), waits until it is ready,
 and on exit stops it (SIGTERM, then SIGKILL after a grace period) together with its stub processes, which run in
-its own process group.
+its own process group. Every wait is bounded: the start by ``start_timeout`` (then a :class:`ServerError` carrying the
+end of the server log), the stop by ``stop_timeout`` plus a few seconds after SIGKILL. The Python backend's
+shared-memory regions (``/dev/shm``) get a prefix of their own per server and are removed on stop, also after a
+SIGKILL (which leaves them behind).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,8 +41,23 @@ from rexdeploy.errors import EngineUnavailableError, InputError, RexError
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton"
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+_LOADING = re.compile(r'"loading: (.+):\d+"')
+_LOADED = re.compile(r"\"successfully loaded '(.+?)'")
+# what the server logs as errors on every host without a CUDA driver (it carries on on the CPU)
+_CPU_HOST_NOTES = ("CudaDriverHelper has not been initialized", "CUDA driver")
+
+
 class ServerError(RexError):
-    """The Triton server did not start, did not load the repository, or did not stop."""
+    """The Triton server did not start, did not load the repository, or did not stop.
+
+    ``log_tail``: the last lines of the server log when it was raised ("" when there was none)."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
 
 
 @dataclass(frozen=True)
@@ -133,6 +154,8 @@ class TritonServer:
         self.stop_timeout = stop_timeout
         self.verbose = verbose
         self._log_given = Path(log_path) if log_path is not None else None
+        # the Python backend names its shared-memory regions <prefix><uuid>: ours alone start with this one
+        self.shm_prefix = f"rexdeploy_triton_{os.getpid()}_{uuid.uuid4().hex[:12]}_"
         self._scratch: Path | None = None
         self.log_path: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
@@ -157,6 +180,7 @@ class TritonServer:
             "--allow-metrics=false",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--exit-timeout-secs={max(1, int(self.stop_timeout) - 5)}",
             f"--log-verbose={self.verbose}",
         ]
@@ -192,34 +216,70 @@ class TritonServer:
         return self
 
     def _wait_ready(self) -> None:
+        """Poll the readiness endpoint (every model loaded) until ``start_timeout``; ServerError otherwise."""
         assert self.process is not None
         deadline = time.monotonic() + self.start_timeout
         url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
+        while True:
             code = self.process.poll()
             if code is not None:
-                raise ServerError(f"tritonserver exited with status {code} while starting: {self.last_error()}")
+                raise ServerError(
+                    f"tritonserver exited with status {code} while starting: {self.last_error() or 'no error logged'}",
+                    self.log_tail(),
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as response:
+                with urllib.request.urlopen(url, timeout=min(2.0, max(left, 0.1))) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):
                 pass
-            time.sleep(0.1)
+            time.sleep(min(0.1, max(left, 0.0)))
+        states = self.model_states()
+        waiting = ", ".join(f"{name} {state}" for name, state in states.items() if state != "READY")
+        tail = self.log_tail(8)
+        where = f" (log: {self._log_given})" if self._log_given is not None else ""
         raise ServerError(
-            f"tritonserver was not ready after {self.start_timeout:.0f} s: {self.last_error() or 'no error logged'}"
+            f"tritonserver was not ready after {self.start_timeout:.0f} s"
+            + (f" (models not ready: {waiting})" if waiting else "")
+            + f"{where}: {self.last_error() or 'no error logged'}; the log ends: "
+            + (" | ".join(line.strip() for line in tail.splitlines() if line.strip()) or "(empty)")
+            + "; raise start_timeout if the host is slow, or read the log",
+            self.log_tail(),
         )
 
-    def log_tail(self, lines: int = 40) -> str:
+    def model_states(self) -> dict[str, str]:
+        """Each model of the repository and its state (READY, LOADING, UNAVAILABLE): as the server reports it, or,
+        while its endpoints are not up yet (they open once the first load is over), as its log tells."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=2.0) as response:
+                rows = json.loads(response.read().decode("utf-8"))
+            return {str(r.get("name")): str(r.get("state", "")) for r in rows if isinstance(r, dict)}
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        states: dict[str, str] = {}
+        for line in self._log_lines():
+            if (found := _LOADING.search(line)) is not None:
+                states[found.group(1)] = "LOADING"
+            elif (found := _LOADED.search(line)) is not None:
+                states[found.group(1)] = "READY"
+        return states
+
+    def _log_lines(self) -> list[str]:
         if self.log_path is None or not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+            return []
+        return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self._log_lines()[-lines:])
 
     def last_error(self) -> str:
-        """The last error line of the server log (a model's load failure comes first), on one line."""
-        if self.log_path is None or not self.log_path.is_file():
-            return ""
-        lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        """The last error line of the server log (a model's load failure comes first), on one line. The error a
+        CPU-only host always logs (no CUDA driver) is not one."""
+        lines = [line for line in self._log_lines() if not any(note in line for note in _CPU_HOST_NOTES)]
         ours = [line for line in lines if "rexdeploy model " in line and line.startswith("E")]
         errors = ours or [line for line in lines if line.startswith("E")] or [line for line in lines if "rror" in line]
         if not errors:
@@ -250,9 +310,16 @@ class TritonServer:
             raise ServerError("tritonserver is not running: start() it first")
         return self.process.wait()
 
+    def shm_regions(self) -> list[Path]:
+        """The Python backend's shared-memory regions of this server still in ``/dev/shm``."""
+        if not SHM_DIR.is_dir():
+            return []
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+
     def stop(self) -> None:
-        """SIGTERM the server (it unloads the models and ends the stubs), SIGKILL the group after the grace time
-        or at once when a second stop signal (KeyboardInterrupt) arrives meanwhile."""
+        """SIGTERM the server (it unloads the models and ends the stubs), SIGKILL the group after ``stop_timeout``
+        or at once when a second stop signal (KeyboardInterrupt) arrives meanwhile; then remove what a killed
+        server leaves behind (shared-memory regions, the scratch directory). Bounded: ``stop_timeout`` + ~10 s."""
         process = self.process
         try:
             if process is not None and process.poll() is None:
@@ -262,7 +329,6 @@ class TritonServer:
                     process.wait(timeout=self.stop_timeout)
                 except subprocess.TimeoutExpired:
                     self._kill_group()
-                    process.wait(timeout=5)
             deadline = time.monotonic() + 5.0
             while self.pids() and time.monotonic() < deadline:  # the stubs end shortly after the server
                 time.sleep(0.05)
@@ -272,16 +338,24 @@ class TritonServer:
             self._kill_group()
             raise
         finally:
+            for region in self.shm_regions():  # left by a killed server or stub
+                with contextlib.suppress(OSError):
+                    region.unlink()
             if self._scratch is not None:  # the backend copy (and the log, unless log_path was given)
                 shutil.rmtree(self._scratch, ignore_errors=True)
                 self._scratch = None
 
     def _kill_group(self) -> None:
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=5)
+        """SIGKILL the server's process group and wait (up to 5 s) until it is gone."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        deadline = time.monotonic() + 5.0
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __enter__(self) -> TritonServer:
         return self.start()
