@@ -33,6 +33,7 @@ from rexdeploy_openvino._runtime import (
     read_static_model,
     runtime_options,
 )
+from rexdeploy_openvino.compressed import compress_for_engine
 from rexdeploy_openvino.precisions import (
     layer_precision_map,
     read_execution_graph,
@@ -158,7 +159,9 @@ class OpenVINOBuilder:
     IR uncompressed (``compress_to_fp16=False``: weights stay as they are, so int8 stays int8 and FP32
     stays FP32), and compiles the saved IR with ``PERFORMANCE_HINT=LATENCY`` and
     ``INFERENCE_PRECISION_HINT`` f32 (bf16 when the profile supports bf16; see
-    :func:`rexdeploy_openvino._runtime.inference_precision`). The engine's ``layer_precisions``
+    :func:`rexdeploy_openvino._runtime.inference_precision`). Weight-only layers are rewritten first
+    (:func:`rexdeploy_openvino.compressed.compress_for_engine`: int4 orders stored int4, K orders as one
+    compressed or folded kernel; exact to the ONNX). The engine's ``layer_precisions``
     come from the execution graph: which precision each ONNX node really ran in. ``load`` compiles an
     IR written earlier (by ``build`` or by OpenVINO's tools) in place, with the same settings.
     """
@@ -186,6 +189,8 @@ class OpenVINOBuilder:
         meta = onnx_metadata(model)
         options = runtime_options(core, profile.device, model_precision(meta, profile),
                                   dynamic=model_dynamic(meta, profile))  # fmt: skip
+        if model.suffix != ".xml":  # weight-only layers in their fastest exact compressed/folded form
+            compress_for_engine(ov_model, options)
         for key in IR_RUNTIME_OPTIONS:  # what the CPU plugin honours from the IR itself
             if key in options:
                 ov_model.set_rt_info(options[key], ["runtime_options", key])
