@@ -232,7 +232,7 @@ class TritonServer:
                 break
             try:
                 with urllib.request.urlopen(url, timeout=min(2.0, max(left, 0.1))) as response:
-                    if response.status == 200:
+                    if response.status == 200 and self._listening():
                         return
             except (urllib.error.URLError, OSError):
                 pass
@@ -248,6 +248,15 @@ class TritonServer:
             + (" | ".join(line.strip() for line in tail.splitlines() if line.strip()) or "(empty)")
             + "; raise start_timeout if the host is slow, or read the log",
             self.log_tail(),
+        )
+
+    def _listening(self) -> bool:
+        """Whether this server's log says it opened both endpoints: a "ready" answer could come from another server
+        that bound the port between :func:`free_port` and this server's start (this one then fails to bind)."""
+        started = [line for line in self._log_lines() if '"Started ' in line]
+        return all(
+            any(service in line and line.rstrip().endswith(f':{port}"') for line in started)
+            for service, port in (("HTTPService", self.http_port), ("GRPCInferenceService", self.grpc_port))
         )
 
     def model_states(self) -> dict[str, str]:

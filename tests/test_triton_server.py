@@ -54,7 +54,8 @@ from rexdeploy.triton_server import ServerError, TritonServer, find_install  # n
 try:
     find_install()  # looks for the files only: pytriton's own Python modules need numpy < 2 and are not imported
 except Exception as exc:  # not installed, or no stub for this Python
-    pytest.skip(f"no Triton server here: {exc}", allow_module_level=True)
+    pytest.skip(f"no Triton server here: {exc} (a checkout: pip install --no-deps -r requirements-triton-server.txt)",
+                allow_module_level=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
