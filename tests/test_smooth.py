@@ -237,6 +237,23 @@ def test_expansion_with_smoothing_lowers_the_w8a8_error() -> None:
     assert errors[0.5] < errors[None] / 2, errors
 
 
+def test_expansion_smooths_a_post_ln_layernorm_on_a_copy() -> None:
+    """The pipeline smooths a LayerNorm the residual Add reads too on a copy: same error gain, residual exact."""
+    model = qkv_model(residual=True)
+    x = _inputs((16, SEQ, HIDDEN), seed=5)
+    want = _run(model, x)
+    errors = {}
+    for alpha in (None, 0.5):
+        expanded = expand_model(model, bits=8, order=2, act_bits=8, smooth_alpha=alpha)
+        got = _run(expanded.model, x)
+        errors[alpha] = _rel(
+            np.concatenate([o.ravel() for o in got[:3]]), np.concatenate([o.ravel() for o in want[:3]])
+        )
+    ops = [n.op_type for n in expanded.model.graph.node]
+    assert ops.count("LayerNormalization") == 2
+    assert errors[0.5] < errors[None] / 2, errors
+
+
 def test_cli_expand_smooth_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src, out = tmp_path / "qkv.onnx", tmp_path / "out.onnx"
     onnx.save(qkv_model(), str(src))
@@ -254,3 +271,34 @@ def test_cli_expand_smooth_flag(tmp_path: Path, capsys: pytest.CaptureFixture[st
         main(["expand", str(src), "-o", str(out), "--smooth", "2"])
     assert exit_info.value.code == 2
     assert "invalid smoothing strength '2'" in capsys.readouterr().err
+
+
+def test_clone_smooths_a_layernorm_the_residual_also_reads() -> None:
+    """Post-LN transformers: with ``clone`` the MatMuls read a smoothed copy, the residual Add the original."""
+    model = qkv_model(residual=True)
+    result = smooth_layernorms(model, 0.5, clone=True)
+    (site,) = result.smoothed
+    assert site.cloned and site.readers == ("mm_q", "mm_k", "mm_v") and result.refused == ()
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("LayerNormalization") == 2 and len(ops) == len(model.graph.node) + 1
+    readers = {n.name: list(n.input) for n in out.graph.node}
+    assert "ln" in readers["residual"] and readers["mm_q"][0] == site.output != "ln"
+    assert readers["shape"] == ["ln"]
+    x = _inputs((4, SEQ, HIDDEN))
+    for got, want in zip(_run(out, x), _run(model, x), strict=True):
+        assert _rel(got.astype(np.float64), want.astype(np.float64)) < 1e-5
+
+
+def test_clone_decomposed_layernorm_that_is_a_graph_output() -> None:
+    model = decomposed_gemm_model()
+    model.graph.output.append(helper.make_tensor_value_info("ln", TensorProto.FLOAT, ["N", HIDDEN]))
+    assert "is a graph output" in smooth_layernorms(model, 0.5).refused[0][1]
+    result = smooth_layernorms(model, 0.5, clone=True)
+    assert [s.cloned for s in result.smoothed] == [True]
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("Mul") == 2 and ops.count("Add") == 3  # γ Mul and β Add copied; the eps Add not
+    x = _inputs((32, HIDDEN))
+    for got, want in zip(_run(result.model, x), _run(model, x), strict=True):
+        assert _rel(got, want) < 1e-5

@@ -50,12 +50,13 @@ def expand_model(
     t0 = time.perf_counter()
     folded, bn_stats = fold_batchnorm(model)
     # LayerNorm smoothing (SmoothQuant Eq. 4, data-free) first: it changes weights and LayerNorm outputs, so the
-    # layers are found and the activation ranges derived on the smoothed graph
+    # layers are found and the activation ranges derived on the smoothed graph. A LayerNorm a residual Add reads
+    # too (post-LN, BERT) is smoothed on a copy (clone): benchmarks/results/smoothing.md, no latency cost measured
     flag = overrides.pop("smooth_alpha", None)
     alpha = float(flag) if isinstance(flag, int | float) else (plan.smooth_alpha if plan is not None else None)
     note = ""
     if alpha is not None:
-        smoothed = smooth_layernorms(folded, alpha)
+        smoothed = smooth_layernorms(folded, alpha, clone=True)
         folded, note = smoothed.model, smoothing_note(smoothed, alpha)
         if ranges is not None:  # ranges given by the caller were derived before smoothing: stale where it acted
             ranges = {k: v for k, v in ranges.items() if k not in smoothed.smoothed_tensors}

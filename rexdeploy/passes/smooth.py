@@ -26,12 +26,14 @@ The pass is written as rewrite rules (pattern → check → rewrite; a failed ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from rexdeploy.analyze import ConstantResolver
+from rexdeploy.errors import InputError
 from rexdeploy.graph import add_initializer, consumers, drop_initializers
 from rexdeploy.plans import validate_smooth_alpha
 
@@ -79,6 +81,7 @@ class MatchResult:
     tail: LayerNormTail | None = None
     readers: tuple[LinearReader, ...] = ()
     reason: str = ""
+    kept: tuple[str, ...] = ()  # with ``clone``: what must keep the original output (a residual Add, a graph output)
 
     @property
     def ok(self) -> bool:
@@ -94,13 +97,14 @@ class SmoothedSite:
     channel max) of its output before and after."""
 
     layernorm: str
-    output: str
+    output: str  # the smoothed tensor the readers now read (a clone's output when ``cloned``)
     readers: tuple[str, ...]
     channels: int
     scale_min: float
     scale_max: float
     spread_before: float
     spread_after: float
+    cloned: bool = False
 
 
 @dataclass(frozen=True)
@@ -235,25 +239,32 @@ def check_readers(
     consts: ConstantResolver,
     readers_of: dict[str, list[onnx.NodeProto]],
     graph_outputs: set[str],
+    clone: bool = False,
 ) -> MatchResult:
     """The check: every reader of the LayerNorm output is a MatMul / Gemm computing ``x @ W`` with a constant
-    weight over the same channels, or a Shape; at least one such layer."""
+    weight over the same channels, or a Shape; at least one such layer. With ``clone``, other readers (a residual
+    Add, a graph output) may stay: they keep the original output, and the MatMul/Gemm readers get a smoothed
+    copy of the LayerNorm's affine part (``kept`` names them)."""
     if not match.ok or match.tail is None:
         return match
     tail = match.tail
+    kept: list[tuple[str, str]] = []
     if tail.output in graph_outputs:
-        return match.fail(f"its output {tail.output!r} is a graph output: its channels cannot be divided")
+        kept.append((tail.output, f"its output {tail.output!r} is a graph output: its channels cannot be divided"))
     found: list[LinearReader] = []
     for node in readers_of.get(tail.output, []):
         if node.op_type in SHAPE_ONLY_READERS:
             continue
         reader = _linear_reader(node, tail, consts)
         if isinstance(reader, str):
-            return match.fail(reader)
-        found.append(reader)
+            kept.append((node.name, reader))
+        else:
+            found.append(reader)
+    if kept and not clone:
+        return match.fail(kept[0][1])
     if not found:
         return match.fail("its output feeds no MatMul/Gemm with a constant weight: nothing to move the scale into")
-    return MatchResult(match.name, tail, tuple(found))
+    return MatchResult(match.name, tail, tuple(found), kept=tuple(name for name, _ in kept))
 
 
 def _linear_reader(node: onnx.NodeProto, tail: LayerNormTail, consts: ConstantResolver) -> LinearReader | str:
@@ -318,8 +329,11 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def find_smoothable(model: onnx.ModelProto, consts: ConstantResolver | None = None) -> list[MatchResult]:
-    """Every LayerNorm of ``model`` (pattern), each checked: ``ok`` or with the reason it cannot be smoothed."""
+def find_smoothable(
+    model: onnx.ModelProto, consts: ConstantResolver | None = None, clone: bool = False
+) -> list[MatchResult]:
+    """Every LayerNorm of ``model`` (pattern), each checked (:func:`check_readers`): ``ok`` or with the reason it
+    cannot be smoothed."""
     consts = consts or ConstantResolver(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     readers_of = consumers(model)
@@ -328,16 +342,31 @@ def find_smoothable(model: onnx.ModelProto, consts: ConstantResolver | None = No
     for node in model.graph.node:
         match = match_layernorm(node, consts, producers, readers_of)
         if match is not None:
-            matches.append(check_readers(match, consts, readers_of, outputs))
+            matches.append(check_readers(match, consts, readers_of, outputs, clone))
     return matches
 
 
-def smooth_layernorms(model: onnx.ModelProto, alpha: float, *, normalized_max: float = NORMALIZED_MAX) -> SmoothResult:
+def smooth_layernorms(
+    model: onnx.ModelProto,
+    alpha: float,
+    *,
+    normalized_max: float = NORMALIZED_MAX,
+    clone: bool = False,
+    channel_max: Mapping[str, np.ndarray] | None = None,
+) -> SmoothResult:
     """Smooth every LayerNorm whose output only MatMul/Gemm layers with constant weights read (a copy of ``model``;
-    the input is not changed): γ and β divided by s, those weights' input rows multiplied by s."""
+    the input is not changed): γ and β divided by s, those weights' input rows multiplied by s.
+
+    ``clone``: a LayerNorm whose output other nodes read too (post-LN transformers: the residual ``Add``) is
+    smoothed on a copy of its affine part — the ``LayerNormalization`` node, or the decomposed form's γ ``Mul``
+    and β ``Add`` — that only the MatMul/Gemm readers read; the others keep the original. Float-exact as well;
+    it costs one more LayerNorm (or Mul + Add) per site.
+
+    ``channel_max``: max|X_j| of a LayerNorm output (by tensor name) from elsewhere (e.g. synthetic probes), used
+    instead of the ``|γ_j|·c + |β_j|`` estimate."""
     alpha = validate_smooth_alpha(alpha)
     consts = ConstantResolver(model)
-    matches = find_smoothable(model, consts)
+    matches = find_smoothable(model, consts, clone)
     refused = tuple((m.name, m.reason) for m in matches if not m.ok)
     good = [m for m in matches if m.ok]
     if not good:
@@ -346,7 +375,7 @@ def smooth_layernorms(model: onnx.ModelProto, alpha: float, *, normalized_max: f
     out.CopyFrom(model)
     nodes = {n.name: n for n in out.graph.node}
     taken = {i.name for i in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
-    taken |= {i.name for i in out.graph.input}
+    taken |= {i.name for i in out.graph.input} | set(nodes)
     replaced: set[str] = set()
 
     def put(at: tuple[str, int], value: np.ndarray, name: str) -> None:
@@ -359,8 +388,22 @@ def smooth_layernorms(model: onnx.ModelProto, alpha: float, *, normalized_max: f
         w_max = np.max(
             [np.max(np.abs(np.moveaxis(r.weight.astype(np.float64), r.row_axis, 0)), axis=1) for r in m.readers], axis=0
         )
-        x_max = layernorm_channel_max(tail.gamma, tail.beta, normalized_max)
+        given = (channel_max or {}).get(tail.output)
+        x_max = (
+            layernorm_channel_max(tail.gamma, tail.beta, normalized_max)
+            if given is None
+            else np.asarray(given, dtype=np.float64).reshape(-1)
+        )
+        if x_max.shape != w_max.shape:
+            raise InputError(
+                f"channel_max of {tail.output!r} has {x_max.size} values; its LayerNorm has {tail.channels} channels"
+            )
         s = smoothing_scales(x_max, w_max, alpha)
+        if m.kept:
+            tail = _clone_affine(out, nodes, tail, taken)
+            for r in m.readers:
+                reader = nodes[r.node]
+                reader.input[0] = tail.output  # MatMul x @ W / Gemm A: the activation is input 0
         put(tail.gamma_at, tail.gamma / s, f"{tail.name}_smooth_gamma")
         if tail.beta_at is not None:
             put(tail.beta_at, tail.beta / s, f"{tail.name}_smooth_beta")
@@ -369,10 +412,40 @@ def smooth_layernorms(model: onnx.ModelProto, alpha: float, *, normalized_max: f
             shape[r.row_axis] = -1
             weight = r.weight.astype(np.float64) * s.reshape(shape)
             put((r.node, r.weight_index), weight, f"{r.node}_smooth_weight")
-        sites.append(SmoothedSite(tail.name, tail.output, tuple(r.node for r in m.readers), tail.channels,
-                                  float(np.min(s)), float(np.max(s)), _spread(x_max), _spread(x_max / s)))  # fmt: skip
+        sites.append(SmoothedSite(m.name, tail.output, tuple(r.node for r in m.readers), tail.channels,
+                                  float(np.min(s)), float(np.max(s)), _spread(x_max), _spread(x_max / s),
+                                  cloned=bool(m.kept)))  # fmt: skip
     _drop_unread(out, replaced)
     return SmoothResult(out, True, tuple(sites), refused)
+
+
+def _clone_affine(
+    model: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], tail: LayerNormTail, taken: set[str]
+) -> LayerNormTail:
+    """A copy of the LayerNorm's affine part (the LayerNormalization node; the decomposed γ Mul and β Add), inserted
+    after the original, with its own output; returns the copy as a LayerNormTail (γ, β still the original's)."""
+    graph = model.graph
+    originals = [tail.gamma_at[0]] if tail.beta_at is None else list(dict.fromkeys([tail.gamma_at[0], tail.beta_at[0]]))
+    renamed: dict[str, str] = {}
+    copies = []
+    for name in originals:
+        node = onnx.NodeProto()
+        node.CopyFrom(nodes[name])
+        node.name = _unique(f"{name}_smoothed", taken)
+        del node.output[1:]  # LayerNormalization's optional Mean / InvStdDev: not needed twice
+        node.output[0] = renamed[nodes[name].output[0]] = _unique(f"{nodes[name].output[0]}_smoothed", taken)
+        for i, value in enumerate(node.input):
+            node.input[i] = renamed.get(value, value)
+        copies.append(node)
+        nodes[node.name] = node
+    position = max(i for i, n in enumerate(graph.node) if n.name in originals) + 1
+    for offset, node in enumerate(copies):
+        graph.node.insert(position + offset, node)
+    nodes.update({n.name: n for n in graph.node})  # insert() copies: point the names at the graph's own nodes
+    new_name = {old: copy.name for old, copy in zip(originals, copies, strict=True)}
+    beta_at = None if tail.beta_at is None else (new_name[tail.beta_at[0]], tail.beta_at[1])
+    return LayerNormTail(new_name[tail.name], tail.form, copies[-1].output[0], (new_name[tail.gamma_at[0]],
+                         tail.gamma_at[1]), beta_at, tail.gamma, tail.beta)  # fmt: skip
 
 
 def _set_input(
