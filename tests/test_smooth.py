@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rexdeploy.cli.main import main
-from rexdeploy.errors import PlanError
+from rexdeploy.errors import InputError, PlanError
 from rexdeploy.passes.pipeline import expand_model
 from rexdeploy.passes.smooth import find_smoothable, layernorm_channel_max, smooth_layernorms, smoothing_scales
 from rexdeploy.plans import Plan, load_plan, uniform_plan
@@ -302,3 +302,13 @@ def test_clone_decomposed_layernorm_that_is_a_graph_output() -> None:
     x = _inputs((32, HIDDEN))
     for got, want in zip(_run(result.model, x), _run(model, x), strict=True):
         assert _rel(got, want) < 1e-5
+
+
+def test_channel_max_from_elsewhere_replaces_the_gamma_beta_estimate() -> None:
+    model = qkv_model()
+    x_max = np.linspace(1.0, 4.0, HIDDEN)
+    result = smooth_layernorms(model, 1.0, channel_max={"ln": x_max})  # α = 1: s = x_max exactly (Eq. 4)
+    ln = result.model.graph.node[0]
+    np.testing.assert_allclose(_init_value(result.model, ln.input[1]), _init_value(model, "gamma") / x_max, rtol=1e-6)
+    with pytest.raises(InputError, match="has 3 values; its LayerNorm has 16 channels"):
+        smooth_layernorms(model, 0.5, channel_max={"ln": np.ones(3)})
