@@ -279,14 +279,14 @@ def test_fidelity_model_prices_uint8_inputs_at_their_step() -> None:
     import onnxruntime as ort
 
     from rexdeploy.plans import default_plan
-    from rexdeploy.ranges import synthetic_inputs
+    from rexdeploy.probes import NATURAL, family_inputs
 
     model = small_cnn()
     layers = quantizable_layers(fold_batchnorm(model)[0])
     as_int8, as_engine = prepare(model, layers), prepare(model, layers, profile=F32)
     assert as_engine.errors.unsigned_inputs and not as_int8.errors.unsigned_inputs
     assert prepare(model, layers, profile=GPU).errors.unsigned_inputs == frozenset()  # TensorRT runs int8 only
-    feeds = synthetic_inputs(model, batch=32, seed=3)
+    feeds = family_inputs(model, NATURAL, 32, seed=3)  # the kind of input the planner's error model probes images with
     exact = ort.SessionOptions()
     exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 

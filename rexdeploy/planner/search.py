@@ -37,6 +37,7 @@ from rexdeploy.planner.ensembles import ensemble_candidates
 from rexdeploy.planner.fidelity import ErrorModel, LayerOption
 from rexdeploy.planner.sensitivity import measure_sensitivity
 from rexdeploy.plans import LayerPlan, Plan
+from rexdeploy.probes import NATURAL, applicable_families, family_inputs
 from rexdeploy.profile import Profile
 from rexdeploy.ranges import activation_ranges, probe_batch, synthetic_inputs
 
@@ -317,10 +318,18 @@ def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndar
             seed: int = 0, profile: Profile | None = None) -> Prepared:  # fmt: skip
     """Sensitivity (the gains of each layer's error at the output), data-free activation ranges and the
     per-layer weights: the budget-independent half of :func:`plan_model`. ``profile``: whose engine the plans
-    are for (inputs ≥ 0 are emitted as uint8 where the engine runs it: half the rounding step)."""
+    are for (inputs ≥ 0 are emitted as uint8 where the engine runs it: half the rounding step).
+
+    The probes are natural-image-like 1/f fields (:mod:`rexdeploy.probes`) where the model reads an image, else
+    Gaussian: white noise passes a first layer's filters whole and hides what rounding its input costs
+    (MobileNetV2, W8A8 on the first conv alone, relative output error: 0.005 on Gaussian probes, 0.025 on 1/f
+    fields, 0.070 on natural photographs; AMD EPYC, onnxruntime exact arithmetic)."""
     t0 = time.perf_counter()
     folded, bn_stats = fold_batchnorm(model)
-    feeds = {k: v for k, v in synthetic_inputs(folded, batch=probes, seed=seed).items()}
+    if NATURAL in applicable_families(folded):  # image inputs: white noise hides what a layer's error costs
+        feeds = family_inputs(folded, NATURAL, probes, seed=seed + 1)
+    else:
+        feeds = {k: v for k, v in synthetic_inputs(folded, batch=probes, seed=seed).items()}
     if calibration is not None:
         name = next(iter(feeds))
         feeds = {name: calibration[: max(probes, 1)]}
