@@ -62,9 +62,34 @@ def mlp(rows: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def weight_only(rows: int, bits: int, order: int, profile: Profile = F32) -> onnx.ModelProto:
+def gemm_mlp(rows: int) -> onnx.ModelProto:
+    """The same MLP as two ``Gemm`` nodes (``transB=1``, bias inside: the expansion puts it on order 1)."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((FF, HIDDEN)) / np.sqrt(HIDDEN)).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal(FF) * 0.1).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((HIDDEN, FF)) / np.sqrt(FF)).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal(HIDDEN) * 0.1).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gemm_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, HIDDEN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, HIDDEN])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def weight_only(rows: int, bits: int, order: int, profile: Profile = F32, gemm: bool = False) -> onnx.ModelProto:
     lp = LayerPlan(bits=bits, order=order, act_bits=0)
-    return expand_model(mlp(rows), Plan(layers={"fc1": lp, "fc2": lp}), profile=profile).model
+    source = gemm_mlp(rows) if gemm else mlp(rows)
+    return expand_model(source, Plan(layers={"fc1": lp, "fc2": lp}), profile=profile).model
 
 
 def reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -96,21 +121,24 @@ def ir_forms(tmp_path: Path) -> dict[str, object]:
 
 
 @pytest.mark.parametrize(
-    ("rows", "bits", "order", "form", "weights"),
+    ("rows", "bits", "order", "form", "weights", "gemm"),
     [
-        (1, 8, 1, "single", "i8"),
-        (1, 8, 2, "grouped", "i8"),  # few rows, f32: the K orders stay compressed, one kernel
-        (1, 4, 2, "grouped", "i4"),  # int4 orders stored as int4
-        (16, 4, 1, "single", "i4"),
-        (16, 8, 2, "folded", "f32"),  # many rows: one float MatMul on the summed orders
+        (1, 8, 1, "single", "i8", False),
+        (1, 8, 2, "grouped", "i8", False),  # few rows, f32: the K orders stay compressed, one kernel
+        (1, 4, 2, "grouped", "i4", False),  # int4 orders stored as int4
+        (16, 4, 1, "single", "i4", False),
+        (16, 8, 2, "folded", "f32", False),  # many rows: one float MatMul on the summed orders
+        (1, 8, 2, "grouped", "i8", True),  # Gemm: its bias rides on the first order
+        (16, 4, 2, "folded", "f32", True),
     ],
 )
 def test_weight_only_engine_is_exact_and_compressed(
-    tmp_path: Path, rows: int, bits: int, order: int, form: str, weights: str
+    tmp_path: Path, rows: int, bits: int, order: int, form: str, weights: str, gemm: bool
 ) -> None:
-    model = weight_only(rows, bits, order)
+    model = weight_only(rows, bits, order, gemm=gemm)
     builder, engine = build(model, tmp_path)
-    x = np.random.default_rng(1).standard_normal((1, rows, HIDDEN)).astype(np.float32)
+    shape = (rows, HIDDEN) if gemm else (1, rows, HIDDEN)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     out = builder.run(engine, {"x": x})[0]
     assert rel(out, reference(model, x)) < 1e-5  # f32 arithmetic on the ONNX's own weights
     assert ir_forms(tmp_path)["forms"] == {form: 2}

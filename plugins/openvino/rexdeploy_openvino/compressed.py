@@ -62,6 +62,7 @@ class WeightOnlyGroup:
     matmuls: tuple[Any, ...]
     values: tuple[np.ndarray, ...]  # int8, [N, C_in] each (output channels first)
     scales: tuple[np.ndarray, ...]  # float32, [N] each
+    biases: tuple[Any, ...] = ()  # constant terms of the sum (``openvino.Output``s): a Gemm's bias
 
     @property
     def orders(self) -> int:
@@ -156,21 +157,27 @@ def _same_output(a: Any, b: Any) -> bool:
     return bool(a.get_node().get_instance_id() == b.get_node().get_instance_id() and a.get_index() == b.get_index())
 
 
-def _add_leaves(add: Any) -> list[Any] | None:
-    """The MatMul leaves of an Add tree (inner Adds consumed only by the tree), else None."""
+def _add_leaves(add: Any) -> tuple[list[Any], list[Any]] | None:
+    """The MatMul leaves of an Add tree (inner Adds consumed only by the tree) and its constant terms (a Gemm's
+    bias, which rides on the first order), else None."""
     leaves: list[Any] = []
+    biases: list[Any] = []
     for i in range(2):
-        node = add.input_value(i).get_node()
+        port = add.input_value(i)
+        node = port.get_node()
         if node.get_type_name() == "Add" and len(node.output(0).get_target_inputs()) == 1:
             inner = _add_leaves(node)
             if inner is None:
                 return None
-            leaves += inner
+            leaves += inner[0]
+            biases += inner[1]
         elif node.get_type_name() == "MatMul" and len(node.output(0).get_target_inputs()) == 1:
             leaves.append(node)
+        elif node.get_type_name() == "Constant":
+            biases.append(port)
         else:
             return None
-    return leaves
+    return leaves, biases
 
 
 def weight_only_groups(model: Any) -> list[WeightOnlyGroup]:
@@ -185,9 +192,10 @@ def weight_only_groups(model: Any) -> list[WeightOnlyGroup]:
     for add in reversed(ops):
         if add.get_type_name() != "Add" or add.get_instance_id() in taken:
             continue
-        leaves = _add_leaves(add)
-        if not leaves or len(leaves) < 2:
+        tree = _add_leaves(add)
+        if tree is None or len(tree[0]) < 2:
             continue
+        leaves, biases = tree
         x = leaves[0].input_value(0)
         if _quantized_input(x):
             continue
@@ -197,7 +205,11 @@ def weight_only_groups(model: Any) -> list[WeightOnlyGroup]:
         found = [b for b in branches if b is not None]
         if len({q.shape for q, _ in found}) != 1:  # sparse (narrow) orders: not a dense group
             continue
-        groups.append(WeightOnlyGroup(add, x, tuple(leaves), tuple(q for q, _ in found), tuple(s for _, s in found)))
+        groups.append(
+            WeightOnlyGroup(
+                add, x, tuple(leaves), tuple(q for q, _ in found), tuple(s for _, s in found), tuple(biases)
+            )
+        )
         stack = [add]
         while stack:
             node = stack.pop()
@@ -231,9 +243,13 @@ def _group_size(c_in: int) -> int:
 def _replace(group: WeightOnlyGroup, new: Any) -> None:
     """Put ``new`` (a node) in place of the group's sum, under the first order's MatMul name (the execution
     graph then maps the layer back to that ONNX node) and the sum's tensor names."""
+    import openvino.opset13 as opset
+
     old = group.root.output(0)
     names = set(old.get_names())
     new.set_friendly_name(group.matmuls[0].get_friendly_name())
+    for bias in group.biases:
+        new = opset.add(new, bias)
     old.replace(new.output(0))
     if names:
         new.output(0).get_tensor().set_names(names)
