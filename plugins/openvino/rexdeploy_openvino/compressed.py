@@ -347,15 +347,18 @@ def compress_weight_only(model: Any, form: str = "auto", int4: bool = True, *, p
 
 
 def compressed_weight_layers(compiled: Any) -> dict[str, str]:
-    """FullyConnected / MatMul / Convolution layers of a compiled model → the element type of their weight
-    input as the plugin holds it (``i8``, ``i4``, ``u8``, ``f32``, ``bf16``, ...): which layers really run
-    compressed."""
+    """FullyConnected / MatMul / Convolution layers of a compiled model → how their weights are held: the
+    integer element type of the weight input where it stays compressed (``i8``, ``u8``, ``i4``, ``u4``), else the
+    layer's runtime precision (``f32``, ``bf16``: float weights; the weight input itself reads ``f32`` there even
+    in a bf16 engine)."""
     out: dict[str, str] = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer_type = str(info["layerType"].astype(str)) if "layerType" in info else ""
         if layer_type in ("FullyConnected", "MatMul", "Convolution") and op.get_input_size() > 1:
-            out[op.get_friendly_name()] = op.input(1).get_element_type().get_type_name()
+            weight = op.input(1).get_element_type()
+            runtime = str(info["runtimePrecision"].astype(str)) if "runtimePrecision" in info else ""
+            out[op.get_friendly_name()] = weight.get_type_name() if weight.is_integral() else (runtime or "f32")
     return out
 
 
