@@ -40,7 +40,7 @@ left as it is (widening it by 1.5 raised W8A8's error from 0.227 to 0.299).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -60,6 +60,7 @@ __all__ = [
     "UNSIGNED_ACTIVATION_ENGINES",
     "activation_order_scales",
     "activation_scale",
+    "emits_unsigned",
     "expand_activation",
     "first_range",
     "kept_terms",
@@ -133,6 +134,14 @@ def kept_terms(bits: int, order: int, act_order: int) -> list[tuple[int, int]]:
 
 
 UNSIGNED_ACTIVATION_ENGINES = ("openvino", "onnxruntime")
+
+
+def emits_unsigned(op_type: str, tensor: str, nonnegative: Collection[str]) -> bool:
+    """Whether a layer input is emitted as uint8 (given the engine runs uint8 activations): the tensor is ≥ 0 by
+    the graph (:func:`rexdeploy.bnstats.nonnegative_tensors`) and the layer is not a MatMul — OpenVINO 2026.4's CPU
+    plugin refuses a u8 input of a MatMul layer ("check failed: any_of(scale.size(), OC, 1U)",
+    tests/test_engine_compiles.py), so MatMul inputs stay int8."""
+    return tensor in nonnegative and op_type != "MatMul"
 
 
 def unsigned_activations_for(profile_name: str) -> bool:

@@ -41,7 +41,7 @@ erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), vectorized; rexdeploy does
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -630,17 +630,19 @@ def propagate_bn_stats(
 
 
 def stats_range(
-    stats: ChannelStats, clip: ClipRule = DEFAULT_CLIP, n_std: float = DEFAULT_N_STD, gains: np.ndarray | None = None
+    stats: ChannelStats, clip: ClipRule = DEFAULT_CLIP, n_std: float = DEFAULT_N_STD, gains: np.ndarray | None = None,
+    levels: int | None = None,
 ) -> float:
     """A tensor's quantization range from its channel statistics by ``clip``: ``"nstd"`` the largest over
     channels of ``clip(mean ± n_std·std, lo, hi)``; ``"mse-gauss"`` / ``"mse-laplace"`` the MSE-optimal range
     (:meth:`ChannelStats.mse_range`) with each channel a Gaussian / a Laplace of its mean and std, the
-    channels weighted by ``gains`` (ignored unless one per channel)."""
+    channels weighted by ``gains`` (ignored unless one per channel), on ``levels`` positive codes (None: 255 for
+    a tensor ≥ 0, else 127)."""
     if clip == "nstd":
         return stats.max_abs(n_std)
     if clip in ("mse-gauss", "mse-laplace"):
         weights = gains if gains is not None and np.size(gains) == stats.channels else None
-        return stats.mse_range("gauss" if clip == "mse-gauss" else "laplace", weights)
+        return stats.mse_range("gauss" if clip == "mse-gauss" else "laplace", weights, levels)
     raise ValueError(f"unknown clipping rule {clip!r}; use one of {', '.join(CLIP_RULES)}")
 
 
@@ -653,12 +655,20 @@ def bn_ranges(
     pool_std_factor: float = DEFAULT_POOL_STD_FACTOR,
     clip: ClipRule = DEFAULT_CLIP,
     gains: Mapping[str, np.ndarray] | None = None,
+    unsigned: Collection[str] | None = None,
 ) -> dict[str, float]:
     """The range (max |x| kept) of each tensor in ``tensors`` whose statistics are known, by
-    :func:`stats_range` (``clip``, ``n_std``, the tensor's channel ``gains`` when given). Tensors with
+    :func:`stats_range` (``clip``, ``n_std``, the tensor's channel ``gains`` when given). ``unsigned``: the
+    tensors emitted as uint8 (255 levels); the others get 127 (None: 255 wherever the tensor is ≥ 0). Tensors with
     unknown statistics are left out of the result."""
     known = propagate_bn_stats(model, bn_stats, pool_std_factor=pool_std_factor)
     gains = gains or {}
+
+    def levels(name: str) -> int | None:
+        return None if unsigned is None else (255 if name in unsigned else 127)
+
     return {
-        name: stats_range(known[name], clip, n_std, gains.get(name)) for name in dict.fromkeys(tensors) if name in known
+        name: stats_range(known[name], clip, n_std, gains.get(name), levels(name))
+        for name in dict.fromkeys(tensors)
+        if name in known
     }

@@ -20,13 +20,14 @@ known and probes elsewhere. A user calibration array, when given, replaces both 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rexdeploy.actorders import emits_unsigned, unsigned_activations_for
 from rexdeploy.bnstats import (
     CLIP_RULES,
     DEFAULT_CLIP,
@@ -34,9 +35,13 @@ from rexdeploy.bnstats import (
     DEFAULT_POOL_STD_FACTOR,
     ClipRule,
     bn_ranges,
+    nonnegative_tensors,
     propagate_bn_stats,
 )
 from rexdeploy.errors import InputError, ModelError
+
+if TYPE_CHECKING:
+    from rexdeploy.analyze import Layer
 
 RangeMethod = Literal["auto", "bn", "probe"]
 ProbeKind = Literal["noise", "smooth"]
@@ -241,6 +246,16 @@ def activation_means(
     return {name: known[name].moments()[0] for name in dict.fromkeys(tensors) if name in known}
 
 
+def unsigned_layers(model: onnx.ModelProto, layers: Sequence[Layer], profile_name: str) -> frozenset[str]:
+    """The layers whose int8 input the expansion emits as uint8 for the engine of ``profile_name``
+    (:func:`rexdeploy.actorders.unsigned_activations_for`, :func:`rexdeploy.actorders.emits_unsigned`): what the
+    planner's error model prices at half the step, and what the range rule gives 255 levels."""
+    if not unsigned_activations_for(profile_name):
+        return frozenset()
+    nonnegative = nonnegative_tensors(model)
+    return frozenset(layer.name for layer in layers if emits_unsigned(layer.op_type, layer.input, nonnegative))
+
+
 def activation_ranges(
     model: onnx.ModelProto,
     bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -255,6 +270,7 @@ def activation_ranges(
     percentile: float | None = DEFAULT_PERCENTILE,
     batch: int = 16,
     seed: int = 0,
+    unsigned: Collection[str] | None = None,
 ) -> dict[str, float]:
     """The max |x| of each tensor in ``tensors`` of the BN-folded ``model``.
 
@@ -266,6 +282,10 @@ def activation_ranges(
     * ``"probe"``: synthetic probes only.
 
     A user ``calibration`` batch overrides all of them: max |x| over it, for every tensor.
+
+    ``unsigned``: the tensors that will be emitted as uint8 (:func:`unsigned_layers`); the MSE clipping rules
+    then place 255 levels on those and 127 on every other — a tensor ≥ 0 emitted as int8 (a MatMul input, a
+    TensorRT engine) has only 127 levels for its values. None: 255 wherever the tensor is ≥ 0.
     """
     taps = list(dict.fromkeys(tensors))
     if method not in RANGE_METHODS:
@@ -277,7 +297,8 @@ def activation_ranges(
     if method == "probe":
         return probe_ranges(model, taps, batch=batch, seed=seed, probe=probe, percentile=percentile)
     gains = input_channel_gains(model) if clip != "nstd" else None
-    ranges = bn_ranges(model, bn_stats, taps, n_std, pool_std_factor=pool_std_factor, clip=clip, gains=gains)
+    ranges = bn_ranges(model, bn_stats, taps, n_std, pool_std_factor=pool_std_factor, clip=clip, gains=gains,
+                       unsigned=unsigned)  # fmt: skip
     missing = [name for name in taps if name not in ranges]
     if missing and method == "bn":
         raise ModelError(

@@ -277,8 +277,8 @@ def test_expand_model_uses_bn_ranges_and_calibration() -> None:
     profile = load_profile("x86-avx512")
     expanded = expand_model(model, profile=profile, bits=8, order=1, act_bits=8)
     folded, stats = fold_batchnorm(model)
-    want = activation_ranges(folded, stats, ["x", "r1", "r2", "flat"])
     unsigned = {"r1", "r2", "flat"}  # ReLU outputs (pooled or not): uint8 on an OpenVINO profile, scale range / 255
+    want = activation_ranges(folded, stats, ["x", "r1", "r2", "flat"], unsigned=unsigned)  # ranged on 255 levels
     scales = {k: activation_scale(v, k in unsigned) for k, v in want.items()}
     assert expanded.activation_scales == pytest.approx(scales)
     # r1 (BN → Relu) comes from the BN statistics, not from the probes

@@ -288,3 +288,28 @@ def test_statistics_through_activations_gates_and_plain_layers_match_monte_carlo
     # the gated product keeps zr's statistics as a bound: its range covers what the product takes
     assert known["gated"].mean is known["zr"].mean
     assert float(values["gated"].max()) <= known["gated"].max_abs(6.0)
+
+
+def test_the_range_rule_counts_the_levels_the_engine_is_given() -> None:
+    """A ReLU output emitted as int8 (a TensorRT engine, a MatMul input) has 127 positive codes, not 255: its MSE
+    range is narrower than the uint8 one, and the expansion's scale follows the emitted type."""
+    from rexdeploy.actorders import activation_scale
+    from rexdeploy.api import expand_model, quantizable_layers
+    from rexdeploy.plans import default_plan
+    from rexdeploy.profile import load_profile
+    from rexdeploy.ranges import unsigned_layers
+
+    model = small_cnn()
+    folded, stats = fold_batchnorm(model)
+    layers = quantizable_layers(folded)
+    as_u8 = activation_ranges(folded, stats, ["r1"], method="bn", unsigned={"r1"})["r1"]
+    as_i8 = activation_ranges(folded, stats, ["r1"], method="bn", unsigned=set())["r1"]
+    assert as_u8 == activation_ranges(folded, stats, ["r1"], method="bn")["r1"]  # None: 255 where ≥ 0
+    assert as_i8 < 0.95 * as_u8  # twice the step: clipping more of the tail pays for a finer one
+    readers = {layer.name for layer in layers if layer.input == "r1"}
+    assert readers and readers <= unsigned_layers(folded, layers, "x86-avx512")
+    assert unsigned_layers(folded, layers, "a100") == frozenset()  # TensorRT quantizes to int8 only
+    for profile, want in (("a100", activation_scale(as_i8)), ("x86-avx512", activation_scale(as_u8, unsigned=True))):
+        p = load_profile(profile)
+        expanded = expand_model(model, default_plan(layers, p, order=1), profile=p)
+        assert expanded.activation_scales["r1"] == pytest.approx(want, rel=1e-6), profile

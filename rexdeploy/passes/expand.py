@@ -47,6 +47,7 @@ from onnx import helper, numpy_helper
 from rexdeploy.actorders import (
     activation_order_scales,
     activation_scale,
+    emits_unsigned,
     first_range,
     kept_terms,
     unsigned_activations_for,
@@ -471,9 +472,7 @@ def expand(
             continue
         lp, layer = job.plan, job.layer
         x_scale: float | None = None
-        # OpenVINO 2026.4's CPU plugin refuses a u8 input of a MatMul layer ("check failed: any_of(scale.size(),
-        # OC, 1U)", tests/test_engine_compiles.py): MatMul inputs stay int8
-        unsigned = node.input[layer.act_index] in nonnegative and node.op_type != "MatMul"
+        unsigned = emits_unsigned(node.op_type, node.input[layer.act_index], nonnegative)
         if lp.act_bits == 8:
             tensor = node.input[layer.act_index]
             if tensor not in ranges:

@@ -20,7 +20,7 @@ from rexdeploy.passes.smooth import smooth_layernorms, smoothing_note
 from rexdeploy.pins import pin_fp32, set_dynamic_activations, set_float_precision
 from rexdeploy.plans import Plan, default_plan
 from rexdeploy.profile import Profile, load_profile
-from rexdeploy.ranges import activation_means, activation_ranges, probe_batch, probe_ranges
+from rexdeploy.ranges import activation_means, activation_ranges, probe_batch, probe_ranges, unsigned_layers
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,11 @@ def expand_model(
     # BN statistics where they reach, synthetic probes elsewhere; a user calibration batch overrides both
     missing = [t for t in act_inputs if ranges is None or t not in ranges]
     batch = probe_batch(sum(layer.macs for layer in layers))
-    computed = (
-        activation_ranges(folded, bn_stats, missing, method="auto", calibration=calibration, batch=batch)
-        if missing
-        else {}
-    )
+    unsigned = {by_name[n].input for n in unsigned_layers(folded, layers, plan.profile)}  # the expansion's rule
+    computed = {}
+    if missing:
+        computed = activation_ranges(folded, bn_stats, missing, method="auto", calibration=calibration, batch=batch,
+                                     unsigned=unsigned)  # fmt: skip
     # data-free bias correction of every layer's weight error from its input's BN-propagated channel means
     means = activation_means(folded, bn_stats, [layer.input for layer in layers])
     result = expand(folded, plan, {**(ranges or {}), **computed}, input_means=means)

@@ -20,9 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from rexdeploy.actorders import unsigned_activations_for
 from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
-from rexdeploy.bnstats import nonnegative_tensors
 from rexdeploy.costmodel import (
     engine_float_precision,
     engine_profile,
@@ -39,7 +37,7 @@ from rexdeploy.planner.sensitivity import measure_sensitivity
 from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.probes import NATURAL, applicable_families, family_inputs
 from rexdeploy.profile import Profile
-from rexdeploy.ranges import activation_ranges, probe_batch, synthetic_inputs
+from rexdeploy.ranges import activation_ranges, probe_batch, synthetic_inputs, unsigned_layers
 
 ORDERS = (1, 2, 3)
 log = logging.getLogger(__name__)
@@ -335,15 +333,14 @@ def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndar
         feeds = {name: calibration[: max(probes, 1)]}
     sensitivity = measure_sensitivity(folded, layers, feeds, seed=seed)
     batch = probe_batch(sum(layer.macs for layer in layers))  # the same probes expand_model would use
-    ranges = activation_ranges(
-        folded, bn_stats, [layer.input for layer in layers], method="auto", calibration=calibration, batch=batch
-    )
+    # the layers whose input the expansion emits as uint8 (its rule): priced at half the step, ranged on 255 levels
+    unsigned = unsigned_layers(folded, layers, profile.name) if profile is not None else frozenset()
+    by_name = {layer.name: layer for layer in layers}
+    ranges = activation_ranges(folded, bn_stats, [layer.input for layer in layers], method="auto",
+                               calibration=calibration, batch=batch,
+                               unsigned={by_name[n].input for n in unsigned} if profile is not None else None)  # fmt: skip
     consts = ConstantResolver(folded)
     weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
-    unsigned: frozenset[str] = frozenset()
-    if profile is not None and unsigned_activations_for(profile.name):  # the expansion's rule (passes.expand)
-        nonnegative = nonnegative_tensors(folded)
-        unsigned = frozenset(layer.name for layer in layers if layer.input in nonnegative and layer.op_type != "MatMul")
     errors = ErrorModel(layers, weights, sensitivity, ranges, unsigned)
     log.debug("planner: sensitivity and ranges of %d layers in %.2f s", len(layers), time.perf_counter() - t0)
     return Prepared(errors, dict(ranges), time.perf_counter() - t0)
