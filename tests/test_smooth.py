@@ -312,3 +312,19 @@ def test_channel_max_from_elsewhere_replaces_the_gamma_beta_estimate() -> None:
     np.testing.assert_allclose(_init_value(result.model, ln.input[1]), _init_value(model, "gamma") / x_max, rtol=1e-6)
     with pytest.raises(InputError, match="has 3 values; its LayerNorm has 16 channels"):
         smooth_layernorms(model, 0.5, channel_max={"ln": np.ones(3)})
+
+
+def test_decomposed_layernorm_without_beta_before_a_residual_add_is_refused_once() -> None:
+    """A Mul-only tail (no β) read by a residual Add: one refusal, under the Mul, naming the Add."""
+    model = decomposed_gemm_model()
+    graph = model.graph
+    add_beta = next(n for n in graph.node if n.name == "add_beta")
+    add_beta.input[:] = ["scaled", "x"]  # the β Add becomes a residual Add of the input
+    add_beta.name = "residual"
+    graph.node.append(helper.make_node("MatMul", ["scaled", "w_mm"], ["y2"], name="mm"))
+    graph.initializer.append(_init("w_mm", np.ones((HIDDEN, 4))))
+    graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 4]))
+    matches = find_smoothable(model)
+    assert [(m.name, m.ok) for m in matches] == [("mul_gamma", False)]
+    assert "Add 'residual'" in matches[0].reason
+    assert [s.readers for s in smooth_layernorms(model, 0.5, clone=True).smoothed] == [("mm",)]

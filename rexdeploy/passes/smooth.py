@@ -187,8 +187,8 @@ def match_layernorm(
     mul = node
     if node.op_type == "Add":
         mul_out = next((i for i in node.input if producers.get(i) is not None and producers[i].op_type == "Mul"), None)
-        if mul_out is None:
-            return None
+        if mul_out is None or _vector(consts, _other(node, mul_out)[1]) is None:
+            return None  # not a β Add (e.g. a residual Add after a LayerNorm without β: the Mul is the tail)
         add, mul = node, producers[mul_out]
     div_out = next((i for i in mul.input if producers.get(i) is not None and producers[i].op_type == "Div"), None)
     if div_out is None or not _is_normalization(producers[div_out], consts, producers):
@@ -210,7 +210,7 @@ def match_layernorm(
         beta_index, beta_name = _other(add, mul.output[0])
         found = _vector(consts, beta_name)
         if found is None or found.size not in (1, gamma.size):
-            return result.fail("its bias β (the Add after γ) is not a constant vector over the channels")
+            return result.fail("its bias β (the Add after γ) is not a vector over the channels")
         beta, beta_at = np.broadcast_to(found, gamma.shape).copy(), (add.name, beta_index)
     tail = LayerNormTail(name, "decomposed", (add or mul).output[0], (mul.name, gamma_index), beta_at, gamma, beta)
     return MatchResult(name, tail)
