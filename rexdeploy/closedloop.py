@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from rexdeploy.analyze import Layer, quantizable_layers
@@ -35,7 +36,7 @@ from rexdeploy.builders.cache import cached_build
 from rexdeploy.builders.registry import builder_for
 from rexdeploy.costmodel import engine_float_precision, engine_profile, float_precision
 from rexdeploy.errors import BudgetError, BuildError
-from rexdeploy.fidelity import fidelity_disagreement, measure_fidelity, measure_fidelity_on
+from rexdeploy.fidelity import Fidelity, fidelity_disagreement, measure_fidelity, measure_fidelity_on
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
@@ -113,6 +114,16 @@ class _Run:
     fp32_engine: Engine | None = None
     measured: list[Measured] = field(default_factory=list)  # every engine measured in this run
     checks: dict[int, SelfCheck] = field(default_factory=dict)  # engine id → its self-check
+    fp32_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # the FP32 engine on the probes, by digest
+    estimates: dict[int, Fidelity] = field(default_factory=dict)  # id(engine.handle) → its fidelity estimate
+
+    def estimate(self, engine: Engine) -> Fidelity:
+        """The data-free fidelity estimate of ``engine`` against the FP32 engine (each engine estimated once)."""
+        if id(engine.handle) not in self.estimates:
+            assert isinstance(self.fp32_engine, Engine)
+            self.estimates[id(engine.handle)] = measure_fidelity(self.builder, self.fp32_engine, engine, self.model,
+                                                                 reference_outputs=self.fp32_outputs)  # fmt: skip
+        return self.estimates[id(engine.handle)]
 
     def attempts_dir(self) -> Path:
         """``attempts/`` of the build folder: the closed loop's engines (the returned one is copied to ``rex/``)."""
@@ -255,7 +266,7 @@ def build(
             shutil.copyfile(final_onnx, tmp / "expanded.onnx")
         (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")
         say("measuring fidelity against FP32 on synthetic probes (an estimate) ...")
-        fidelity = measure_fidelity(builder, fp32_engine, rex_engine, model)
+        fidelity = run.estimate(rex_engine)
         fidelity_samples = None
         if user_samples is not None:
             n = next(iter(user_samples.values())).shape[0]
@@ -606,8 +617,7 @@ def _default_float(run: _Run, fp32: Measured, measure_error: bool = True) -> Mea
     m = run.measure(label, plan, engine, fp32.onnx_path, run.timing if measure_error else PROBE_TIMING,
                     f"the default float engine ({default})")  # fmt: skip
     if measure_error:
-        assert isinstance(run.fp32_engine, Engine)
-        err = measure_fidelity(run.builder, run.fp32_engine, engine, run.model).relative_error
+        err = run.estimate(engine).relative_error
         m = dataclasses.replace(m, error=err)
         run.measured[-1] = m
     return m

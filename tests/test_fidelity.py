@@ -197,3 +197,17 @@ def test_measure_fidelity_runs_the_engines_on_the_estimate_probes(tmp_path: Path
         # so on 8 probes the two errors differ by up to ~10 %
         assert g.relative_error == pytest.approx(w.relative_error, rel=0.15)
         assert g.top1_agreement == pytest.approx(w.top1_agreement, abs=1 / 8)
+    # the reference's outputs kept by probe digest: a second estimate against the same engine runs only the candidate
+    calls: list[str] = []
+
+    class Counting(OnnxRuntimeBuilder):
+        def run(self, engine, inputs):  # type: ignore[no-untyped-def]
+            calls.append(engine.artifacts[0].parent.name if engine.artifacts else "?")
+            return super().run(engine, inputs)
+
+    counting, kept = Counting(), {}  # type: ignore[var-annotated]
+    first = measure_fidelity(counting, engines["fp32"], engines["q"], model, probes=8, reference_outputs=kept)
+    per_engine = len(calls) // 2
+    second = measure_fidelity(counting, engines["fp32"], engines["q"], model, probes=8, reference_outputs=kept)
+    assert len(calls) == 3 * per_engine and len(kept) == len(first.families)
+    assert second == first
