@@ -185,32 +185,50 @@ def _load_images() -> list[np.ndarray]:
     return images
 
 
+def _crop_draws(n: int, seed: int, shapes: list[tuple[int, int]]) -> list[tuple[int, int, int, int, bool]]:
+    """Probe i's (image index, crop side, top, left, flip): a seeded shuffle of the images (each used about
+    equally), a square crop of 50–100 % of the shorter side at a random position, a horizontal flip (p = 0.5)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(shapes))
+    draws = []
+    for i in range(n):
+        k = int(order[i % len(shapes)])
+        h, w = shapes[k]
+        side = round(min(h, w) * rng.uniform(0.5, 1.0))
+        top = int(rng.integers(0, h - side + 1))
+        left = int(rng.integers(0, w - side + 1))
+        draws.append((k, side, top, left, bool(rng.random() < 0.5)))
+    return draws
+
+
 def natural_image_probes(n: int = 120, seed: int = 0, size: int = 224) -> np.ndarray:
     """``n`` ImageNet-normalised (N, 3, size, size) float32 probes from scikit-image's bundled photographs.
 
     Probe i takes image ``order[i % count]`` (a seeded shuffle, so every image is used about equally), a
     random square crop whose side is 50–100 % of the image's shorter side at a random position, a random
     horizontal flip (p = 0.5), an anti-aliased resize to ``size``×``size`` and the ImageNet mean / std.
-    Deterministic for a given (n, seed).
+    Deterministic for a given (n, seed). :func:`natural_probe_is_grey` says which probes come from a grayscale
+    photograph (repeated onto three channels).
     """
     from skimage.transform import resize
 
-    rng = np.random.default_rng(seed)
     images = _load_images()
-    order = rng.permutation(len(images))
     out = np.empty((n, 3, size, size), dtype=np.float32)
-    for i in range(n):
-        img = images[order[i % len(images)]]
-        h, w = img.shape[:2]
-        side = round(min(h, w) * rng.uniform(0.5, 1.0))
-        top = int(rng.integers(0, h - side + 1))
-        left = int(rng.integers(0, w - side + 1))
-        crop = img[top : top + side, left : left + side]
-        if rng.random() < 0.5:
+    for i, (k, side, top, left, flip) in enumerate(_crop_draws(n, seed, [img.shape[:2] for img in images])):
+        crop = images[k][top : top + side, left : left + side]
+        if flip:
             crop = crop[:, ::-1]
         crop = resize(crop, (size, size), order=1, anti_aliasing=True, mode="reflect").astype(np.float32)
         out[i] = ((np.clip(crop, 0.0, 1.0) - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
     return out
+
+
+def natural_probe_is_grey(n: int = 120, seed: int = 0) -> np.ndarray:
+    """Which of :func:`natural_image_probes` ``(n, seed)`` come from a grayscale photograph (bool, (n,)): an
+    ImageNet network sees three equal channels there, which it rarely saw in training."""
+    images = _load_images()
+    grey = np.array([i >= len(_COLOR_IMAGES) for i in range(len(images))])
+    return np.array([grey[k] for k, *_ in _crop_draws(n, seed, [img.shape[:2] for img in images])], dtype=bool)
 
 
 # ----------------------------------------------------------------------------------------------------------
