@@ -86,8 +86,10 @@ def gemm_mlp(rows: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def weight_only(rows: int, bits: int, order: int, profile: Profile = F32, gemm: bool = False) -> onnx.ModelProto:
-    lp = LayerPlan(bits=bits, order=order, act_bits=0)
+def weight_only(
+    rows: int, bits: int, order: int, profile: Profile = F32, gemm: bool = False, form: str = "branches"
+) -> onnx.ModelProto:
+    lp = LayerPlan(bits=bits, order=order, act_bits=0, form=form)
     source = gemm_mlp(rows) if gemm else mlp(rows)
     return expand_model(source, Plan(layers={"fc1": lp, "fc2": lp}), profile=profile).model
 
@@ -144,6 +146,18 @@ def test_weight_only_engine_is_exact_and_compressed(
     assert ir_forms(tmp_path)["forms"] == {form: 2}
     kinds = set(compressed_weight_layers(compiled_model(engine)).values())
     assert kinds == {weights}, kinds
+
+
+@pytest.mark.parametrize(("rows", "form", "weights"), [(1, "grouped", "i8"), (16, "folded", "f32")])
+def test_concat_form_is_rewritten_too(tmp_path: Path, rows: int, form: str, weights: str) -> None:
+    """``LayerPlan.form = "concat"`` (one MatMul over the stacked orders, Split, Sum) becomes the same kernels."""
+    model = weight_only(rows, 8, 2, form="concat")
+    assert any(n.op_type == "Split" for n in model.graph.node)
+    builder, engine = build(model, tmp_path)
+    x = np.random.default_rng(6).standard_normal((1, rows, HIDDEN)).astype(np.float32)
+    assert rel(builder.run(engine, {"x": x})[0], reference(model, x)) < 1e-5
+    assert ir_forms(tmp_path)["forms"] == {form: 2}
+    assert set(compressed_weight_layers(compiled_model(engine)).values()) == {weights}
 
 
 def test_rewrite_forms_agree_with_the_frontend_form() -> None:

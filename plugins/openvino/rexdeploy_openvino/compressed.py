@@ -66,7 +66,12 @@ class WeightOnlyGroup:
 
     @property
     def orders(self) -> int:
-        return len(self.matmuls)
+        return len(self.values)
+
+    @property
+    def concat(self) -> bool:
+        """The ``concat`` form (``LayerPlan.form``): one MatMul over the stacked orders, split and summed."""
+        return len(self.matmuls) < len(self.values)
 
     @property
     def int4(self) -> bool:
@@ -157,6 +162,35 @@ def _same_output(a: Any, b: Any) -> bool:
     return bool(a.get_node().get_instance_id() == b.get_node().get_instance_id() and a.get_index() == b.get_index())
 
 
+_SPLITS = ("Split", "VariadicSplit")
+
+
+def _concat_group(add: Any, ports: list[Any], biases: list[Any], ov: Any) -> WeightOnlyGroup | None:
+    """The ``concat`` form: every output of one Split of a weight-only MatMul's last axis, summed by the tree."""
+    split = ports[0].get_node()
+    if split.get_type_name() not in _SPLITS or any(
+        p.get_node().get_instance_id() != split.get_instance_id() for p in ports
+    ):
+        return None
+    if sorted(p.get_index() for p in ports) != list(range(split.get_output_size())):
+        return None
+    mm = split.input_value(0).get_node()
+    axis = _const(split.input_value(1).get_node())
+    rank = split.input_value(0).get_partial_shape().rank
+    if axis is None or rank.is_dynamic or int(axis.reshape(())) not in (-1, rank.get_length() - 1):
+        return None
+    if len(mm.output(0).get_target_inputs()) != 1 or _quantized_input(mm.input_value(0)):
+        return None
+    found = _branch(mm, ov)
+    if found is None:
+        return None
+    q, s = found
+    k = split.get_output_size()
+    if q.shape[0] % k or any(split.get_output_partial_shape(i)[-1].get_length() != q.shape[0] // k for i in range(k)):
+        return None
+    return WeightOnlyGroup(add, mm.input_value(0), (mm,), tuple(np.split(q, k)), tuple(np.split(s, k)), tuple(biases))
+
+
 def _add_leaves(add: Any) -> tuple[list[Any], list[Any]] | None:
     """The MatMul leaves of an Add tree (inner Adds consumed only by the tree) and its constant terms (a Gemm's
     bias, which rides on the first order), else None."""
@@ -171,13 +205,25 @@ def _add_leaves(add: Any) -> tuple[list[Any], list[Any]] | None:
                 return None
             leaves += inner[0]
             biases += inner[1]
-        elif node.get_type_name() == "MatMul" and len(node.output(0).get_target_inputs()) == 1:
-            leaves.append(node)
+        elif node.get_type_name() in ("MatMul", *_SPLITS) and len(port.get_target_inputs()) == 1:
+            leaves.append(port)
         elif node.get_type_name() == "Constant":
             biases.append(port)
         else:
             return None
     return leaves, biases
+
+
+def _tree_nodes(add: Any) -> list[Any]:
+    """The Add nodes of the tree rooted at ``add``."""
+    out, stack = [], [add]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack += [
+            node.input_value(i).get_node() for i in range(2) if node.input_value(i).get_node().get_type_name() == "Add"
+        ]
+    return out
 
 
 def weight_only_groups(model: Any) -> list[WeightOnlyGroup]:
@@ -195,7 +241,15 @@ def weight_only_groups(model: Any) -> list[WeightOnlyGroup]:
         tree = _add_leaves(add)
         if tree is None or len(tree[0]) < 2:
             continue
-        leaves, biases = tree
+        ports, biases = tree
+        if any(p.get_node().get_type_name() != "MatMul" for p in ports):
+            concat = _concat_group(add, ports, biases, ov)
+            if concat is not None:
+                groups.append(concat)
+                taken.update(n.get_instance_id() for n in _tree_nodes(add))
+                taken.add(concat.matmuls[0].get_instance_id())
+            continue
+        leaves = [p.get_node() for p in ports]
         x = leaves[0].input_value(0)
         if _quantized_input(x):
             continue
@@ -210,15 +264,7 @@ def weight_only_groups(model: Any) -> list[WeightOnlyGroup]:
                 add, x, tuple(leaves), tuple(q for q, _ in found), tuple(s for _, s in found), tuple(biases)
             )
         )
-        stack = [add]
-        while stack:
-            node = stack.pop()
-            taken.add(node.get_instance_id())
-            stack += [
-                node.input_value(i).get_node()
-                for i in range(2)
-                if node.input_value(i).get_node().get_type_name() == "Add"
-            ]
+        taken.update(n.get_instance_id() for n in _tree_nodes(add))
         taken.update(mm.get_instance_id() for mm in leaves)
     for mm in ops:
         if (
@@ -339,7 +385,7 @@ def compress_weight_only(model: Any, form: str = "auto", int4: bool = True, *, p
         elif kind == "grouped":
             _replace(group, _grouped(group, ov, opset))
             summary.int4_orders += group.orders if group.int4 else 0
-        elif int4 and group.int4:
+        elif int4 and group.int4 and not group.concat:
             summary.int4_orders += _retype_int4(group, ov, opset)
         summary.forms[kind] = summary.forms.get(kind, 0) + 1
     model.validate_nodes_and_infer_types()
