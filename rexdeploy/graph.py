@@ -123,6 +123,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
             f"{path} is already quantized (node {node.name or node.output[0]!r} is {node.op_type}); "
             "give rexdeploy the FP32 model"
         )
+    _check_float_type(model, path)
     try:
         version = opset_version(model)
     except ModelError as exc:
@@ -135,7 +136,43 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                 f"{path} uses opset {version} and could not be upgraded to {TARGET_OPSET} ({_first_line(exc)}); "
                 f"re-export it with opset >= {MIN_OPSET}"
             ) from None
+    _drop_initializer_inputs(model)
     return model
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Unlist the initializers that old exporters (``keep_initializers_as_inputs``) also list as graph inputs.
+
+    rexdeploy reads them as constant weights; left listed, an expansion that replaced a weight by its
+    quantized orders kept the input entry without its initializer: a model that required the weights as
+    inputs (onnxruntime: 'Required inputs ([...]) are missing')."""
+    inits = {i.name for i in model.graph.initializer}
+    real = [i for i in model.graph.input if i.name not in inits]
+    if len(real) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(real)
+
+
+_NOT_FP32: dict[int, str] = {
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+
+
+def _check_float_type(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a float16 / bfloat16 / float64 model: the expansion quantizes float32 weights and activations (an
+    fp16 model failed later as an internal error: Q/DQ of float16 needs opset 19, the probes fed float32)."""
+    inits = {i.name for i in model.graph.initializer}
+    tensors = [*(i for i in model.graph.input if i.name not in inits), *model.graph.output]
+    tensors += [i for i in model.graph.initializer if i.data_type in _NOT_FP32 and len(i.dims) >= 2]  # weights
+    for t in tensors:
+        elem = int(t.type.tensor_type.elem_type if isinstance(t, onnx.ValueInfoProto) else t.data_type)
+        if elem in _NOT_FP32:
+            raise UnsupportedModelError(
+                f"{path} is a {_NOT_FP32[elem]} model ({t.name!r} is {_NOT_FP32[elem]}); rexdeploy takes the FP32 "
+                "model: export it in float32 (in torch: model.float() before torch.onnx.export)"
+            )
 
 
 def save_model(model: onnx.ModelProto, path: str | Path, check: bool = True) -> Path:

@@ -38,7 +38,7 @@ from rexdeploy.bnstats import (
     nonnegative_tensors,
     propagate_bn_stats,
 )
-from rexdeploy.errors import InputError, ModelError
+from rexdeploy.errors import InputError, ModelError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from rexdeploy.analyze import Layer
@@ -70,12 +70,25 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def input_shape(info: onnx.ValueInfoProto, batch: int) -> tuple[int, ...]:
-    """A concrete shape for an input: symbolic / unknown dims become ``batch`` (first) or 1."""
-    dims = info.type.tensor_type.shape.dim
-    return tuple(
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if i == 0 else 1)
-        for i, d in enumerate(dims)
-    )
+    """A concrete shape for an input: a symbolic / unknown first (batch) dim becomes ``batch``.
+
+    Any other dynamic dim raises :class:`UnsupportedModelError`: probes need one size there, and a guess (1
+    once) broke skip Concats of a UNet with dynamic height / width and probed a sequence model on one token.
+    """
+    shape: list[int] = []
+    for axis, d in enumerate(info.type.tensor_type.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(d.dim_value)
+        elif axis == 0:
+            shape.append(batch)
+        else:
+            param = d.dim_param or "?"
+            raise UnsupportedModelError(
+                f"input {info.name!r} has dynamic dimension {axis} ({param!r}); only the first (batch) dimension "
+                "may be dynamic: export with a fixed size there, or fix it with python -m "
+                f"onnxruntime.tools.make_dynamic_shape_fixed --dim_param {param} --dim_value SIZE in.onnx out.onnx"
+            )
+    return tuple(shape)
 
 
 def smooth_field(

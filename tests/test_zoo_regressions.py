@@ -1,0 +1,164 @@
+"""Regressions found by running the CLI on architectures the other tests do not cover (benchmarks/zoo.py).
+
+Each case is a small inline ONNX model with the construct that broke: expected is exit 0 with a correct
+expansion, or exit 1 with one line naming what is unsupported and what to do — never an internal error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rexdeploy.cli.main import main
+
+PROFILE = ["--profile", "x86-avx512"]
+
+
+def _unet(h: int | str, w: int | str, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x[N,2,H,W] → Conv → Relu (skip) → MaxPool 2 → Conv → Relu → Resize ×2 → Concat(skip) → Conv → y[N,3,H,W]."""
+    rng = np.random.default_rng(0)
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 2, 3, 3)) * 0.4).astype(np_type), "w1"),
+        numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np_type), "w2"),
+        numpy_helper.from_array((rng.standard_normal((3, 8, 1, 1)) * 0.4).astype(np_type), "w3"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "scales"),  # float in any model
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="enc", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["s1"], name="enc_relu"),
+        helper.make_node("MaxPool", ["s1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="mid", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="mid_relu"),
+        helper.make_node("Resize", ["r2", "", "scales"], ["u2"], name="up", mode="nearest"),
+        helper.make_node("Concat", ["u2", "s1"], ["cat"], name="skip", axis=1),
+        helper.make_node("Conv", ["cat", "w3"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unet",
+        [helper.make_tensor_value_info("x", dtype, ["N", 2, h, w])],
+        [helper.make_tensor_value_info("y", dtype, ["N", 3, h, w])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _sequence_model(seq: int | str) -> onnx.ModelProto:
+    """x[N,S,8] → MatMul(8→8) → Softmax over S → MatMul(8→4): a dynamic S was probed with S = 1."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "wa"),
+        numpy_helper.from_array((rng.standard_normal((8, 4)) * 0.3).astype(np.float32), "wb"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wa"], ["a"], name="fc_a"),
+        helper.make_node("Softmax", ["a"], ["s"], name="softmax", axis=1),
+        helper.make_node("MatMul", ["s", "wb"], ["y"], name="fc_b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", seq, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _single_error(capsys: pytest.CaptureFixture[str], code: int) -> str:
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rexdeploy: error: "), captured.err
+    assert "internal error" not in lines[0] and "rexdeploy bug" not in lines[0], lines[0]
+    return lines[0]
+
+
+def _ort(model: str | Path, x: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("command", ["expand", "plan"])
+def test_dynamic_height_width_is_one_clear_line(
+    command: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A UNet exported with dynamic H / W was probed at 1×1: its skip Concat failed inside onnxruntime and the
+    CLI printed 'internal error ... this is a rexdeploy bug'."""
+    path = tmp_path / "unet_dyn.onnx"
+    onnx.save(_unet("H", "W"), str(path))
+    extra = ["-o", str(tmp_path / "out.onnx")] if command == "expand" else ["--budget", "1ms", "--estimate"]
+    line = _single_error(capsys, main(["-q", command, str(path), *PROFILE, *extra]))
+    assert "'x' has dynamic dimension 2 ('H')" in line and "make_dynamic_shape_fixed" in line, line
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_dynamic_sequence_axis_is_refused_not_probed_on_one_token(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A dynamic sequence axis was silently probed with length 1 (activation ranges of a one-token sequence)."""
+    path = tmp_path / "seq_dyn.onnx"
+    onnx.save(_sequence_model("S"), str(path))
+    line = _single_error(capsys, main(["-q", "expand", str(path), *PROFILE, "-o", str(tmp_path / "out.onnx")]))
+    assert "'x' has dynamic dimension 1 ('S')" in line, line
+
+
+def test_static_unet_expands_close_to_fp32(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The same UNet with fixed H / W (and a dynamic batch) expands, and the expansion stays near FP32."""
+    path, out = tmp_path / "unet.onnx", tmp_path / "unet_w8a8.onnx"
+    onnx.save(_unet(16, 16), str(path))
+    code = main(["-q", "expand", str(path), *PROFILE, "--bits", "8", "--order", "1", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    x = np.random.default_rng(3).standard_normal((4, 2, 16, 16)).astype(np.float32)
+    ref, got = _ort(path, x), _ort(out, x)
+    assert got.shape == ref.shape == (4, 3, 16, 16)
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert 1e-4 < rel < 0.1, rel  # quantized (not a copy of FP32), and close
+
+
+def test_float16_model_is_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A float16 export (model.half()) ended as 'the model rexdeploy emitted fails the ONNX checker ... this is
+    a rexdeploy bug' (expand) and an onnxruntime type error reported as an internal error (plan)."""
+    path = tmp_path / "unet_fp16.onnx"
+    onnx.save(_unet(16, 16, TensorProto.FLOAT16), str(path))
+    for argv in (
+        ["expand", str(path), *PROFILE, "-o", str(tmp_path / "out.onnx")],
+        ["plan", str(path), *PROFILE, "--budget", "1ms", "--estimate"],
+    ):
+        line = _single_error(capsys, main(["-q", *argv]))
+        assert "float16 model" in line and "float32" in line, line
+
+
+def test_initializers_listed_as_inputs_stay_weights(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """torch.onnx.export(keep_initializers_as_inputs=True) lists every weight as a graph input too: the
+    expansion dropped the weights' initializers but kept their input entries, so the written model required
+    the weights as inputs and onnxruntime refused to run it on the real input alone."""
+    model = _unet(16, 16)
+    model.graph.input.extend(
+        helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in model.graph.initializer
+    )
+    onnx.checker.check_model(model, full_check=True)
+    path, out = tmp_path / "weights_as_inputs.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(path))
+    code = main(["-q", "expand", str(path), *PROFILE, "--bits", "8", "--order", "1", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["x"]
+    x = np.random.default_rng(4).standard_normal((2, 2, 16, 16)).astype(np.float32)
+    ref, got = _ort(path, x), _ort(out, x)
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert 1e-4 < rel < 0.1, rel
