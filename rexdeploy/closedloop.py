@@ -68,6 +68,7 @@ Progress = Callable[[str], None]
 """A progress callback: one line of text at a time (the CLI prints it on stderr; the library never prints)."""
 MAX_ATTEMPTS = 3
 PLANNING_MARGIN = 0.04  # plan for 4 % under the budget: timing noise on a quiet CPU is ~2-5 % (then measure)
+NEAR_MISS = 0.10  # an engine this much over the budget, more accurate than what fits, is timed once more
 log = logging.getLogger(__name__)
 
 
@@ -223,15 +224,17 @@ def build(
         fp32_engine = run.fp32_engine = run.build(tmp / "fp32.onnx", "fp32", profile=fp32_profile(profile))
         empty = Plan(layers={}, profile=profile.name, model_sha256=sha, float_precision="fp32")
         fp32 = run.measure("FP32", empty, fp32_engine, tmp / "fp32.onnx", timing, "the FP32 baseline")
-        baselines = {"fp32": engine_result("fp32", fp32, tmp, builder)}
+        baseline_runs = {"fp32": fp32}
         default = _default_float(run, fp32)
         if default is not None:
-            baselines[default.label] = engine_result(default.label, default, tmp, builder)
+            baseline_runs[default.label] = default
         if budget_ratio is not None:
             int8_plan = default_plan(layers, profile, sha, order=1, act_bits=8)
             int8_engine, _, int8_path = run.engine_for(int8_plan, "int8", None)
-            baselines["int8"] = engine_result("int8", run.measure("int8 K=1", int8_plan, int8_engine,
-                                                                   int8_path, timing, "the plain int8 engine"), tmp, builder)  # fmt: skip
+            baseline_runs["int8"] = run.measure("int8 K=1", int8_plan, int8_engine, int8_path, timing,
+                                                "the plain int8 engine")  # fmt: skip
+        baselines = {key: engine_result(key, m, tmp, builder) for key, m in baseline_runs.items()}
+        if budget_ratio is not None:
             budget_ms = budget_ratio * baselines["int8"].timing.median_ms
             say(f"budget: {budget_ratio:g} x plain int8 = {format_ms(budget_ms)}")
         attempts: list[Attempt] = []
@@ -242,6 +245,10 @@ def build(
             assert budget_ms is not None
             with tempfile.TemporaryDirectory(prefix=".rexdeploy-probes.") as probe_dir:
                 chosen, planned, latency_model, choice = _closed_loop(run, budget_ms, attempts, Path(probe_dir))
+                for key, base in list(baselines.items()):  # a baseline timed again as a near miss: its new timing
+                    again = next((m for m in run.measured if m.engine is baseline_runs[key].engine), None)
+                    if again is not None and again.timing.median_ms < base.timing.median_ms:
+                        baselines[key] = engine_result(key, again, tmp, builder)
                 check = run.checks[id(chosen.engine)]
                 if chosen.engine.artifacts and Path(chosen.engine.artifacts[0]).parent != tmp / "rex":
                     chosen = _adopt(chosen, tmp)  # the returned engine is always at rex/, whichever it is
@@ -449,6 +456,7 @@ def _closed_loop(
         return _error(result, m)
 
     allowed = _allowed(run, float_ok)
+    _retime_near_misses(run, allowed, budget_ms, error)
     fitting = [m for m in allowed if m.timing.median_ms <= budget_ms] or _fallbacks(run, result, budget_ms, attempts)
     if not fitting:
         fastest = min(allowed or run.measured, key=lambda m: m.timing.median_ms)
@@ -514,6 +522,25 @@ def _check(run: _Run, m: Measured, predicted_error: float) -> SelfCheck:
         run.checks[id(m.engine)] = self_check(run.builder, m.engine, m.onnx_path, predicted_error, precision,
                                               float_noise=noise)  # fmt: skip
     return run.checks[id(m.engine)]
+
+
+def _retime_near_misses(run: _Run, allowed: list[Measured], budget_ms: float, error: Callable[[Measured], float]) -> None:
+    """Time once more every engine measured at most :data:`NEAR_MISS` over the budget that is more accurate than
+    the best engine within it (a baseline timed once, such as the default float engine, included): noise only
+    adds time, so a near miss may be the machine's, not the engine's. The faster timing is kept (``allowed`` and
+    the run's records are updated in place)."""
+    fitting = [m for m in allowed if m.timing.median_ms <= budget_ms]
+    best = min((error(m) for m in fitting), default=float("inf"))
+    for i, m in enumerate(allowed):
+        if not budget_ms < m.timing.median_ms <= budget_ms * (1.0 + NEAR_MISS) or error(m) >= best:
+            continue
+        run.say(f"{_describe(m)} measured {format_ms(m.timing.median_ms)}, just over the {format_ms(budget_ms)} "
+                "budget and more accurate than what fits: timing it again ...")  # fmt: skip
+        again = run.builder.time(m.engine, run.timing)
+        if again.median_ms < m.timing.median_ms:
+            retimed = dataclasses.replace(m, timing=again)
+            allowed[i] = retimed
+            run.measured[run.measured.index(m)] = retimed
 
 
 def _first_sound(run: _Run, ranked: list[Measured], error: Callable[[Measured], float]) -> Measured:
