@@ -113,15 +113,21 @@ def smooth_field(
 def synthetic_inputs(
     model: onnx.ModelProto, batch: int = 8, seed: int = 0, kind: ProbeKind = "noise"
 ) -> dict[str, np.ndarray]:
-    """Seeded synthetic float inputs (integers: zeros) of the model's input shapes.
+    """Seeded synthetic inputs of the model's input shapes: floats as below; an input named like "mask": 1;
+    integer ids of an embedding (:func:`rexdeploy.probes.embedding_vocab`): uniform in its vocabulary; other
+    integers: 0.
 
     ``kind="noise"``: i.i.d. standard normal. ``kind="smooth"``: for image-shaped inputs (rank ≥ 3, both
     trailing dims ≥ 8) :func:`smooth_field` planes — unit variance like the noise, but spatially
     correlated like a normalised photograph; other inputs stay standard normal.
     """
+    from rexdeploy.probes import embedding_vocab  # probes imports this module
+
     if kind not in PROBE_KINDS:
         raise InputError(f"unknown probe kind {kind!r}; use one of {', '.join(PROBE_KINDS)}")
     rng = np.random.default_rng(seed)
+    token_rng = np.random.default_rng([seed, 1])  # its own stream: the float probes stay what they were
+    vocab = embedding_vocab(model)
     feeds: dict[str, np.ndarray] = {}
     for info in graph_inputs(model):
         elem = info.type.tensor_type.elem_type
@@ -129,7 +135,11 @@ def synthetic_inputs(
         if dtype is None:
             raise ModelError(f"input {info.name!r} has an element type rexdeploy cannot synthesize ({elem})")
         shape = input_shape(info, batch)
-        if not np.issubdtype(dtype, np.floating):
+        if "mask" in info.name.lower():  # an attention mask: every token attended
+            feeds[info.name] = np.ones(shape, dtype=dtype)
+        elif info.name in vocab:  # token ids (all 0 once: one token, often the padding row, ranged everything)
+            feeds[info.name] = token_rng.integers(0, vocab[info.name], size=shape).astype(dtype)
+        elif not np.issubdtype(dtype, np.floating):
             feeds[info.name] = np.zeros(shape, dtype=dtype)
         elif kind == "smooth" and len(shape) >= 3 and min(shape[-2:]) >= 8:
             feeds[info.name] = smooth_field(shape, rng).astype(dtype)

@@ -162,3 +162,59 @@ def test_initializers_listed_as_inputs_stay_weights(capsys: pytest.CaptureFixtur
     ref, got = _ort(path, x), _ort(out, x)
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     assert 1e-4 < rel < 0.1, rel
+
+
+def _token_model() -> onnx.ModelProto:
+    """ids[N,8] int64 → Gather(table[64,16], row 0 = 0: a padding row) → MatMul(16→16) → Relu → MatMul(16→4);
+    mask[N,8] int64 → Cast → Unsqueeze → y scaled by the mask."""
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((64, 16)).astype(np.float32)
+    table[0] = 0.0  # nn.Embedding(padding_idx=0)
+    inits = [
+        numpy_helper.from_array(table, "table"),
+        numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((16, 4)) * 0.3).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["o"], name="fc2"),
+        helper.make_node("Cast", ["mask"], ["mf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mf", "axis2"], ["m3"], name="unsq"),
+        helper.make_node("Mul", ["o", "m3"], ["y"], name="apply_mask"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 8]),
+            helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_token_ids_are_probed_within_the_vocabulary(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The data-free activation ranges probed integer inputs with zeros: every token id 0 (the padding row,
+    all zeros here) and every mask 0, so the embedding's readers were ranged on nothing; a BERT-style encoder
+    came out at 0.052 relative error (W8A8 K=1) where probing real token ids gives 0.018."""
+    path, out = tmp_path / "tokens.onnx", tmp_path / "tokens_w8a8.onnx"
+    onnx.save(_token_model(), str(path))
+    code = main(["-q", "expand", str(path), *PROFILE, "--bits", "8", "--order", "1", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rng = np.random.default_rng(6)
+    feeds = {"ids": rng.integers(1, 64, (16, 8)).astype(np.int64), "mask": np.ones((16, 8), dtype=np.int64)}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref, got = (
+        ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0] for p in (path, out)
+    )
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert 1e-4 < rel < 0.05, rel
