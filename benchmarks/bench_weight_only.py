@@ -17,7 +17,8 @@ Engines (all OpenVINO 2026.4 CPU, ``PERFORMANCE_HINT=LATENCY``, batch 1):
   (bf16 on AVX-512 BF16 / AMX hosts);
 * ``NNCF INT8_SYM`` / ``NNCF INT4_SYM g64``: ``nncf.compress_weights`` (data-free; INT4 ratio 1, group 64),
   compiled with no config — as a user runs them (dynamic activation quantization, group 32, on);
-* rexdeploy weight-only plans (``act_bits=0`` on every MatMul: W8 K=1, W8 K=2, W4 K=2), compiled as rexdeploy
+* rexdeploy weight-only plans (``act_bits=0`` on every MatMul: W8 K=1, W8 K=2, W4 K=2, and W8 K=2 in the
+  ``concat`` form: one MatMul over the stacked orders + Split + Sum), compiled as rexdeploy
   compiles them (the plan's precision, ``DYNAMIC_QUANTIZATION_GROUP_SIZE=0``), in each form:
   ``old`` (the IR as OpenVINO's ONNX frontend makes it: K compressed i8 branches + Add), ``branches i4``,
   ``grouped`` (one compressed kernel over the stacked orders), ``folded`` (one float MatMul on the summed
@@ -64,7 +65,8 @@ from rexdeploy.profile import Parallel, Profile, Quantization
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN, LAYERS, HEADS, FF = 384, 6, 6, 1536
-PLANS = {"W8 K=1": (8, 1), "W8 K=2": (8, 2), "W4 K=2": (4, 2)}
+PLANS = {"W8 K=1": (8, 1, "branches"), "W8 K=2": (8, 2, "branches"), "W4 K=2": (4, 2, "branches"),
+         "W8 K=2 concat": (8, 2, "concat")}  # fmt: skip
 
 
 def profile(bf16: bool) -> Profile:
@@ -164,8 +166,8 @@ def engines_for(
     for precision in precisions:
         prof = profile(precision == "bf16")
         options = runtime_options(core, "CPU", precision)
-        for plan_name, (bits, order) in PLANS.items():
-            lp = LayerPlan(bits=bits, order=order, act_bits=0)
+        for plan_name, (bits, order, plan_form) in PLANS.items():
+            lp = LayerPlan(bits=bits, order=order, act_bits=0, form=plan_form)
             layers = {
                 n.name: lp for n in base.graph.node if n.op_type in ("MatMul", "Gemm") and _constant_weight(base, n)
             }
@@ -175,7 +177,7 @@ def engines_for(
             forms = (
                 ["old", "builder"]
                 + (["branches i4"] if bits == 4 else [])
-                + (["grouped", "folded"] if order > 1 else [])
+                + (["grouped", "folded"] if order > 1 and plan_form == "branches" else [])
             )
             for form in forms:
                 label = f"rexdeploy {plan_name} {precision} {form}"
