@@ -43,7 +43,7 @@ GROUPED_MAX_ROWS = 2
 """``auto`` keeps K ≥ 2 orders compressed (``grouped``) in an f32 engine only up to this many rows (tokens × batch)
 per MatMul: there the weight bytes dominate (K int8 orders read 2 bytes per weight against f32's 4); beyond it the K
 times larger multiply count does, and the float ``folded`` weight is faster. Measured on a BERT-style encoder (hidden
-384, W8 K=2, f32, ratio to FP32, AMD EPYC AVX-512, shared machine): 1 row grouped faster in each of 6 runs, 2 rows
+384, W8 K=2, f32, ratio to FP32, AMD EPYC AVX-512, shared machine): 1 row grouped faster in each of 8 runs, 2 rows
 1.05 / 0.98, 4 rows folded faster in each of 4 runs, 64 rows 1.96-2.14 / 1.03 (docs/precision.md, "Compressed
 weight-only layers"; ``benchmarks/results/weight_only.md``)."""
 
