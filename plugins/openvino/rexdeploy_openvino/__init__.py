@@ -6,6 +6,8 @@ raises a one-line :class:`~rexdeploy.errors.EngineUnavailableError` naming ``pip
 
 - :class:`OpenVINOBuilder` — the Builder (``build`` / ``time`` / ``run``).
 - :func:`time_throughput` — throughput mode (``AsyncInferQueue``, ``PERFORMANCE_HINT=THROUGHPUT``).
+- :func:`compress_weight_only`, :func:`compressed_weight_layers` — weight-only layers as compressed (or folded)
+  kernels, which the builder applies; which layers' weights stayed integer.
 - :func:`runtime_precision_summary`, :func:`kernel_precisions`, :func:`kernel_layers`,
   :func:`execution_layers` — which precision each layer really ran in (did int8 kernels run?).
 """
@@ -13,6 +15,7 @@ raises a one-line :class:`~rexdeploy.errors.EngineUnavailableError` naming ``pip
 from __future__ import annotations
 
 from rexdeploy_openvino.builder import OpenVINOBuilder, compiled_model, engine_batch
+from rexdeploy_openvino.compressed import compress_weight_only, compressed_weight_layers
 from rexdeploy_openvino.precisions import (
     KERNEL_LAYER_TYPES,
     ExecLayer,
@@ -29,6 +32,8 @@ __all__ = [
     "OpenVINOBuilder",
     "ThroughputResult",
     "compiled_model",
+    "compress_weight_only",
+    "compressed_weight_layers",
     "engine_batch",
     "execution_layers",
     "kernel_layers",
