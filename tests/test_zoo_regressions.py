@@ -6,7 +6,11 @@ expansion, or exit 1 with one line naming what is unsupported and what to do —
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -218,3 +222,33 @@ def test_token_ids_are_probed_within_the_vocabulary(capsys: pytest.CaptureFixtur
     )
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     assert 1e-4 < rel < 0.05, rel
+
+
+def _sleep(started: Any) -> None:
+    import time
+
+    started.set()
+    time.sleep(30)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (OpenVINO's telemetry forks its sender)")
+def test_forked_child_terminated_dies_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    """OpenVINO's telemetry (openvino.convert_model) sends from a forked process and terminates it after a
+    timeout where there is no network: the child inherited the CLI's SIGTERM handler, raised Terminated and
+    printed two tracebacks into a successful build's output (audio_m5 build). It now dies as by default."""
+    from rexdeploy.cli.main import _stop_signals_raise
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner here")
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    with _stop_signals_raise():
+        child = context.Process(target=_sleep, args=(started,))
+        child.start()
+        assert started.wait(20)  # running its target (a signal in the fork window itself is dropped by Python)
+        child.terminate()
+        child.join(20)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == -signal.SIGTERM, child.exitcode
+    assert "Traceback" not in capfd.readouterr().err

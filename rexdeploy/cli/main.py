@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import os
 import signal
 import sys
 import threading
@@ -141,7 +143,13 @@ def _model_note(args: argparse.Namespace) -> str:
         return f"{note}, model {Path(model).name}"
 
 
-def _on_stop(signum: int, frame: FrameType | None) -> None:
+def _on_stop(owner: int, signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != owner:
+        # a forked child inherited the handler (OpenVINO's telemetry sends from a forked process and terminates
+        # it after a timeout): it dies as by default, no Terminated traceback on the user's stderr
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise_or_defer(KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum))
 
 
@@ -165,7 +173,7 @@ def _stop_signals_raise() -> Iterator[None]:
         signum = getattr(signal, name, None)
         if signum is None or signal.getsignal(signum) is not default:
             continue
-        previous[signum] = signal.signal(signum, _on_stop)
+        previous[signum] = signal.signal(signum, functools.partial(_on_stop, os.getpid()))
     try:
         yield
     finally:
