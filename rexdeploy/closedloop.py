@@ -404,6 +404,13 @@ def _closed_loop(
     run.say("planner: sensitivity and data-free activation ranges ...")
     prepared = prepare(run.model, run.layers, calibration=run.calibration, profile=run.profile)  # type: ignore[arg-type]
     planning_s = prepared.seconds
+    measured_float = next((m for m in run.measured if not m.plan.layers and m.error is not None
+                           and m.plan.float_precision not in ("", "fp32")), None)  # fmt: skip
+    if measured_float is not None:  # the default float engine's error, measured: the model's float terms follow it
+        float_scale = prepared.errors.calibrate_float(measured_float.plan.float_precision, measured_float.error or 0.0)
+        latency_model["float_error_scale"] = float_scale
+        run.say(f"error model: {measured_float.plan.float_precision} rounding scaled by {float_scale:.2f} to the "
+                f"{measured_float.label} engine's measured error ({measured_float.error:.2e})")  # fmt: skip
     for attempt in range(1, MAX_ATTEMPTS + 1):
         target = budget_ms * (1.0 - PLANNING_MARGIN)
         result = plan_model(run.model, run.layers, run.profile, target, model_sha256=run.sha,

@@ -623,3 +623,27 @@ def test_the_greedy_step_pays_for_the_transitions_it_adds_and_is_paid_for_those_
     assert [cand.predicted_latency_ms * 1000 for cand in path[:4]] == pytest.approx([12.0, 28.0, 34.0, 30.0])
     blind = _greedy(layers, menus, prepared.errors, 0.0, 1.0, base, dataclasses.replace(table, producers={}))
     assert sorted(n for n in (a, b, c) if n not in blind[1].plan.layers) == [b]  # without the term: B first
+
+
+def test_the_error_model_follows_the_default_float_engine_measured_error(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    """A plan running most layers in bf16 must not be predicted more accurate than the bf16 engine itself: the
+    model's float rounding terms are scaled to the default float engine's error measured in the run."""
+    from rexdeploy.planner.search import prepare
+
+    builder = ScriptedBuilder(default_float="bf16")
+    fp32_ms = (builder.overhead_us + sum(builder._node_us(onnx.load(str(cnn_path))).values())) / 1000
+    said: list[str] = []
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "cal", budget_ms=fp32_ms * 0.8, progress=said.append)
+    measured = report.latency_model["engines"]  # type: ignore[index]
+    bf16_error = next(e["predicted_error"] for e in measured if e["label"] == "bf16 (default)")  # type: ignore[index]
+    model = onnx.load(str(cnn_path))
+    errors = prepare(model, _layers(model), profile=PROFILE).errors
+    predicted = errors.network_error(errors.plan_errors({}, "bf16"))
+    scale = report.latency_model["float_error_scale"]
+    assert scale == pytest.approx(min(max(bf16_error / predicted, 0.25), 8.0), rel=1e-6)
+    assert any(line.startswith("error model: bf16 rounding scaled by") for line in said)
+    assert errors.calibrate_float("bf16", bf16_error) == pytest.approx(scale)
+    assert errors.network_error(errors.plan_errors({}, "bf16")) == pytest.approx(min(bf16_error, predicted * 8.0))
+    assert errors.calibrate_float("bf16", float("nan")) == 1.0  # nothing measured: unchanged

@@ -80,6 +80,9 @@ class ErrorModel:
         self.sensitivity = sensitivity
         self.ranges = ranges
         self.unsigned_inputs = unsigned_inputs  # layers whose int8 input is emitted as uint8 (twice the codes)
+        # the float rounding terms' calibration: the engine's own float error measured / what this model predicts
+        # for it (:meth:`calibrate_float`); 1 until an engine was measured
+        self.float_scale = 1.0
         self._weight_cache: dict[tuple[str, int, int, float | None], float] = {}
         self._norms = {name: float(np.linalg.norm(w)) for name, w in weights.items()}
 
@@ -124,9 +127,21 @@ class ErrorModel:
         return self._norms[name] * self.sensitivity.input_rms[name] / denom if denom > 0 else 0.0
 
     def float_error(self, name: str, precision: str) -> float:
-        """ε of a layer computed in the float ``precision`` (0 in fp32): its input, weights and output rounded."""
+        """ε of a layer computed in the float ``precision`` (0 in fp32): its input, weights and output rounded
+        (times :attr:`float_scale`)."""
         delta = FLOAT_ROUNDING.get(precision, 0.0)
-        return delta * math.sqrt(1.0 + 2.0 * self._gain_ratio(name) ** 2) if delta else 0.0
+        return self.float_scale * delta * math.sqrt(1.0 + 2.0 * self._gain_ratio(name) ** 2) if delta else 0.0
+
+    def calibrate_float(self, precision: str, measured: float) -> float:
+        """Scale the float rounding terms so that the all-float engine in ``precision`` is predicted at its
+        ``measured`` error (the default float engine, measured against FP32 on the probes): a plan that runs most
+        of the network in bf16 must not be predicted more accurate than the bf16 engine itself. Returns the scale
+        (clamped to [1/4, 8]; unchanged without a prediction to scale)."""
+        self.float_scale = 1.0
+        predicted = self.network_error(self.plan_errors({}, precision))
+        if predicted > 0.0 and measured > 0.0 and math.isfinite(measured):
+            self.float_scale = min(max(measured / predicted, 0.25), 8.0)
+        return self.float_scale
 
     def dynamic_error(self, name: str) -> float:
         """ε a weight-only layer's input adds when the engine quantizes it at run time (:data:`DYNAMIC_PEAK`)."""
