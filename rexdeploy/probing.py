@@ -24,7 +24,7 @@ import onnx
 
 from rexdeploy.analyze import Layer
 from rexdeploy.builders.base import Builder, Engine, LayerTimes, TimingSettings
-from rexdeploy.builders.cache import cache_root
+from rexdeploy.builders.cache import cache_root, engine_format
 from rexdeploy.builders.timing import Timing, combine_rounds, time_rounds
 from rexdeploy.costmodel import engine_profile, has_dynamic_activations, input_elements
 from rexdeploy.errors import PlanError, RexError
@@ -176,7 +176,8 @@ def split_layer_times(
 
 
 def table_key(model_sha256: str, profile: Profile, builder: Builder) -> str:
-    parts = [model_sha256, profile.to_toml(), builder.name, builder.version(), host_id(), "costtable-3"]
+    parts = [model_sha256, profile.to_toml(), builder.name, builder.version(), engine_format(builder), host_id(),
+             "costtable-3"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 

@@ -47,3 +47,24 @@ def test_corrupt_entry_is_rebuilt(tmp_path: Path) -> None:
     engine, hit = cached_build(builder, model, profile, tmp_path / "b")
     assert hit is False and Path(engine.artifacts[0]).is_file()
     assert json.loads((entry / "manifest.json").read_text())["primary"] == "model.xml"
+
+
+def test_the_plugins_engine_format_is_part_of_the_cache_keys(tmp_path: Path) -> None:
+    """A plugin that changes what it makes of a model (its ``engine_format``) never gets an engine or a cost
+    table cached by its older form, though the engine's version is the same."""
+    from rexdeploy.probing import table_key
+
+    class Plugin:
+        name, pip_extra = "scripted", ""
+
+        def version(self) -> str:
+            return "1.0"
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not parsed: hashed")
+    profile = load_profile("x86-avx512")
+    old, new = Plugin(), Plugin()
+    new.engine_format = "form-2"  # type: ignore[attr-defined]
+    assert cache_key(model, profile, old) != cache_key(model, profile, new)  # type: ignore[arg-type]
+    assert table_key("sha", profile, old) != table_key("sha", profile, new)  # type: ignore[arg-type]
+    assert cache_key(model, profile, old) == cache_key(model, profile, Plugin())  # type: ignore[arg-type]

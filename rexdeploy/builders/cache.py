@@ -28,8 +28,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("REXDEPLOY_CACHE") or Path.home() / ".cache" / "rexdeploy" / "engines")
 
 
+def engine_format(builder: Builder) -> str:
+    """The plugin's ``engine_format`` tag (what it makes of a model beyond the engine's version; "" if none)."""
+    return str(getattr(builder, "engine_format", ""))
+
+
 def cache_key(model: Path, profile: Profile, builder: Builder) -> str:
-    parts = [file_sha256(model), profile.to_toml(), builder.name, builder.version()]
+    parts = [file_sha256(model), profile.to_toml(), builder.name, builder.version(), engine_format(builder)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 

@@ -168,6 +168,9 @@ class OpenVINOBuilder:
 
     name = NAME
     pip_extra = PIP_EXTRA
+    # what this plugin makes of a model beyond the engine's version (weight-only layers rewritten since
+    # compressed.py): part of the engine cache and cost table keys, so neither serves an engine of an older form
+    engine_format = "weight-only-compressed-1"
 
     def available(self) -> bool:
         try:
