@@ -207,13 +207,18 @@ def probe_ranges(
     taps = list(dict.fromkeys(tensors))
     if not taps:
         return {}
+    single = fixed_batch_of_one(model)
     if calibration is None:
-        feeds = synthetic_inputs(model, batch=batch, seed=seed, kind=probe)
+        if single and batch > 1:  # a batch-1 export: ``batch`` probes all the same, run one at a time
+            samples = [synthetic_inputs(model, batch=1, seed=seed + i, kind=probe) for i in range(batch)]
+            feeds = {name: np.concatenate([s[name] for s in samples]) for name in samples[0]}
+        else:
+            feeds = synthetic_inputs(model, batch=batch, seed=seed, kind=probe)
         known = {name: _magnitude(feeds[name], percentile) for name in taps if name in feeds}  # graph inputs
         rest = [name for name in taps if name not in known]
         if not rest:
             return known
-        values = _tap_session(model, rest).run(rest, feeds)
+        values = _run_taps(_tap_session(model, rest), rest, feeds, single)
         return {**known, **{name: _magnitude(v, percentile) for name, v in zip(rest, values, strict=True)}}
     session = _tap_session(model, taps)
     inputs = graph_inputs(model)
@@ -222,9 +227,30 @@ def probe_ranges(
     ranges = dict.fromkeys(taps, 0.0)
     for start in range(0, max(len(calibration), 1), _CALIBRATION_CHUNK):
         chunk = calibration[start : start + _CALIBRATION_CHUNK]
-        for name, v in zip(taps, session.run(taps, {inputs[0].name: chunk}), strict=True):
+        for name, v in zip(taps, _run_taps(session, taps, {inputs[0].name: chunk}, single), strict=True):
             ranges[name] = max(ranges[name], _magnitude(v, None))
     return ranges
+
+
+def fixed_batch_of_one(model: onnx.ModelProto) -> bool:
+    """Every input has a fixed leading (batch) dimension of 1: ``torch.onnx.export`` without ``dynamic_axes``.
+    Such a model runs one sample at a time (a batch of probes once made it run on one probe only, and a
+    calibration batch ended in an onnxruntime shape error)."""
+    inputs = graph_inputs(model)
+    dims = [i.type.tensor_type.shape.dim for i in inputs]
+    return bool(inputs) and all(len(d) > 0 and d[0].HasField("dim_value") and d[0].dim_value == 1 for d in dims)
+
+
+def _run_taps(
+    session: ort.InferenceSession, taps: Sequence[str], feeds: Mapping[str, np.ndarray], one_at_a_time: bool
+) -> list[np.ndarray]:
+    """The taps' values on ``feeds`` (batch axis first); with ``one_at_a_time``, sample by sample, each tap's
+    values flattened and joined (only their magnitudes are read)."""
+    if not one_at_a_time:
+        return list(session.run(list(taps), dict(feeds)))
+    n = next(iter(feeds.values())).shape[0]
+    runs = [session.run(list(taps), {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
+    return [np.concatenate([np.asarray(run[j]).reshape(-1) for run in runs]) for j in range(len(taps))]
 
 
 def input_channel_gains(model: onnx.ModelProto) -> dict[str, np.ndarray]:
