@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,3 +32,16 @@ def _isolated_engine_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch
     root = tmp_path_factory.mktemp("engine-cache")
     monkeypatch.setenv("REXDEPLOY_CACHE", str(root))
     yield root
+
+
+@pytest.fixture
+def cuda_gpu() -> Any:
+    """The first CUDA GPU (``rexdeploy_tensorrt.cuda_device.device_info``) for the real TensorRT engine tests; skips
+    where TensorRT does not import or no GPU is visible."""
+    pytest.importorskip("tensorrt")
+    from rexdeploy_tensorrt.cuda_device import device_info
+
+    gpu = device_info(0)
+    if gpu is None:
+        pytest.skip("no CUDA GPU visible")
+    return gpu

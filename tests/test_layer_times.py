@@ -397,13 +397,9 @@ def test_tensorrt_layer_times_without_tensorrt_names_the_extra(tmp_path: Path) -
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_tensorrt_layer_times_on_a_built_engine(model_path: Path, tmp_path: Path) -> None:
+def test_tensorrt_layer_times_on_a_built_engine(model_path: Path, tmp_path: Path, cuda_gpu: Any) -> None:
     trt = pytest.importorskip("tensorrt")
-    from rexdeploy_tensorrt.cuda_device import device_info
-
-    gpu = device_info(0)
-    if gpu is None:
-        pytest.skip("no CUDA GPU visible")
+    gpu = cuda_gpu
     strong_only = int(str(trt.__version__).split(".")[0]) >= 11
     builder = TensorRTBuilder(max_batch=1, typing="strong" if strong_only else "auto")
     profile = load_profile("h100" if gpu.compute_capability >= (8, 9) else "a100")

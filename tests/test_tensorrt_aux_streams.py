@@ -9,6 +9,7 @@ import json
 import shlex
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -199,14 +200,10 @@ def test_the_gpu_test_model_is_a_clean_strongly_typed_three_predictor_build() ->
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_an_ensemble_engine_runs_on_at_most_its_aux_streams(tmp_path: Path) -> None:
+def test_an_ensemble_engine_runs_on_at_most_its_aux_streams(tmp_path: Path, cuda_gpu: Any) -> None:
     trt = pytest.importorskip("tensorrt")
     ort = pytest.importorskip("onnxruntime")
-    from rexdeploy_tensorrt.cuda_device import device_info
-
-    gpu = device_info(0)
-    if gpu is None:
-        pytest.skip("no CUDA GPU visible")
+    gpu = cuda_gpu
     base = load_profile("h100" if gpu.compute_capability >= (8, 9) else "a100")
     # the FP32 variant: strongly typed, TF32 off, so the int8 convs are the only rounding against onnxruntime
     profile = replace(base, quantization=replace(base.quantization, fp16=False, bf16=False, fp8=False))

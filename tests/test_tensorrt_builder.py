@@ -1062,14 +1062,10 @@ def test_settings_for_uses_the_out_dir_timing_cache(tmp_path: Path) -> None:
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_build_run_and_time_a_qdq_conv_engine(tmp_path: Path) -> None:
+def test_build_run_and_time_a_qdq_conv_engine(tmp_path: Path, cuda_gpu: Any) -> None:
     trt = pytest.importorskip("tensorrt")
     ort = pytest.importorskip("onnxruntime")
-    from rexdeploy_tensorrt.cuda_device import device_info
-
-    gpu = device_info(0)
-    if gpu is None:
-        pytest.skip("no CUDA GPU visible")
+    gpu = cuda_gpu
     cc = gpu.compute_capability
     base = load_profile("h100" if cc >= (8, 9) else "a100")
     profile = replace(base, quantization=replace(base.quantization, bf16=cc >= (8, 0), fp8=cc >= (8, 9)))
@@ -1125,12 +1121,7 @@ def test_build_run_and_time_a_qdq_conv_engine(tmp_path: Path) -> None:
     assert engine2.artifacts[0] == plan and plan.stat().st_size > 0
 
 
-def _gpu_profile() -> tuple[Profile, tuple[int, int]]:
-    from rexdeploy_tensorrt.cuda_device import device_info
-
-    gpu = device_info(0)
-    if gpu is None:
-        pytest.skip("no CUDA GPU visible")
+def _gpu_profile(gpu: Any) -> tuple[Profile, tuple[int, int]]:
     cc = gpu.compute_capability
     return load_profile("h100" if cc >= (8, 9) else "a100"), cc
 
@@ -1146,9 +1137,9 @@ def _ort_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_fp32_reference_is_fp32_and_the_fp16_default_is_its_own_engine(tmp_path: Path) -> None:
+def test_fp32_reference_is_fp32_and_the_fp16_default_is_its_own_engine(tmp_path: Path, cuda_gpu: Any) -> None:
     pytest.importorskip("tensorrt")
-    base, _ = _gpu_profile()
+    base, _ = _gpu_profile(cuda_gpu)
     builder = TensorRTBuilder(max_batch=2)
     model = float_conv(batch="N", cin=64, cout=64, hw=16)
     path = tmp_path / "conv.onnx"
@@ -1174,11 +1165,11 @@ def test_fp32_reference_is_fp32_and_the_fp16_default_is_its_own_engine(tmp_path:
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_a_second_build_in_the_process_reports_tensorrts_own_error(tmp_path: Path) -> None:
+def test_a_second_build_in_the_process_reports_tensorrts_own_error(tmp_path: Path, cuda_gpu: Any) -> None:
     trt = pytest.importorskip("tensorrt")
     from rexdeploy_tensorrt.builder import build_plan
 
-    profile, cc = _gpu_profile()
+    profile, cc = _gpu_profile(cuda_gpu)
     builder = TensorRTBuilder(max_batch=2)
     path = tmp_path / "conv.onnx"
     onnx.save(float_conv(batch="N"), path)
@@ -1193,11 +1184,11 @@ def test_a_second_build_in_the_process_reports_tensorrts_own_error(tmp_path: Pat
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_fp32_pins_hold_inside_an_fp16_engine(tmp_path: Path) -> None:
+def test_fp32_pins_hold_inside_an_fp16_engine(tmp_path: Path, cuda_gpu: Any) -> None:
     """(x + 2048) - 2048: in fp16 (spacing 2 at 2048) every |x| < 1 is lost; pinned to FP32 it is kept
     to 2.4e-4. Checks the pinned engine's numbers and the pins it records."""
     pytest.importorskip("tensorrt")
-    base, _ = _gpu_profile()
+    base, _ = _gpu_profile(cuda_gpu)
     c = numpy_helper.from_array(np.array(2048.0, np.float32), "c")
     graph = helper.make_graph(
         [
