@@ -4,7 +4,7 @@ of several synthetic probe families, :mod:`rexdeploy.probes`) or the user's own 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +134,12 @@ def estimate_fidelity(
     )
 
 
+def compared_output(outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """The output fidelity is measured on: the first floating-point one (a model whose first output is an
+    integer ArgMax label had its labels compared and its logits never), else the first."""
+    return next((np.asarray(o) for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)), outputs[0])
+
+
 def measure_fidelity(
     builder: Builder,
     reference: Engine,
@@ -155,7 +161,7 @@ def measure_fidelity(
                 return keep[key]
             n = next(iter(feeds.values())).shape[0]
             out = np.concatenate(
-                [builder.run(engine, {k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(n)]
+                [compared_output(builder.run(engine, {k: v[i : i + 1] for k, v in feeds.items()})) for i in range(n)]
             )
             if keep is not None:
                 keep[key] = out
@@ -184,8 +190,8 @@ def measure_fidelity_on(
     ref_out, cand_out = [], []
     for i in range(n):
         feeds = {name: array[i : i + 1] for name, array in samples.items()}
-        ref_out.append(builder.run(reference, feeds)[0])
-        cand_out.append(builder.run(candidate, feeds)[0])
+        ref_out.append(compared_output(builder.run(reference, feeds)))
+        cand_out.append(compared_output(builder.run(candidate, feeds)))
     return compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out))
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from rexdeploy.fidelity import compare_outputs
+from rexdeploy.fidelity import compare_outputs, compared_output
 
 if TYPE_CHECKING:
     from rexdeploy.builders.base import Builder, Engine
@@ -78,22 +78,24 @@ def probe_feeds(model: onnx.ModelProto, probes: int = PROBES, seed: int = 7) -> 
 
 
 def reference_outputs(onnx_path: Path, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The first output of ``onnx_path`` on ``feeds``, one probe at a time, by onnxruntime with graph
-    optimizations off."""
+    """The compared output (:func:`~rexdeploy.fidelity.compared_output`: the first float one) of ``onnx_path``
+    on ``feeds``, one probe at a time, by onnxruntime with graph optimizations off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     n = next(iter(feeds.values())).shape[0]
-    return np.concatenate([np.asarray(session.run(None, {k: v[i : i + 1] for k, v in feeds.items()})[0])
+    return np.concatenate([compared_output(session.run(None, {k: v[i : i + 1] for k, v in feeds.items()}))
                            for i in range(n)])  # fmt: skip
 
 
 def engine_outputs(builder: Builder, engine: Engine, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The engine's first output on ``feeds``, one probe at a time (engines are built for batch 1)."""
+    """The engine's compared output (the first float one) on ``feeds``, one probe at a time (engines are built
+    for batch 1)."""
     n = next(iter(feeds.values())).shape[0]
-    return np.concatenate([builder.run(engine, {k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(n)])
+    return np.concatenate([compared_output(builder.run(engine, {k: v[i : i + 1] for k, v in feeds.items()}))
+                           for i in range(n)])  # fmt: skip
 
 
 def self_check(builder: Builder, engine: Engine, onnx_path: Path, predicted_error: float, precision: str,
