@@ -716,7 +716,7 @@ def _build_summary(stdout: str) -> dict[str, Any]:
 
 
 FINDINGS = """\
-## Findings (run of 2026-11-30; fixes in rexdeploy at commits 87833be, f4c4fdb, 37ba07c, 566a9ce)
+## Findings (run of 2026-11-30; fixes in rexdeploy at commits 87833be, f4c4fdb, 37ba07c, 566a9ce, f0ec07d)
 
 Fixed (each with a regression test in tests/test_zoo_regressions.py that failed before):
 - A dynamic non-batch input dimension (UNet with dynamic height / width) was probed at size 1: `plan` and
@@ -737,6 +737,9 @@ Fixed (each with a regression test in tests/test_zoo_regressions.py that failed 
   sample instead of 16 (MobileNetV3-like at 96 px, W8A8 K=1: 0.245 vs 0.171 for the same weights with a
   dynamic batch; 0.192 after), and `--calib` with N > 1 samples ended in 'internal error' (onnxruntime invalid
   dimensions). Probes and calibration samples now run one at a time (mobilenet_v3_small_batch1 row).
+- A model whose first output is an integer (an ArgMax label before the logits) had the fidelity estimate and
+  the build's self-check compare the labels (a bf16 engine read 'relative error 0.00e+00'), never the logits:
+  both now compare the first floating-point output.
 
 Not fixed (by design or out of scope):
 - `build` on a model whose weights live in an external file (torch.onnx.export(dynamo=True), the default of
@@ -751,8 +754,8 @@ Not fixed (by design or out of scope):
   16 waveforms of that scale, W8A8 K=1 0.146 -> 0.015.
 - Batch-1 exports elsewhere (files not in this task): the build's self-check (`selfcheck.probe_feeds`) runs
   on 1 probe instead of 8 and the planner's sensitivity feeds (`planner/search.py`, synthetic_inputs with
-  batch=probes) on 1; the self-check and the fidelity estimate compare the first output only (a second
-  output, e.g. a detector's boxes, is never checked).
+  batch=probes) on 1; the self-check and the fidelity estimate compare one output (the first float one): a
+  second float output, e.g. a detector's boxes after its scores, is never checked.
 - EfficientNet-like (SiLU, sigmoid SE): W8A8 rel. error 0.17 at K=1 and K=2 (weights-only W8 K=1: 0.041,
   W8A8 K=2 act-order 2: 0.0022): activation quantization dominates; the closed loop returned a float engine.
 """
