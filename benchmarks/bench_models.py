@@ -238,7 +238,7 @@ class Bench:
 
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"subset_size": len(calibration)}
-        if self.subject.name == "vit":
+        if self.subject.name in ("vit", "encoder"):  # transformers: NNCF's transformer preset
             kwargs["model_type"] = nncf.ModelType.TRANSFORMER
         dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
         nncf.set_log_level(logging.ERROR)
