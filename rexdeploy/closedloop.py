@@ -38,7 +38,7 @@ from rexdeploy.costmodel import engine_float_precision, engine_profile, float_pr
 from rexdeploy.errors import BudgetError, BuildError
 from rexdeploy.fidelity import Fidelity, fidelity_disagreement, measure_fidelity, measure_fidelity_on
 from rexdeploy.fileio import atomic_dir
-from rexdeploy.graph import file_sha256, fold_batchnorm, load_model, save_model
+from rexdeploy.graph import copy_model, file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
 from rexdeploy.passes.pipeline import expand_model
 from rexdeploy.planner import PlanResult, plan_model
@@ -219,7 +219,7 @@ def build(
     out = Path(out_dir) if out_dir is not None else Path("rexdeploy-out") / model_path.stem
     with atomic_dir(out) as tmp:
         run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name, use_cache, calibration)
-        shutil.copyfile(model_path, tmp / "fp32.onnx")
+        copy_model(model_path, model, tmp / "fp32.onnx")
         say(f"building the FP32 baseline with {profile.engine} ...")
         fp32_engine = run.fp32_engine = run.build(tmp / "fp32.onnx", "fp32", profile=fp32_profile(profile))
         empty = Plan(layers={}, profile=profile.name, model_sha256=sha, float_precision="fp32")
@@ -346,7 +346,7 @@ def cost_table_for(
         tmp = Path(work)
         run = _Run(model, layers, profile, builder, PROBE_TIMING, tmp, file_sha256(model_path), say, model_path.name,
                    use_cache)  # fmt: skip
-        shutil.copyfile(model_path, tmp / "fp32.onnx")
+        copy_model(model_path, model, tmp / "fp32.onnx")
         empty = Plan(layers={}, profile=profile.name, model_sha256=run.sha, float_precision="fp32")
         if use_cache:
             from rexdeploy.probing import load_cached, table_key

@@ -7,6 +7,7 @@ subclasses whose message names the file or node and what to do.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,17 @@ def save_model(model: onnx.ModelProto, path: str | Path, check: bool = True) -> 
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return path
+
+
+def copy_model(src: str | Path, model: onnx.ModelProto, dest: str | Path) -> Path:
+    """``src`` copied to ``dest`` as an engine reads it: the file as it is, or — where its weights live in external
+    files, which would not be beside ``dest`` — ``model`` (``src`` loaded by :func:`load_model`, its external
+    data read in) written whole."""
+    src, dest = Path(src), Path(dest)
+    if _uses_external_data(onnx.load(str(src), load_external_data=False)):
+        return save_model(model, dest, check=False)
+    shutil.copyfile(src, dest)
+    return dest
 
 
 def _check_emitted(model: onnx.ModelProto | bytes, path: Path) -> None:

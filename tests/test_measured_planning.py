@@ -647,3 +647,22 @@ def test_the_error_model_follows_the_default_float_engine_measured_error(
     assert errors.calibrate_float("bf16", bf16_error) == pytest.approx(scale)
     assert errors.network_error(errors.plan_errors({}, "bf16")) == pytest.approx(min(bf16_error, predicted * 8.0))
     assert errors.calibrate_float("bf16", float("nan")) == 1.0  # nothing measured: unchanged
+
+
+def test_a_model_with_external_weights_builds_and_its_copy_is_whole(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """torch.onnx.export(dynamo=True) writes weights to a .onnx.data file beside the model: the build's copy of the
+    FP32 model (what the engines are built from) must carry them, not point at a file that is not beside it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / "cnn.onnx"
+    onnx.save(small_cnn(seed=3), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="cnn.onnx.data", size_threshold=0)  # fmt: skip
+    assert (src / "cnn.onnx.data").is_file()
+    builder = ScriptedBuilder()
+    report = _build(monkeypatch, builder, path, tmp_path / "out", budget_ms=10.0)
+    assert report.fits_budget
+    copy = onnx.load(str(tmp_path / "out" / "fp32.onnx"), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in copy.graph.initializer)
+    assert not (tmp_path / "out" / "cnn.onnx.data").exists()
