@@ -337,7 +337,7 @@ def install_timers() -> StageTimer:
     t.wrap(api, "activation_ranges", "ranges")
     t.wrap(api, "probe_ranges", "ranges", "probe")
     t.wrap(ranges, "probe_ranges", "probe")  # the onnxruntime part, also when reached through activation_ranges
-    t.wrap(ranges, "_tap_session", "probe_session")  # building the tapped onnxruntime session
+    t.wrap(ranges, "tap_session", "probe_session")  # building the tapped onnxruntime session
     t.wrap(api, "expand", "expand_pass")
     t.wrap(onnx.checker, "check_model", "checker")  # load_model's and save_model's
     return t

@@ -148,7 +148,7 @@ def synthetic_inputs(
     return feeds
 
 
-def _tap_session(model: onnx.ModelProto, taps: Sequence[str]) -> ort.InferenceSession:
+def tap_session(model: onnx.ModelProto, taps: Sequence[str]) -> ort.InferenceSession:
     tapped = onnx.ModelProto()
     tapped.CopyFrom(model)
     existing = {o.name for o in tapped.graph.output}
@@ -163,7 +163,7 @@ def _tap_session(model: onnx.ModelProto, taps: Sequence[str]) -> ort.InferenceSe
 
 def run_with_taps(model: onnx.ModelProto, feeds: dict[str, np.ndarray], taps: Sequence[str]) -> dict[str, np.ndarray]:
     """Run the model with onnxruntime and return the values of the tensors named in ``taps``."""
-    values = _tap_session(model, taps).run(list(taps), feeds)
+    values = tap_session(model, taps).run(list(taps), feeds)
     return dict(zip(taps, values, strict=True))
 
 
@@ -218,9 +218,9 @@ def probe_ranges(
         rest = [name for name in taps if name not in known]
         if not rest:
             return known
-        values = _run_taps(_tap_session(model, rest), rest, feeds, single)
+        values = _run_taps(tap_session(model, rest), rest, feeds, single)
         return {**known, **{name: _magnitude(v, percentile) for name, v in zip(rest, values, strict=True)}}
-    session = _tap_session(model, taps)
+    session = tap_session(model, taps)
     inputs = graph_inputs(model)
     if len(inputs) != 1:
         raise InputError("a calibration .npy can only be used with a single-input model")

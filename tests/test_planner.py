@@ -140,3 +140,25 @@ def test_plan_cli_writes_a_plan_expand_can_replay(
     assert main(["plan", str(path), "--profile", str(profile_path), "--budget", "1us", "--estimate"]) == 1
     assert "no plan is predicted to fit" in capsys.readouterr().err
     assert json.loads(plan.to_json())["layers"]
+
+
+def test_a_batch_one_export_is_probed_on_every_probe_not_one() -> None:
+    """torch.onnx.export without dynamic_axes fixes the batch at 1: the sensitivity probes run one at a time, all
+    of them (the fixed dimension once made them a single probe), and agree with the same net's dynamic export."""
+    from rexdeploy.planner.search import prepare
+
+    dynamic = small_cnn(seed=2)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(dynamic)
+    for value in [*fixed.graph.input, *fixed.graph.output]:
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    layers = quantizable_layers(fold_batchnorm(fixed)[0])
+    one = prepare(fixed, layers, probes=1).errors.sensitivity
+    four = prepare(fixed, layers, probes=4).errors.sensitivity
+    name = layers[0].name  # its input is the model input: every probe's values are sampled
+    assert four.input_abs[name].size == 4 * one.input_abs[name].size
+    ref = prepare(dynamic, quantizable_layers(fold_batchnorm(dynamic)[0]), probes=4).errors.sensitivity
+    assert all(np.isfinite(g) and g > 0 for g in four.gains.values())
+    for layer in layers:  # different draws of the same family: same order of magnitude
+        assert 0.5 < four.gains[layer.name] / ref.gains[layer.name] < 2.0, layer.name

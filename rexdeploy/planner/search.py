@@ -37,7 +37,7 @@ from rexdeploy.planner.sensitivity import measure_sensitivity
 from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.probes import NATURAL, applicable_families, family_inputs
 from rexdeploy.profile import Profile
-from rexdeploy.ranges import activation_ranges, probe_batch, synthetic_inputs, unsigned_layers
+from rexdeploy.ranges import activation_ranges, fixed_batch_of_one, probe_batch, synthetic_inputs, unsigned_layers
 
 ORDERS = (1, 2, 3)
 log = logging.getLogger(__name__)
@@ -312,6 +312,21 @@ def _candidates(layers: list[Layer], profile: Profile, errors: ErrorModel, base:
     return candidates
 
 
+def _probe_feeds(folded: onnx.ModelProto, probes: int, seed: int) -> dict[str, np.ndarray]:
+    """The sensitivity probes: natural-image-like 1/f fields where the model reads images (white noise hides what a
+    layer's error costs there), Gaussian otherwise; ``probes`` of them even for a batch-1 export (drawn one by
+    one: its fixed batch dimension once made them one probe)."""
+    natural = NATURAL in applicable_families(folded)
+
+    def draw(count: int, s: int) -> dict[str, np.ndarray]:
+        return family_inputs(folded, NATURAL, count, seed=s + 1) if natural else synthetic_inputs(folded, batch=count, seed=s)
+
+    if probes <= 1 or not fixed_batch_of_one(folded):
+        return draw(probes, seed)
+    samples = [draw(1, seed + i) for i in range(probes)]
+    return {name: np.concatenate([x[name] for x in samples]) for name in samples[0]}
+
+
 def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndarray | None = None, probes: int = 4,
             seed: int = 0, profile: Profile | None = None) -> Prepared:  # fmt: skip
     """Sensitivity (the gains of each layer's error at the output), data-free activation ranges and the
@@ -324,10 +339,7 @@ def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndar
     fields, 0.070 on natural photographs; AMD EPYC, onnxruntime exact arithmetic)."""
     t0 = time.perf_counter()
     folded, bn_stats = fold_batchnorm(model)
-    if NATURAL in applicable_families(folded):  # image inputs: white noise hides what a layer's error costs
-        feeds = family_inputs(folded, NATURAL, probes, seed=seed + 1)
-    else:
-        feeds = {k: v for k, v in synthetic_inputs(folded, batch=probes, seed=seed).items()}
+    feeds = _probe_feeds(folded, probes, seed)
     if calibration is not None:
         name = next(iter(feeds))
         feeds = {name: calibration[: max(probes, 1)]}
