@@ -209,11 +209,7 @@ def probe_ranges(
         return {}
     single = fixed_batch_of_one(model)
     if calibration is None:
-        if single and batch > 1:  # a batch-1 export: ``batch`` probes all the same, run one at a time
-            samples = [synthetic_inputs(model, batch=1, seed=seed + i, kind=probe) for i in range(batch)]
-            feeds = {name: np.concatenate([s[name] for s in samples]) for name in samples[0]}
-        else:
-            feeds = synthetic_inputs(model, batch=batch, seed=seed, kind=probe)
+        feeds = synthetic_probes(model, batch, seed=seed, kind=probe)  # a batch-1 export: run one at a time below
         known = {name: _magnitude(feeds[name], percentile) for name in taps if name in feeds}  # graph inputs
         rest = [name for name in taps if name not in known]
         if not rest:
@@ -230,6 +226,16 @@ def probe_ranges(
         for name, v in zip(taps, _run_taps(session, taps, {inputs[0].name: chunk}, single), strict=True):
             ranges[name] = max(ranges[name], _magnitude(v, None))
     return ranges
+
+
+def synthetic_probes(model: onnx.ModelProto, count: int, seed: int = 0, kind: ProbeKind = "noise") -> dict[str, np.ndarray]:
+    """``count`` probes of :func:`synthetic_inputs` (batch axis first), also for a batch-1 export
+    (:func:`fixed_batch_of_one`), whose fixed batch dimension would make them one: drawn one by one (seeds ``seed``
+    to ``seed + count - 1``) and stacked; such a model then runs them one at a time."""
+    if count <= 1 or not fixed_batch_of_one(model):
+        return synthetic_inputs(model, batch=count, seed=seed, kind=kind)
+    samples = [synthetic_inputs(model, batch=1, seed=seed + i, kind=kind) for i in range(count)]
+    return {name: np.concatenate([s[name] for s in samples]) for name in samples[0]}
 
 
 def fixed_batch_of_one(model: onnx.ModelProto) -> bool:

@@ -71,10 +71,11 @@ def tolerance(predicted_error: float, precision: str, float_noise: float = 0.0) 
 
 
 def probe_feeds(model: onnx.ModelProto, probes: int = PROBES, seed: int = 7) -> dict[str, np.ndarray]:
-    """Seeded standard-normal probes of the model's inputs (integer inputs: zeros), batch axis first."""
-    from rexdeploy.ranges import synthetic_inputs
+    """Seeded synthetic probes of the model's inputs (:func:`rexdeploy.ranges.synthetic_probes`: all ``probes`` of
+    them for a batch-1 export too), batch axis first."""
+    from rexdeploy.ranges import synthetic_probes
 
-    return synthetic_inputs(model, batch=probes, seed=seed)
+    return synthetic_probes(model, probes, seed=seed)
 
 
 def reference_outputs(onnx_path: Path, feeds: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -162,3 +162,8 @@ def test_a_batch_one_export_is_probed_on_every_probe_not_one() -> None:
     assert all(np.isfinite(g) and g > 0 for g in four.gains.values())
     for layer in layers:  # different draws of the same family: same order of magnitude
         assert 0.5 < four.gains[layer.name] / ref.gains[layer.name] < 2.0, layer.name
+    from rexdeploy.selfcheck import PROBES, probe_feeds
+
+    feeds = probe_feeds(fixed)  # the build's self-check: all its probes too, distinct
+    x = next(iter(feeds.values()))
+    assert x.shape[0] == PROBES > 1 and not np.allclose(x[0], x[1])

@@ -37,7 +37,7 @@ from rexdeploy.planner.sensitivity import measure_sensitivity
 from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.probes import NATURAL, applicable_families, family_inputs
 from rexdeploy.profile import Profile
-from rexdeploy.ranges import activation_ranges, fixed_batch_of_one, probe_batch, synthetic_inputs, unsigned_layers
+from rexdeploy.ranges import activation_ranges, fixed_batch_of_one, probe_batch, synthetic_probes, unsigned_layers
 
 ORDERS = (1, 2, 3)
 log = logging.getLogger(__name__)
@@ -316,14 +316,11 @@ def _probe_feeds(folded: onnx.ModelProto, probes: int, seed: int) -> dict[str, n
     """The sensitivity probes: natural-image-like 1/f fields where the model reads images (white noise hides what a
     layer's error costs there), Gaussian otherwise; ``probes`` of them even for a batch-1 export (drawn one by
     one: its fixed batch dimension once made them one probe)."""
-    natural = NATURAL in applicable_families(folded)
-
-    def draw(count: int, s: int) -> dict[str, np.ndarray]:
-        return family_inputs(folded, NATURAL, count, seed=s + 1) if natural else synthetic_inputs(folded, batch=count, seed=s)
-
+    if NATURAL not in applicable_families(folded):
+        return synthetic_probes(folded, probes, seed=seed)
     if probes <= 1 or not fixed_batch_of_one(folded):
-        return draw(probes, seed)
-    samples = [draw(1, seed + i) for i in range(probes)]
+        return family_inputs(folded, NATURAL, probes, seed=seed + 1)
+    samples = [family_inputs(folded, NATURAL, 1, seed=seed + 1 + i) for i in range(probes)]
     return {name: np.concatenate([x[name] for x in samples]) for name in samples[0]}
 
 
