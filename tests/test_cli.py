@@ -355,3 +355,22 @@ def test_quiet_and_verbose(capsys: pytest.CaptureFixture[str], tmp_path: Path, b
     assert logging.getLogger("rexdeploy").level == logging.WARNING
     with pytest.raises(SystemExit):
         main(["-q", "-v", *args])
+
+
+def test_verbose_logs_follow_the_stderr_of_each_run(monkeypatch: pytest.MonkeyPatch, bad_files: dict[str, Path]) -> None:
+    """``main`` run twice in one process (a script, the tests), each time under another stderr: the debug log goes
+    to the current one (a handler kept from the first run wrote to its closed stream: '--- Logging error ---')."""
+    import io
+    import sys
+
+    args = ["-v", "plan", str(bad_files["good"]), "--profile", "x86-avx512", "--budget", "1s", "--estimate"]
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    assert main(args) == 0
+    assert "DEBUG rexdeploy.planner.search: planner:" in first.getvalue()
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    assert main(args) == 0
+    assert "DEBUG rexdeploy.planner.search: planner:" in second.getvalue()
+    assert "Logging error" not in second.getvalue()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rexdeploy.errors import InputError
 
@@ -19,14 +19,29 @@ class _Verbosity:
     quiet = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is then: ``main`` may run several times in one process (a script,
+    the tests), each time under another stderr; a handler holding the first one wrote to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("rexdeploy: %(levelname)s %(name)s: %(message)s"))
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ / setStream: always the current stderr
+        pass
+
+
 def set_verbosity(quiet: bool, verbose: bool) -> None:
     """--quiet drops progress lines; --verbose adds the library's DEBUG logs (``logging`` 'rexdeploy')."""
     _Verbosity.quiet = quiet
     logger = logging.getLogger("rexdeploy")
-    if verbose and not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("rexdeploy: %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
+    if verbose and not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
