@@ -53,6 +53,9 @@ DEFAULT_PROBE: ProbeKind = "noise"
 DEFAULT_PERCENTILE: float | None = 99.99
 SMOOTH_SPECTRUM_EXPONENT = 1.0  # amplitude ∝ 1/f (power ∝ 1/f²): the spectrum of natural images
 _CALIBRATION_CHUNK = 16  # samples per onnxruntime run when reducing a user calibration batch
+# the first BatchNorm's input scale (bn_input_scale) replaces the N(0, 1) assumption for a model input only when it
+# is off by more than this factor: it assumes white inputs, and real ones are correlated (MobileNetV2: 1.67 vs 1.08)
+INPUT_SCALE_TRUST = 2.0
 
 _NP_TYPES: dict[int, type[np.generic]] = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -332,7 +335,9 @@ def activation_ranges(
     ``bn_stats`` is what :func:`rexdeploy.graph.fold_batchnorm` returned. ``method``:
 
     * ``"auto"``: BN statistics (:func:`rexdeploy.bnstats.bn_ranges`, ``mean ± n_std·std``) where the
-      tensor is reachable from a BN output, synthetic probes (:func:`probe_ranges`) for the others;
+      tensor is reachable from a BN output, synthetic probes (:func:`probe_ranges`) for the others — a model
+      input probed as N(0, 1) is rescaled to the scale its first BatchNorm was trained for where that is more than
+      2× off (:func:`bn_input_scale`: a waveform of RMS 0.1, 0–255 pixels);
     * ``"bn"``: BN statistics only; a tensor without statistics is a ModelError;
     * ``"probe"``: synthetic probes only.
 
@@ -361,8 +366,40 @@ def activation_ranges(
             "use method 'auto' (probes there) or give a calibration batch"
         )
     if missing:
-        ranges.update(probe_ranges(model, missing, batch=batch, seed=seed, probe=probe, percentile=percentile))
+        probed = probe_ranges(model, missing, batch=batch, seed=seed, probe=probe, percentile=percentile)
+        for name in set(missing) & {i.name for i in graph_inputs(model)}:  # probed as N(0, 1): is the input?
+            scale = bn_input_scale(model, bn_stats, name)
+            if scale is not None and not 1.0 / INPUT_SCALE_TRUST <= scale <= INPUT_SCALE_TRUST:
+                probed[name] *= scale
+        ranges.update(probed)
     return {name: ranges[name] for name in taps}
+
+
+def bn_input_scale(model: onnx.ModelProto, bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                   name: str) -> float | None:  # fmt: skip
+    """The standard deviation of the graph input ``name`` that the BatchNorm after the first Conv reading it was
+    trained for (data-free): the folded Conv's output channel ``o`` has std ``|γ_o|`` (the BN statistics) and
+    weights ``W'_o``, and a white input of std σ gives ``σ²·‖W'_o‖² = γ_o²``, so ``σ = sqrt(median_o γ_o²/‖W'_o‖²)``.
+    None where no ungrouped Conv with BN statistics reads the input. Real inputs are not white (images, audio:
+    correlated), so this is a scale, not a measurement: :func:`activation_ranges` uses it only where it says the
+    N(0, 1) probes are off by more than :data:`INPUT_SCALE_TRUST` (MobileNetV2's ImageNet-normalised images: 1.67,
+    left alone; a waveform of RMS 0.1, or 0–255 pixels: rescaled)."""
+    from rexdeploy.graph import constant_value
+
+    for node in model.graph.node:
+        if node.op_type != "Conv" or not node.input or node.input[0] != name or node.output[0] not in bn_stats:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        weight = constant_value(model, node.input[1]) if len(node.input) > 1 else None
+        if group != 1 or weight is None:
+            continue
+        norms2 = np.square(weight.astype(np.float64).reshape(weight.shape[0], -1)).sum(axis=1)
+        std = np.asarray(bn_stats[node.output[0]][1], dtype=np.float64).reshape(-1)
+        ok = norms2 > 0.0
+        if std.size != norms2.size or not ok.any():
+            continue
+        return float(np.sqrt(np.median(np.square(std[ok]) / norms2[ok])))
+    return None
 
 
 def load_calibration(path: str, model: onnx.ModelProto) -> np.ndarray:
