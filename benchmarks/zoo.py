@@ -693,7 +693,7 @@ def _plan_summary(plan: dict[str, Any]) -> str:
     layers = plan.get("layers") or {}
     settings = {json.dumps(v, sort_keys=True) for v in (layers.values() if isinstance(layers, dict) else layers)}
     return (
-        f"{len(layers)} layers set ({len(settings)} distinct), {plan.get('float_precision')} engine; predicted "
+        f"{len(layers)} layers set ({len(settings)} distinct), {plan.get('float_precision') or 'default float'} engine; predicted "
         f"{plan.get('predicted_latency_ms', float('nan')):.3f} ms, error {plan.get('predicted_error', float('nan')):.2e}"
     )
 
