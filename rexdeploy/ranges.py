@@ -20,7 +20,7 @@ known and probes elsewhere. A user calibration array, when given, replaces both 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -217,7 +217,7 @@ def probe_ranges(
         rest = [name for name in taps if name not in known]
         if not rest:
             return known
-        values = _run_taps(tap_session(model, rest), rest, feeds, single)
+        values = run_outputs(tap_session(model, rest), rest, feeds, single)
         return {**known, **{name: _magnitude(v, percentile) for name, v in zip(rest, values, strict=True)}}
     session = tap_session(model, taps)
     inputs = graph_inputs(model)
@@ -226,19 +226,25 @@ def probe_ranges(
     ranges = dict.fromkeys(taps, 0.0)
     for start in range(0, max(len(calibration), 1), _CALIBRATION_CHUNK):
         chunk = calibration[start : start + _CALIBRATION_CHUNK]
-        for name, v in zip(taps, _run_taps(session, taps, {inputs[0].name: chunk}, single), strict=True):
+        for name, v in zip(taps, run_outputs(session, taps, {inputs[0].name: chunk}, single), strict=True):
             ranges[name] = max(ranges[name], _magnitude(v, None))
     return ranges
 
 
-def synthetic_probes(model: onnx.ModelProto, count: int, seed: int = 0, kind: ProbeKind = "noise") -> dict[str, np.ndarray]:
-    """``count`` probes of :func:`synthetic_inputs` (batch axis first), also for a batch-1 export
-    (:func:`fixed_batch_of_one`), whose fixed batch dimension would make them one: drawn one by one (seeds ``seed``
-    to ``seed + count - 1``) and stacked; such a model then runs them one at a time."""
+def stacked_probes(model: onnx.ModelProto, count: int, seed: int,
+                   draw: Callable[[int, int], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:  # fmt: skip
+    """``count`` probes from ``draw(count, seed)`` (batch axis first), also for a batch-1 export
+    (:func:`fixed_batch_of_one`), whose fixed batch dimension would make them one: drawn one by one
+    (``draw(1, seed + i)``) and stacked; such a model then runs them one at a time."""
     if count <= 1 or not fixed_batch_of_one(model):
-        return synthetic_inputs(model, batch=count, seed=seed, kind=kind)
-    samples = [synthetic_inputs(model, batch=1, seed=seed + i, kind=kind) for i in range(count)]
+        return draw(count, seed)
+    samples = [draw(1, seed + i) for i in range(count)]
     return {name: np.concatenate([s[name] for s in samples]) for name in samples[0]}
+
+
+def synthetic_probes(model: onnx.ModelProto, count: int, seed: int = 0, kind: ProbeKind = "noise") -> dict[str, np.ndarray]:
+    """``count`` probes of :func:`synthetic_inputs`, batch-1 exports included (:func:`stacked_probes`)."""
+    return stacked_probes(model, count, seed, lambda n, s: synthetic_inputs(model, batch=n, seed=s, kind=kind))
 
 
 def fixed_batch_of_one(model: onnx.ModelProto) -> bool:
@@ -250,16 +256,18 @@ def fixed_batch_of_one(model: onnx.ModelProto) -> bool:
     return bool(inputs) and all(len(d) > 0 and d[0].HasField("dim_value") and d[0].dim_value == 1 for d in dims)
 
 
-def _run_taps(
-    session: ort.InferenceSession, taps: Sequence[str], feeds: Mapping[str, np.ndarray], one_at_a_time: bool
+def run_outputs(
+    session: ort.InferenceSession, outputs: Sequence[str], feeds: Mapping[str, np.ndarray], one_at_a_time: bool
 ) -> list[np.ndarray]:
-    """The taps' values on ``feeds`` (batch axis first); with ``one_at_a_time``, sample by sample, each tap's
-    values flattened and joined (only their magnitudes are read)."""
+    """The ``outputs``' values on ``feeds`` (batch axis first); with ``one_at_a_time`` (a batch-1 export), sample by
+    sample — a feed without a batch axis (a scalar flag) goes to every run — each output's values flattened and
+    joined (for magnitudes and norms)."""
     if not one_at_a_time:
-        return list(session.run(list(taps), dict(feeds)))
-    n = next(iter(feeds.values())).shape[0]
-    runs = [session.run(list(taps), {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
-    return [np.concatenate([np.asarray(run[j]).reshape(-1) for run in runs]) for j in range(len(taps))]
+        return [np.asarray(v) for v in session.run(list(outputs), dict(feeds))]
+    n = max((v.shape[0] for v in feeds.values() if np.ndim(v) > 0), default=1)
+    runs = [session.run(list(outputs), {k: (v[i : i + 1] if np.ndim(v) > 0 else v) for k, v in feeds.items()})
+            for i in range(n)]  # fmt: skip
+    return [np.concatenate([np.asarray(run[j]).reshape(-1) for run in runs]) for j in range(len(outputs))]
 
 
 def input_channel_gains(model: onnx.ModelProto) -> dict[str, np.ndarray]:

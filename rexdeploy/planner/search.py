@@ -37,7 +37,7 @@ from rexdeploy.planner.sensitivity import measure_sensitivity
 from rexdeploy.plans import LayerPlan, Plan
 from rexdeploy.probes import NATURAL, applicable_families, family_inputs
 from rexdeploy.profile import Profile
-from rexdeploy.ranges import activation_ranges, fixed_batch_of_one, probe_batch, synthetic_probes, unsigned_layers
+from rexdeploy.ranges import activation_ranges, probe_batch, stacked_probes, synthetic_probes, unsigned_layers
 
 ORDERS = (1, 2, 3)
 log = logging.getLogger(__name__)
@@ -318,10 +318,7 @@ def _probe_feeds(folded: onnx.ModelProto, probes: int, seed: int) -> dict[str, n
     one: its fixed batch dimension once made them one probe)."""
     if NATURAL not in applicable_families(folded):
         return synthetic_probes(folded, probes, seed=seed)
-    if probes <= 1 or not fixed_batch_of_one(folded):
-        return family_inputs(folded, NATURAL, probes, seed=seed + 1)
-    samples = [family_inputs(folded, NATURAL, 1, seed=seed + 1 + i) for i in range(probes)]
-    return {name: np.concatenate([x[name] for x in samples]) for name in samples[0]}
+    return stacked_probes(folded, probes, seed + 1, lambda n, s: family_inputs(folded, NATURAL, n, seed=s))
 
 
 def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndarray | None = None, probes: int = 4,

@@ -10,7 +10,7 @@ unit relative error at layer l. With independent errors the network's relative e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from rexdeploy.analyze import Layer
-from rexdeploy.ranges import fixed_batch_of_one, tap_session
+from rexdeploy.ranges import fixed_batch_of_one, run_outputs, tap_session
 
 NOISE = 1e-2  # relative noise injected: small enough to stay in the linear regime
 SAMPLE = 16384  # |x| values kept per layer input to estimate clipping
@@ -44,18 +44,6 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _run(session: ort.InferenceSession, outputs: list[str], feeds: Mapping[str, np.ndarray],
-         one_at_a_time: bool) -> list[np.ndarray]:  # fmt: skip
-    """``outputs`` on ``feeds``; with ``one_at_a_time`` sample by sample (scalar feeds, the noise masks, go to every
-    run), joined along the batch axis."""
-    if not one_at_a_time:
-        return [np.asarray(v) for v in session.run(outputs, dict(feeds))]
-    n = max((v.shape[0] for v in feeds.values() if np.ndim(v) > 0), default=1)
-    runs = [session.run(outputs, {k: (v[i : i + 1] if np.ndim(v) > 0 else v) for k, v in feeds.items()})
-            for i in range(n)]  # fmt: skip
-    return [np.concatenate([np.asarray(r[j]) for r in runs]) for j in range(len(outputs))]
-
-
 def measure_sensitivity(
     model: onnx.ModelProto, layers: Sequence[Layer], feeds: dict[str, np.ndarray], seed: int = 0
 ) -> Sensitivity:
@@ -63,7 +51,7 @@ def measure_sensitivity(
     one at a time: :func:`rexdeploy.ranges.fixed_batch_of_one`)."""
     taps = list(dict.fromkeys([*(layer.output for layer in layers), *(layer.input for layer in layers)]))
     single = fixed_batch_of_one(model)
-    values = dict(zip(taps, _run(tap_session(model, taps), taps, feeds, single), strict=True))
+    values = dict(zip(taps, run_outputs(tap_session(model, taps), taps, feeds, single), strict=True))
     rms = {name: float(np.sqrt(np.mean(np.square(v, dtype=np.float64)))) for name, v in values.items()}
     noisy = onnx.ModelProto()
     noisy.CopyFrom(model)
@@ -102,12 +90,12 @@ def measure_sensitivity(
     session = _session(noisy)
     masks = {f"__mask_{i}": np.array(False) for i in range(len(layers))}
     first = [session.get_outputs()[0].name]
-    reference = np.asarray(_run(session, first, {**feeds, **masks}, single)[0], dtype=np.float64)
+    reference = np.asarray(run_outputs(session, first, {**feeds, **masks}, single)[0], dtype=np.float64)
     ref_norm = max(float(np.linalg.norm(reference)), 1e-30)
     gains: dict[str, float] = {}
     for i, layer in enumerate(layers):
         on = {**masks, f"__mask_{i}": np.array(True)}
-        out = np.asarray(_run(session, first, {**feeds, **on}, single)[0], dtype=np.float64)
+        out = np.asarray(run_outputs(session, first, {**feeds, **on}, single)[0], dtype=np.float64)
         gains[layer.name] = float(np.linalg.norm(out - reference) / ref_norm / NOISE)
     rng = np.random.default_rng(seed)
     samples = {}
