@@ -21,15 +21,18 @@ from rexdeploy.errors import PlanError
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors, predictor_models
 from rexdeploy.passes.expand import expand
+from rexdeploy.passes.pipeline import Expanded
 from rexdeploy.planner.ensembles import (
     aux_streams_for,
     check_ensemble,
     ensemble_candidates,
     ensemble_latency_ms,
     parallel_capacity,
+    predictor_orders,
 )
 from rexdeploy.plans import Plan, uniform_plan
 from rexdeploy.profile import load_profile
+from rexdeploy.ranges import probe_ranges
 
 PROFILE = load_profile("x86-avx512")
 Arr = np.ndarray
@@ -122,6 +125,87 @@ def simulate(model: onnx.ModelProto, x: Arr, bits: int, split: tuple[int, ...], 
     return outs if parts else sum(outs)
 
 
+def simulate_difference(model: onnx.ModelProto, x: Arr, bits: int, split: tuple[int, ...], own: int | None = None,
+                        parts: bool = False) -> Arr | list[Arr]:  # fmt: skip
+    """The difference form of ``deep_net``'s ensemble in float64 numpy: predictor 1 the dense K_1 expansion;
+    predictor m >= 2 applies its cluster's orders to the sum of the predictors before it and orders 1..own
+    (S_m = K_1 + .. + K_m when None) to its own input, and each σ as σ(A^{m-1} + a^m) − σ(A^{m-1})."""
+    p = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    k_total = sum(split)
+    orders = {n: rex_orders(p[f"{n}_w"], bits, k_total) for n in ("c0", "c1", "c2", "c3", "c4", "fc")}
+    ends = np.cumsum(split)
+    groups = [list(range(e - s + 1, e + 1)) for e, s in zip(ends, split, strict=True)]
+    mine = [groups[0]] + [list(range(1, (int(ends[m]) if own is None else own) + 1)) for m in range(1, len(split))]
+
+    def w(name: str, ks: list[int]) -> Arr:
+        return sum((orders[name][k - 1] for k in ks), np.zeros_like(p[f"{name}_w"]))
+
+    def layer(xs: list[Arr] | Arr, name: str, pad: int) -> list[Arr]:
+        """Per predictor: its pre-activation part (bias in predictor 1); ``xs`` one array = the shared input."""
+        out = []
+        for m, group in enumerate(groups):
+            if isinstance(xs, np.ndarray):  # the network input (Eq. 31)
+                out.append(conv2d(xs, w(name, group), p[f"{name}_b"] if m == 0 else None, [1, 1], [pad] * 4, 1))
+                continue
+            cum = xs[0] if m == 0 else sum(xs[:m])
+            y = conv2d(cum, w(name, group), p[f"{name}_b"] if m == 0 else None, [1, 1], [pad] * 4, 1)
+            out.append(y if m == 0 else y + conv2d(xs[m], w(name, mine[m]), None, [1, 1], [pad] * 4, 1))
+        return out
+
+    def act(pre: list[Arr], f: Callable[[Arr], Arr]) -> list[Arr]:
+        outs, cum, prev = [], np.zeros_like(pre[0]), np.zeros_like(pre[0])
+        for a in pre:
+            cum = cum + a
+            outs.append(f(cum) - prev)
+            prev = f(cum)
+        return outs
+
+    def relu(t: Arr) -> Arr:
+        return np.maximum(t, 0.0)
+
+    r0 = act(layer(x, "c0", 1), relu)
+    r1 = act(layer(r0, "c1", 1), lambda t: np.clip(t, 0.0, 6.0))
+    s2 = [a + b for a, b in zip(layer(r1, "c2", 0), r0, strict=True)]
+    r3 = act(layer(s2, "c3", 1), relu)
+    r4 = act(layer(r3, "c4", 0), relu)
+    flat = [t.mean(axis=(2, 3)) for t in r4]
+    ys = []
+    for m, group in enumerate(groups):
+        cum = flat[0] if m == 0 else sum(flat[:m])
+        y = cum @ w("fc", group).T + (flat[m] @ w("fc", mine[m]).T if m else p["fc_b"])
+        ys.append(y)
+    return ys if parts else sum(ys)
+
+
+def dense_reference(model: onnx.ModelProto, x: Arr, bits: int, order: int) -> Arr:
+    """``deep_net`` with every weight replaced by its dense REx expansion at ``order`` (float64 numpy)."""
+    p = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    w = {n: sum(rex_orders(p[f"{n}_w"], bits, order)) for n in ("c0", "c1", "c2", "c3", "c4", "fc")}
+
+    def c(t: Arr, n: str, pad: int) -> Arr:
+        return conv2d(t, w[n], p[f"{n}_b"], [1, 1], [pad] * 4, 1)
+
+    r0 = np.maximum(c(x, "c0", 1), 0)
+    s2 = c(np.clip(c(r0, "c1", 1), 0, 6), "c2", 0) + r0
+    r4 = np.maximum(c(np.maximum(c(s2, "c3", 1), 0), "c4", 0), 0)
+    return r4.mean(axis=(2, 3)) @ w["fc"].T + p["fc_b"]
+
+
+def expand_form(model: onnx.ModelProto, bits: int, split: tuple[int, ...], act_bits: int = 0,
+                form: str = "eq35", **kw: object) -> Expanded:  # fmt: skip
+    """``expand_model``'s ensemble path (fold, clone, ranges from the float predictors, expand) with an explicit
+    ensemble form (``expand_model`` builds the default one)."""
+    folded, bn_stats = fold_batchnorm(model)
+    layers = quantizable_layers(folded)
+    plan = uniform_plan([layer.name for layer in layers], bits=bits, order=sum(split), split=split, act_bits=act_bits)
+    ens = build_ensemble(folded, plan, layers, form=form, bn_stats=bn_stats, **kw)  # type: ignore[arg-type]
+    taps = [str(next(n for n in ens.model.graph.node if n.name == name).input[j.layer.act_index])
+            for name, j in ens.jobs.items() if act_bits == 8]  # fmt: skip
+    ranges = probe_ranges(float_predictors(ens, folded), taps) if taps else {}
+    result = expand(ens.model, ens.plan or plan, ranges, jobs=ens.jobs)
+    return Expanded(result.model, ens.plan or plan, tuple(layers), result.activation_scales, 0.0, 0.0)
+
+
 X = np.random.default_rng(3).standard_normal((6, 4, 6, 6)).astype(np.float32)
 
 
@@ -132,12 +216,74 @@ def rel(a: Arr, b: Arr) -> float:
 @pytest.mark.parametrize(("bits", "split"), [(4, (2, 2)), (4, (3, 1)), (5, (2, 1, 1)), (8, (1, 1))])
 def test_eq35_graph_equals_the_numpy_construction(bits: int, split: tuple[int, ...]) -> None:
     model = deep_net()
-    expanded = expand_model(model, profile=PROFILE, bits=bits, order=sum(split), split=split, act_bits=0)
+    expanded = expand_form(model, bits, split)
     onnx.checker.check_model(expanded.model, full_check=True)
     got = run_exact(expanded.model, X)
     assert rel(got, simulate(model, X.astype(np.float64), bits, split)) < 2e-6
     # not the Algorithm-1 clone, and not the dense K expansion either (the numbers tell the forms apart)
     assert rel(got, simulate(model, X.astype(np.float64), bits, split, form="algorithm1")) > 1e-4
+
+
+@pytest.mark.parametrize(("bits", "split", "own"), [(4, (2, 2), None), (4, (3, 1), None), (5, (2, 1, 1), None),
+                                                    (4, (2, 2), 2), (4, (1, 3), 1)])  # fmt: skip
+def test_difference_graph_equals_the_numpy_construction(bits: int, split: tuple[int, ...], own: int | None) -> None:
+    """The default form: the emitted graph against its numpy construction, and (all own orders) against the dense
+    K expansion computed independently — the predictors sum to it exactly; predictor 1 alone is the dense K_1."""
+    model = deep_net()
+    x = X.astype(np.float64)
+    expanded = (expand_model(model, profile=PROFILE, bits=bits, order=sum(split), split=split, act_bits=0)
+                if own is None else expand_form(model, bits, split, form="difference", own_orders=own))  # fmt: skip
+    onnx.checker.check_model(expanded.model, full_check=True)
+    got = run_exact(expanded.model, X)
+    assert rel(got, simulate_difference(model, x, bits, split, own)) < 2e-6  # type: ignore[arg-type]
+    dense_k, dense_k1 = dense_reference(model, x, bits, sum(split)), dense_reference(model, x, bits, split[0])
+    if own is None:
+        assert rel(got, dense_k) < 2e-6
+    else:  # own orders short of S_m: between the dense K and the first predictor alone
+        assert rel(dense_k, dense_k) < rel(got, dense_k) < rel(dense_k1, dense_k)
+    first = simulate_difference(model, x, bits, split, own, parts=True)[0]  # type: ignore[index]
+    assert rel(first, dense_k1) < 1e-12
+    assert any("form difference" in note for note in expanded.plan.notes)
+
+
+def test_difference_op_structure() -> None:
+    """Predictor 1 holds orders 1-2 of every layer; predictor 2 orders 3-4 on predictor 1's input and orders 1-4 on
+    its own (the input layer: orders 3-4 on the network input only), and every activation as σ(a + ε) − σ(a)
+    reading predictor 1's pre-activation — so the predictors are not independent (one engine)."""
+    expanded = expand_model(deep_net(), profile=PROFILE, bits=4, order=4, split=(2, 2), act_bits=0)
+    g = expanded.model.graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("Conv") == (2 + 2) + 4 * (2 + 2 + 4) and ops.count("Gemm") == 2 + 2 + 4
+    assert ops.count("Relu") == 2 * 3 and ops.count("Clip") == 2 and ops.count("Sum") == 1
+    diffs = [n for n in g.node if n.name.endswith("_difference")]
+    assert len(diffs) == 4 and all(n.op_type == "Sub" for n in diffs)
+    by_out = {t: n for n in g.node for t in n.output}
+    for sub in diffs:  # σ(a^1 + ε^2) − σ(a^1): the minuend's activation reads predictor 1's pre-activation
+        act = by_out[sub.input[0]]
+        add = by_out[act.input[0]]
+        assert (
+            act.op_type in ("Relu", "Clip")
+            and add.op_type == "Add"
+            and sub.input[1] in {n.output[0] for n in g.node if n.op_type == act.op_type and "__p" not in n.output[0]}
+        )
+    (total,) = (n for n in g.node if n.op_type == "Sum")
+    p1, p2 = (_ancestors(expanded.model, t) for t in total.input)
+    assert {n for n in p1 - p2 if not n.startswith("fc")} == set()  # predictor 2 reads predictor 1 at every layer
+    assert {p.key: p.value for p in expanded.model.metadata_props}["rexdeploy.ensemble_form"] == "difference"
+
+
+def test_difference_w8a8_graph_equals_the_numpy_construction() -> None:
+    """Activations int8: predictor 2's own signal (a difference of activations) gets its own, smaller scale; the
+    emitted graph against a numpy run of the same Q/DQ placement."""
+    model = deep_net()
+    expanded = expand_model(model, profile=PROFILE, bits=8, order=2, split=(1, 1), act_bits=8)
+    onnx.checker.check_model(expanded.model, full_check=True)
+    scales = expanded.activation_scales
+    assert scales["r3__p2"] < scales["r3"] / 4
+    fp32 = run_exact(model, X)
+    got = run_exact(expanded.model, X)
+    k1 = run_exact(expand_model(model, profile=PROFILE, bits=8, order=1, act_bits=8).model, X)
+    assert rel(got, fp32) < rel(k1, fp32)
 
 
 def graph_fake_quant(model: onnx.ModelProto) -> Callable[[str, Arr], Arr]:
@@ -160,7 +306,7 @@ def test_eq35_w8a8_graph_equals_the_numpy_construction(split: tuple[int, ...]) -
     """Activations int8 (each predictor with its own ranges): the emitted Q/DQ graph against the numpy
     construction with the graph's activation scales."""
     model = deep_net()
-    expanded = expand_model(model, profile=PROFILE, bits=8, order=sum(split), split=split, act_bits=8)
+    expanded = expand_form(model, 8, split, act_bits=8)
     onnx.checker.check_model(expanded.model, full_check=True)
     fq = graph_fake_quant(expanded.model)
     want = simulate(model, X.astype(np.float64), 8, split, quant=fq)
@@ -196,7 +342,7 @@ def _ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
 
 
 def test_eq35_op_structure() -> None:
-    expanded = expand_model(deep_net(), profile=PROFILE, bits=4, order=4, split=(2, 2), act_bits=0)
+    expanded = expand_form(deep_net(), 4, (2, 2))
     g = expanded.model.graph
     ops = [n.op_type for n in g.node]
     # c0 (the input layer): 2 orders per predictor; c1, c3, c4: 2 inside + 2 outside each; c2, fc: all 4
@@ -237,7 +383,7 @@ def test_later_predictor_carries_signal_through_the_depth() -> None:
 
 
 def test_one_graph_per_predictor_sums_to_the_ensemble() -> None:
-    expanded = expand_model(deep_net(), profile=PROFILE, bits=4, order=3, split=(2, 1), act_bits=8)
+    expanded = expand_form(deep_net(), 4, (2, 1), act_bits=8)
     parts = predictor_models(expanded.model, 2)
     assert len(parts) == 2
     for part in parts:
@@ -246,9 +392,12 @@ def test_one_graph_per_predictor_sums_to_the_ensemble() -> None:
     folded, _ = fold_batchnorm(small_cnn())
     layers = quantizable_layers(folded)
     plan = uniform_plan([layer.name for layer in layers[:-1]], bits=4, order=2, split=(1, 1), act_bits=0)
-    ensemble = build_ensemble(folded, plan, layers)  # summed before the float Gemm: a tail after the sum
+    ensemble = build_ensemble(folded, plan, layers, form="eq35")  # summed before the float Gemm: a tail after it
     with pytest.raises(PlanError, match="tail after the sum"):
         predictor_models(expand(ensemble.model, plan, {}, jobs=ensemble.jobs).model, 2)
+    difference = expand_model(deep_net(), profile=PROFILE, bits=4, order=3, split=(2, 1), act_bits=0).model
+    with pytest.raises(PlanError, match="cannot cut a difference-form ensemble"):
+        predictor_models(difference, 2)
 
 
 def test_activation_quantized_ensemble_keeps_its_own_ranges() -> None:
@@ -269,11 +418,15 @@ def test_shared_terms_go_to_the_first_predictor_and_bilinear_ops_are_refused() -
     x = np.random.default_rng(5).standard_normal((4, 6, 32)).astype(np.float32)
     fp32 = run_exact(model, x)
     k3 = rel(run_exact(expand_model(model, profile=PROFILE, bits=4, order=3, act_bits=0).model, x), fp32)
-    ens = expand_model(model, profile=PROFILE, bits=4, order=3, split=(2, 1), act_bits=0).model
+    ens = expand_form(model, 4, (2, 1)).model
     onnx.checker.check_model(ens, full_check=True)
     assert [n.op_type for n in ens.graph.node if n.name == "residual__p2"] == ["Identity"]
     k2 = rel(run_exact(expand_model(model, profile=PROFILE, bits=4, order=2, act_bits=0).model, x), fp32)
-    assert k3 < rel(run_exact(ens, x), fp32) < k2  # between its dense K and its first predictor alone (0.63 k2)
+    assert k3 < rel(run_exact(ens, x), fp32) < k2  # Eq. 35: between its dense K and its first predictor alone
+    difference = expand_model(model, profile=PROFILE, bits=4, order=3, split=(2, 1), act_bits=0).model
+    assert [n.op_type for n in difference.graph.node if n.name == "residual__p2"] == ["Identity"]
+    dense3 = run_exact(expand_model(model, profile=PROFILE, bits=4, order=3, act_bits=0).model, x)
+    assert rel(run_exact(difference, x), dense3) < 1e-5  # the difference form sums to its dense K
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 8)).astype(np.float32), n) for n in ("a", "b")]
     graph = helper.make_graph(
@@ -296,17 +449,23 @@ def test_appendix_l_check_ranks_splits_and_writes_u_ens_in_the_plan() -> None:
     folded, bn_stats = fold_batchnorm(model)
     layers = quantizable_layers(folded)
     names = [layer.name for layer in layers]
-    checks = {s: check_ensemble(folded, uniform_plan(names, bits=4, order=4, split=s, act_bits=0), layers, bn_stats)
-              for s in ((3, 1), (2, 2), (1, 3))}  # fmt: skip
+    checks = {s: check_ensemble(folded, uniform_plan(names, bits=4, order=4, split=s, act_bits=0), layers, bn_stats,
+                                form="eq35") for s in ((3, 1), (2, 2), (1, 3))}  # fmt: skip
     assert checks[(3, 1)].ratio < checks[(2, 2)].ratio < checks[(1, 3)].ratio
     assert checks[(1, 3)].verdict == "invalid" and checks[(3, 1)].verdict == "valid"
     assert checks[(2, 2)].logit_norm is not None and checks[(2, 2)].logit_norm > 0  # the last BN's statistics reach
     # measured: the Eq. 35 estimate ranks as the real gap between the ensemble and its dense K does
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     dense = run_exact(expand_model(model, profile=PROFILE, bits=4, order=4, act_bits=0).model, x)
-    gaps = {s: rel(run_exact(expand_model(model, profile=PROFILE, bits=4, order=4, split=s, act_bits=0).model, x), dense)
-            for s in ((3, 1), (2, 2))}  # fmt: skip
+    gaps = {s: rel(run_exact(expand_form(model, 4, s).model, x), dense) for s in ((3, 1), (2, 2))}
     assert gaps[(3, 1)] < gaps[(2, 2)]
+    # the difference form has no Eq. 35 gap: every split sums to the dense K=4 expansion
+    for s in ((2, 2), (1, 3)):
+        difference = check_ensemble(folded, uniform_plan(names, bits=4, order=4, split=s, act_bits=0), layers,
+                                    bn_stats)  # fmt: skip
+        assert difference.verdict == "valid" and difference.eq35_ratio == 0.0
+        got = run_exact(expand_model(model, profile=PROFILE, bits=4, order=4, split=s, act_bits=0).model, x)
+        assert rel(got, dense) < 1e-5
     expanded = expand_model(model, profile=PROFILE, bits=4, order=4, split=(3, 1), act_bits=0)
     plan = expanded.plan
     assert plan.u_ens == pytest.approx(checks[(3, 1)].u_ens) and plan.logit_norm == pytest.approx(
@@ -321,18 +480,18 @@ def test_appendix_l_check_ranks_splits_and_writes_u_ens_in_the_plan() -> None:
 
 def test_invalid_split_is_refused_and_a_doubtful_one_warns(caplog: pytest.LogCaptureFixture) -> None:
     model = mobilenet_v2_like()
-    with pytest.raises(PlanError, match=r"ensemble 1,3: .* -> invalid \(Appendix L.*--ensemble 3,1"):
-        expand_model(model, profile=PROFILE, bits=4, order=4, split=(1, 3), act_bits=0)
+    with pytest.raises(PlanError, match=r"ensemble 1,3 \(eq35\): .* -> invalid \(Appendix L.*--ensemble 3,1"):
+        expand_form(model, 4, (1, 3))
     folded, bn_stats = fold_batchnorm(model)
     layers = quantizable_layers(folded)
     names = [layer.name for layer in layers]
     doubtful = [(b, s) for b, s in ((4, (2, 2)), (3, (2, 2)), (5, (1, 1)))
                 if check_ensemble(folded, uniform_plan(names, bits=b, order=sum(s), split=s, act_bits=0), layers,
-                                  bn_stats).verdict == "doubtful"]  # fmt: skip
+                                  bn_stats, form="eq35").verdict == "doubtful"]  # fmt: skip
     assert doubtful, "no doubtful split on this model: pick another"
     bits, s = doubtful[0]
     with caplog.at_level(logging.WARNING, logger="rexdeploy.planner.ensembles"):
-        expand_model(model, profile=PROFILE, bits=bits, order=sum(s), split=s, act_bits=0)
+        expand_form(model, bits, s)
     assert any("-> doubtful" in r.message for r in caplog.records)
 
 
@@ -386,7 +545,10 @@ def test_planner_offers_ensembles_only_with_parallel_capacity() -> None:
     assert offers, "int8 K=3 splits pass Appendix L on this model"
     for label, plan, latency, error in offers:
         assert label.startswith("ensemble ") and plan.predictors == 2 and plan.u_ens is not None
-        assert latency == pytest.approx(2.0) and error >= 0.01  # never faster, never better than its dense K
+        split = plan.layers[names[0]].split
+        # difference form: its dense K's error; predictor 2 runs K_2 + K orders per layer (> the dense K's)
+        assert predictor_orders(split) == [split[0], split[1] + 3]
+        assert latency == pytest.approx((2.0 - 0.2) * (split[1] + 3) / 3 + 0.2) and error == pytest.approx(0.01)
         assert plan.predicted_latency_ms == latency and plan.predicted_error == error
 
 
@@ -409,7 +571,7 @@ def test_one_openvino_engine_per_predictor_run_side_by_side_sums_to_the_graph(tm
     """The parallel form on a real engine: each predictor compiled on its own (one thread, unpinned), started as
     async requests, the outputs summed by the caller — against the whole graph run exactly by onnxruntime."""
     ov = pytest.importorskip("openvino")
-    expanded = expand_model(deep_net(), profile=PROFILE, bits=4, order=4, split=(2, 2), act_bits=0)
+    expanded = expand_form(deep_net(), 4, (2, 2))
     core = ov.Core()
     requests = []
     for i, part in enumerate(predictor_models(expanded.model, 2)):

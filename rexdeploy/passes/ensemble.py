@@ -44,7 +44,7 @@ Each predictor gets its own activation ranges (the later ones carry small residu
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -61,12 +61,27 @@ from rexdeploy.numerics import (
     expand_weight,
     reconstruct,
 )
-from rexdeploy.passes.expand import LayerJob
-from rexdeploy.planner.ensembles import EnsembleCheck, annotate, check_ensemble, enforce, ensemble_layout, node_names
+from rexdeploy.passes.expand import LayerJob, corrected_bias
+from rexdeploy.planner.ensembles import (
+    ACTIVATIONS,
+    EnsembleCheck,
+    Layout,
+    annotate,
+    check_ensemble,
+    enforce,
+    ensemble_layout,
+    node_names,
+)
 from rexdeploy.plans import Plan
+from rexdeploy.ranges import activation_means
 
-ENSEMBLE_FORMS = ("eq35", "algorithm1")
+ENSEMBLE_FORMS = ("difference", "eq35", "algorithm1")
 OUTSIDE = "_out"  # tag suffix of a layer's outside-the-activation orders (Eq. 35)
+CUMULATIVE = "_cum"  # tag suffix of a later predictor's orders applied to the predictors before it (difference form)
+FORM_KEY = "rexdeploy.ensemble_form"  # model metadata: the form an ensemble graph was built in
+# ops a later predictor of the difference form runs as σ(cumulative input) − σ(cumulative input before it): every
+# non-linear op the layout lets between the planned layers
+DIFFERENCE_OPS = ACTIVATIONS | {"MaxPool", "GlobalMaxPool"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +89,7 @@ class Ensemble:
     model: onnx.ModelProto  # the cloned float graph (weights shared), to be expanded with ``jobs``
     jobs: dict[str, LayerJob]  # clone node name → what it holds
     predictors: int
-    form: str = "eq35"
+    form: str = "difference"
     outputs: tuple[str, ...] = ()  # the tensors where the predictors are summed (one Sum each)
     plan: Plan | None = None  # the plan with U_ens written in it (Appendix L), for M > 1
     check: EnsembleCheck | None = None
@@ -82,6 +97,11 @@ class Ensemble:
 
 def _suffix(m: int) -> str:
     return f"__p{m + 1}"
+
+
+def _cumulative(t: str, m: int) -> str:
+    """The name of ``t`` summed over predictors 1..m+1 (difference form; m >= 1)."""
+    return f"{t}__c{m + 1}"
 
 
 def _check_plan(plan: Plan, layers: list[Layer], form: str) -> tuple[dict[str, Layer], int]:
@@ -109,24 +129,31 @@ def _check_plan(plan: Plan, layers: list[Layer], form: str) -> tuple[dict[str, L
     return by_name, counts.pop()
 
 
-def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, form: str = "eq35",
-                   later_outside: bool = True,
+def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, form: str = "difference",
+                   later_outside: bool = True, own_orders: int | None = None,
                    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                   check: bool = True) -> Ensemble:  # fmt: skip
+                   check: bool = True, bias_correction: bool = True) -> Ensemble:  # fmt: skip
     """Clone ``model`` (BN-folded) into ``plan``'s predictors; the expand pass then emits each clone's orders.
 
-    ``later_outside=False`` leaves out the outside orders of the predictors m >= 2 (residual orders applied
-    to a residual signal: second-order small), so that they cost K_1 orders per layer instead of K.
+    ``own_orders`` (difference form): how many orders (1..n) a later predictor m applies to its own input; None:
+    S_m = K_1 + .. + K_m, which makes the ensemble equal to the dense expansion at K (float rounding aside).
+    ``later_outside=False`` (Eq. 35 form) leaves out the outside orders of the predictors m >= 2 (residual orders
+    applied to a residual signal: second-order small), so that they cost K_1 orders per layer instead of K.
     With M > 1 and ``check``, the Appendix-L check (:func:`rexdeploy.planner.ensembles.check_ensemble`, with
     ``bn_stats`` from :func:`rexdeploy.graph.fold_batchnorm` when given) refuses an invalid split, warns on a
-    doubtful one, and writes U_ens in ``Ensemble.plan``."""
+    doubtful one, and writes U_ens in ``Ensemble.plan``. With ``bn_stats`` and ``bias_correction``, predictor 1's
+    biases get the data-free bias correction of the dense K weights (:func:`rexdeploy.passes.expand.corrected_bias`,
+    from the layer inputs' BN-propagated means): the predictors sum to the dense K expansion, whose weight error
+    it removes on average — as the expansion pass does for a dense plan."""
     by_name, m_count = _check_plan(plan, layers, form)
+    means = (activation_means(model, bn_stats, [by_name[n].input for n in plan.layers])
+             if bn_stats and bias_correction and m_count > 1 else {})  # fmt: skip
     graph = model.graph
     names = node_names(model)
     layout = ensemble_layout(model, set(plan.layers), layers)
     verdict: EnsembleCheck | None = None
     if m_count > 1 and check:
-        verdict = check_ensemble(model, plan, layers, bn_stats, layout)
+        verdict = check_ensemble(model, plan, layers, bn_stats, layout, form=form, own_orders=own_orders)
         enforce(verdict)
     region, crossing_set = layout.region, set(layout.crossing)
     produced = {t for i in region for t in graph.node[i].output}
@@ -138,6 +165,10 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
             return t
         return t + _suffix(m)
 
+    if form == "difference" and m_count > 1:
+        nodes, made = _difference_nodes(model, plan, layout, by_name, m_count, own_orders, rename)
+        return _finish(model, plan, layout, nodes, made, m_count, form, verdict, means,
+                       "" if own_orders is None else f", own orders 1..{own_orders}")  # fmt: skip
     # per planned node: (inside orders by predictor, outside orders, activation node index)
     split_of: dict[int, tuple[list[tuple[int, ...]], tuple[int, ...], int | None]] = {}
     for i, (kind, act) in layout.roles.items():
@@ -198,24 +229,160 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
                     )
                 )
             new_nodes += [clone, *after]
+    return _finish(model, plan, layout, new_nodes, jobs, m_count, form, verdict, means,
+                   "" if later_outside else ", later predictors inside only")  # fmt: skip
+
+
+def _finish(model: onnx.ModelProto, plan: Plan, layout: Layout, new_nodes: list[onnx.NodeProto],
+            jobs: dict[str, LayerJob], m_count: int, form: str, verdict: EnsembleCheck | None,
+            means: Mapping[str, np.ndarray], detail: str) -> Ensemble:  # fmt: skip
+    """The ensemble graph: the predictors' nodes, one Sum per crossing tensor, the tail after it; predictor 1's
+    biases corrected for the dense K weight error where ``means`` has the layer's input mean."""
+    graph = model.graph
     for t in layout.crossing:
         new_nodes.append(
             helper.make_node("Sum", [t + _suffix(m) for m in range(m_count)], [t], name=f"{t}__ensemble_sum")
         )
-    new_nodes.extend(n for i, n in enumerate(graph.node) if i not in region)
+    new_nodes.extend(n for i, n in enumerate(graph.node) if i not in layout.region)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
     out.graph.node.extend(_topological(new_nodes, out.graph))
     del out.graph.value_info[:]
+    corrected = 0
+    if means:
+        jobs, corrected = _correct_biases(out, {n.name: n for n in out.graph.node}, jobs, means)
     annotated = annotate(plan, verdict) if verdict is not None else plan
+    if corrected:
+        detail += f", bias correction of the dense K weights on {corrected} layers"
     if m_count > 1:
-        note = f"ensemble: {m_count} predictors, form {form}" + (
-            "" if later_outside else ", later predictors inside only"
-        )
+        onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, FORM_KEY: form})
+        note = f"ensemble: {m_count} predictors, form {form}{detail}"
         annotated = replace(annotated, notes=(*annotated.notes, note))
     return Ensemble(out, jobs, m_count, form, layout.crossing, annotated,
                     verdict)  # fmt: skip
+
+
+def _correct_biases(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto], jobs: dict[str, LayerJob],
+                    means: Mapping[str, np.ndarray]) -> tuple[dict[str, LayerJob], int]:  # fmt: skip
+    """``jobs`` with each bias-carrying job (predictor 1's) reading a bias corrected for its layer's dense K
+    weight error (new initializers added to ``model``), and how many were corrected. The orders computed here
+    go to the jobs' shared cache, so the expansion pass does not compute them again."""
+    consts = ConstantResolver(model)
+    out = dict(jobs)
+    count = 0
+    for name, job in jobs.items():
+        layer, lp = job.layer, job.plan
+        mean = means.get(layer.input)
+        if not job.bias or mean is None or layer.op_type not in ("Conv", "Gemm") or lp.block:
+            continue
+        w = layer_weight(model, layer, consts)
+        key = (layer.weight, lp.bits, lp.order, lp.gamma)
+        if job.shared_orders is not None and key in job.shared_orders:
+            orders = job.shared_orders[key][0]
+        else:
+            t0 = time.perf_counter()
+            orders = expand_weight(w, lp.bits, lp.order, lp.gamma)
+            if job.shared_orders is not None:
+                job.shared_orders[key] = (orders, time.perf_counter() - t0)
+        bias = consts.value(layer.bias) if layer.bias else None
+        value = corrected_bias(nodes[name], layer, w, orders, mean, bias)
+        if value is None:
+            continue
+        bias_name = f"{layer.name}__bias_corrected"
+        add_initializer(model.graph.initializer, value, bias_name)
+        out[name] = replace(job, layer=replace(layer, bias=bias_name))
+        count += 1
+    return out, count
+
+
+def _difference_nodes(model: onnx.ModelProto, plan: Plan, layout: Layout, by_name: dict[str, Layer], m_count: int,
+                      own_orders: int | None,
+                      rename: Callable[[str, int], str]) -> tuple[list[onnx.NodeProto], dict[str, LayerJob]]:  # fmt: skip
+    """The difference form's nodes and jobs (module docstring). Predictor 1 is the dense expansion at K_1;
+    predictor m >= 2, with S_m = K_1 + .. + K_m and X^{m-1} the sum of the predictors before it:
+
+    * a planned layer: ``ε^m = W_{cluster m} X^{m-1} + W^{(own)} x^m`` (no bias); a layer that reads a shared
+      tensor (the network input: Eq. 31) has no own input: ``ε^m = W_{cluster m} x``;
+    * a non-linear op σ (:data:`DIFFERENCE_OPS`): ``σ(A^{m-1} + a^m) − σ(A^{m-1})``, with A^{m-1} the sum of the
+      op's inputs in the predictors before it, whose σ they computed already;
+    * a linear op: the same op on its own signal (a shared term — bias, network input — in predictor 1 only).
+
+    So predictors 1..m sum to the dense expansion at S_m wherever ``own`` = S_m orders, exactly (no σ(x+ε) ≈
+    σ(x) + σ(ε) anywhere); with fewer own orders the difference is those orders' truncation of x^m."""
+    graph = model.graph
+    names = node_names(model)
+    dependent: set[str] = set()  # tensors that differ between predictors
+    for i, node in enumerate(graph.node):
+        if i in layout.region and (i in layout.roles or any(t in dependent for t in node.input)):
+            dependent.update(node.output)
+    new_nodes: list[onnx.NodeProto] = []
+    jobs: dict[str, LayerJob] = {}
+    shared: dict[tuple[str, int, int, float | None], tuple[list[ResidualOrder], float]] = {}
+    summed: set[str] = set()  # cumulative tensors emitted so far
+
+    def cumulative(t: str, m: int) -> str:
+        """``t`` summed over predictors 1..m+1: emitted once (an Add) unless a difference node made it."""
+        if m == 0:
+            return rename(t, 0)
+        name = _cumulative(t, m)
+        if name not in summed:
+            summed.add(name)
+            new_nodes.append(helper.make_node("Add", [cumulative(t, m - 1), rename(t, m)], [name], name=name))
+        return name
+
+    for i, node in enumerate(graph.node):
+        if i not in layout.region:
+            continue
+        for m in range(m_count):
+            clone = onnx.NodeProto()
+            clone.CopyFrom(node)
+            clone.name = names[i] if m == 0 else names[i] + _suffix(m)
+            for k, t in enumerate(node.input):
+                clone.input[k] = rename(t, m) if t else t
+            for k, t in enumerate(node.output):
+                clone.output[k] = rename(t, m)
+            if m > 0 and i in layout.shared_terms:  # a bias or the network input: added in predictor 1 only
+                k = layout.shared_terms[i]
+                op = "Neg" if node.op_type == "Sub" and k == 1 else "Identity"
+                new_nodes.append(helper.make_node(op, [clone.input[k]], [clone.output[0]], name=clone.name))
+                continue
+            if i in layout.roles:
+                lp, layer = plan.layers[names[i]], by_name[names[i]]
+                groups = [tuple(g) for g in ensemble_groups(lp.order, lp.split)]
+                if m == 0:
+                    jobs[clone.name] = LayerJob(layer, lp, groups[0], bias=True, shared_orders=shared)
+                    new_nodes.append(clone)
+                    continue
+                x = node.input[layer.act_index]
+                own = x in dependent
+                target = clone.output[0]
+                cum = onnx.NodeProto()
+                cum.CopyFrom(clone)
+                cum.name = f"{names[i]}{_suffix(m)}{CUMULATIVE}"
+                cum.input[layer.act_index] = cumulative(x, m - 1) if own else x
+                cum.output[0] = f"{node.output[0]}{_suffix(m)}{CUMULATIVE}" if own else target
+                jobs[cum.name] = LayerJob(layer, lp, groups[m], bias=False, tag=_suffix(m) + CUMULATIVE,
+                                          shared_orders=shared)  # fmt: skip
+                new_nodes.append(cum)
+                if own:
+                    n_own = sum(len(g) for g in groups[: m + 1]) if own_orders is None else own_orders
+                    clone.output[0] = f"{node.output[0]}{_suffix(m)}_own"
+                    jobs[clone.name] = LayerJob(layer, lp, tuple(range(1, min(n_own, lp.order) + 1)), bias=False,
+                                                tag=_suffix(m), shared_orders=shared)  # fmt: skip
+                    new_nodes += [clone, helper.make_node("Add", [clone.output[0], cum.output[0]], [target],
+                                                          name=f"{names[i]}{_suffix(m)}_add")]  # fmt: skip
+                continue
+            if m > 0 and node.op_type in DIFFERENCE_OPS and node.input[0] in dependent:
+                x, y = node.input[0], node.output[0]
+                clone.input[0] = cumulative(x, m)
+                clone.output[0] = _cumulative(y, m)
+                summed.add(clone.output[0])
+                new_nodes += [clone, helper.make_node("Sub", [clone.output[0], cumulative(y, m - 1)], [rename(y, m)],
+                                                      name=f"{names[i]}{_suffix(m)}_difference")]  # fmt: skip
+                continue
+            new_nodes.append(clone)
+    return new_nodes, jobs
 
 
 def _topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -286,6 +453,12 @@ def predictor_models(model: onnx.ModelProto, predictors: int) -> list[onnx.Model
     engine per predictor, e.g. a Triton ensemble); a network tail after the sum is not included, so this
     needs the predictors to be summed at the graph outputs."""
     graph = model.graph
+    form = {p.key: p.value for p in model.metadata_props}.get(FORM_KEY)
+    if form == "difference":
+        raise PlanError(
+            "predictor_models cannot cut a difference-form ensemble: its later predictors read the earlier ones' "
+            "tensors at every layer (run it as one engine), or build it with form='eq35' for independent predictors"
+        )
     sums = {n.output[0]: n for n in graph.node if n.op_type == "Sum" and n.name.endswith("__ensemble_sum")}
     outputs = [o.name for o in graph.output]
     if sorted(sums) != sorted(outputs):

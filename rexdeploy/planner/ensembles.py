@@ -184,6 +184,7 @@ class EnsembleCheck:
     eq35_ratio: float  # u_ens_eq35 / E||f^(K)||: data-free even without BN statistics
     logit_norm: float | None
     verdict: str  # "valid" | "doubtful" | "invalid"
+    form: str = "eq35"  # difference: eq35_ratio holds its own-order truncation instead of the Eq. 35 gap
 
     @property
     def ratio(self) -> float:
@@ -197,7 +198,8 @@ class EnsembleCheck:
         norm = "unknown (no BatchNorm statistic reaches the last layer)" if self.logit_norm is None else (
             f"{self.logit_norm:.3g}")  # fmt: skip
         return (
-            f"ensemble {split}: U_ens (Eq. 20) {self.u_ens:.3g}, Eq. 35 gap {self.eq35_ratio:.3g} of the logits, "
+            f"ensemble {split} ({self.form}): U_ens (Eq. 20) {self.u_ens:.3g}, "
+            f"{'own-order truncation' if self.form == 'difference' else 'Eq. 35 gap'} {self.eq35_ratio:.3g} of the logits, "
             f"expected logit norm {norm}: ratio {self.ratio:.3g} -> {self.verdict}"
         )
 
@@ -264,7 +266,8 @@ def _logit_norm(model: onnx.ModelProto, layer: Layer, stats: ChannelStats | None
 def check_ensemble(model: onnx.ModelProto, plan: Plan, layers: Sequence[Layer],
                    bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                    layout: Layout | None = None, memo: dict[tuple[Any, ...], Any] | None = None,
-                   spectral: bool = True) -> EnsembleCheck:  # fmt: skip
+                   spectral: bool = True, form: str = "difference",
+                   own_orders: int | None = None) -> EnsembleCheck:  # fmt: skip
     """Appendix L's check of ``plan``'s ensemble on ``model`` (BN-folded; ``bn_stats`` from
     :func:`rexdeploy.graph.fold_batchnorm`). The plan's layers must share one split and one K. ``memo``: a
     dict kept across calls on the same model (the planner checks several splits), for the per-layer orders.
@@ -299,6 +302,10 @@ def check_ensemble(model: onnx.ModelProto, plan: Plan, layers: Sequence[Layer],
         orders, shape, layer_norms, w_sq = memo[key]
         norms.append(layer_norms)
         kind, act = layout.roles.get(index[layer.name], ("linear", None))
+        if form == "difference":  # no gap; a later predictor's own input loses its orders beyond ``own``
+            if kind != "first" and len(split) > 1:
+                terms.append(_truncation(orders, shape, w_sq, split, own_orders))
+            continue
         if kind == "linear" or len(split) == 1:
             continue
         rho2 = float(np.sum(reconstruct(orders[k1:], shape) ** 2)) / w_sq
@@ -314,9 +321,24 @@ def check_ensemble(model: onnx.ModelProto, plan: Plan, layers: Sequence[Layer],
     eq35 = math.sqrt(sum(terms))
     last = ordered[-1]
     logit = _logit_norm(model, last, stats.get(last.input), layer_weight(model, last, consts), consts)
-    check = EnsembleCheck(tuple(split), float(u_ens), None if logit is None else eq35 * logit, eq35, logit, "valid")
+    check = EnsembleCheck(tuple(split), float(u_ens), None if logit is None else eq35 * logit, eq35, logit, "valid",
+                          form)  # fmt: skip
     verdict = "invalid" if check.ratio >= INVALID_RATIO else "doubtful" if check.ratio >= DOUBTFUL_RATIO else "valid"
     return replace(check, verdict=verdict)
+
+
+def _truncation(orders: Sequence[ResidualOrder], shape: tuple[int, ...], w_sq: float, split: Sequence[int],
+                own_orders: int | None) -> float:  # fmt: skip
+    """The difference form's squared error term of one layer: predictor m's own input is ~ρ(S_{m-1}) of the
+    signal (the residual the predictors before it leave), and its ``own`` orders leave ρ(own) of that, with
+    ``ρ(n)² = ||W − Σ_{k≤n} Q^-1(R^k)||² / ||W||²`` (the orders beyond K count as 0)."""
+
+    def rho2(n: int) -> float:
+        return float(np.sum(reconstruct(orders[n:], shape) ** 2)) / w_sq if n < len(orders) else 0.0
+
+    ends = np.cumsum(split)
+    return sum(rho2(int(ends[m - 1])) * rho2(int(ends[m]) if own_orders is None else own_orders)
+               for m in range(1, len(split)))  # fmt: skip
 
 
 def enforce(check: EnsembleCheck) -> None:
@@ -370,6 +392,14 @@ def splits_for(order: int, bits: int) -> list[tuple[int, int]]:
     return [(k1, order - k1) for k1 in range(max(1, min_first_cluster(bits)), order) if order - k1 >= 1]
 
 
+def predictor_orders(split: Sequence[int], own_orders: int | None = None) -> list[int]:
+    """Orders per layer each predictor of a difference-form ensemble runs: K_1 for predictor 1; K_m (on the
+    predictors before it) + ``own_orders`` (S_m = K_1 + .. + K_m when None; on its own input) for predictor m."""
+    ends = np.cumsum(split)
+    return [int(split[0])] + [int(split[m]) + (int(ends[m]) if own_orders is None else own_orders)
+                              for m in range(1, len(split))]  # fmt: skip
+
+
 # the Eq. 35 gap measured on MobileNetV2 int4 over its data-free estimate (see the module docstring): the planner
 # predicts an ensemble's error as hypot(dense error, EQ35_GAIN · estimate)
 EQ35_GAIN = 2.5
@@ -413,13 +443,15 @@ def ensemble_offers(model: onnx.ModelProto, layers: Sequence[Layer], profile: Pr
 def ensemble_candidates(model: onnx.ModelProto, layers: Sequence[Layer], profile: Profile,
                         uniform: Sequence[tuple[str, Plan, float, float]],
                         overhead_ms: float) -> list[tuple[str, Plan, float, float]]:  # fmt: skip
-    """The planner's hook: (label, plan, predicted latency ms, predicted error) of the Eq. 35 ensembles of
-    the ``uniform`` dense candidates (label, plan, latency, error), where the device runs two predictors at
-    once (profile ``[parallel]``) and Appendix L finds the split valid. ``model`` is the FP32 model (BN not
-    folded). Predictor 1 costs the dense K plan (its later orders run outside the activations), predictor 2
-    costs K orders too (the pass's default keeps its outside orders): on :func:`ensemble_latency_ms`'s
-    lanes, at best the dense K latency — an ensemble only wins where the device runs whole networks
-    side by side better than one network's wider layers."""
+    """The planner's hook: (label, plan, predicted latency ms, predicted error) of the ensembles (the pass's
+    default, difference form) of the ``uniform`` dense candidates (label, plan, latency, error), where the device
+    runs two predictors at once (profile ``[parallel]``) and Appendix L finds the split valid. ``model`` is the
+    FP32 model (BN not folded). The difference form sums to its dense K: its error is the dense K's (plus the
+    check's own-order truncation, 0 with the default own orders). Its cost, at the dense K's time per order:
+    predictor 1 runs K_1 orders, predictor 2 K_2 orders on predictor 1's input plus S_2 = K orders on its own
+    (:func:`predictor_orders`): on :func:`ensemble_latency_ms`'s lanes predictor 2 alone costs more than the
+    dense K, so an ensemble is offered but never faster than its dense K — the hook is there for cost tables
+    that say otherwise."""
     from rexdeploy.graph import fold_batchnorm
 
     capacity = parallel_capacity(profile)
@@ -439,7 +471,8 @@ def ensemble_candidates(model: onnx.ModelProto, layers: Sequence[Layer], profile
                 plan, layers={n: replace(lp, split=found.check.split) for n, lp in plan.layers.items()}
             )
             offer = Offer(annotate(split_plan, found.check), found.check)
-            predictor_ms = [latency_ms - overhead_ms] * len(offer.check.split)
+            per_order = (latency_ms - overhead_ms) / sum(offer.check.split)
+            predictor_ms = [per_order * n for n in predictor_orders(offer.check.split)]
             lat = ensemble_latency_ms(predictor_ms, overhead_ms, capacity)
             err = math.hypot(error, EQ35_GAIN * offer.check.eq35_ratio)
             split = ",".join(map(str, offer.check.split))
@@ -462,4 +495,5 @@ __all__ = [
     "ensemble_layout",
     "ensemble_offers",
     "parallel_capacity",
+    "predictor_orders",
 ]
