@@ -1,8 +1,21 @@
 """The ensemble pass (paper §3.3, Appendix E, Eq. 31-35): M predictors summed at the output.
 
-Two forms (``ENSEMBLE_FORMS``):
+Three forms (``ENSEMBLE_FORMS``):
 
-``eq35`` (the default; Appendix E.2, Eq. 33-35). Every predictor is a clone of the network:
+``difference`` (the default). The paper states the target (Appendix B, after Eq. 27): predictor 1 is the expansion
+f^(K_1), predictor m the expansion of f^(S_m) − f^(S_{m-1}) (S_m = K_1 + .. + K_m). Eq. 35 reaches for it through
+σ(x + ε) ≈ σ(x) + σ(ε), which on a ReLU network gates the correction ε with the later predictor's own masks —
+they agree with predictor 1's on about half the units, so the later predictor adds nothing
+(``benchmarks/study_ensemble_masks.py``). This form makes the statement exact: predictor 1 is the dense K_1
+expansion (biases, bias correction); predictor m ≥ 2 applies its cluster's orders to the sum of the predictors
+up to it and orders 1..min(K_m, S_{m-1}) (``own_orders``) to its own input, and each non-linear op σ as
+``σ(A^{m-1} + a^m) − σ(A^{m-1})``, A^{m-1} being the op's input summed over the predictors before it. The
+predictors sum to the dense K expansion where K_m >= S_{m-1} ([2,2], [1,3]), and to within the dense K's own error
+size otherwise (``benchmarks/results/ensembles.md``). Predictor m runs K_m + min(K_m, S_{m-1}) orders per layer. They are not
+independent: predictor m reads the earlier predictors' tensors at every layer, so they run as one engine whose
+branches overlap only within a layer (TensorRT auxiliary streams), never as one engine per predictor.
+
+``eq35`` (Appendix E.2, Eq. 33-35; independent predictors). Every predictor is a clone of the network:
 
 * a layer that reads the network input (its input is the same in every predictor: Eq. 31) holds, in
   predictor m, the orders of cluster m (``K_1 + .. + K_{m-1} + 1 .. K_1 + .. + K_m``), inside its
@@ -15,10 +28,11 @@ Two forms (``ENSEMBLE_FORMS``):
 
   The later predictors start from the residual orders of the first layer and carry that signal
   through the depth with the full weights, instead of losing ~1/(2^(b-1)-1) of it per layer. Measured
-  (MobileNetV2 int4 [2,2], ``benchmarks/results/ensembles.md``): predictor 2 keeps an output (0.5 % of
-  predictor 1's) but does not lower the error — under its own activation masks it is not the correction
-  the dense expansion makes; the ensemble's gain over K_1 (error 0.25×) comes from predictor 1's outside
-  orders, which also make predictor 1 as costly as the dense K expansion.
+  (MobileNetV2 int4 [2,2], ``benchmarks/results/ensembles.md``): predictor 2 keeps an output but does not
+  lower the error — under its own activation masks it is not the correction the dense expansion makes; and
+  predictor 1's outside orders are exact only where σ passes its input. Kept for devices that run whole
+  networks side by side (:func:`predictor_models`); the pass refuses a split the Appendix-L check finds
+  invalid.
 
   A tensor all predictors have (a bias ``Add``, the network input added on a residual path) is added in
   predictor 1 only; an op between the planned layers that is neither linear nor an activation with
@@ -71,6 +85,7 @@ from rexdeploy.planner.ensembles import (
     enforce,
     ensemble_layout,
     node_names,
+    own_order_count,
 )
 from rexdeploy.plans import Plan
 from rexdeploy.ranges import activation_means
@@ -136,7 +151,7 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
     """Clone ``model`` (BN-folded) into ``plan``'s predictors; the expand pass then emits each clone's orders.
 
     ``own_orders`` (difference form): how many orders (1..n) a later predictor m applies to its own input; None:
-    S_m = K_1 + .. + K_m, which makes the ensemble equal to the dense expansion at K (float rounding aside).
+    min(K_m, S_{m-1}) (:func:`own_order_count`), where S_{m-1} would make the sum the dense K exactly.
     ``later_outside=False`` (Eq. 35 form) leaves out the outside orders of the predictors m >= 2 (residual orders
     applied to a residual signal: second-order small), so that they cost K_1 orders per layer instead of K.
     With M > 1 and ``check``, the Appendix-L check (:func:`rexdeploy.planner.ensembles.check_ensemble`, with
@@ -302,14 +317,16 @@ def _difference_nodes(model: onnx.ModelProto, plan: Plan, layout: Layout, by_nam
     """The difference form's nodes and jobs (module docstring). Predictor 1 is the dense expansion at K_1;
     predictor m >= 2, with S_m = K_1 + .. + K_m and X^{m-1} the sum of the predictors before it:
 
-    * a planned layer: ``ε^m = W_{cluster m} X^{m-1} + W^{(own)} x^m`` (no bias); a layer that reads a shared
-      tensor (the network input: Eq. 31) has no own input: ``ε^m = W_{cluster m} x``;
+    * a planned layer: ``ε^m = W_{cluster m} X^m + W^{(n)} x^m`` (no bias), X^m = X^{m-1} + x^m its input summed
+      over predictors 1..m, n = :func:`own_order_count`; a layer that reads a shared tensor (the network input:
+      Eq. 31) has no own input: ``ε^m = W_{cluster m} x``;
     * a non-linear op σ (:data:`DIFFERENCE_OPS`): ``σ(A^{m-1} + a^m) − σ(A^{m-1})``, with A^{m-1} the sum of the
       op's inputs in the predictors before it, whose σ they computed already;
     * a linear op: the same op on its own signal (a shared term — bias, network input — in predictor 1 only).
 
-    So predictors 1..m sum to the dense expansion at S_m wherever ``own`` = S_m orders, exactly (no σ(x+ε) ≈
-    σ(x) + σ(ε) anywhere); with fewer own orders the difference is those orders' truncation of x^m."""
+    With n = S_{m-1}, ``A^m = W^{(S_{m-1})} X^{m-1} + b + ε^m = W^{(S_m)} X^m + b``: predictors 1..m sum to the dense
+    expansion at S_m exactly (no σ(x+ε) ≈ σ(x) + σ(ε) anywhere); with n < S_{m-1} they are off by
+    ``W_{n+1..S_{m-1}} x^m``, ~ρ^n of a signal ~ρ^{S_{m-1}}: the size of the dense S_m's own error."""
     graph = model.graph
     names = node_names(model)
     dependent: set[str] = set()  # tensors that differ between predictors
@@ -360,15 +377,15 @@ def _difference_nodes(model: onnx.ModelProto, plan: Plan, layout: Layout, by_nam
                 cum = onnx.NodeProto()
                 cum.CopyFrom(clone)
                 cum.name = f"{names[i]}{_suffix(m)}{CUMULATIVE}"
-                cum.input[layer.act_index] = cumulative(x, m - 1) if own else x
+                cum.input[layer.act_index] = cumulative(x, m) if own else x
                 cum.output[0] = f"{node.output[0]}{_suffix(m)}{CUMULATIVE}" if own else target
                 jobs[cum.name] = LayerJob(layer, lp, groups[m], bias=False, tag=_suffix(m) + CUMULATIVE,
                                           shared_orders=shared)  # fmt: skip
                 new_nodes.append(cum)
                 if own:
-                    n_own = sum(len(g) for g in groups[: m + 1]) if own_orders is None else own_orders
+                    n_own = own_order_count([len(g) for g in groups], m, own_orders)
                     clone.output[0] = f"{node.output[0]}{_suffix(m)}_own"
-                    jobs[clone.name] = LayerJob(layer, lp, tuple(range(1, min(n_own, lp.order) + 1)), bias=False,
+                    jobs[clone.name] = LayerJob(layer, lp, tuple(range(1, n_own + 1)), bias=False,
                                                 tag=_suffix(m), shared_orders=shared)  # fmt: skip
                     new_nodes += [clone, helper.make_node("Add", [clone.output[0], cum.output[0]], [target],
                                                           name=f"{names[i]}{_suffix(m)}_add")]  # fmt: skip

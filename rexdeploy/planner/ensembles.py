@@ -22,6 +22,11 @@ propagated from the last BN: :mod:`rexdeploy.bnstats`). Two terms are compared w
   0.0043 measured, [2,2] 0.024 / 0.059, [1,3] 0.36 / 1.03 — it ranks splits right and is low by ~2.5×
   (the layers' gains to the output are not in it).
 
+For the difference form (the pass's default) the second term is its own-order truncation instead: predictor m's
+own input is ~ρ_l(S_{m-1}) of the signal and misses the orders n+1..S_{m-1} of it (n its own orders,
+:func:`own_order_count`): ``E||f^(K)|| · sqrt(Σ_l Σ_m ρ_l(S_{m-1})² ||W_{n+1..S_{m-1}}||² / ||W||²)`` — 0 where
+n = S_{m-1} ([2,2], [1,3]), where the ensemble sums to its dense K.
+
 Verdict on ``r = max(u_ens, u_ens_eq35) / E||f^(K)||``: ``valid`` below :data:`DOUBTFUL_RATIO`,
 ``doubtful`` (a warning) below :data:`INVALID_RATIO`, ``invalid`` (refused) above. Without a BN statistic
 at the last layer ``E||f^(K)||`` is unknown: the Eq. 35 term is still a ratio and is judged alone.
@@ -330,14 +335,14 @@ def check_ensemble(model: onnx.ModelProto, plan: Plan, layers: Sequence[Layer],
 def _truncation(orders: Sequence[ResidualOrder], shape: tuple[int, ...], w_sq: float, split: Sequence[int],
                 own_orders: int | None) -> float:  # fmt: skip
     """The difference form's squared error term of one layer: predictor m's own input is ~ρ(S_{m-1}) of the
-    signal (the residual the predictors before it leave), and its ``own`` orders leave ρ(own) of that, with
-    ``ρ(n)² = ||W − Σ_{k≤n} Q^-1(R^k)||² / ||W||²`` (the orders beyond K count as 0)."""
+    signal (the residual the predictors before it leave, ``ρ(n)² = ||W − Σ_{k≤n} Q^-1(R^k)||² / ||W||²``), and
+    the orders n+1..S_{m-1} it does not apply to it (n = :func:`own_order_count`) miss that much of it."""
 
-    def rho2(n: int) -> float:
-        return float(np.sum(reconstruct(orders[n:], shape) ** 2)) / w_sq if n < len(orders) else 0.0
+    def part2(lo: int, hi: int) -> float:  # ||Σ_{lo<k≤hi} Q^-1(R^k)||² / ||W||²
+        return float(np.sum(reconstruct(orders[lo:hi], shape) ** 2)) / w_sq if lo < hi else 0.0
 
-    ends = np.cumsum(split)
-    return sum(rho2(int(ends[m - 1])) * rho2(int(ends[m]) if own_orders is None else own_orders)
+    ends = [int(e) for e in np.cumsum(split)]
+    return sum(part2(ends[m - 1], len(orders)) * part2(own_order_count(split, m, own_orders), ends[m - 1])
                for m in range(1, len(split)))  # fmt: skip
 
 
@@ -392,12 +397,17 @@ def splits_for(order: int, bits: int) -> list[tuple[int, int]]:
     return [(k1, order - k1) for k1 in range(max(1, min_first_cluster(bits)), order) if order - k1 >= 1]
 
 
+def own_order_count(split: Sequence[int], m: int, own_orders: int | None = None) -> int:
+    """How many orders (1..n) predictor m (0-based, m >= 1) of a difference-form ensemble applies to its own input:
+    ``own_orders`` when given, else min(K_m, S_{m-1}) — S_{m-1} makes the sum exact, and K_m leaves an error
+    ~ρ^{K_m} of a signal ~ρ^{S_{m-1}}, the dense S_m's own size; never more than S_{m-1}."""
+    return min(sum(split[:m]), own_orders if own_orders is not None else split[m])
+
+
 def predictor_orders(split: Sequence[int], own_orders: int | None = None) -> list[int]:
-    """Orders per layer each predictor of a difference-form ensemble runs: K_1 for predictor 1; K_m (on the
-    predictors before it) + ``own_orders`` (S_m = K_1 + .. + K_m when None; on its own input) for predictor m."""
-    ends = np.cumsum(split)
-    return [int(split[0])] + [int(split[m]) + (int(ends[m]) if own_orders is None else own_orders)
-                              for m in range(1, len(split))]  # fmt: skip
+    """Orders per layer each predictor of a difference-form ensemble runs: K_1 for predictor 1; K_m (on the sum of
+    predictors 1..m) + :func:`own_order_count` (on its own input) for predictor m."""
+    return [int(split[0])] + [int(split[m]) + own_order_count(split, m, own_orders) for m in range(1, len(split))]
 
 
 # the Eq. 35 gap measured on MobileNetV2 int4 over its data-free estimate (see the module docstring): the planner
@@ -494,6 +504,7 @@ __all__ = [
     "ensemble_latency_ms",
     "ensemble_layout",
     "ensemble_offers",
+    "own_order_count",
     "parallel_capacity",
     "predictor_orders",
 ]
