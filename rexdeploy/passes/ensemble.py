@@ -345,7 +345,9 @@ def _difference_nodes(model: onnx.ModelProto, plan: Plan, layout: Layout, by_nam
         name = _cumulative(t, m)
         if name not in summed:
             summed.add(name)
-            new_nodes.append(helper.make_node("Add", [cumulative(t, m - 1), rename(t, m)], [name], name=name))
+            # Sum, not Add: a sum of predictors, not a residual block (quantized_adds would give each part its own
+            # Q/DQ and quantize the sum twice)
+            new_nodes.append(helper.make_node("Sum", [cumulative(t, m - 1), rename(t, m)], [name], name=name))
         return name
 
     for i, node in enumerate(graph.node):
