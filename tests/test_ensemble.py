@@ -487,8 +487,16 @@ def test_appendix_l_check_ranks_splits_and_writes_u_ens_in_the_plan() -> None:
         difference = check_ensemble(folded, uniform_plan(names, bits=4, order=4, split=s, act_bits=0), layers,
                                     bn_stats)  # fmt: skip
         assert difference.verdict == "valid" and difference.eq35_ratio == 0.0
-        got = run_exact(expand_model(model, profile=PROFILE, bits=4, order=4, split=s, act_bits=0).model, x)
-        assert rel(got, dense) < 1e-5
+        ensemble = expand_model(model, profile=PROFILE, bits=4, order=4, split=s, act_bits=0).model
+        assert rel(run_exact(ensemble, x), dense) < 1e-5  # the dense K=4's bias correction (BN means) included
+        # predictor 1 alone: the dense K_1 expansion with its own bias correction
+        first = onnx.ModelProto()
+        first.CopyFrom(ensemble)
+        for node in first.graph.node:
+            if node.name.endswith("__ensemble_sum"):
+                node.CopyFrom(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
+        dense_k1 = run_exact(expand_model(model, profile=PROFILE, bits=4, order=s[0], act_bits=0).model, x)
+        assert rel(run_exact(first, x), dense_k1) < 1e-5
     expanded = expand_model(model, profile=PROFILE, bits=4, order=4, split=(3, 1), act_bits=0)
     plan = expanded.plan
     assert plan.u_ens == pytest.approx(checks[(3, 1)].u_ens) and plan.logit_norm == pytest.approx(

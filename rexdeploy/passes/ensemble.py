@@ -156,10 +156,9 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
     applied to a residual signal: second-order small), so that they cost K_1 orders per layer instead of K.
     With M > 1 and ``check``, the Appendix-L check (:func:`rexdeploy.planner.ensembles.check_ensemble`, with
     ``bn_stats`` from :func:`rexdeploy.graph.fold_batchnorm` when given) refuses an invalid split, warns on a
-    doubtful one, and writes U_ens in ``Ensemble.plan``. With ``bn_stats`` and ``bias_correction``, predictor 1's
-    biases get the data-free bias correction of the dense K weights (:func:`rexdeploy.passes.expand.corrected_bias`,
-    from the layer inputs' BN-propagated means): the predictors sum to the dense K expansion, whose weight error
-    it removes on average — as the expansion pass does for a dense plan."""
+    doubtful one, and writes U_ens in ``Ensemble.plan``. With ``bn_stats`` and ``bias_correction``, the data-free
+    bias correction the expansion pass gives a dense plan (from the layer inputs' BN-propagated means) goes to the
+    predictors (:func:`_correct_biases`): their sum carries the dense K's."""
     by_name, m_count = _check_plan(plan, layers, form)
     means = (activation_means(model, bn_stats, [by_name[n].input for n in plan.layers])
              if bn_stats and bias_correction and m_count > 1 else {})  # fmt: skip
@@ -266,10 +265,10 @@ def _finish(model: onnx.ModelProto, plan: Plan, layout: Layout, new_nodes: list[
     del out.graph.value_info[:]
     corrected = 0
     if means:
-        jobs, corrected = _correct_biases(out, {n.name: n for n in out.graph.node}, jobs, means)
+        jobs, corrected = _correct_biases(out, {n.name: n for n in out.graph.node}, jobs, means, form)
     annotated = annotate(plan, verdict) if verdict is not None else plan
     if corrected:
-        detail += f", bias correction of the dense K weights on {corrected} layers"
+        detail += f", data-free bias correction on {corrected} layers"
     if m_count > 1:
         onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, FORM_KEY: form})
         note = f"ensemble: {m_count} predictors, form {form}{detail}"
@@ -279,17 +278,25 @@ def _finish(model: onnx.ModelProto, plan: Plan, layout: Layout, new_nodes: list[
 
 
 def _correct_biases(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto], jobs: dict[str, LayerJob],
-                    means: Mapping[str, np.ndarray]) -> tuple[dict[str, LayerJob], int]:  # fmt: skip
-    """``jobs`` with each bias-carrying job (predictor 1's) reading a bias corrected for its layer's dense K
-    weight error (new initializers added to ``model``), and how many were corrected. The orders computed here
-    go to the jobs' shared cache, so the expansion pass does not compute them again."""
+                    means: Mapping[str, np.ndarray], form: str) -> tuple[dict[str, LayerJob], int]:  # fmt: skip
+    """``jobs`` with the data-free bias correction (:func:`rexdeploy.passes.expand.corrected_bias`; new initializers
+    added to ``model``), and how many layers were corrected. Eq. 35 / Algorithm 1: predictor 1's bias corrected for
+    the dense K weights. Difference form: predictor 1's for the dense K_1 weights (alone, it is the corrected dense
+    K_1 expansion), and predictor m's cluster job adds ``shift(S_m) − shift(S_{m-1})``, so predictors 1..m sum to
+    the corrected dense S_m. The orders computed here go to the jobs' shared cache (the expansion pass reuses them)."""
     consts = ConstantResolver(model)
     out = dict(jobs)
     count = 0
     for name, job in jobs.items():
         layer, lp = job.layer, job.plan
         mean = means.get(layer.input)
-        if not job.bias or mean is None or layer.op_type not in ("Conv", "Gemm") or lp.block:
+        if mean is None or layer.op_type not in ("Conv", "Gemm") or lp.block:
+            continue
+        if form == "difference" and job.tag.endswith(CUMULATIVE):
+            m = int(job.tag.removeprefix("__p").removesuffix(CUMULATIVE)) - 1
+        elif job.bias:
+            m = 0
+        else:
             continue
         w = layer_weight(model, layer, consts)
         key = (layer.weight, lp.bits, lp.order, lp.gamma)
@@ -301,13 +308,19 @@ def _correct_biases(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto],
             if job.shared_orders is not None:
                 job.shared_orders[key] = (orders, time.perf_counter() - t0)
         bias = consts.value(layer.bias) if layer.bias else None
-        value = corrected_bias(nodes[name], layer, w, orders, mean, bias)
+        if form != "difference":
+            value = corrected_bias(nodes[name], layer, w, orders, mean, bias)
+        else:
+            ends = np.cumsum([len(g) for g in ensemble_groups(lp.order, lp.split)])
+            upto = corrected_bias(nodes[name], layer, w, orders[: ends[m]], mean, bias if m == 0 else None)
+            before = corrected_bias(nodes[name], layer, w, orders[: ends[m - 1]], mean, None) if m else 0.0
+            value = None if upto is None or before is None else (upto - before).astype(np.float32)
         if value is None:
             continue
-        bias_name = f"{layer.name}__bias_corrected"
+        bias_name = f"{layer.name}{job.tag}__bias_corrected"
         add_initializer(model.graph.initializer, value, bias_name)
-        out[name] = replace(job, layer=replace(layer, bias=bias_name))
-        count += 1
+        out[name] = replace(job, layer=replace(layer, bias=bias_name), bias=True)
+        count += m == 0
     return out, count
 
 
