@@ -238,7 +238,8 @@ def test_eq35_graph_equals_the_numpy_construction(bits: int, split: tuple[int, .
 
 @pytest.mark.parametrize(("bits", "split", "own", "exact"), [(4, (2, 2), None, True), (4, (3, 1), None, False),
                                                              (5, (2, 1, 1), None, False), (4, (3, 1), 3, True),
-                                                             (4, (1, 3), None, True), (4, (2, 2), 1, False)])  # fmt: skip
+                                                             (4, (1, 3), None, True), (4, (2, 2), 1, False),
+                                                             (2, (2, 2), None, True)])  # fmt: skip
 def test_difference_graph_equals_the_numpy_construction(bits: int, split: tuple[int, ...], own: int | None,
                                                         exact: bool) -> None:  # fmt: skip
     """The default form: the emitted graph against its numpy construction, and against the dense K expansion
@@ -528,9 +529,9 @@ def test_invalid_split_is_refused_and_a_doubtful_one_warns(caplog: pytest.LogCap
 
 def test_ensemble_errors() -> None:
     with pytest.raises(PlanError, match=r"not valid for ternary weights: .* K_1 >= 4 orders"):
-        expand_model(small_cnn(), profile=PROFILE, bits=2, order=4, split=(2, 2))
+        expand_form(small_cnn(), 2, (2, 2))
     with pytest.raises(PlanError, match=r"not valid for int3 weights: .* K_1 >= 2 orders"):
-        expand_model(small_cnn(), profile=PROFILE, bits=3, order=3, split=(1, 2))
+        expand_form(small_cnn(), 3, (1, 2))
     folded, _ = fold_batchnorm(small_cnn())
     layers = quantizable_layers(folded)
     plan = uniform_plan([layer.name for layer in layers], bits=4, order=2, split=(1, 1), act_bits=0)
