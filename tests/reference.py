@@ -134,11 +134,15 @@ def fold_batchnorm_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def layer_input_ranges(model: onnx.ModelProto, probe: np.ndarray, name: str = "x") -> dict[str, float]:
-    """max |x| of every Conv/Gemm input on ``probe``, computed by the reference interpreter in float64."""
+def layer_input_ranges(model: onnx.ModelProto, probe: np.ndarray, name: str = "x", adds: bool = False) -> dict[str, float]:
+    """max |x| of every Conv/Gemm input on ``probe`` (``adds``: and of every Add input), computed by the reference
+    interpreter in float64."""
     seen: dict[str, float] = {}
     run_reference(model, {name: probe}, inputs_seen=seen)
-    return seen
+    ranges = {k: v for k, v in seen.items() if ":" not in k}
+    if adds:
+        ranges.update({k.split(":", 1)[1]: v for k, v in seen.items() if ":" in k})
+    return ranges
 
 
 def bias_correction_means(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -179,6 +183,10 @@ def fake_quant_int8(x: np.ndarray, scale: float) -> np.ndarray:
 def fake_quant_uint8(x: np.ndarray, scale: float) -> np.ndarray:
     """QuantizeLinear(uint8, zp 0) then DequantizeLinear: round half to even, saturate to [0, 255]."""
     return (np.clip(np.rint(x / np.float32(scale)), 0, 255) * np.float32(scale)).astype(np.float32)
+
+
+def _fake_quant(x: np.ndarray, scale: float, unsigned: bool) -> np.ndarray:
+    return (fake_quant_uint8 if unsigned else fake_quant_int8)(x.astype(np.float32), scale).astype(np.float64)
 
 
 def conv2d(
@@ -269,7 +277,13 @@ def run_reference(
             hi = ins[2] if len(ins) > 2 and ins[2] is not None else np.inf
             out = np.clip(ins[0], lo, hi)
         elif op == "Add":
-            out = ins[0] + ins[1]
+            a0, a1 = ins[0], ins[1]
+            if inputs_seen is not None:  # recorded under the Add's name: layer_input_ranges(adds=True) wants them
+                inputs_seen.update({f"{node.name}:{t}": float(np.abs(v).max()) for t, v in zip(node.input, (a0, a1), strict=True)})
+            if act_scales:  # a residual Add between int8 layers reads Q/DQ'd inputs (rexdeploy.passes.residual)
+                a0, a1 = (_fake_quant(v, act_scales[t], t in unsigned) if t in act_scales else v
+                          for t, v in zip(node.input, (a0, a1), strict=True))  # fmt: skip
+            out = a0 + a1
         elif op == "GlobalAveragePool":
             out = ins[0].mean(axis=(2, 3), keepdims=True)
         elif op == "Flatten":

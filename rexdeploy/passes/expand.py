@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ from rexdeploy.bnstats import nonnegative_tensors
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import add_initializer, drop_initializers
 from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
+from rexdeploy.passes.residual import quantized_adds
 from rexdeploy.plans import LayerPlan, Plan
 
 SPARSE_FORMS = ("gather", "dense", "onehot", "auto")
@@ -464,10 +465,16 @@ def expand(
     nonnegative = nonnegative_tensors(model) if unsigned_activations else set()
     cache: dict[tuple[str, int, int, float | None, int], list[ResidualOrder]] = {}
     t_numerics = 0.0
+    nodes = {n.name or f"{n.op_type}_{i}": n for i, n in enumerate(model.graph.node)}
+    int8_jobs = [(nodes[n], j) for n, j in jobs.items() if n in nodes and j.plan.act_bits == 8]
+    int8_inputs = {str(n.input[j.layer.act_index]): j for n, j in int8_jobs if j.plan.act_order == 1}
+    adds = quantized_adds(model, int8_inputs, {t for n, _ in int8_jobs for t in n.output})
     for index, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{index}"
         job = jobs.get(name)
         if job is None:
+            if name in adds and all(t in ranges for t in adds[name]):  # residual Add between int8 layers
+                node = _quantized_add(em, node, ranges, int8_inputs, nonnegative)
             em.nodes.append(node)
             continue
         lp, layer = job.plan, job.layer
@@ -512,6 +519,21 @@ def expand(
     out.producer_name = "rexdeploy"
     t_graph = time.perf_counter() - t0 - t_numerics
     return ExpandResult(out, len(jobs), t_numerics, t_graph, dict(em.act_scales))
+
+
+def _quantized_add(em: _Emitter, node: onnx.NodeProto, ranges: Mapping[str, float], int8_inputs: Mapping[str, LayerJob],
+                   nonnegative: Collection[str]) -> onnx.NodeProto:  # fmt: skip
+    """``node`` (a residual Add, :func:`rexdeploy.passes.residual.quantized_adds`) reading Q/DQ'd inputs: the Q/DQ
+    pair an int8 layer shares for the same tensor (same scale and type as that layer gives it), else a new one."""
+    inputs = []
+    for tensor in node.input:
+        reader = int8_inputs.get(tensor)
+        unsigned = emits_unsigned(reader.layer.op_type if reader else "Add", tensor, nonnegative)
+        inputs.append(em.quantized_activation(tensor, activation_scale(ranges[tensor], unsigned), unsigned))
+    quantized = onnx.NodeProto()
+    quantized.CopyFrom(node)
+    quantized.input[:] = inputs
+    return quantized
 
 
 def corrected_bias(node: onnx.NodeProto, layer: Layer, w: np.ndarray, orders: Sequence[ResidualOrder], mean: np.ndarray,
