@@ -301,6 +301,14 @@ def test_build_with_planner_and_budget_ratio(capsys: pytest.CaptureFixture[str],
     assert report["latency_model"]["source"] == "measured" and report["latency_model"]["planning_s"] > 0
     returned = [e for e in report["latency_model"]["engines"] if e["returned"]]
     assert len(returned) == 1 and returned[0]["fits"] and returned[0]["median_ms"] == report["rex"]["timing"]["median_ms"]
+    # the choice among engines that fit compares errors measured on the probes, the returned one's is the report's
+    for e in report["latency_model"]["engines"]:
+        if e["fits"] and e["plan"].startswith("no layer quantized (fp32"):
+            assert e["error_source"] == "exact" and e["predicted_error"] == 0.0
+        elif e["fits"]:
+            assert e["error_source"] == "measured on the probes", e
+    if returned[0]["error_source"] != "exact":
+        assert returned[0]["predicted_error"] == pytest.approx(report["fidelity"]["relative_error"], rel=1e-9)
     assert report["pareto_front"]
     assert report["fits_budget"] is True
     assert (out / "pareto.png").is_file() and (out / "plan.json").is_file()
