@@ -10,10 +10,11 @@ they agree with predictor 1's on about half the units, so the later predictor ad
 expansion (biases, bias correction); predictor m ≥ 2 applies its cluster's orders to the sum of the predictors
 up to it and orders 1..min(K_m, S_{m-1}) (``own_orders``) to its own input, and each non-linear op σ as
 ``σ(A^{m-1} + a^m) − σ(A^{m-1})``, A^{m-1} being the op's input summed over the predictors before it. The
-predictors sum to the dense K expansion where K_m >= S_{m-1} ([2,2], [1,3]), and to within the dense K's own error
-size otherwise (``benchmarks/results/ensembles.md``). Predictor m runs K_m + min(K_m, S_{m-1}) orders per layer. They are not
-independent: predictor m reads the earlier predictors' tensors at every layer, so they run as one engine whose
-branches overlap only within a layer (TensorRT auxiliary streams), never as one engine per predictor.
+predictors sum to the dense K expansion where K_m >= S_{m-1} ([2,2], [1,3]; MobileNetV2 int4 [2,2]: the dense
+K=4's error, 0.000204) and near it otherwise (``benchmarks/results/ensembles.md``). Predictor m runs
+K_m + min(K_m, S_{m-1}) orders per layer. The predictors are not independent: predictor m reads the earlier
+predictors' tensors at every layer, so they run as one engine whose branches overlap only within a layer
+(TensorRT auxiliary streams), never as one engine per predictor.
 
 ``eq35`` (Appendix E.2, Eq. 33-35; independent predictors). Every predictor is a clone of the network:
 
@@ -47,9 +48,9 @@ measured reference (``benchmarks/bench_ensembles.py``), not offered by the plann
 The cloned region is every node upstream of (or at) a planned layer; the nodes after the last planned
 layers (the network tail: e.g. a Softmax) run once, on the sum. A tensor that leaves the region must be
 the output of a planned layer — the place where the predictors are summed; anything else (a ReLU output
-read by the tail) is refused with the node named. The predictors share no tensor but the network input:
-engines may run them concurrently (OpenVINO streams, TensorRT auxiliary streams), or
-:func:`predictor_models` splits them into one graph each, summed by the caller.
+read by the tail) is refused with the node named. In the ``eq35`` and ``algorithm1`` forms the predictors
+share no tensor but the network input: engines may run them concurrently (OpenVINO streams, TensorRT auxiliary
+streams), or :func:`predictor_models` splits them into one graph each, summed by the caller.
 
 Each predictor gets its own activation ranges (the later ones carry small residual signals):
 :func:`float_predictors` gives the float model whose probes measure them.
