@@ -18,7 +18,8 @@ L2 error). Rows:
   W_{1,2} h, W_{1} h) (the paper's "h̃ is the expansion of
   f^(K) − f^(K_1)", Appendix B, made exact): reads predictor 1's a and g at every layer.
 
-The Eq. 35 gap per layer (||outside term on units σ does not pass|| / ||layer output||) is printed too. Prints
+The Eq. 35 gap per layer (||outside term on units σ does not pass|| / ||layer output||) and the dense K=2's
+miss per layer (the same orders on the units σ passes) are printed too. Prints
 a Markdown table; writes nothing.
 """
 
@@ -106,10 +107,13 @@ def main() -> None:
         mean_gate.append(gate(pre).mean(0))
         t = relu6(pre)
 
+    needed: list[float] = []  # per layer: the correction dense K=4 makes on the units σ passes / layer output
+
     def eq35(x: Arr, mode: str, own: list[int] = in12) -> tuple[Arr, Arr, list[float]]:
         """(predictor 1, predictor 2, gap per layer). mode: 'paper', 'oracle', 'expected', 'exact'; ``own``: the
         orders the exact difference applies to predictor 2's own input."""
-        gaps = []
+        gaps: list[float] = []
+        needed.clear()
         a1 = x @ W(0, in12).T + bs[0]
         g = relu6(a1)
         if mode == "paper":
@@ -124,6 +128,7 @@ def main() -> None:
             a = g @ W(li, in12).T + bs[li]
             gout = g @ W(li, out34).T
             gaps.append(float(np.linalg.norm((1 - gate(a)) * gout) / np.linalg.norm(relu6(a))))
+            needed.append(float(np.linalg.norm(gate(a) * gout) / np.linalg.norm(relu6(a))))
             if mode == "paper":
                 g_new = relu6(a) + gout
                 hh = relu6(hh @ W(li, in12).T) + hh @ W(li, out34).T
@@ -174,6 +179,8 @@ def main() -> None:
     print(f"\npredictor 2 / predictor 1 output norm (paper Eq. 35): {np.linalg.norm(p2) / np.linalg.norm(p1):.4f}")
     print("Eq. 35 gap per layer (outside orders on units ReLU6 does not pass / layer output): "
           + ", ".join(f"{g:.3g}" for g in gaps))  # fmt: skip
+    print("dense K=2's miss per layer (orders 3-4 on units ReLU6 passes / layer output): "
+          + ", ".join(f"{g:.3g}" for g in needed))  # fmt: skip
     # the correction predictor 2 must add at a unit is ε·σ'(a) (to first order); Eq. 35's independent
     # predictor 2 adds σ(ε)-like terms: the share of units where its gate agrees with predictor 1's
     a1 = x @ W(0, in12).T + bs[0]
