@@ -15,8 +15,8 @@ L2 error). Rows:
 * Eq. 35 with the expected masks: the gate replaced by its mean over the data (the best an independent predictor
   can know of predictor 1's masks without computing them);
 * difference form: predictor 1 = dense K=2, predictor 2 = σ(a + ε) − σ(a), ε = W_{3,4} (g + h) + W_{1,2} h (or
-  W_{1,2} h, W_{1} h) (the paper's "h̃ is the expansion of
-  f^(K) − f^(K_1)", Appendix B, made exact): reads predictor 1's a and g at every layer.
+  W_{1} h only) — the paper's "h̃ is the expansion of f^(K) − f^(K_1)" (Appendix B) made exact; it reads
+  predictor 1's a and g at every layer.
 
 The Eq. 35 gap per layer (||outside term on units σ does not pass|| / ||layer output||) and the dense K=2's
 miss per layer (the same orders on the units σ passes) are printed too. Prints
