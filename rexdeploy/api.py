@@ -15,7 +15,14 @@ import onnx
 from rexdeploy.analyze import quantizable_layers
 from rexdeploy.builders.registry import builder_for
 from rexdeploy.closedloop import Progress
-from rexdeploy.fidelity import Fidelity, compare_outputs, fidelity_disagreement, measure_fidelity, measure_fidelity_on
+from rexdeploy.fidelity import (
+    Fidelity,
+    compare_all,
+    compared_outputs,
+    fidelity_disagreement,
+    measure_fidelity,
+    measure_fidelity_on,
+)
 from rexdeploy.graph import file_sha256, fold_batchnorm, load_model
 from rexdeploy.passes.pipeline import Expanded, expand_model
 from rexdeploy.plans import Plan, default_plan
@@ -33,11 +40,11 @@ def simulated_fidelity(model: onnx.ModelProto, plan: Plan, samples: dict[str, np
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     expanded = expand_model(model, plan, profile=profile, ranges=ranges).model if plan.layers else model
 
-    def run(m: onnx.ModelProto) -> np.ndarray:
+    def run(m: onnx.ModelProto) -> dict[str, np.ndarray]:
         session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return np.asarray(session.run(None, samples)[0])
+        return compared_outputs(session.run(None, samples), [o.name for o in session.get_outputs()])
 
-    return compare_outputs(run(model), run(expanded))
+    return compare_all(run(model), run(expanded))
 
 
 

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from rexdeploy.analyze import Layer, quantizable_layers
@@ -36,7 +35,14 @@ from rexdeploy.builders.cache import cached_build
 from rexdeploy.builders.registry import builder_for
 from rexdeploy.costmodel import engine_float_precision, engine_profile, float_precision
 from rexdeploy.errors import BudgetError, BuildError
-from rexdeploy.fidelity import Fidelity, fidelity_disagreement, measure_fidelity, measure_fidelity_on
+from rexdeploy.fidelity import (
+    Fidelity,
+    Outputs,
+    fidelity_disagreement,
+    measure_fidelity,
+    measure_fidelity_on,
+    output_names,
+)
 from rexdeploy.fileio import atomic_dir
 from rexdeploy.graph import copy_model, file_sha256, fold_batchnorm, load_model, save_model
 from rexdeploy.hostcpu import host_profile_name, missing_flags
@@ -115,7 +121,7 @@ class _Run:
     fp32_engine: Engine | None = None
     measured: list[Measured] = field(default_factory=list)  # every engine measured in this run
     checks: dict[int, SelfCheck] = field(default_factory=dict)  # engine id → its self-check
-    fp32_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # the FP32 engine on the probes, by digest
+    fp32_outputs: dict[str, Outputs] = field(default_factory=dict)  # the FP32 engine on the probes, by digest
     estimates: dict[int, Fidelity] = field(default_factory=dict)  # id(engine.handle) → its fidelity estimate
 
     def estimate(self, engine: Engine) -> Fidelity:
@@ -278,7 +284,7 @@ def build(
         if user_samples is not None:
             n = next(iter(user_samples.values())).shape[0]
             say(f"measuring fidelity against FP32 on your {n} samples ...")
-            fidelity_samples = measure_fidelity_on(builder, fp32_engine, rex_engine, user_samples)
+            fidelity_samples = measure_fidelity_on(builder, fp32_engine, rex_engine, user_samples, output_names(model))
             disagreement = fidelity_disagreement(fidelity, fidelity_samples)
             if disagreement:
                 warnings = [*warnings, disagreement]

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
     from rexdeploy.builders.base import Builder, Engine
 
-RunFn = Callable[[Mapping[str, np.ndarray]], np.ndarray]  # feeds (batch axis first) → first output, stacked
+Outputs = Mapping[str, np.ndarray]  # output name → that output of every probe, stacked (batch axis first)
+RunFn = Callable[[Mapping[str, np.ndarray]], "Outputs | np.ndarray"]  # feeds (batch axis first) → compared outputs
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Fidelity:
     family: str = ""
     error_family: str = ""
     families: tuple[Fidelity, ...] = ()
+    error_output: str = ""
 
     def figures(self) -> dict[str, Any]:
         """The measured figures only (no family fields)."""
@@ -45,6 +47,8 @@ class Fidelity:
         if self.family or self.families:
             out.update(family=self.family, error_family=self.error_family)
             out["families"] = {f.family: f.figures() for f in self.families}
+        if self.error_output:
+            out["error_output"] = self.error_output
         return out
 
     @classmethod
@@ -52,14 +56,14 @@ class Fidelity:
         base = {f.name: doc[f.name] for f in fields(cls) if f.name not in _FAMILY_FIELDS}
         families = tuple(cls(**figures, family=name) for name, figures in (doc.get("families") or {}).items())
         return cls(**base, family=str(doc.get("family", "")), error_family=str(doc.get("error_family", "")),
-                   families=families)  # fmt: skip
+                   families=families, error_output=str(doc.get("error_output", "")))  # fmt: skip
 
 
-_FAMILY_FIELDS = ("family", "error_family", "families")
+_FAMILY_FIELDS = ("family", "error_family", "families", "error_output")
 
 
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
-    """Compare stacked first outputs of shape (probes, ...)."""
+    """Compare one output, stacked: shape (probes, ...)."""
     ref = np.asarray(reference, dtype=np.float64)
     cand = np.asarray(candidate, dtype=np.float64)
     if ref.shape != cand.shape:
@@ -85,6 +89,30 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
     )
 
 
+def compare_all(reference: Outputs | np.ndarray, candidate: Outputs | np.ndarray) -> Fidelity:
+    """Compare every output of ``reference`` with the same-named one of ``candidate`` (:func:`compare_outputs`
+    each): the worst relative error, cosine and max abs error over them, the top-1 agreement of the first output
+    that has classes; ``error_output`` names the output of the worst relative error (several outputs only)."""
+    ref, cand = _as_outputs(reference), _as_outputs(candidate)
+    if list(ref) != list(cand):
+        raise ValueError(f"compared outputs differ: {list(ref)} vs {list(cand)}")
+    each = {name: compare_outputs(ref[name], cand[name]) for name in ref}
+    if len(each) == 1:
+        return next(iter(each.values()))
+    worst = max(each, key=lambda name: each[name].relative_error)
+    return replace(
+        each[worst],
+        cosine=min(f.cosine for f in each.values()),
+        max_abs_error=max(f.max_abs_error for f in each.values()),
+        top1_agreement=next((f.top1_agreement for f in each.values() if f.top1_agreement is not None), None),
+        error_output=worst,
+    )
+
+
+def _as_outputs(outputs: Outputs | np.ndarray) -> Outputs:
+    return {"output": outputs} if isinstance(outputs, np.ndarray) else outputs
+
+
 # probes per family: 64 keeps the binomial standard error of a top-1 agreement near 80 % at 5 points (7 at 32;
 # benchmarks/results/fidelity_estimate.md); the Gaussian family, where it only bounds the error (a structured
 # family applies), runs 32: a relative error over 32 probes is already steady
@@ -101,8 +129,9 @@ def estimate_fidelity(
 ) -> Fidelity:
     """The data-free fidelity estimate: both runs on ``probes`` seeded inputs of every probe family that
     applies to the model (:func:`rexdeploy.probes.applicable_families`; the Gaussian family at most
-    :data:`GAUSSIAN_BOUND_PROBES` when another applies), first outputs compared per family, and the worst of
-    each figure over the families (every family's own figures in ``families``).
+    :data:`GAUSSIAN_BOUND_PROBES` when another applies), every float output compared per family
+    (:func:`compare_all`), and the worst of each figure over the families (every family's own figures in
+    ``families``).
 
     The relative error, max abs error and cosine are the worst over all families. The top-1 agreement is
     the lowest over the structured families (BN-matched, natural-like images, tokens) where one applies and
@@ -116,7 +145,7 @@ def estimate_fidelity(
     for family in families:
         count = min(probes, GAUSSIAN_BOUND_PROBES) if family == GAUSSIAN and len(families) > 1 else probes
         feeds = family_inputs(model, family, count, seed)
-        measured = compare_outputs(run_reference(feeds), run_candidate(feeds))
+        measured = compare_all(run_reference(feeds), run_candidate(feeds))
         per_family.append(replace(measured, family=family))
     error_worst = max(per_family, key=lambda f: f.relative_error)
     structured = [f for f in per_family if f.family != GAUSSIAN] or per_family
@@ -131,13 +160,30 @@ def estimate_fidelity(
         family=top1_worst.family,
         error_family=error_worst.family,
         families=tuple(per_family),
+        error_output=error_worst.error_output,
     )
 
 
-def compared_output(outputs: Sequence[np.ndarray]) -> np.ndarray:
-    """The output fidelity is measured on: the first floating-point one (a model whose first output is an
-    integer ArgMax label had its labels compared and its logits never), else the first."""
-    return next((np.asarray(o) for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)), outputs[0])
+def compared_outputs(outputs: Sequence[np.ndarray], names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The outputs fidelity is measured on, by name (``names``: the model's output names, in order; else
+    ``output N``): every floating-point one (a model whose first output is an integer ArgMax label has its logits
+    compared; a detector its scores and its boxes), else the first."""
+    named = {(names[i] if i < len(names) else f"output {i}"): np.asarray(o) for i, o in enumerate(outputs)}
+    floats = {k: v for k, v in named.items() if np.issubdtype(v.dtype, np.floating)}
+    return floats or dict([next(iter(named.items()))])
+
+
+def stacked_outputs(run_one: Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]], feeds: Mapping[str, np.ndarray],
+                    names: Sequence[str] = ()) -> dict[str, np.ndarray]:  # fmt: skip
+    """``run_one`` on each probe of ``feeds`` in turn (engines are built for batch 1), the compared outputs
+    (:func:`compared_outputs`) of all probes stacked."""
+    n = next(iter(feeds.values())).shape[0]
+    runs = [compared_outputs(run_one({k: v[i : i + 1] for k, v in feeds.items()}), names) for i in range(n)]
+    return {name: np.concatenate([r[name] for r in runs]) for name in runs[0]}
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
 
 
 def measure_fidelity(
@@ -147,22 +193,21 @@ def measure_fidelity(
     model: onnx.ModelProto,
     probes: int = PROBES_PER_FAMILY,
     seed: int = 1,
-    reference_outputs: dict[str, np.ndarray] | None = None,
+    reference_outputs: dict[str, Outputs] | None = None,
 ) -> Fidelity:
     """The data-free estimate (:func:`estimate_fidelity`) of two engines: each runs the probes one at a time
     (engines are built for batch 1); ``probes`` per family (the Gaussian family: at most 32 where another
     family applies). ``reference_outputs``: a dict the reference engine's outputs are kept in, by a digest of
     the probes, so that a build estimating several engines against the same FP32 engine runs it once."""
 
-    def runner(engine: Engine, keep: dict[str, np.ndarray] | None = None) -> RunFn:
-        def run(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    names = output_names(model)
+
+    def runner(engine: Engine, keep: dict[str, Outputs] | None = None) -> RunFn:
+        def run(feeds: Mapping[str, np.ndarray]) -> Outputs:
             key = _digest(feeds) if keep is not None else ""
             if keep is not None and key in keep:
                 return keep[key]
-            n = next(iter(feeds.values())).shape[0]
-            out = np.concatenate(
-                [compared_output(builder.run(engine, {k: v[i : i + 1] for k, v in feeds.items()})) for i in range(n)]
-            )
+            out = stacked_outputs(lambda f: builder.run(engine, f), feeds, names)
             if keep is not None:
                 keep[key] = out
             return out
@@ -182,17 +227,13 @@ def _digest(feeds: Mapping[str, np.ndarray]) -> str:
 
 
 def measure_fidelity_on(
-    builder: Builder, reference: Engine, candidate: Engine, samples: dict[str, np.ndarray]
+    builder: Builder, reference: Engine, candidate: Engine, samples: dict[str, np.ndarray], names: Sequence[str] = ()
 ) -> Fidelity:
-    """Both engines on the user's samples (one at a time: engines are built for batch 1), first outputs
-    compared (:func:`rexdeploy.samples.load_samples` makes ``samples``)."""
-    n = next(iter(samples.values())).shape[0]
-    ref_out, cand_out = [], []
-    for i in range(n):
-        feeds = {name: array[i : i + 1] for name, array in samples.items()}
-        ref_out.append(compared_output(builder.run(reference, feeds)))
-        cand_out.append(compared_output(builder.run(candidate, feeds)))
-    return compare_outputs(np.concatenate(ref_out), np.concatenate(cand_out))
+    """Both engines on the user's samples (one at a time: engines are built for batch 1), every float output
+    compared (:func:`compare_all`; ``names``: the model's output names; :func:`rexdeploy.samples.load_samples`
+    makes ``samples``)."""
+    return compare_all(stacked_outputs(lambda f: builder.run(reference, f), samples, names),
+                       stacked_outputs(lambda f: builder.run(candidate, f), samples, names))  # fmt: skip
 
 
 def fidelity_disagreement(estimate: Fidelity, samples: Fidelity) -> str | None:

@@ -169,8 +169,9 @@ class Report:
         if self.fidelity_samples is not None:
             fs = self.fidelity_samples
             top1s = f"  top-1 agreement {fs.top1_agreement:.1%}" if fs.top1_agreement is not None else ""
+            of = f", worst output {fs.error_output}" if fs.error_output else ""
             lines.append(f"samples  rel. error {fs.relative_error:.2e}  cosine {fs.cosine:.6f}{top1s}  ({fs.probes} of "
-                         "your samples: measured)")  # fmt: skip
+                         f"your samples: measured{of})")  # fmt: skip
         if self.budget_ms is not None:
             verdict = "within" if self.fits_budget else "OVER"
             lines.append(f"budget   {format_ms(self.budget_ms)}: {verdict} budget")
@@ -240,11 +241,12 @@ class Report:
 
 def _families_text(f: Fidelity) -> str:
     """Where the estimate's figures come from, e.g. ``top-1 from natural-1/f, error from gaussian``."""
+    of = f" (output {f.error_output})" if f.error_output else ""
     if not f.family:
-        return "synthetic probes"
+        return "synthetic probes" + of
     if f.top1_agreement is None or f.family == f.error_family:
-        return f"worst probe family {f.error_family or f.family}"
-    return f"top-1 from {f.family}, error from {f.error_family}"
+        return f"worst probe family {f.error_family or f.family}{of}"
+    return f"top-1 from {f.family}, error from {f.error_family}{of}"
 
 
 def _bound_only(estimate: Fidelity, family: Fidelity) -> str:

@@ -13,7 +13,7 @@ every float tensor: :data:`REDUCED_FLOAT_ALLOWANCE`), never below :data:`FLOOR` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from rexdeploy.fidelity import compare_outputs, compared_output
+from rexdeploy.fidelity import compare_all, output_names, stacked_outputs
 
 if TYPE_CHECKING:
     from rexdeploy.builders.base import Builder, Engine
@@ -78,25 +78,23 @@ def probe_feeds(model: onnx.ModelProto, probes: int = PROBES, seed: int = 7) -> 
     return synthetic_probes(model, probes, seed=seed)
 
 
-def reference_outputs(onnx_path: Path, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The compared output (:func:`~rexdeploy.fidelity.compared_output`: the first float one) of ``onnx_path``
-    on ``feeds``, one probe at a time, by onnxruntime with graph optimizations off."""
+def reference_outputs(onnx_path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The compared outputs (:func:`~rexdeploy.fidelity.compared_outputs`: every float one) of ``onnx_path`` on
+    ``feeds``, one probe at a time, by onnxruntime with graph optimizations off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    n = next(iter(feeds.values())).shape[0]
-    return np.concatenate([compared_output(session.run(None, {k: v[i : i + 1] for k, v in feeds.items()}))
-                           for i in range(n)])  # fmt: skip
+    names = [o.name for o in session.get_outputs()]
+    return stacked_outputs(lambda f: session.run(None, f), feeds, names)
 
 
-def engine_outputs(builder: Builder, engine: Engine, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The engine's compared output (the first float one) on ``feeds``, one probe at a time (engines are built
-    for batch 1)."""
-    n = next(iter(feeds.values())).shape[0]
-    return np.concatenate([compared_output(builder.run(engine, {k: v[i : i + 1] for k, v in feeds.items()}))
-                           for i in range(n)])  # fmt: skip
+def engine_outputs(builder: Builder, engine: Engine, feeds: Mapping[str, np.ndarray],
+                   names: Sequence[str] = ()) -> dict[str, np.ndarray]:  # fmt: skip
+    """The engine's compared outputs (every float one; ``names``: the model's output names) on ``feeds``, one probe
+    at a time (engines are built for batch 1)."""
+    return stacked_outputs(lambda f: builder.run(engine, f), feeds, names)
 
 
 def self_check(builder: Builder, engine: Engine, onnx_path: Path, predicted_error: float, precision: str,
@@ -105,7 +103,7 @@ def self_check(builder: Builder, engine: Engine, onnx_path: Path, predicted_erro
     :func:`tolerance` for ``float_noise``."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     feeds = probe_feeds(model, probes)
-    measured = compare_outputs(reference_outputs(onnx_path, feeds), engine_outputs(builder, engine, feeds))
+    measured = compare_all(reference_outputs(onnx_path, feeds), engine_outputs(builder, engine, feeds, output_names(model)))
     tol = tolerance(predicted_error, precision, float_noise)
     return SelfCheck(measured.relative_error, measured.cosine, tol, measured.probes,
                      bool(np.isfinite(measured.relative_error) and measured.relative_error <= tol), precision)  # fmt: skip

@@ -211,3 +211,62 @@ def test_measure_fidelity_runs_the_engines_on_the_estimate_probes(tmp_path: Path
     second = measure_fidelity(counting, engines["fp32"], engines["q"], model, probes=8, reference_outputs=kept)
     assert len(calls) == 3 * per_engine and len(kept) == len(first.families)
     assert second == first
+
+
+def test_every_float_output_is_compared_and_the_worst_named() -> None:
+    """A detector's scores and boxes: the boxes' error is the larger, so it is the one reported (and named); the
+    cosine is the lower of the two, the top-1 agreement the scores' (the first output with classes)."""
+    from rexdeploy.fidelity import compare_all, compared_outputs
+
+    scores = np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    boxes = np.array([[[0.0, 0.0, 4.0, 4.0]], [[1.0, 1.0, 2.0, 3.0]]])
+    labels = np.array([0, 2], dtype=np.int64)
+    ref = compared_outputs([labels, scores, boxes], ["labels", "scores", "boxes"])
+    assert list(ref) == ["scores", "boxes"]  # the integer labels are not compared
+    cand = {"scores": scores + np.array([[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]), "boxes": boxes * 1.5}
+    got = compare_all(ref, cand)
+    each = {k: compare_outputs(ref[k], cand[k]) for k in ref}
+    assert each["boxes"].relative_error == pytest.approx(0.5) and each["scores"].relative_error < 0.5
+    assert got.relative_error == each["boxes"].relative_error and got.error_output == "boxes"
+    assert got.cosine == min(f.cosine for f in each.values())
+    assert got.max_abs_error == max(f.max_abs_error for f in each.values())
+    assert got.top1_agreement == each["scores"].top1_agreement == 1.0
+    assert Fidelity.from_dict(json.loads(json.dumps(got.to_dict()))) == got
+    # one output: exactly compare_outputs, no output named
+    assert compare_all({"scores": scores}, {"scores": cand["scores"]}) == each["scores"]
+    with pytest.raises(ValueError, match="compared outputs differ"):
+        compare_all(ref, {"scores": cand["scores"]})
+
+
+def test_simulated_fidelity_sees_a_second_output_quantized_harder() -> None:
+    """Two heads on one input: only the second ("boxes") is quantized (2-bit weights): the fidelity on samples is
+    that head's error, computed independently with numpy, and names it; the first head is exact."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from reference import rex_orders
+
+    from rexdeploy.api import simulated_fidelity
+    from rexdeploy.plans import LayerPlan, Plan
+    from rexdeploy.profile import load_profile
+
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.normal(size=(10, 16)).astype(np.float32), rng.normal(size=(4, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1"], ["scores"], name="head_scores", transB=1),
+         helper.make_node("Gemm", ["x", "w2"], ["boxes"], name="head_boxes", transB=1)],
+        "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    profile = load_profile("x86-avx512")
+    plan = Plan(layers={"head_boxes": LayerPlan(bits=2, order=1, act_bits=0)}, profile=profile.name)
+    got = simulated_fidelity(model, plan, {"x": x}, profile=profile)
+    boxes = x.astype(np.float64) @ w2.T.astype(np.float64)
+    want = compare_outputs(boxes, x.astype(np.float64) @ rex_orders(w2.astype(np.float64), 2, 1)[0].T)
+    assert got.error_output == "boxes"
+    assert got.relative_error == pytest.approx(want.relative_error, rel=1e-5)
+    assert got.relative_error > 0.1
+    assert got.top1_agreement == 1.0  # the scores head is not quantized
