@@ -310,6 +310,18 @@ def test_difference_w8a8_graph_equals_the_numpy_construction(split: tuple[int, .
     assert rel(got, fp32) < rel(k1, fp32)
 
 
+def test_difference_later_predictor_ranges_on_a_batchnorm_model() -> None:
+    """With BN statistics the predictors carry bias corrections (predictor 2 its share, no bias of its own): the
+    float model whose probes give the activation ranges must use the same biases — with predictor 1's bias copied
+    into predictor 2 its ranges came out 1.6-1.9x predictor 1's instead of a fraction of them."""
+    model = mobilenet_v2_like()
+    expanded = expand_model(model, profile=PROFILE, bits=8, order=2, split=(1, 1), act_bits=8)
+    scales = expanded.activation_scales
+    later = {t: scales[t] / scales[t.removesuffix("__p2")] for t in scales if t.endswith("__p2")}
+    assert later and max(later.values()) < 0.5
+    assert any("data-free bias correction" in note for note in expanded.plan.notes)
+
+
 def graph_fake_quant(model: onnx.ModelProto) -> Callable[[str, Arr], Arr]:
     """Q/DQ of a tensor as the emitted graph declares it (its QuantizeLinear's scale and zero-point type),
     computed in numpy: round half to even, saturate to the int8 (or uint8) range."""

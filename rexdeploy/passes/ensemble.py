@@ -474,6 +474,9 @@ def float_predictors(ensemble: Ensemble, source: onnx.ModelProto) -> onnx.ModelP
         node.input[layer.weight_index] = w_name
         if not job.bias and len(node.input) > 2:
             del node.input[2:]
+        elif job.bias and layer.bias and layer.op_type in ("Conv", "Gemm"):  # the bias the expansion emits
+            del node.input[2:]  # (bias-corrected, or predictor m's share of the correction in the difference form)
+            node.input.append(layer.bias)
     # the source weights the float ones replaced: dead weight for the probing session to load
     g = out.graph
     drop_initializers(g, {i for n in g.node for i in n.input} | {v.name for v in (*g.input, *g.output)})
