@@ -19,7 +19,7 @@ Per model, every engine an OpenVINO CPU engine built in this run with the host's
 3. every engine timed again in interleaved rounds (median of per-round medians; ratios = median of per-round
    ratios, with their quartiles) and its fidelity measured against the FP32 engine on the model's evaluation
    inputs, which played no part in any choice (MobileNetV2: natural-image crops of ``skimage.data`` photographs;
-   the ViT: all digits, accuracy on the held-out split; the BERT-style encoder of ``bench_smoothing``: windows of
+   the ViT and the digits CNN (rexdeploy.demo, trained here on real hand-written digits): all digits, accuracy on the held-out split; the BERT-style encoder of ``bench_smoothing``: windows of
    real English, cosine of mean-pooled embeddings).
 
 A target is met when the returned engine's per-round latency ratio to its anchor has a median ≤ 1.0 and its top-1
@@ -69,7 +69,7 @@ from rexdeploy.hostcpu import host_profile_name
 from rexdeploy.profile import load_profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ("mobilenet_v2", "vit", "encoder")
+MODELS = ("mobilenet_v2", "vit", "digits", "encoder")
 ENCODER_SENTENCES = 64  # evaluation windows of the encoder; NNCF calibrates on 16 (overlapping text: favours NNCF)
 ANCHORS = ("default", "nncf_quantize")
 

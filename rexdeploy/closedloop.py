@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from rexdeploy.analyze import Layer, quantizable_layers
@@ -64,7 +65,7 @@ from rexdeploy.probing import (
     split_layer_times,
 )
 from rexdeploy.profile import Profile, load_profile
-from rexdeploy.ranges import load_calibration
+from rexdeploy.ranges import bn_input_scale, graph_inputs, input_shape, load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png
 from rexdeploy.samples import Preprocess, load_samples
 from rexdeploy.selfcheck import FLOOR as SELF_CHECK_FLOOR
@@ -80,6 +81,32 @@ log = logging.getLogger(__name__)
 
 def _quiet(_: str) -> None:
     return None
+
+
+def input_scale_warnings(folded: onnx.ModelProto, bn_stats: dict[str, tuple[np.ndarray, np.ndarray]],
+                         layers: list[Layer], plan: Plan) -> list[str]:  # fmt: skip
+    """A warning per float model input that an int8 layer of ``plan`` quantizes directly while nothing data-free says
+    its scale: not image-shaped (images are taken as ImageNet-normalised pixels) and no BatchNorm after its first
+    Conv (:func:`rexdeploy.ranges.bn_input_scale`; exports that fold BN into the Conv lose it). Its int8 range then
+    assumes values of unit scale (N(0, 1)), which the fidelity estimate assumes too, so neither can see a waveform
+    of RMS 0.1 (W8A8 K=1 error 0.146 where --calib gives 0.015, zoo audio net)."""
+    from rexdeploy.probes import image_layout
+
+    quantized = {layer.input for layer in layers if (lp := plan.layers.get(layer.name)) is not None and lp.act_bits == 8}
+    out = []
+    for info in graph_inputs(folded):
+        if info.name not in quantized or info.type.tensor_type.elem_type not in _FLOAT_TYPES:
+            continue
+        if image_layout(input_shape(info, 1)) is not None or bn_input_scale(folded, bn_stats, info.name) is not None:
+            continue
+        out.append(f"the int8 range of model input {info.name!r} assumes values of unit scale (N(0, 1)): no BatchNorm "
+                   "statistics say otherwise, and the fidelity estimate probes that scale too; if your inputs are "
+                   "scaled differently (e.g. audio of RMS 0.1), rebuild with --calib FILE.npy (ranges from your "
+                   "inputs) or check with --samples")  # fmt: skip
+    return out
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def host_warnings(profile: Profile) -> list[str]:
@@ -211,7 +238,7 @@ def build(
     calibration = load_calibration(str(calibration_path), model) if calibration_path else None
     user_samples = load_samples(samples, model, preprocess) if samples is not None else None
     builder = builder_for(profile)
-    folded, _ = fold_batchnorm(model)
+    folded, bn_stats = fold_batchnorm(model)
     layers = quantizable_layers(folded, model_path.name)
     flags = {k: v for k, v in overrides.items() if v is not None}
     if plan is None and flags:
@@ -271,6 +298,10 @@ def build(
             if not check.passed:
                 raise BuildError(f"the REx engine ({plan.summary()}) {check.text}: {profile_hint(profile)}")
             returned = rex_m
+        if calibration is None and user_samples is None:
+            for warning in input_scale_warnings(folded, bn_stats, layers, plan):
+                warnings = [*warnings, warning]
+                say(f"warning: {warning}")
         bare = _bare_load(run, returned, check)
         if bare.get("warning"):
             warnings = [*warnings, str(bare["warning"])]
