@@ -83,6 +83,10 @@ def _quiet(_: str) -> None:
     return None
 
 
+RELATIVE_TO = {"int8": "plain int8", "fp32": "FP32", "default": "the default float engine"}
+"""What ``budget_ratio`` may be relative to (each engine measured in the same run)."""
+
+
 def input_scale_warnings(folded: onnx.ModelProto, bn_stats: dict[str, tuple[np.ndarray, np.ndarray]],
                          layers: list[Layer], plan: Plan) -> list[str]:  # fmt: skip
     """A warning per float model input that an int8 layer of ``plan`` quantizes directly while nothing data-free says
@@ -208,6 +212,7 @@ def build(
     *,
     budget_ms: float | None = None,
     budget_ratio: float | None = None,
+    relative_to: str = "int8",
     out_dir: str | Path | None = None,
     plan: Plan | None = None,
     timing: TimingSettings | None = None,
@@ -220,7 +225,9 @@ def build(
 ) -> Report:
     """Plan (or take ``plan`` / the flag ``overrides``), expand, build, time next to the baselines, report.
 
-    ``budget_ratio`` sets the budget relative to the plain int8 engine (K = 1) measured in the same run.
+    ``budget_ratio`` sets the budget relative to an engine measured in the same run, ``relative_to``: ``int8`` the
+    plain int8 engine (K = 1), ``fp32`` the FP32 engine, ``default`` the runtime's default float engine (what a user
+    gets by just loading the model: bf16 on AVX-512 BF16 / AMX CPUs, else the FP32 engine).
     ``samples`` (``.npy`` / ``.npz`` / a folder of images, preprocessed by ``preprocess``) are the user's own
     inputs: the returned engine's fidelity against FP32 is measured on them beside the synthetic estimate —
     they never touch quantization.
@@ -230,6 +237,8 @@ def build(
     ``out_dir`` (default ``rexdeploy-out/<model stem>``) only when everything succeeded.
     """
     say = progress or _quiet
+    if relative_to not in RELATIVE_TO:
+        raise BudgetError(f"--relative-to {relative_to!r}: use one of {', '.join(RELATIVE_TO)}")
     profile = load_profile(profile) if isinstance(profile, str) else profile
     model_path = Path(model_path)
     timing = timing or TimingSettings()
@@ -261,15 +270,16 @@ def build(
         default = _default_float(run, fp32)
         if default is not None:
             baseline_runs[default.label] = default
-        if budget_ratio is not None:
+        if budget_ratio is not None and relative_to == "int8":
             int8_plan = default_plan(layers, profile, sha, order=1, act_bits=8)
             int8_engine, _, int8_path = run.engine_for(int8_plan, "int8", None)
             baseline_runs["int8"] = run.measure("int8 K=1", int8_plan, int8_engine, int8_path, timing,
                                                 "the plain int8 engine")  # fmt: skip
         baselines = {key: engine_result(key, m, tmp, builder) for key, m in baseline_runs.items()}
         if budget_ratio is not None:
-            budget_ms = budget_ratio * baselines["int8"].timing.median_ms
-            say(f"budget: {budget_ratio:g} x plain int8 = {format_ms(budget_ms)}")
+            ref = {"int8": "int8", "fp32": "fp32", "default": default.label if default is not None else "fp32"}
+            budget_ms = budget_ratio * baselines[ref[relative_to]].timing.median_ms
+            say(f"budget: {budget_ratio:g} x {RELATIVE_TO[relative_to]} ({ref[relative_to]}) = {format_ms(budget_ms)}")
         attempts: list[Attempt] = []
         planned: PlanResult | None = None
         latency_model: dict[str, object] = {}

@@ -316,6 +316,33 @@ def test_build_with_planner_and_budget_ratio(capsys: pytest.CaptureFixture[str],
 
 
 @pytest.mark.openvino
+def test_budget_ratio_relative_to_the_default_float_engine(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--relative-to default: the budget is the ratio times the engine a user gets by just loading the model (bf16 on
+    AVX-512 BF16 / AMX hosts, else FP32), timed in the same run; no plain int8 baseline is built for it."""
+    pytest.importorskip("openvino")
+    out = tmp_path / "rel"
+    args = ["build", str(demo_model_path()), "--budget-ratio", "1", "--relative-to", "default", "--out", str(out),
+            "--duration", "0.3s", "--warmup", "50ms", "--json"]  # fmt: skip
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert "int8" not in report["baselines"]
+    default = next((k for k in report["baselines"] if k.endswith("(default)")), "fp32")
+    # the budget is that engine's first timing (a later near-miss re-timing may lower what the report shows)
+    line = next(line for line in captured.err.splitlines() if line.startswith("budget: 1 x the default float engine"))
+    assert f"({default})" in line
+    assert report["budget_ms"] >= report["baselines"][default]["timing"]["median_ms"] * (1 - 1e-9)
+    assert report["rex"]["timing"]["median_ms"] <= report["budget_ms"]
+
+
+def test_relative_to_needs_a_budget_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", str(demo_model_path()), "--relative-to", "fp32"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--relative-to" in err and "give --budget-ratio too" in err
+
+
+@pytest.mark.openvino
 def test_plan_measures_on_this_device_once_then_reads_the_cached_table(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -25,6 +25,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     budget.add_argument(
         "--budget-ratio", type=float, help="budget relative to the plain int8 engine measured in the same run, e.g. 1.2"
     )
+    p.add_argument(
+        "--relative-to",
+        choices=("int8", "fp32", "default"),
+        help="what --budget-ratio is relative to, timed in the same run: the plain int8 engine (default), FP32, or "
+        "the runtime's default float engine (bf16 on AVX-512 BF16 / AMX CPUs), e.g. --budget-ratio 1 --relative-to "
+        "default: at most as slow as just loading the model",
+    )
     p.add_argument("--out", help="output directory (default rexdeploy-out/<model name>)")
     p.add_argument("--calib", help="optional calibration batch (.npy, N x input shape); never required")
     common.add_sample_args(p)
@@ -54,11 +61,16 @@ def run(args: argparse.Namespace) -> int:
         from rexdeploy.errors import BudgetError
 
         raise BudgetError(f"--budget-ratio {args.budget_ratio} must be a positive number, e.g. 1.2")
+    if args.relative_to is not None and args.budget_ratio is None:
+        from rexdeploy.errors import BudgetError
+
+        raise BudgetError("--relative-to sets what --budget-ratio is relative to: give --budget-ratio too, e.g. 1.0")
     report = build(
         args.model,
         args.profile,
         budget_ms=budget,
         budget_ratio=args.budget_ratio,
+        relative_to=args.relative_to or "int8",
         use_cache=not args.no_cache,
         out_dir=args.out,
         timing=TimingSettings(warmup_s=args.warmup, duration_s=args.duration),
