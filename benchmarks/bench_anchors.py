@@ -11,11 +11,12 @@ Per model, every engine an OpenVINO CPU engine built in this run with the host's
 
 1. the anchors — FP32 (``INFERENCE_PRECISION_HINT=f32``), the device's default float (the model compiled with no
    config at all: bf16 on AVX-512 BF16 / AMX CPUs, f32 elsewhere) and NNCF ``quantize`` (post-training int8 *with
-   calibration data*, :func:`bench_models.calibration_set`), timed in interleaved rounds; each budget is its
-   anchor timed once more right before the build, as the build times its engines;
-2. ``rexdeploy.build(model, profile, budget_ms=<anchor latency>)`` for the default float and the NNCF anchor:
-   the product's whole closed loop, data-free; the engine it returns (``rex/`` with its runtime options) is
-   loaded as the product's user would;
+   calibration data*, :func:`bench_models.calibration_set`), timed in interleaved rounds;
+2. ``rexdeploy.build``, the product's whole closed loop, data-free: at the default float's latency with
+   ``budget_ratio=1, relative_to="default"`` (the build times that engine itself, in the same run as its
+   candidates: ``--budget-ratio 1 --relative-to default``); at NNCF's with ``budget_ms`` = the NNCF IR timed once
+   more right before the build, as the build times its engines; the engine it returns (``rex/`` with its runtime
+   options) is loaded as the product's user would;
 3. every engine timed again in interleaved rounds (median of per-round medians; ratios = median of per-round
    ratios, with their quartiles) and its fidelity measured against the FP32 engine on the model's evaluation
    inputs, which played no part in any choice (MobileNetV2: natural-image crops of ``skimage.data`` photographs;
@@ -89,15 +90,19 @@ def paired(medians: dict[str, list[float]], key: str, base: str) -> dict[str, fl
     return {"median": float(np.median(r)), "q1": float(np.percentile(r, 25)), "q3": float(np.percentile(r, 75))}
 
 
-def rex_engine(bench: Bench, key: str, budget_ms: float, work: Path, duration_s: float) -> dict[str, Any]:
-    """``rexdeploy.build`` at ``budget_ms`` (the closed loop, data-free); its returned engine loaded from ``rex/``."""
+def rex_engine(bench: Bench, key: str, budget_ms: float | None, work: Path, duration_s: float) -> dict[str, Any]:
+    """``rexdeploy.build`` at ``budget_ms`` (the closed loop, data-free); None: ``--budget-ratio 1 --relative-to
+    default`` (the default float engine the build times itself); its returned engine loaded from ``rex/``."""
     out = work / f"build_{key}"
     t0 = time.perf_counter()
+    budget: dict[str, Any] = {"budget_ms": budget_ms} if budget_ms is not None else {"budget_ratio": 1.0,
+                                                                                      "relative_to": "default"}  # fmt: skip
     try:
-        report = rexdeploy.build(bench.subject.path, bench.profile, budget_ms=budget_ms, out_dir=out,
-                                 timing=TimingSettings(duration_s=duration_s))  # fmt: skip
+        report = rexdeploy.build(bench.subject.path, bench.profile, out_dir=out, timing=TimingSettings(duration_s=duration_s),
+                                 **budget)  # fmt: skip
     except BudgetError as exc:  # the product's own answer when nothing it measured fits: a target not met
         return {"budget_ms": budget_ms, "build_s": time.perf_counter() - t0, "error": str(exc)}
+    budget_ms = report.budget_ms
     seconds = time.perf_counter() - t0
     engine = bench.builder.load(out / "rex" / "model.xml", bench.profile)
     bench.built[key] = Built(engine, seconds, plan=report.plan, notes=(bare_report(engine),))
@@ -142,12 +147,16 @@ def measure_model(name: str, profile: Any, args: argparse.Namespace, work: Path)
     anchor_ms = {k: statistics.median(first[k]) for k in ANCHORS}
     builds: dict[str, Any] = {}
     for anchor in ANCHORS:
-        # the budget: the anchor timed right before the build, as the build times its engines (on a shared host
-        # the machine's speed drifts between the interleaved rounds and the build, up to 1.5x in earlier runs)
-        budget = bench.builder.time(bench.built[anchor].engine, TimingSettings(duration_s=args.build_duration_s))
-        print(f"[{name}] rexdeploy build --budget {budget.median_ms:.3f}ms (the {anchor} latency; "
-              f"{anchor_ms[anchor]:.3f} ms in the first rounds) ...", flush=True)  # fmt: skip
-        builds[anchor] = rex_engine(bench, f"rex@{anchor}", budget.median_ms, work / name, args.build_duration_s)
+        if anchor == "default":  # the build times the default float engine itself, in the same run as its candidates
+            print(f"[{name}] rexdeploy build --budget-ratio 1 --relative-to default ...", flush=True)
+            builds[anchor] = rex_engine(bench, f"rex@{anchor}", None, work / name, args.build_duration_s)
+        else:
+            # the budget: the anchor timed right before the build, as the build times its engines (on a shared host
+            # the machine's speed drifts between the interleaved rounds and the build, up to 1.5x in earlier runs)
+            budget = bench.builder.time(bench.built[anchor].engine, TimingSettings(duration_s=args.build_duration_s))
+            print(f"[{name}] rexdeploy build --budget {budget.median_ms:.3f}ms (the {anchor} latency; "
+                  f"{anchor_ms[anchor]:.3f} ms in the first rounds) ...", flush=True)  # fmt: skip
+            builds[anchor] = rex_engine(bench, f"rex@{anchor}", budget.median_ms, work / name, args.build_duration_s)
         builds[anchor]["anchor_first_rounds_ms"] = anchor_ms[anchor]
     keys = list(bench.built)
     print(f"[{name}] timing {len(keys)} engines, {args.rounds} interleaved rounds ...", flush=True)
@@ -236,11 +245,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [""]
         for anchor, v in r["verdicts"].items():
             b = r["builds"][anchor]
+            budget = f"{b['budget_ms']:.3f} ms" if b["budget_ms"] is not None else "1 × the default float engine"
             if "error" in v:
-                lines.append(f"- **@ {LABELS[anchor]}** (budget {b['budget_ms']:.3f} ms): **not met** — {v['error']}")
+                lines.append(f"- **@ {LABELS[anchor]}** (budget {budget}): **not met** — {v['error']}")
                 continue
             lines += [
-                f"- **@ {LABELS[anchor]}** (budget {b['budget_ms']:.3f} ms): returned *{b['plan']}* "
+                f"- **@ {LABELS[anchor]}** (budget {budget}{' as the build timed it' if anchor == 'default' else ''}): "
+                f"returned *{b['plan']}* "
                 f"({b['mix']}; float parts {b['float_precision'] or 'the profile default'}), build {b['build_s']:.0f} s, "
                 f"{len(b['attempts'])} REx attempt(s). ×anchor {v['ratio']['median']:.2f} "
                 f"({v['ratio']['q1']:.2f}–{v['ratio']['q3']:.2f}), {v['metric']} {_pct(v['agreement'])} vs "
