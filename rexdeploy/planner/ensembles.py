@@ -456,12 +456,14 @@ def ensemble_candidates(model: onnx.ModelProto, layers: Sequence[Layer], profile
     """The planner's hook: (label, plan, predicted latency ms, predicted error) of the ensembles (the pass's
     default, difference form) of the ``uniform`` dense candidates (label, plan, latency, error), where the device
     runs two predictors at once (profile ``[parallel]``) and Appendix L finds the split valid. ``model`` is the
-    FP32 model (BN not folded). The difference form sums to its dense K: its error is the dense K's (plus the
-    check's own-order truncation, 0 with the default own orders). Its cost, at the dense K's time per order:
-    predictor 1 runs K_1 orders, predictor 2 K_2 orders on predictor 1's input plus S_2 = K orders on its own
-    (:func:`predictor_orders`): on :func:`ensemble_latency_ms`'s lanes predictor 2 alone costs more than the
-    dense K, so an ensemble is offered but never faster than its dense K — the hook is there for cost tables
-    that say otherwise."""
+    FP32 model (BN not folded). Error: the dense K's, with the check's own-order truncation added
+    (``hypot(error, EQ35_GAIN · ratio)``; 0 where K_2 >= K_1, where the ensemble is its dense K). Cost, at the
+    dense K's time per order: predictor 1 runs K_1 orders, predictor 2 K_2 + min(K_2, K_1)
+    (:func:`predictor_orders`), side by side on :func:`ensemble_latency_ms`'s lanes — so [2,1] (2 and 2 orders) is
+    predicted faster than its dense K=3. That assumes the engine overlaps the predictors' convolutions layer by
+    layer for free (TensorRT auxiliary streams): never measured; on one OpenVINO CPU request the predictors run one
+    after the other (``benchmarks/results/ensembles.md``), and the profile's ``[parallel]`` keeps the hook off
+    there."""
     from rexdeploy.graph import fold_batchnorm
 
     capacity = parallel_capacity(profile)
