@@ -223,8 +223,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Host: {m['cpu']} ({m['flags']}), {m['cpu_count']} CPUs; load average before / after "
         f"{m['loadavg_before'][0]:.1f} / {m['loadavg_after'][0]:.1f}.",
         "",
-        "Budgets are the anchors' latencies timed right before each build, as the build times its engines; `rexdeploy build --budget` "
-        "(closed loop, data-free) is then run at each; all engines are timed again in interleaved rounds "
+        "`rexdeploy build` (closed loop, data-free) at each anchor's latency: `--budget-ratio 1 --relative-to default` "
+        "for the default float (the build times that engine itself, beside its candidates), `--budget` = the NNCF IR "
+        "timed right before the build for NNCF; all engines are then timed again in interleaved rounds "
         f"({result['rounds']} × {result['per_round_s']} s per engine). *×anchor*: median (quartiles) of the per-round "
         "latency ratio to the anchor the budget came from. Fidelity against the FP32 engine on evaluation inputs "
         "that played no part in any choice.",
