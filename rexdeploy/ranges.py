@@ -6,15 +6,18 @@ Two sources, combined by :func:`activation_ranges`:
 * **BatchNorm statistics** (:mod:`rexdeploy.bnstats`): every folded BN output has per-channel mean
   ``beta`` and std ``|gamma|``; propagated through Relu / Clip / Add / pooling / Concat / activations /
   layers without BN, they give each reachable tensor's range by a clipping rule (``clip``): by default the
-  range that minimizes the expected quantization error of Laplace channels of those moments, each channel
-  weighted by the weights that read it (:func:`input_channel_gains`); ``"nstd"`` is the older
+  range that minimizes the expected quantization error of Laplace channels of those moments, each channel's
+  rounding noise weighted by the energy of the weights that read it and its clipping error by their gain for a
+  patch (:func:`input_channel_gains`); ``"nstd"`` is the older
   ``max_c clip(mean_c ± n·std_c, lo_c, hi_c)``. No model run is needed.
 * **Synthetic probes** (:func:`probe_ranges`): the FP32 model is run by onnxruntime on seeded inputs —
   standard-normal noise, or for image-shaped inputs smooth random fields with a natural-image 1/f
   spectrum — and each tensor's largest magnitude (or a high percentile of |x|) is recorded.
 
 ``method="auto"`` (what :func:`rexdeploy.api.expand_model` uses) takes BN statistics where they are
-known and probes elsewhere. A user calibration array, when given, replaces both (max |x| over it).
+known and probes elsewhere — except an image-shaped model input (and the tensors that only rearrange its values),
+ranged as standardised pixels, :data:`IMAGE_INPUT_RANGE` standard deviations. A user calibration array, when given,
+replaces all of them (max |x| over it).
 :func:`activation_means` gives the same statistics' channel means, for the expansion pass's bias correction.
 """
 
@@ -56,6 +59,12 @@ _CALIBRATION_CHUNK = 16  # samples per onnxruntime run when reducing a user cali
 # the first BatchNorm's input scale (bn_input_scale) replaces the N(0, 1) assumption for a model input only when it
 # is off by more than this factor: it assumes white inputs, and real ones are correlated (MobileNetV2: 1.67 vs 1.08)
 INPUT_SCALE_TRUST = 2.0
+# the range of a standardised image input, in standard deviations: an 8-bit photograph normalised by its data set's
+# mean / std spans about (0 − m) / s … (1 − m) / s — ImageNet's mean / std: −2.1 … 2.6; the demo digits −0.8 … 1.8;
+# MNIST's 0.13 / 0.31: −0.4 … 2.8 — where the N(0, 1) probes' 99.99th percentile says 3.9. Measured on MobileNetV2
+# (benchmarks/results/activation_ranges.md, crops of seed 1): the input alone quantized, relative logit error 0.062
+# at 3.9, 0.033–0.039 at 2.3–2.6, 0.073 at 2.0
+IMAGE_INPUT_RANGE = 2.5
 
 _NP_TYPES: dict[int, type[np.generic]] = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -242,7 +251,9 @@ def stacked_probes(model: onnx.ModelProto, count: int, seed: int,
     return {name: np.concatenate([s[name] for s in samples]) for name in samples[0]}
 
 
-def synthetic_probes(model: onnx.ModelProto, count: int, seed: int = 0, kind: ProbeKind = "noise") -> dict[str, np.ndarray]:
+def synthetic_probes(
+    model: onnx.ModelProto, count: int, seed: int = 0, kind: ProbeKind = "noise"
+) -> dict[str, np.ndarray]:
     """``count`` probes of :func:`synthetic_inputs`, batch-1 exports included (:func:`stacked_probes`)."""
     return stacked_probes(model, count, seed, lambda n, s: synthetic_inputs(model, batch=n, seed=s, kind=kind))
 
@@ -270,12 +281,20 @@ def run_outputs(
     return [np.concatenate([np.asarray(run[j]).reshape(-1) for run in runs]) for j in range(len(outputs))]
 
 
-def input_channel_gains(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def input_channel_gains(model: onnx.ModelProto, *, clipping: bool = False) -> dict[str, np.ndarray]:
     """How much each input channel of each quantized layer input weighs in the layers that read it: per
     input channel c, ``Σ_o Σ_k W[o, c, k]²`` over the layer's weight (its output's response to a unit error
-    on channel c), normalised by the layer's total ``Σ W²`` so that every reading layer counts alike, summed
-    over the layers that read the tensor. Data-free: the weights only. The MSE-optimal range
-    (:func:`rexdeploy.bnstats.stats_range`) weighs each channel's quantization error by it."""
+    on channel c that is independent from element to element: the rounding noise), normalised by the layer's
+    total ``Σ W²`` so that every reading layer counts alike, summed over the layers that read the tensor.
+    Data-free: the weights only. The MSE-optimal range (:func:`rexdeploy.bnstats.stats_range`) weighs each
+    channel's quantization error by it.
+
+    ``clipping=True``: the gain for an error that is the same over a kernel's window, ``Σ_o (Σ_k W[o, c, k])²``
+    (the kernel's response to a constant), normalised by the same ``Σ W²``: the clipping error, since the values
+    beyond a range come in patches (a bright region of an image), not alone. Equal to the first for a 1×1 kernel
+    (pointwise conv, Gemm); for a 3×3 edge detector, whose weights sum to near 0, far smaller — MobileNetV2's first
+    depthwise conv passes a patch of clipped values at 0.07× the gain of rounding noise, so clipping there is cheap
+    (``tests/test_ranges_mse.py``, ``docs/activation-ranges.md``)."""
     from rexdeploy.analyze import ConstantResolver, find_layers, layer_weight
 
     consts = ConstantResolver(model)
@@ -285,12 +304,16 @@ def input_channel_gains(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if w.ndim < 2:
             continue
         out, per_group = w.shape[0], w.shape[1]
-        energy = np.square(w.reshape(out, per_group, -1)).sum(axis=2)  # (O, I / group)
+        taps = w.reshape(out, per_group, -1).astype(np.float64)
+        energy = np.square(taps).sum(axis=2)  # (O, I / group)
         group = max(layer.group, 1)
         if out % group:
             continue
         per_channel = energy.reshape(group, out // group, per_group).sum(axis=1).reshape(-1)  # (I,)
         total = float(per_channel.sum())
+        if clipping:
+            patch = np.square(taps.sum(axis=2))  # (O, I / group): the kernel's gain for a constant error
+            per_channel = patch.reshape(group, out // group, per_group).sum(axis=1).reshape(-1)
         if total > 0.0:
             previous = gains.get(layer.input)
             share = per_channel / total
@@ -337,6 +360,9 @@ def activation_ranges(
     batch: int = 16,
     seed: int = 0,
     unsigned: Collection[str] | None = None,
+    patch_clipping: bool = True,
+    image_input_range: float | None = IMAGE_INPUT_RANGE,
+    rectified_tails: bool = True,
 ) -> dict[str, float]:
     """The max |x| of each tensor in ``tensors`` of the BN-folded ``model``.
 
@@ -354,6 +380,15 @@ def activation_ranges(
     ``unsigned``: the tensors that will be emitted as uint8 (:func:`unsigned_layers`); the MSE clipping rules
     then place 255 levels on those and 127 on every other — a tensor ≥ 0 emitted as int8 (a MatMul input, a
     TensorRT engine) has only 127 levels for its values. None: 255 wherever the tensor is ≥ 0.
+
+    ``patch_clipping``: the MSE rules weigh each channel's clipping error by the reading kernels' gain for a
+    constant (:func:`input_channel_gains` with ``clipping=True``), its rounding noise by their energy; False: both
+    by the energy (the rule before). ``image_input_range``: the range of an image-shaped model input
+    (:func:`image_input`) taken as standardised (the N(0, 1) probes' scale, not rescaled by
+    :func:`bn_input_scale`), in standard deviations — a photograph's pixels are bounded, the N(0, 1) probes' tail
+    is not (:data:`IMAGE_INPUT_RANGE`); None: the probes' percentile. ``rectified_tails``: a sum with a ReLU output
+    (a residual block's Add) keeps the upper tail of the unclipped operands
+    (:func:`rexdeploy.bnstats.propagate_bn_stats`); False: the moments only (the rule before).
     """
     taps = list(dict.fromkeys(tensors))
     if method not in RANGE_METHODS:
@@ -365,8 +400,9 @@ def activation_ranges(
     if method == "probe":
         return probe_ranges(model, taps, batch=batch, seed=seed, probe=probe, percentile=percentile)
     gains = input_channel_gains(model) if clip != "nstd" else None
+    clip_gains = input_channel_gains(model, clipping=True) if clip != "nstd" and patch_clipping else None
     ranges = bn_ranges(model, bn_stats, taps, n_std, pool_std_factor=pool_std_factor, clip=clip, gains=gains,
-                       unsigned=unsigned)  # fmt: skip
+                       unsigned=unsigned, clip_gains=clip_gains, rectified_tails=rectified_tails)  # fmt: skip
     missing = [name for name in taps if name not in ranges]
     if missing and method == "bn":
         raise ModelError(
@@ -375,12 +411,49 @@ def activation_ranges(
         )
     if missing:
         probed = probe_ranges(model, missing, batch=batch, seed=seed, probe=probe, percentile=percentile)
-        for name in set(missing) & {i.name for i in graph_inputs(model)}:  # probed as N(0, 1): is the input?
-            scale = bn_input_scale(model, bn_stats, name)
+        inputs = {info.name: info for info in graph_inputs(model)}
+        views = input_views(model)
+        for name in probed:  # probed as N(0, 1): is the input (or its values rearranged: a ViT's patches)?
+            source = name if name in inputs else views.get(name)
+            if source is None:
+                continue
+            scale = bn_input_scale(model, bn_stats, source)
             if scale is not None and not 1.0 / INPUT_SCALE_TRUST <= scale <= INPUT_SCALE_TRUST:
-                probed[name] *= scale
+                if name == source:
+                    probed[name] *= scale
+            elif image_input_range is not None and image_input(inputs[source]):
+                probed[name] = float(image_input_range)
         ranges.update(probed)
     return {name: ranges[name] for name in taps}
+
+
+_VIEW_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "SpaceToDepth",
+                       "DepthToSpace"})  # fmt: skip
+"""Ops whose output holds exactly the values of their first input, rearranged."""
+
+
+def input_views(model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor → the graph input whose values it holds, rearranged (reached from it through :data:`_VIEW_OPS` on
+    their first input only): a ViT's patch tensor ``Transpose(Reshape(image))`` has the image's range."""
+    views = {info.name: info.name for info in graph_inputs(model)}
+    for node in model.graph.node:
+        if node.op_type in _VIEW_OPS and node.input and node.input[0] in views:
+            views.update({out: views[node.input[0]] for out in node.output if out})
+    return {name: source for name, source in views.items() if name != source}
+
+
+def image_input(info: onnx.ValueInfoProto) -> bool:
+    """Whether a model input is image-shaped: float, rank 4, 1 to 4 channels first (NCHW) or last (NHWC), and
+    both spatial dimensions fixed and at least 8."""
+    tensor = info.type.tensor_type
+    if _NP_TYPES.get(int(tensor.elem_type)) not in (np.float32, np.float16, np.float64):
+        return False
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
+    if len(dims) != 4:
+        return False
+    nchw = 1 <= dims[1] <= 4 and min(dims[2], dims[3]) >= 8
+    nhwc = 1 <= dims[3] <= 4 and min(dims[1], dims[2]) >= 8
+    return nchw or nhwc
 
 
 def bn_input_scale(model: onnx.ModelProto, bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]],

@@ -26,6 +26,7 @@ from rexdeploy.profile import load_profile
 from rexdeploy.ranges import (
     DEFAULT_PERCENTILE,
     DEFAULT_PROBE,
+    IMAGE_INPUT_RANGE,
     activation_ranges,
     input_channel_gains,
     probe_ranges,
@@ -179,8 +180,8 @@ def test_propagation_matches_monte_carlo_of_the_graph() -> None:
     model = _branch_model()
     folded, stats = fold_batchnorm(model)
     assert set(stats) == {"p", "q"}
-    # with i.i.d. spatial positions a global average divides the std by sqrt(H·W)
-    known = propagate_bn_stats(folded, stats, pool_std_factor=1.0 / math.sqrt(H * W))
+    # with i.i.d. spatial positions a global average divides the std by sqrt(H·W); the moments only (no tail rule)
+    known = propagate_bn_stats(folded, stats, pool_std_factor=1.0 / math.sqrt(H * W), rectified_tails=False)
     taps = ["p", "q", "relu", "relu6", "sum", "diff", "cat", "scaled", "flat", "tail", "tail_relu"]
     values = run_with_taps(model, {"x": _bn_true_inputs(model, 8000)}, taps)
     for name in taps[:-1]:
@@ -195,6 +196,38 @@ def test_propagation_matches_monte_carlo_of_the_graph() -> None:
     observed = float(np.percentile(values["tail_relu"], 99.99))
     assert observed <= known["tail_relu"].max_abs(4.0) <= 2.0 * observed
     assert "mm" not in known and "mm_relu" not in known  # a MatMul of two activations: unknown
+
+
+def test_sum_with_a_relu_output_keeps_its_upper_tail() -> None:
+    """sum = Relu(p) + Clip(q, 0, 6): a Gaussian of the exact moments (previous test) puts the upper tail far too
+    low where Relu(p) is mostly zeros (a rectified Gaussian's std is ~0.6 of its Gaussian's, its tail the
+    Gaussian's). With the tail rule (default) the sum is clip(N(μ_T, σ_T²), lo, inf) — the unclipped operands'
+    Gaussian, clipped where its mean is the exact one: its quantiles meet the Monte Carlo 99.9th / 99.99th
+    percentiles of every channel within 6 %, its mean the exact one, its std the true one within 10 %; the moments
+    alone miss a tail by a third."""
+    model = _branch_model()
+    folded, stats = fold_batchnorm(model)
+    tails, moments = propagate_bn_stats(folded, stats), propagate_bn_stats(folded, stats, rectified_tails=False)
+    v = run_with_taps(model, {"x": _bn_true_inputs(model, 8000)}, ["sum"])["sum"].astype(np.float64)
+    per_channel = v.transpose(1, 0, 2, 3).reshape(C, -1)
+    mean_t, std_t = tails["sum"].moments()
+    mean_m, std_m = moments["sum"].moments()
+    np.testing.assert_allclose(mean_t, mean_m, atol=1e-6 * float(np.max(std_m)))
+    np.testing.assert_allclose(std_t, per_channel.std(axis=1), rtol=0.10)
+    assert np.all(tails["sum"].lo < mean_t)
+    worst_moments = 0.0
+    for q, z in ((99.9, 3.0902), (99.99, 3.7190)):  # Φ⁻¹(0.999), Φ⁻¹(0.9999): above the clip, the Gaussian's
+        observed = np.percentile(per_channel, q, axis=1)
+        np.testing.assert_allclose(tails["sum"].mean + z * tails["sum"].std, observed, rtol=0.06, err_msg=str(q))
+        worst_moments = max(worst_moments, float(np.max(np.abs(mean_m + z * std_m - observed) / observed)))
+    assert worst_moments > 0.25  # the rule before: a channel's tail a third too low
+    # a Sub mirrors the other operand's tail: no tail rule there; a sum of unclipped operands is unchanged
+    assert tails["diff"].std == pytest.approx(moments["diff"].std)
+    stats_ab = {"a": (np.array([0.5]), np.array([1.0])), "b": (np.array([-0.2]), np.array([2.0]))}
+    add = helper.make_graph([helper.make_node("Add", ["a", "b"], ["s"])], "add", [], [])
+    plain = propagate_bn_stats(helper.make_model(add), stats_ab)["s"]
+    assert plain.std == pytest.approx([np.sqrt(5.0)]) and plain.mean == pytest.approx([0.3])
+    assert np.isneginf(plain.lo).all() and np.isposinf(plain.hi).all()
 
 
 def test_bn_range_is_the_clipped_tail_quantile() -> None:
@@ -282,7 +315,11 @@ def test_expand_model_uses_bn_ranges_and_calibration() -> None:
     scales = {k: activation_scale(v, k in unsigned) for k, v in want.items()}
     assert expanded.activation_scales == pytest.approx(scales)
     # r1 (BN → Relu) comes from the BN statistics, not from the probes
-    assert want["r1"] == bn_ranges(folded, stats, ["r1"], gains=input_channel_gains(folded))["r1"]
+    clip_gains = input_channel_gains(folded, clipping=True)
+    assert (
+        want["r1"] == bn_ranges(folded, stats, ["r1"], gains=input_channel_gains(folded), clip_gains=clip_gains)["r1"]
+    )
+    assert want["x"] == IMAGE_INPUT_RANGE  # an image-shaped input without statistics: standardised pixels
     calibration = np.random.default_rng(9).standard_normal((8, 3, 8, 8)).astype(np.float32) * 4.0
     calibrated = expand_model(model, profile=profile, bits=8, order=1, act_bits=8, calibration=calibration)
     cal = probe_ranges(folded, ["x", "r1", "r2", "flat"], calibration=calibration)
@@ -390,3 +427,85 @@ def test_a_model_input_far_from_unit_scale_takes_its_first_batchnorms_scale() ->
     unit_ranged = run(expand_model(quiet, profile=profile, bits=8, order=1, act_bits=8, ranges={"x": plain}).model)
     err = [float(np.linalg.norm(o - want) / np.linalg.norm(want)) for o in (scaled, unit_ranged)]
     assert err[0] < 0.6 * err[1], err  # 0.0095 vs 0.019 here (the pooled output averages the input rounding)
+
+
+def _patch_model(shape: list[int | str], elem: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x (shape) → Reshape to (N, -1, 4) → Transpose → MatMul by a constant: a ViT-style patch embedding, whose
+    quantized input holds the image's values rearranged; and a Relu of x (not a view: its values change)."""
+    rng = np.random.default_rng(0)
+    count = int(np.prod([d for d in shape[1:] if isinstance(d, int)]))
+    inits = [numpy_helper.from_array(np.array([0, -1, 4], np.int64), "shape"),
+             _const("w", rng.standard_normal((count // 4, 3)))]  # fmt: skip
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["patches"]),
+        helper.make_node("Transpose", ["patches"], ["cols"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["cols", "w"], ["y"]),
+        helper.make_node("Relu", ["x"], ["r"]),
+    ]
+    graph = helper.make_graph(nodes, "patches", [helper.make_tensor_value_info("x", elem, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("r", elem, None)], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_image_input_is_ranged_as_standardised_pixels() -> None:
+    """An image-shaped input without statistics gets IMAGE_INPUT_RANGE (bounded pixels: ImageNet-normalised
+    photographs span −2.1 … 2.6, where N(0, 1) probes' 99.99th percentile says 3.9), and so do the tensors that
+    only rearrange its values (a ViT's patches); a Relu of it, a non-image input and ``image_input_range=None``
+    keep the probes' percentile."""
+    from rexdeploy.ranges import image_input, input_views
+
+    model = _patch_model(["N", 3, 8, 8])
+    assert input_views(model) == {"patches": "x", "cols": "x"}
+    got = activation_ranges(model, {}, ["x", "cols", "r"])
+    probed = probe_ranges(model, ["x", "cols", "r"], percentile=DEFAULT_PERCENTILE)
+    assert got["x"] == got["cols"] == IMAGE_INPUT_RANGE
+    assert got["r"] == probed["r"] and probed["x"] > 3.5  # N(0, 1): 3.9 at the 99.99th percentile
+    assert activation_ranges(model, {}, ["x", "cols"], image_input_range=None) == pytest.approx(
+        {"x": probed["x"], "cols": probed["cols"]}
+    )
+    flat = _patch_model(["N", 64])  # not an image: the probes' range
+    assert activation_ranges(flat, {}, ["x"])["x"] == pytest.approx(probe_ranges(flat, ["x"], percentile=99.99)["x"])
+    # the shapes taken as images: rank 4, 1-4 channels first or last, both spatial sides fixed and >= 8
+    for shape, want in [(["N", 3, 224, 224], True), ([1, 224, 224, 3], True), (["N", 1, 8, 8], True),
+                        (["N", 16, 8, 8], False), (["N", 3, 4, 4], False), (["N", 1, 256], False),
+                        (["N", 3, "H", "W"], False)]:  # fmt: skip
+        info = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+        assert image_input(info) is want, shape
+    assert not image_input(helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3, 8, 8]))
+
+
+def test_image_input_rule_leaves_a_rescaled_input_alone() -> None:
+    """An input whose first BatchNorm says it is far from unit scale (0–255 pixels, a quiet waveform) keeps the
+    rescaled probes' range: the standardised-pixel prior holds only where the N(0, 1) scale does."""
+    from rexdeploy.ranges import bn_input_scale
+
+    model = _conv2d_net(0.1)  # an image-shaped input (N, 1, 8, 8) of std 0.1
+    folded, stats = fold_batchnorm(model)
+    scale = bn_input_scale(folded, stats, "x")
+    assert scale is not None and scale < 0.5
+    plain = probe_ranges(folded, ["x"], percentile=99.99)["x"]
+    assert activation_ranges(folded, stats, ["x"])["x"] == pytest.approx(scale * plain, rel=1e-6)
+    unit_folded, unit_stats = fold_batchnorm(_conv2d_net(1.0))
+    assert activation_ranges(unit_folded, unit_stats, ["x"])["x"] == IMAGE_INPUT_RANGE
+
+
+def _conv2d_net(input_std: float, seed: int = 0) -> onnx.ModelProto:
+    """x (N, 1, 8, 8) → Conv 3×3 (8) → BatchNorm trained on a white input of std ``input_std`` → Relu → pool → Gemm."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32) * 0.3
+    var = (input_std**2 * np.square(w).reshape(8, -1).sum(axis=1)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (w, "w"), (np.ones(8, np.float32), "g"), (np.zeros(8, np.float32), "b"), (np.zeros(8, np.float32), "m"),
+        (var, "v"), (rng.standard_normal((4, 8)).astype(np.float32), "fc")]]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"], name="bn"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "conv2d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

@@ -162,13 +162,63 @@ def test_input_channel_gains_match_numpy() -> None:
     assert all(g.sum() == pytest.approx(1.0) for g in gains.values())
 
 
+def test_patch_clipping_gains_match_numpy() -> None:
+    """``clipping=True``: a kernel's gain for an error constant over its window, ``Σ_o (Σ_k W[o, c, k])²``, over the
+    same ``Σ W²`` as the rounding-noise gains; equal to those for 1×1 kernels (the Gemm), far below them for a
+    kernel whose weights cancel (an edge detector)."""
+    folded, _ = fold_batchnorm(small_cnn())
+    weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in folded.graph.initializer}
+    conv = next(n for n in folded.graph.node if n.name == "conv1")
+    gains, patch = input_channel_gains(folded), input_channel_gains(folded, clipping=True)
+    w1 = weights[conv.input[1]]
+    np.testing.assert_allclose(patch["x"], (w1.sum(axis=(2, 3)) ** 2).sum(axis=0) / (w1**2).sum())
+    dw = weights["dw_w"]
+    np.testing.assert_allclose(patch["r1"], dw.sum(axis=(1, 2, 3)) ** 2 / (dw**2).sum())
+    np.testing.assert_allclose(patch["flat"], gains["flat"])
+    edge = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])  # Sobel: sums to 0
+    model = small_cnn()  # depthwise filters alternately an edge detector and a box
+    init = next(i for i in model.graph.initializer if i.name == "dw_w")
+    init.CopyFrom(numpy_helper.from_array(np.stack([edge, np.ones((3, 3))] * 4)[:, None].astype(np.float32), "dw_w"))
+    f, _ = fold_batchnorm(model)
+    g, pc = input_channel_gains(f)["r1"], input_channel_gains(f, clipping=True)["r1"]
+    np.testing.assert_allclose(pc[0::2], 0.0, atol=1e-12)  # a patch of clipped values: no edge, no output
+    np.testing.assert_allclose(pc[1::2], 9.0 * g[1::2])  # a box filter passes it 9x its noise gain
+
+
+@pytest.mark.parametrize("family", ["gauss", "laplace"])
+def test_clip_gains_weigh_the_clipping_error_alone(family: str) -> None:
+    """``quantization_mse(..., gains, clip_gains)`` = Σ gains·(rounding noise) + Σ clip_gains·(clipping error): the
+    difference made by the clipping weights is the clipping error alone, checked against integrating
+    (clip(x, −128Δ, α) − x)² over each channel's density."""
+    means, stds = np.array([0.5, -0.3, 1.0]), np.array([1.0, 0.4, 2.0])
+    gains, clip_gains = np.array([1.0, 3.0, 0.5]), np.array([0.2, 0.0, 2.0])
+    stats = ChannelStats.gaussian(means, stds)
+    alphas = np.array([0.5, 1.5, 3.0, 6.0])
+    both = stats.quantization_mse(alphas, 127, family, gains, clip_gains)  # type: ignore[arg-type]
+    none = stats.quantization_mse(alphas, 127, family, gains, np.zeros(3))  # type: ignore[arg-type]
+    assert np.all(none <= both)
+    np.testing.assert_allclose(stats.quantization_mse(alphas, 127, family, gains, gains), stats.quantization_mse(alphas, 127, family, gains))  # type: ignore[arg-type]  # fmt: skip
+    for a, got in zip(alphas, both - none, strict=True):
+        parts = []
+        for m, sd in zip(means, stds, strict=True):
+            x = np.linspace(m - 40.0 * sd, m + 40.0 * sd, 800_001)
+            clipped = np.clip(x, -a * 128.0 / 127.0, a)
+            parts.append(float(np.trapezoid(_density(family, m, sd, x) * (clipped - x) ** 2, x)))
+        assert got == pytest.approx(float(np.dot(clip_gains, parts)), rel=0.02, abs=1e-9), a
+    # where clipping is cheap (clip_gains ≪ gains) the optimum clips more: a narrower range
+    cheap = stats.mse_range(family, gains, 127, gains * 0.05)  # type: ignore[arg-type]
+    assert cheap < 0.8 * stats.mse_range(family, gains, 127)  # type: ignore[arg-type]
+
+
 def test_activation_ranges_use_the_clipping_rule() -> None:
     folded, stats = fold_batchnorm(small_cnn())
-    gains = input_channel_gains(folded)
+    gains, clip_gains = input_channel_gains(folded), input_channel_gains(folded, clipping=True)
     for clip in ("nstd", "mse-gauss", "mse-laplace"):
         got = activation_ranges(folded, stats, ["r1"], method="bn", clip=clip)  # type: ignore[arg-type]
-        want = bn_ranges(folded, stats, ["r1"], clip=clip, gains=gains)  # type: ignore[arg-type]
+        want = bn_ranges(folded, stats, ["r1"], clip=clip, gains=gains, clip_gains=clip_gains)  # type: ignore[arg-type]
         assert got == want
+        energy = activation_ranges(folded, stats, ["r1"], method="bn", clip=clip, patch_clipping=False)  # type: ignore[arg-type]
+        assert energy == bn_ranges(folded, stats, ["r1"], clip=clip, gains=gains)  # type: ignore[arg-type]
     mse = activation_ranges(folded, stats, ["r1"], method="bn", clip="mse-laplace")["r1"]
     assert mse != activation_ranges(folded, stats, ["r1"], method="bn", clip="nstd")["r1"]
 
