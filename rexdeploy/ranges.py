@@ -62,8 +62,8 @@ INPUT_SCALE_TRUST = 2.0
 # the range of a standardised image input, in standard deviations: an 8-bit photograph normalised by its data set's
 # mean / std spans about (0 − m) / s … (1 − m) / s — ImageNet's mean / std: −2.1 … 2.6; the demo digits −0.8 … 1.8;
 # MNIST's 0.13 / 0.31: −0.4 … 2.8 — where the N(0, 1) probes' 99.99th percentile says 3.9. Measured on MobileNetV2
-# (benchmarks/results/activation_ranges.md, crops of seed 1): the input alone quantized, relative logit error 0.062
-# at 3.9, 0.033–0.039 at 2.3–2.6, 0.073 at 2.0
+# (benchmarks/results/activation_ranges.md, headroom, 128 crops of seed 1): the input alone quantized, relative logit
+# error 0.063 at 3.9, 0.032–0.038 at 2.33–2.64, 0.073 at 2.0 (the ResNet-style net: 0.0083, 0.0056–0.0078, 0.028)
 IMAGE_INPUT_RANGE = 2.5
 
 _NP_TYPES: dict[int, type[np.generic]] = {
