@@ -473,7 +473,47 @@ def test_shared_terms_go_to_the_first_predictor_and_bilinear_ops_are_refused() -
     )  # fmt: skip
     softmax = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(PlanError, match=r"node 'sm' \(Softmax\) lies between the planned layers"):
-        expand_model(softmax, profile=PROFILE, bits=4, order=2, split=(1, 1), act_bits=0)
+        expand_form(softmax, 4, (1, 1))
+    # the difference form runs the Softmax as softmax(sum up to m) − softmax(sum before): its dense K, exactly
+    xs = rng.standard_normal((2, 8)).astype(np.float32)
+    difference = expand_model(softmax, profile=PROFILE, bits=4, order=2, split=(1, 1), act_bits=0).model
+    onnx.checker.check_model(difference, full_check=True)
+    dense = run_exact(expand_model(softmax, profile=PROFILE, bits=4, order=2, act_bits=0).model, xs)
+    assert rel(run_exact(difference, xs), dense) < 1e-6
+    assert rel(dense, run_exact(expand_model(softmax, profile=PROFILE, bits=4, order=1, act_bits=0).model, xs)) > 1e-3
+
+
+def test_difference_form_runs_products_and_nonzero_activations_exactly() -> None:
+    """A gate built from two predictor signals (h · sigmoid(h), a Sigmoid with σ(0) ≠ 0) and a max pool between the
+    layers: the Eq. 35 form refuses them; the difference form runs them on the sums and equals the dense K."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), n) for n in ("a", "b", "c")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "a"], ["h"], name="mm1"), helper.make_node("Sigmoid", ["h"], ["s"], name="sg"),
+         helper.make_node("Mul", ["h", "s"], ["g"], name="gate"), helper.make_node("MatMul", ["g", "b"], ["u"], name="mm2"),
+         helper.make_node("Unsqueeze", ["u", "ax"], ["u3"], name="unsq"),
+         helper.make_node("MaxPool", ["u3"], ["p"], name="pool", kernel_shape=[2]),
+         helper.make_node("Squeeze", ["p", "ax"], ["q"], name="sq"), helper.make_node("MatMul", ["q", "c"], ["y"], name="mm3")],
+        "gated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])],
+        [*inits[:2], numpy_helper.from_array(rng.normal(0, 0.4, (7, 8)).astype(np.float32), "c"),
+         numpy_helper.from_array(np.array([0], np.int64), "ax")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    xs = rng.standard_normal((3, 8)).astype(np.float32)
+    with pytest.raises(PlanError, match=r"node 'sg' \(Sigmoid\) lies between the planned layers"):
+        expand_form(model, 4, (2, 2))
+    difference = expand_model(model, profile=PROFILE, bits=4, order=4, split=(2, 2), act_bits=0).model
+    onnx.checker.check_model(difference, full_check=True)
+    # sigmoid(sum) feeds the product's sum directly: its own difference is read by nobody and dropped
+    assert {n.name for n in difference.graph.node if n.name.endswith("_difference")} == {
+        "gate__p2_difference", "pool__p2_difference"}  # fmt: skip
+    assert [list(n.input) for n in difference.graph.node if n.name == "sg__p2"] == [["h__c2"]]
+    dense = run_exact(expand_model(model, profile=PROFILE, bits=4, order=4, act_bits=0).model, xs)
+    assert rel(run_exact(difference, xs), dense) < 1e-6
+    k2 = run_exact(expand_model(model, profile=PROFILE, bits=4, order=2, act_bits=0).model, xs)
+    assert rel(k2, dense) > 1e-3
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ f^(K_1), predictor m the expansion of f^(S_m) − f^(S_{m-1}) (S_m = K_1 + .. + 
 they agree with predictor 1's on about half the units, so the later predictor adds nothing
 (``benchmarks/study_ensemble_masks.py``). This form makes the statement exact: predictor 1 is the dense K_1
 expansion (biases, bias correction); predictor m ≥ 2 applies its cluster's orders to the sum of the predictors
-up to it and orders 1..min(K_m, S_{m-1}) (``own_orders``) to its own input, and each non-linear op σ as
-``σ(A^{m-1} + a^m) − σ(A^{m-1})``, A^{m-1} being the op's input summed over the predictors before it. The
+up to it and orders 1..min(K_m, S_{m-1}) (``own_orders``) to its own input, and each non-linear op φ (an
+activation, a max pool, a Softmax, a product of two signals) as ``φ(A^{m-1} + a^m) − φ(A^{m-1})``, A^{m-1} being
+the op's inputs summed over the predictors before it. The
 predictors sum to the dense K expansion where K_m >= S_{m-1} ([2,2], [1,3]; MobileNetV2 int4 [2,2]: the dense
 K=4's error, 0.000204) and near it otherwise (``benchmarks/results/ensembles.md``). Predictor m runs
 K_m + min(K_m, S_{m-1}) orders per layer. The predictors are not independent: predictor m reads the earlier
@@ -36,8 +37,8 @@ predictors' tensors at every layer, so they run as one engine whose branches ove
   invalid.
 
   A tensor all predictors have (a bias ``Add``, the network input added on a residual path) is added in
-  predictor 1 only; an op between the planned layers that is neither linear nor an activation with
-  σ(0) = 0 (Softmax, a product of two signals) is refused, naming the node
+  predictor 1 only (all forms); in this form an op between the planned layers that is neither linear nor an
+  activation with σ(0) = 0 (Softmax, a product of two signals) is refused, naming the node
   (:func:`rexdeploy.planner.ensembles.ensemble_layout`).
 
 ``algorithm1`` (Appendix E.2, Algorithm 1 read literally): predictor m holds only cluster m's orders in
@@ -79,6 +80,7 @@ from rexdeploy.numerics import (
 from rexdeploy.passes.expand import LayerJob, corrected_bias
 from rexdeploy.planner.ensembles import (
     ACTIVATIONS,
+    LINEAR_OPS,
     EnsembleCheck,
     Layout,
     annotate,
@@ -95,8 +97,9 @@ ENSEMBLE_FORMS = ("difference", "eq35", "algorithm1")
 OUTSIDE = "_out"  # tag suffix of a layer's outside-the-activation orders (Eq. 35)
 CUMULATIVE = "_cum"  # tag suffix of a later predictor's orders applied to the predictors before it (difference form)
 FORM_KEY = "rexdeploy.ensemble_form"  # model metadata: the form an ensemble graph was built in
-# ops a later predictor of the difference form runs as σ(cumulative input) − σ(cumulative input before it): every
-# non-linear op the layout lets between the planned layers
+# ops a later predictor of the difference form runs as φ(its inputs summed up to it) − φ(summed up to the one
+# before): the activations and the max pools (which Eq. 35 treats as linear), besides every op outside
+# LINEAR_OPS and every product of two predictor signals (:func:`_linear`)
 DIFFERENCE_OPS = ACTIVATIONS | {"MaxPool", "GlobalMaxPool"}
 
 
@@ -167,7 +170,7 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
              if bn_stats and bias_correction and m_count > 1 else {})  # fmt: skip
     graph = model.graph
     names = node_names(model)
-    layout = ensemble_layout(model, set(plan.layers), layers)
+    layout = ensemble_layout(model, set(plan.layers), layers, exact=form == "difference" and m_count > 1)
     verdict: EnsembleCheck | None = None
     if m_count > 1 and check:
         verdict = check_ensemble(model, plan, layers, bn_stats, layout, form=form, own_orders=own_orders)
@@ -327,6 +330,17 @@ def _correct_biases(model: onnx.ModelProto, nodes: Mapping[str, onnx.NodeProto],
     return out, count
 
 
+def _linear(node: onnx.NodeProto, mine: list[int]) -> bool:
+    """Whether ``node`` is linear in its predictor-dependent inputs (positions ``mine``): then each predictor runs
+    it on its own signal; else the difference form runs it on the sums."""
+    op = node.op_type
+    if op in DIFFERENCE_OPS or op not in LINEAR_OPS:
+        return False
+    if op in ("Mul", "MatMul") and len(mine) > 1:
+        return False
+    return not (op == "Div" and mine != [0])
+
+
 def _difference_nodes(model: onnx.ModelProto, plan: Plan, layout: Layout, by_name: dict[str, Layer], m_count: int,
                       own_orders: int | None,
                       rename: Callable[[str, int], str]) -> tuple[list[onnx.NodeProto], dict[str, LayerJob]]:  # fmt: skip
@@ -408,9 +422,17 @@ def _difference_nodes(model: onnx.ModelProto, plan: Plan, layout: Layout, by_nam
                     new_nodes += [clone, helper.make_node("Add", [clone.output[0], cum.output[0]], [target],
                                                           name=f"{names[i]}{_suffix(m)}_add")]  # fmt: skip
                 continue
-            if m > 0 and node.op_type in DIFFERENCE_OPS and node.input[0] in dependent:
-                x, y = node.input[0], node.output[0]
-                clone.input[0] = cumulative(x, m)
+            mine = [k for k, t in enumerate(node.input) if t in dependent]
+            if m > 0 and mine and not _linear(node, mine):  # φ(sum up to m) − φ(sum up to m−1): exact for any φ
+                if len(node.output) != 1:
+                    raise PlanError(
+                        f"node {names[i]!r} ({node.op_type}) lies between the planned layers with "
+                        f"{len(node.output)} outputs; the difference form runs a non-linear op between them only "
+                        "with one output: plan this model without an ensemble"
+                    )
+                y = node.output[0]
+                for k in mine:
+                    clone.input[k] = cumulative(node.input[k], m)
                 clone.output[0] = _cumulative(y, m)
                 summed.add(clone.output[0])
                 new_nodes += [clone, helper.make_node("Sub", [clone.output[0], cumulative(y, m - 1)], [rename(y, m)],

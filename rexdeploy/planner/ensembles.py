@@ -93,9 +93,12 @@ def node_names(model: onnx.ModelProto) -> list[str]:
     return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node)]
 
 
-def ensemble_layout(model: onnx.ModelProto, planned: Sequence[str] | set[str], layers: Sequence[Layer]) -> Layout:
+def ensemble_layout(model: onnx.ModelProto, planned: Sequence[str] | set[str], layers: Sequence[Layer],
+                    exact: bool = False) -> Layout:  # fmt: skip
     """The :class:`Layout` of an ensemble over the ``planned`` layers of ``model`` (BN-folded); refuses
-    a float layer inside the predictors and a sum anywhere but at a planned layer's output."""
+    a float layer inside the predictors and a sum anywhere but at a planned layer's output, and — unless ``exact``
+    (the difference form, which runs any op as φ(sum up to m) − φ(sum up to m−1)) — an op the predictors cannot be
+    summed across (a product of two signals, an activation with σ(0) ≠ 0)."""
     planned = set(planned)
     by_name = {layer.name: layer for layer in layers}
     graph = model.graph
@@ -140,6 +143,8 @@ def ensemble_layout(model: onnx.ModelProto, planned: Sequence[str] | set[str], l
         if names[i] in planned or not mine:
             continue
         op = node.op_type
+        if exact and not (op in ("Add", "Sub") and len(mine) == 1 and len(node.input) == 2):
+            continue
         if op in ("Add", "Sub") and len(mine) == 1 and len(node.input) == 2:
             shared_terms[i] = mine[0]
             continue
@@ -284,7 +289,7 @@ def check_ensemble(model: onnx.ModelProto, plan: Plan, layers: Sequence[Layer],
     if len(splits) != 1:
         raise PlanError(f"an ensemble needs one split K_1..K_M on every layer; got {sorted(splits)}")
     split = splits.pop()
-    layout = layout or ensemble_layout(model, set(plan.layers), layers)
+    layout = layout or ensemble_layout(model, set(plan.layers), layers, exact=form == "difference")
     names = node_names(model)
     consts = ConstantResolver(model)
     if ("stats",) not in memo:
@@ -438,7 +443,7 @@ def ensemble_offers(model: onnx.ModelProto, layers: Sequence[Layer], profile: Pr
     if order < 2 or predictors != 1 or gamma is not None or act_order != 1:
         return []
     try:
-        layout = ensemble_layout(model, set(dense.layers), layers)
+        layout = ensemble_layout(model, set(dense.layers), layers, exact=True)  # the difference form
     except PlanError:
         return []  # a sum at a node that is not a planned layer: no ensemble of this model
     offers = []
