@@ -34,6 +34,7 @@ from rexdeploy.budget import format_ms
 from rexdeploy.builders.base import Builder, Engine, TimingSettings
 from rexdeploy.builders.cache import cached_build
 from rexdeploy.builders.registry import builder_for
+from rexdeploy.builders.timing import Timing
 from rexdeploy.costmodel import engine_float_precision, engine_profile, float_precision
 from rexdeploy.errors import BudgetError, BuildError
 from rexdeploy.fidelity import (
@@ -76,6 +77,9 @@ Progress = Callable[[str], None]
 MAX_ATTEMPTS = 3
 PLANNING_MARGIN = 0.04  # plan for 4 % under the budget: timing noise on a quiet CPU is ~2-5 % (then measure)
 NEAR_MISS = 0.10  # an engine this much over the budget, more accurate than what fits, is timed once more
+PAIRED_ROUNDS = 5  # a relative budget: the reference and the engines near the budget timed in this many rounds
+PAIRED_ROUND_S = 0.3  # seconds per engine per round
+PAIRED_MAX = 6  # the most accurate engines near the budget timed in the rounds
 log = logging.getLogger(__name__)
 
 
@@ -276,6 +280,7 @@ def build(
             baseline_runs["int8"] = run.measure("int8 K=1", int8_plan, int8_engine, int8_path, timing,
                                                 "the plain int8 engine")  # fmt: skip
         baselines = {key: engine_result(key, m, tmp, builder) for key, m in baseline_runs.items()}
+        ref: dict[str, str] = {}
         if budget_ratio is not None:
             ref = {"int8": "int8", "fp32": "fp32", "default": default.label if default is not None else "fp32"}
             budget_ms = budget_ratio * baselines[ref[relative_to]].timing.median_ms
@@ -287,7 +292,13 @@ def build(
         if use_planner:
             assert budget_ms is not None
             with tempfile.TemporaryDirectory(prefix=".rexdeploy-probes.") as probe_dir:
-                chosen, planned, latency_model, choice = _closed_loop(run, budget_ms, attempts, Path(probe_dir))
+                relative = (baseline_runs[ref[relative_to]], budget_ratio) if budget_ratio is not None else None
+                chosen, planned, latency_model, choice = _closed_loop(run, budget_ms, attempts, Path(probe_dir),
+                                                                      relative)  # fmt: skip
+                if relative is not None:  # the budget as the interleaved rounds set it, beside the reference's timing
+                    budget_ms = float(latency_model.get("budget_ms", budget_ms))  # type: ignore[arg-type]
+                    settled = next(m for m in run.measured if m.engine is relative[0].engine)
+                    baselines[ref[relative_to]] = engine_result(ref[relative_to], settled, tmp, builder)
                 for key, base in list(baselines.items()):  # a baseline timed again as a near miss: its new timing
                     again = next((m for m in run.measured if m.engine is baseline_runs[key].engine), None)
                     if again is not None and again.timing.median_ms < base.timing.median_ms:
@@ -439,11 +450,14 @@ def _adopt(m: Measured, tmp: Path) -> Measured:
 
 
 def _closed_loop(
-    run: _Run, budget_ms: float, attempts: list[Attempt], probe_dir: Path
+    run: _Run, budget_ms: float, attempts: list[Attempt], probe_dir: Path,
+    relative: tuple[Measured, float] | None = None,
 ) -> tuple[Measured, PlanResult, dict[str, object], str]:
     """Probe (or read the cached cost table), plan, build, time; on a miss learn from the engine and re-plan.
-    Returns the engine chosen among every engine measured, the last planning result, the latency-model
-    record for the report and why the engine was chosen."""
+    ``relative``: the budget is this ratio × that engine's latency (``--budget-ratio``), settled at the end in
+    interleaved rounds (:func:`_paired_rounds`; its ``budget_ms`` in the latency-model record). Returns the engine
+    chosen among every engine measured, the last planning result, the latency-model record for the report and why
+    the engine was chosen."""
     table, latency_model = _cost_table(run, probe_dir)
     float_ok = run.profile.quantization.float_activations  # an int8-only device cannot run the FP32 engine
     scale = 1.0
@@ -510,7 +524,11 @@ def _closed_loop(
         return _error(result, m)
 
     allowed = _estimate_contenders(run, _allowed(run, float_ok), budget_ms)
-    _retime_near_misses(run, allowed, budget_ms, error)
+    if relative is not None:
+        budget_ms, allowed = _paired_rounds(run, allowed, budget_ms, *relative, error)
+        latency_model["budget_ms"] = budget_ms
+    else:
+        _retime_near_misses(run, allowed, budget_ms, error)
     fitting = [m for m in allowed if m.timing.median_ms <= budget_ms] or _fallbacks(run, result, budget_ms, attempts)
     if not fitting:
         fastest = min(allowed or run.measured, key=lambda m: m.timing.median_ms)
@@ -593,6 +611,40 @@ def _estimate_contenders(run: _Run, allowed: list[Measured], budget_ms: float) -
             m = estimated
         out.append(m)
     return out
+
+
+def _paired_rounds(run: _Run, allowed: list[Measured], budget_ms: float, reference: Measured, ratio: float,
+                   error: Callable[[Measured], float]) -> tuple[float, list[Measured]]:  # fmt: skip
+    """A budget relative to ``reference`` (``ratio`` × its latency), settled where the machine's speed drifts: the
+    reference and every engine within :data:`NEAR_MISS` of the budget are timed again in :data:`PAIRED_ROUNDS`
+    interleaved rounds (the :data:`PAIRED_MAX` most accurate of them; each round times each once, in a rotated
+    order); each keeps the timing of its median round,
+    and the budget becomes ``ratio`` × the reference's. Sequential timings a minute apart differed by up to 1.5x on
+    a shared host, which decided whether an engine fit; rounds put every engine under the same conditions.
+    Returns the budget and the engines of ``allowed`` the rounds timed, with their new timings (the run's records
+    too)."""
+    near = [m for m in allowed if m.timing.median_ms <= budget_ms * (1.0 + NEAR_MISS) and m.engine is not reference.engine]
+    near = sorted(near, key=lambda m: (error(m), m.timing.median_ms))[:PAIRED_MAX]
+    ref = next((m for m in run.measured if m.engine is reference.engine), reference)
+    engines = [ref, *near]
+    run.say(f"budget {ratio:g} x {reference.label}: timing it and the {len(near)} engine(s) within {NEAR_MISS:.0%} of "
+            f"{format_ms(budget_ms)} in {PAIRED_ROUNDS} interleaved rounds ...")  # fmt: skip
+    settings = dataclasses.replace(run.timing, duration_s=PAIRED_ROUND_S, warmup_s=min(run.timing.warmup_s, 0.1))
+    rounds: list[list[Timing]] = [[] for _ in engines]
+    for r in range(PAIRED_ROUNDS):
+        for i in [(r + k) % len(engines) for k in range(len(engines))]:
+            rounds[i].append(run.builder.time(engines[i].engine, settings))
+    settled = {}
+    for m, timings in zip(engines, rounds, strict=True):
+        middle = sorted(timings, key=lambda t: t.median_ms)[len(timings) // 2]
+        settled[id(m)] = dataclasses.replace(m, timing=middle)
+        run.measured[run.measured.index(m)] = settled[id(m)]
+    new_budget = ratio * settled[id(ref)].timing.median_ms
+    run.say(f"budget settled at {format_ms(new_budget)} ({ratio:g} x {reference.label} "
+            f"{format_ms(settled[id(ref)].timing.median_ms)} in the rounds)")  # fmt: skip
+    # only what the rounds timed competes now: an engine left out was less accurate, or over the budget before
+    timed = {id(m.engine): settled[id(m)] for m in engines}
+    return new_budget, [timed[id(m.engine)] for m in allowed if id(m.engine) in timed]
 
 
 def _retime_near_misses(run: _Run, allowed: list[Measured], budget_ms: float, error: Callable[[Measured], float]) -> None:

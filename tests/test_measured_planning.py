@@ -528,6 +528,29 @@ def test_a_more_accurate_engine_just_over_the_budget_is_timed_again_before_it_is
     assert not [m for m in said if "just over" in m and m.startswith("the bf16 (default) float engine")]
 
 
+def test_a_relative_budget_is_settled_in_interleaved_rounds(monkeypatch: pytest.MonkeyPatch, cnn_path: Path,
+                                                             tmp_path: Path) -> None:  # fmt: skip
+    """--budget-ratio 1 --relative-to default, where the default (bf16) engine's first timing hiccups to 2x: the
+    sequential budget (2 x its real latency) would let slower engines through; the rounds time it again beside the
+    engines near that budget, the budget becomes its real latency, and what is returned fits that."""
+    builder = ScriptedBuilder(default_float="bf16", slow_first_bf16=2.0)
+    fp32_ms = (builder.overhead_us + sum(builder._node_us(onnx.load(str(cnn_path))).values())) / 1000
+    said: list[str] = []
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "rel", budget_ratio=1.0, relative_to="default",
+                    progress=said.append)  # fmt: skip
+    from rexdeploy.budget import format_ms
+
+    first = f"budget: 1 x the default float engine (bf16 (default)) = {format_ms(1.2 * fp32_ms)}"
+    assert first in said  # the hiccup: twice its real latency
+    assert [m for m in said if "interleaved rounds" in m]
+    assert report.budget_ms == pytest.approx(0.6 * fp32_ms)  # settled: the bf16 engine's real latency
+    assert report.baselines["bf16 (default)"].timing.median_ms == pytest.approx(0.6 * fp32_ms)
+    assert report.rex.timing.median_ms <= report.budget_ms * (1 + 1e-9)
+    # every engine measured over 0.6 x FP32 was left out of the choice: none is returned
+    slower = [e for e in report.latency_model["engines"] if e["median_ms"] > report.budget_ms * (1 + 1e-9)]
+    assert slower and not any(e["returned"] for e in slower)
+
+
 def test_nothing_fits_only_after_the_fastest_candidate_was_measured(
     monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
 ) -> None:
