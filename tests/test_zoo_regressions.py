@@ -225,18 +225,27 @@ def test_token_ids_are_probed_within_the_vocabulary(capsys: pytest.CaptureFixtur
 
 
 _FORK_AND_TERMINATE = """
-import multiprocessing, time
+import multiprocessing, sys, time
 from rexdeploy.cli.main import _stop_signals_raise
 
 def sleep(started):
     started.set()
     time.sleep(30)
 
+def deadlocked(started):  # blocked inside C, as a child forked while another thread held a lock: no bytecode runs
+    import ctypes
+    libc = ctypes.CDLL(None)
+    mutex = ctypes.create_string_buffer(64)  # zeroed: PTHREAD_MUTEX_INITIALIZER, a normal (non-recursive) mutex
+    libc.pthread_mutex_lock(mutex)
+    started.set()
+    libc.pthread_mutex_lock(mutex)  # relocking a normal mutex waits forever; a signal's Python handler never runs
+
 if __name__ == "__main__":
     context = multiprocessing.get_context("fork")
     started = context.Event()
+    target = deadlocked if sys.argv[1:] == ["deadlocked"] else sleep
     with _stop_signals_raise():
-        child = context.Process(target=sleep, args=(started,))
+        child = context.Process(target=target, args=(started,))
         child.start()
         assert started.wait(20)  # running its target (a signal in the fork window itself is dropped by Python)
         child.terminate()
@@ -245,6 +254,19 @@ if __name__ == "__main__":
         child.kill()
     print(child.exitcode)
 """
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (OpenVINO's telemetry forks its sender)")
+def test_forked_child_deadlocked_in_c_still_dies_on_sigterm(tmp_path: Path) -> None:
+    """A child forked while the CLI's stop handlers are installed, then blocked inside C (a lock held at fork time:
+    OpenVINO's telemetry sender): a Python handler never runs there, so it ignored SIGTERM and the parent waited for it
+    forever at exit (a test run hung 33 minutes after its last test). The child now gets the default action at fork."""
+    script = tmp_path / "fork_and_terminate.py"
+    script.write_text(_FORK_AND_TERMINATE, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), "deadlocked"], capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(-signal.SIGTERM), (done.stdout, done.stderr)  # not None: killed, not hung
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (OpenVINO's telemetry forks its sender)")

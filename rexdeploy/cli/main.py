@@ -153,6 +153,25 @@ def _on_stop(owner: int, signum: int, frame: FrameType | None) -> None:
     raise_or_defer(KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum))
 
 
+def _default_stops_in_child() -> None:
+    """After a fork: the stop signals our handler catches act as by default again in the child, at once. The child's
+    Python handler would run only when its main thread runs bytecode, and a child forked from a threaded process can
+    deadlock on a lock held at fork time (OpenVINO's telemetry sender): it then ignored the SIGTERM its parent sent,
+    and the parent waited for it forever at exit (a test run hung after its last test, 33 minutes)."""
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        handler = signal.getsignal(signum) if signum is not None else None
+        if isinstance(handler, functools.partial) and handler.func is _on_stop:
+            signal.signal(signum, signal.SIG_DFL)  # type: ignore[arg-type]
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, functools.partial) and handler.func is _on_stop:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_stops_in_child)
+
+
 @contextlib.contextmanager
 def _stop_signals_raise() -> Iterator[None]:
     """While the command runs, SIGINT, SIGTERM and SIGHUP raise (KeyboardInterrupt / :class:`Terminated`).
