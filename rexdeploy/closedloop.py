@@ -77,6 +77,7 @@ Progress = Callable[[str], None]
 MAX_ATTEMPTS = 3
 PLANNING_MARGIN = 0.04  # plan for 4 % under the budget: timing noise on a quiet CPU is ~2-5 % (then measure)
 NEAR_MISS = 0.10  # an engine this much over the budget, more accurate than what fits, is timed once more
+DRIFT_TOLERANCE = 0.15  # a miss while the FP32 baseline runs more than this much off its first timing: the machine's
 PAIRED_ROUNDS = 5  # a relative budget: the reference and the engines near the budget timed in this many rounds
 PAIRED_ROUND_S = 0.3  # seconds per engine per round
 PAIRED_MAX = 6  # the most accurate engines near the budget timed in the rounds (and the fastest engine)
@@ -462,6 +463,7 @@ def _closed_loop(
     table, latency_model = _cost_table(run, probe_dir)
     float_ok = run.profile.quantization.float_activations  # an int8-only device cannot run the FP32 engine
     scale = 1.0
+    drifts: list[float] = []  # the machine's speed changes the table was rescaled by, one per miss it explained
     result: PlanResult | None = None
     run.say("planner: sensitivity and data-free activation ranges ...")
     prepared = prepare(run.model, run.layers, calibration=run.calibration, profile=run.profile)  # type: ignore[arg-type]
@@ -507,12 +509,22 @@ def _closed_loop(
                 attempts[-1] = dataclasses.replace(attempts[-1], measured_ms=again.median_ms)
         if m.timing.median_ms <= budget_ms:
             break
-        run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine")
-        if table is not None:
+        drift = _machine_drift(run) if table is not None else 1.0
+        if table is not None and abs(drift - 1.0) > DRIFT_TOLERANCE:
+            # the machine itself changed speed since the baselines were timed: the miss is (partly) the machine's,
+            # and learning it per layer would teach the table the load of this minute; rescale it as a whole
+            run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}, but the FP32 baseline "
+                    f"now takes {drift:.2f}x its first timing (load or clock changed): the cost table is rescaled, not "
+                    "taught this engine")  # fmt: skip
+            table = table.scaled(drift)
+            drifts.append(drift)
+        elif table is not None:
+            run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine")
             table = _learn(run, table, m)
             if run.use_cache:
                 save_cached(table)  # the next build of this model starts from what this miss taught
         else:
+            run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine")
             scale *= m.timing.median_ms / max(chosen.predicted_latency_ms, 1e-9)
             log.debug("attempt %d: new latency scale %.3f", attempt, scale)
     assert result is not None
@@ -520,6 +532,8 @@ def _closed_loop(
     latency_model["planning_margin"] = PLANNING_MARGIN
     if table is not None:
         latency_model["observations"] = table.observations
+    if drifts:
+        latency_model["drift_rescales"] = drifts
 
     def error(m: Measured) -> float:
         return _error(result, m)
@@ -596,6 +610,16 @@ def _check(run: _Run, m: Measured, predicted_error: float) -> SelfCheck:
         run.checks[id(m.engine)] = self_check(run.builder, m.engine, m.onnx_path, predicted_error, precision,
                                               float_noise=noise)  # fmt: skip
     return run.checks[id(m.engine)]
+
+
+def _machine_drift(run: _Run) -> float:
+    """How much slower (> 1) the machine runs now than when the FP32 baseline was first timed: that engine timed
+    again briefly, now / then (1 without it)."""
+    fp32 = next((m for m in run.measured if not m.plan.layers and m.plan.float_precision == "fp32"), None)
+    if fp32 is None or fp32.timing.median_ms <= 0.0:
+        return 1.0
+    settings = dataclasses.replace(run.timing, duration_s=PAIRED_ROUND_S, warmup_s=min(run.timing.warmup_s, 0.1))
+    return run.builder.time(fp32.engine, settings).median_ms / fp32.timing.median_ms
 
 
 def _estimate_contenders(run: _Run, allowed: list[Measured], budget_ms: float) -> list[Measured]:

@@ -5,6 +5,7 @@ budgets derived from engines measured in the same test (tests/test_cli.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -451,6 +452,35 @@ def test_a_miss_updates_the_table_and_the_loop_replans(monkeypatch: pytest.Monke
     # the misses were saved with the table: the next build starts from what was learned
     again = _build(monkeypatch, ScriptedBuilder(), cnn_path, tmp_path / "m2", budget_ms=fp32_ms * 0.97)
     assert again.latency_model["cached"] is True and again.latency_model["observations"] >= 1
+
+
+def test_a_miss_while_the_machine_slowed_rescales_the_table_instead_of_teaching_it(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    """The machine slows to 1.5x as planning starts (after the baselines and probes were timed): the first planned
+    engine misses because of the machine; learning that per layer would teach the table this minute's load. The FP32
+    baseline, timed again, shows the slowdown: the table is rescaled as a whole instead, no layer observation made."""
+    builder = ScriptedBuilder()
+    model = onnx.load(str(cnn_path))
+    fp32_ms = (builder.overhead_us + sum(builder._node_us(model).values())) / 1000
+    said: list[str] = []
+
+    def progress(message: str) -> None:
+        said.append(message)
+        if message.startswith("plan (attempt 1)"):
+            builder.slow = 1.5
+
+    # 1.5x slower, nothing new may fit (BudgetError): an acceptable end, what matters is what was learned
+    with contextlib.suppress(BudgetError):
+        _build(monkeypatch, builder, cnn_path, tmp_path / "slowed", budget_ms=fp32_ms * 0.97, use_cache=False,
+               progress=progress)  # fmt: skip
+    rescaled = [m for m in said if "the cost table is rescaled, not taught this engine" in m]
+    assert rescaled and "now takes 1.50x its first timing" in rescaled[0]
+    assert not [m for m in said if m.endswith("learning from this engine")]
+    # a steady machine: the same miss is learned per layer (test_a_miss_updates_the_table_and_the_loop_replans)
+    steady = _build(monkeypatch, ScriptedBuilder(hiccup={"rex_attempt1": 1.6}), cnn_path, tmp_path / "steady",
+                    budget_ms=fp32_ms * 0.97, use_cache=False)  # fmt: skip
+    assert "drift_rescales" not in steady.latency_model and steady.latency_model["observations"] >= 1
 
 
 def test_budget_ratio_one_always_fits_the_plain_int8_engine_it_was_set_from(
