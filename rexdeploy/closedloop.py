@@ -553,10 +553,11 @@ def _closed_loop(
             f"({len(run.measured)} engines measured in this run); relax --budget or pick a faster profile"
         )
     best = _first_sound(run, sorted(fitting, key=lambda m: (error(m), m.timing.median_ms)), error)
+    by_profile = {id(m.engine) for m in _allowed(run, float_ok)}  # what the profile allows (not: what was in the rounds)
     latency_model["engines"] = [
         {"label": m.label, "plan": _plan_text(run, m.plan), "median_ms": m.timing.median_ms,
          "predicted_error": error(m), "error_source": _error_source(m), "fits": m.timing.median_ms <= budget_ms,
-         "allowed": m in allowed,
+         "allowed": id(m.engine) in by_profile,
          "returned": m is best, "self_check": run.checks[id(m.engine)].to_dict() if id(m.engine) in run.checks else None}
         for m in sorted(run.measured, key=lambda m: m.timing.median_ms)
     ]  # fmt: skip
