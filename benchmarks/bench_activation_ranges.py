@@ -625,6 +625,18 @@ def _headroom(h: dict[str, Any], seed: int) -> list[str]:
     return lines
 
 
+def _accuracy_table(rows: list[dict[str, Any]]) -> list[str]:
+    """A Markdown table of accuracy, top-1 agreement and logit error per (ranges, K) row (FP32: order None)."""
+    out = ["| ranges | K | accuracy | top-1 agreement with FP32 | rel. logit error |", "|---|---|---|---|---|"]
+    for row in rows:
+        if row["order"] is None:
+            out.append(f"| FP32 | — | {row['accuracy']:.2%} | 100 % | 0 |")
+        else:
+            out.append(f"| {row['method']} | {row['order']} | {row['accuracy']:.2%} | {row['top1_agreement']:.2%} "
+                       f"| {row['rel_l2']:.4f} |")  # fmt: skip
+    return out
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     host = result["host"]
     lines = [
@@ -679,23 +691,9 @@ def to_markdown(result: dict[str, Any]) -> str:
             ),
             "",
         ]
-    lines += ["## Demo digits CNN, real accuracy on all 1,797 digits", "",
-              "| ranges | K | accuracy | top-1 agreement with FP32 | rel. logit error |", "|---|---|---|---|---|"]  # fmt: skip
-    for row in result["digits"]:
-        if row["order"] is None:
-            lines.append(f"| FP32 | — | {row['accuracy']:.2%} | 100 % | 0 |")
-        else:
-            lines.append(f"| {row['method']} | {row['order']} | {row['accuracy']:.2%} | {row['top1_agreement']:.2%} "
-                         f"| {row['rel_l2']:.4f} |")  # fmt: skip
+    lines += ["## Demo digits CNN, real accuracy on all 1,797 digits", "", *_accuracy_table(result["digits"])]
     if result.get("vit"):
-        lines += ["", "## Digits ViT (no BatchNorm), its 359 held-out digits", "",
-                  "| ranges | K | accuracy | top-1 agreement with FP32 | rel. logit error |", "|---|---|---|---|---|"]  # fmt: skip
-        for row in result["vit"]:
-            if row["order"] is None:
-                lines.append(f"| FP32 | — | {row['accuracy']:.2%} | 100 % | 0 |")
-            else:
-                lines.append(f"| {row['method']} | {row['order']} | {row['accuracy']:.2%} | "
-                             f"{row['top1_agreement']:.2%} | {row['rel_l2']:.4f} |")  # fmt: skip
+        lines += ["", "## Digits ViT (no BatchNorm), its 359 held-out digits", "", *_accuracy_table(result["vit"])]
     lines += ["", *result.get("reading", []), ""]
     return "\n".join(lines)
 

@@ -118,6 +118,18 @@ def _suffix(m: int) -> str:
     return f"__p{m + 1}"
 
 
+def _clone(node: onnx.NodeProto, name: str, m: int, rename: Callable[[str, int], str]) -> onnx.NodeProto:
+    """Predictor ``m``'s copy of ``node`` (named ``name`` in predictor 1), its tensors renamed by ``rename``."""
+    clone = onnx.NodeProto()
+    clone.CopyFrom(node)
+    clone.name = name if m == 0 else name + _suffix(m)
+    for k, t in enumerate(node.input):
+        clone.input[k] = rename(t, m) if t else t
+    for k, t in enumerate(node.output):
+        clone.output[k] = rename(t, m)
+    return clone
+
+
 def _cumulative(t: str, m: int) -> str:
     """The name of ``t`` summed over predictors 1..m+1 (difference form; m >= 1)."""
     return f"{t}__c{m + 1}"
@@ -210,13 +222,7 @@ def build_ensemble(model: onnx.ModelProto, plan: Plan, layers: list[Layer], *, f
         if i not in region:
             continue
         for m in range(m_count):
-            clone = onnx.NodeProto()
-            clone.CopyFrom(node)
-            clone.name = names[i] if m == 0 else names[i] + _suffix(m)
-            for k, t in enumerate(node.input):
-                clone.input[k] = rename(t, m) if t else t
-            for k, t in enumerate(node.output):
-                clone.output[k] = rename(t, m)
+            clone = _clone(node, names[i], m, rename)
             tag = "" if m == 0 else _suffix(m)
             after: list[onnx.NodeProto] = []
             if m > 0 and i in layout.shared_terms:  # a bias or the network input: added in predictor 1 only
@@ -384,13 +390,7 @@ def _difference_nodes(model: onnx.ModelProto, plan: Plan, layout: Layout, by_nam
         if i not in layout.region:
             continue
         for m in range(m_count):
-            clone = onnx.NodeProto()
-            clone.CopyFrom(node)
-            clone.name = names[i] if m == 0 else names[i] + _suffix(m)
-            for k, t in enumerate(node.input):
-                clone.input[k] = rename(t, m) if t else t
-            for k, t in enumerate(node.output):
-                clone.output[k] = rename(t, m)
+            clone = _clone(node, names[i], m, rename)
             if m > 0 and i in layout.shared_terms:  # a bias or the network input: added in predictor 1 only
                 k = layout.shared_terms[i]
                 op = "Neg" if node.op_type == "Sub" and k == 1 else "Identity"
