@@ -264,7 +264,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"({v['ratio']['q1']:.2f}–{v['ratio']['q3']:.2f}), {v['metric']} {_pct(v['agreement'])} vs "
                 f"{_pct(v['anchor_agreement'])}: **{'met' if v['met'] else 'not met'}**"
                 + (" (the returned engine *is* the default float engine: timed against itself, its ×anchor is the "
-                   "host's noise)" if v.get("same_engine") else "") + f". Why: {b['choice']}",
+                   "host's noise)" if v.get("same_engine") else "")
+                + (" (its ×anchor quartiles straddle 1.00: within this host's timing noise)"
+                   if not v["met"] and v["ratio"]["q1"] <= 1.0 <= v["ratio"]["q3"] else "")
+                + f". Why: {b['choice']}",
             ]
         lines += [""]
     if result.get("conclusion"):
