@@ -30,13 +30,14 @@ import numpy as np
 import onnx
 
 from rexdeploy.analyze import Layer, quantizable_layers
+from rexdeploy.benchmark import IR_SUFFIXES, ONNX_SUFFIXES, PLAN_SUFFIXES
 from rexdeploy.budget import format_ms
 from rexdeploy.builders.base import Builder, Engine, TimingSettings
 from rexdeploy.builders.cache import cached_build
 from rexdeploy.builders.registry import builder_for
 from rexdeploy.builders.timing import Timing
 from rexdeploy.costmodel import engine_float_precision, engine_profile, float_precision
-from rexdeploy.errors import BudgetError, BuildError
+from rexdeploy.errors import BudgetError, BuildError, InputError
 from rexdeploy.fidelity import (
     Fidelity,
     Outputs,
@@ -90,7 +91,57 @@ def _quiet(_: str) -> None:
 
 
 RELATIVE_TO = {"int8": "plain int8", "fp32": "FP32", "default": "the default float engine"}
-"""What ``budget_ratio`` may be relative to (each engine measured in the same run)."""
+"""What ``budget_ratio`` may be relative to by name (each engine measured in the same run); else the path of an engine
+the user would otherwise run (:func:`reference_engine`)."""
+REFERENCE = "reference"
+"""The baselines' key of the user's own engine (``--relative-to PATH``)."""
+
+
+def reference_path(relative_to: str) -> Path | None:
+    """The engine file ``relative_to`` names (None for ``int8`` / ``fp32`` / ``default``); BudgetError for anything
+    else, saying what is accepted."""
+    if relative_to in RELATIVE_TO:
+        return None
+    path = Path(relative_to)
+    if path.suffix.lower() not in (*ONNX_SUFFIXES, *IR_SUFFIXES, *PLAN_SUFFIXES):
+        raise BudgetError(
+            f"--relative-to {relative_to!r}: use one of {', '.join(RELATIVE_TO)}, or the path of the engine you would "
+            "otherwise run (an OpenVINO IR .xml, an ONNX model, a TensorRT .plan), e.g. --relative-to nncf_int8.xml"
+        )
+    if not path.is_file():
+        raise InputError(f"--relative-to {relative_to}: no such engine file; give the path of an existing engine")
+    return path
+
+
+def reference_engine(run: _Run, path: Path) -> Measured:
+    """The engine the user would otherwise run (``--relative-to PATH``), loaded the way they run it and timed: an
+    OpenVINO IR with the runtime options rexdeploy wrote beside it, else bare (``core.compile_model(ir)``, e.g. an
+    NNCF IR); an ONNX model built with the device's default float precision (what loading it gives); a TensorRT
+    plan deserialized. It is never a candidate: only the budget and the report's comparison use it."""
+    suffix = path.suffix.lower()
+    run.say(f"loading your engine {path.name} (the budget's reference) ...")
+    if suffix in ONNX_SUFFIXES:
+        default = default_float_precision(run.builder, run.profile)
+        engine = run.build(path, REFERENCE, profile=run.profile.with_float_precision(default) or run.profile)
+    else:
+        wants = "openvino" if suffix in IR_SUFFIXES else "tensorrt"
+        load = getattr(run.builder, "load_as_user", None) or getattr(run.builder, "load", None)
+        if run.builder.name != wants or not callable(load):
+            raise InputError(
+                f"--relative-to {path.name} is a {wants} engine, but profile {run.profile.name!r} builds with "
+                f"{run.profile.engine}: give an engine of the same runtime, or its ONNX model"
+            )
+        engine = load(path, run.profile)
+    want = {i.name: input_shape(i, 1) for i in graph_inputs(run.model)}
+    if dict(engine.inputs) != want:
+        shown = ", ".join(f"{k} {list(v)}" for k, v in engine.inputs.items())
+        raise InputError(
+            f"--relative-to {path.name}: its inputs ({shown}) are not the model's "
+            f"({', '.join(f'{k} {list(v)}' for k, v in want.items())}): give an engine of the same model"
+        )
+    empty = Plan(layers={}, profile=run.profile.name, model_sha256=run.sha, notes=(f"your engine {path.name}",))
+    run.say(f"timing your engine {path.name} ({run.timing.duration_s:g} s) ...")
+    return Measured(f"your engine {path.name}", empty, engine, path, run.builder.time(engine, run.timing))
 
 
 def input_scale_warnings(folded: onnx.ModelProto, bn_stats: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -102,7 +153,9 @@ def input_scale_warnings(folded: onnx.ModelProto, bn_stats: dict[str, tuple[np.n
     of RMS 0.1 (W8A8 K=1 error 0.146 where --calib gives 0.015, zoo audio net)."""
     from rexdeploy.probes import image_layout
 
-    quantized = {layer.input for layer in layers if (lp := plan.layers.get(layer.name)) is not None and lp.act_bits == 8}
+    quantized = {
+        layer.input for layer in layers if (lp := plan.layers.get(layer.name)) is not None and lp.act_bits == 8
+    }
     out = []
     for info in graph_inputs(folded):
         if info.name not in quantized or info.type.tensor_type.elem_type not in _FLOAT_TYPES:
@@ -160,6 +213,7 @@ class _Run:
     checks: dict[int, SelfCheck] = field(default_factory=dict)  # engine id → its self-check
     fp32_outputs: dict[str, Outputs] = field(default_factory=dict)  # the FP32 engine on the probes, by digest
     estimates: dict[int, Fidelity] = field(default_factory=dict)  # id(engine.handle) → its fidelity estimate
+    settled_reference: Measured | None = None  # a relative budget's reference as the interleaved rounds timed it
 
     def estimate(self, engine: Engine) -> Fidelity:
         """The data-free fidelity estimate of ``engine`` against the FP32 engine (each engine estimated once)."""
@@ -243,8 +297,7 @@ def build(
     ``out_dir`` (default ``rexdeploy-out/<model stem>``) only when everything succeeded.
     """
     say = progress or _quiet
-    if relative_to not in RELATIVE_TO:
-        raise BudgetError(f"--relative-to {relative_to!r}: use one of {', '.join(RELATIVE_TO)}")
+    ref_path = reference_path(relative_to)
     profile = load_profile(profile) if isinstance(profile, str) else profile
     model_path = Path(model_path)
     timing = timing or TimingSettings()
@@ -281,12 +334,16 @@ def build(
             int8_engine, _, int8_path = run.engine_for(int8_plan, "int8", None)
             baseline_runs["int8"] = run.measure("int8 K=1", int8_plan, int8_engine, int8_path, timing,
                                                 "the plain int8 engine")  # fmt: skip
-        baselines = {key: engine_result(key, m, tmp, builder) for key, m in baseline_runs.items()}
-        ref: dict[str, str] = {}
+        if budget_ratio is not None and ref_path is not None:
+            baseline_runs[REFERENCE] = reference_engine(run, ref_path)
+        baselines = {key: engine_result(_label(key, m), m, tmp, builder) for key, m in baseline_runs.items()}
+        ref_key = ""
         if budget_ratio is not None:
-            ref = {"int8": "int8", "fp32": "fp32", "default": default.label if default is not None else "fp32"}
-            budget_ms = budget_ratio * baselines[ref[relative_to]].timing.median_ms
-            say(f"budget: {budget_ratio:g} x {RELATIVE_TO[relative_to]} ({ref[relative_to]}) = {format_ms(budget_ms)}")
+            named = {"int8": "int8", "fp32": "fp32", "default": default.label if default is not None else "fp32"}
+            ref_key = REFERENCE if ref_path is not None else named[relative_to]
+            budget_ms = budget_ratio * baselines[ref_key].timing.median_ms
+            say(f"budget: {budget_ratio:g} x {baseline_runs[ref_key].label if ref_path else RELATIVE_TO[relative_to]} "
+                f"({ref_key}) = {format_ms(budget_ms)}")  # fmt: skip
         attempts: list[Attempt] = []
         planned: PlanResult | None = None
         latency_model: dict[str, object] = {}
@@ -294,13 +351,13 @@ def build(
         if use_planner:
             assert budget_ms is not None
             with tempfile.TemporaryDirectory(prefix=".rexdeploy-probes.") as probe_dir:
-                relative = (baseline_runs[ref[relative_to]], budget_ratio) if budget_ratio is not None else None
+                relative = (baseline_runs[ref_key], budget_ratio) if budget_ratio is not None else None
                 chosen, planned, latency_model, choice = _closed_loop(run, budget_ms, attempts, Path(probe_dir),
                                                                       relative)  # fmt: skip
-                if relative is not None:  # the budget as the interleaved rounds set it, beside the reference's timing
+                if relative is not None and run.settled_reference is not None:  # the budget as the rounds set it,
                     budget_ms = float(latency_model.get("budget_ms", budget_ms))  # type: ignore[arg-type]
-                    settled = next(m for m in run.measured if m.engine is relative[0].engine)
-                    baselines[ref[relative_to]] = engine_result(ref[relative_to], settled, tmp, builder)
+                    settled = run.settled_reference
+                    baselines[ref_key] = engine_result(_label(ref_key, settled), settled, tmp, builder)
                 for key, base in list(baselines.items()):  # a baseline timed again as a near miss: its new timing
                     again = next((m for m in run.measured if m.engine is baseline_runs[key].engine), None)
                     if again is not None and again.timing.median_ms < base.timing.median_ms:
@@ -342,6 +399,13 @@ def build(
             disagreement = fidelity_disagreement(fidelity, fidelity_samples)
             if disagreement:
                 warnings = [*warnings, disagreement]
+        ref_fidelity = ref_samples = None
+        if REFERENCE in baseline_runs:  # the user's own engine on the same inputs: the comparison they decide on
+            yours = baseline_runs[REFERENCE]
+            say(f"measuring {yours.label} against FP32 on the same synthetic probes ...")
+            ref_fidelity = run.estimate(yours.engine)
+            if user_samples is not None:
+                ref_samples = measure_fidelity_on(builder, fp32_engine, yours.engine, user_samples, output_names(model))
         report = Report(
             model=str(model_path),
             model_sha256=sha,
@@ -363,6 +427,8 @@ def build(
             latency_model=latency_model,
             self_check=check.to_dict(),
             bare_load=bare,
+            reference_fidelity=ref_fidelity,
+            reference_fidelity_samples=ref_samples,
         )
         if planned is not None:
             png = write_pareto_png(tmp / "pareto.png", report, planned)
@@ -438,6 +504,12 @@ def engine_result(label: str, m: Measured, root: Path, builder: Builder) -> Engi
     )
 
 
+def _label(key: str, m: Measured) -> str:
+    """A baseline's label in the report: its key (``fp32``, ``int8``, ``bf16 (default)``); the user's own engine's
+    says which file it is."""
+    return m.label if key == REFERENCE else key
+
+
 def _adopt(m: Measured, tmp: Path) -> Measured:
     """Copy the returned engine (an attempt, a baseline, or a probe built outside the output folder) to the
     stable path ``rex/`` (its ONNX to ``rex.onnx``), where scripts and ``rexdeploy export`` find it."""
@@ -452,7 +524,10 @@ def _adopt(m: Measured, tmp: Path) -> Measured:
 
 
 def _closed_loop(
-    run: _Run, budget_ms: float, attempts: list[Attempt], probe_dir: Path,
+    run: _Run,
+    budget_ms: float,
+    attempts: list[Attempt],
+    probe_dir: Path,
     relative: tuple[Measured, float] | None = None,
 ) -> tuple[Measured, PlanResult, dict[str, object], str]:
     """Probe (or read the cached cost table), plan, build, time; on a miss learn from the engine and re-plan.
@@ -482,7 +557,11 @@ def _closed_loop(
                             fastest_if_none_fits=True, prepared=prepared)  # fmt: skip
         chosen = result.chosen
         planning_s += result.seconds
-        verdict = "" if result.fits else f" (nothing predicted to fit {format_ms(target)} (budget - {PLANNING_MARGIN:.0%}): the fastest)"
+        verdict = (
+            ""
+            if result.fits
+            else f" (nothing predicted to fit {format_ms(target)} (budget - {PLANNING_MARGIN:.0%}): the fastest)"
+        )
         run.say(f"plan (attempt {attempt}): {chosen.label}: predicted {format_ms(chosen.predicted_latency_ms)}, "
                 f"error {chosen.predicted_error:.2e}{verdict} ({len(result.candidates)} candidates, {result.seconds:.2f} s)")  # fmt: skip
         settled = _best_fitting(run, result, budget_ms, float_ok)
@@ -519,12 +598,16 @@ def _closed_loop(
             table = table.scaled(drift)
             drifts.append(drift)
         elif table is not None:
-            run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine")
+            run.say(
+                f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine"
+            )
             table = _learn(run, table, m)
             if run.use_cache:
                 save_cached(table)  # the next build of this model starts from what this miss taught
         else:
-            run.say(f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine")
+            run.say(
+                f"measured {format_ms(m.timing.median_ms)} > budget {format_ms(budget_ms)}: learning from this engine"
+            )
             scale *= m.timing.median_ms / max(chosen.predicted_latency_ms, 1e-9)
             log.debug("attempt %d: new latency scale %.3f", attempt, scale)
     assert result is not None
@@ -541,6 +624,7 @@ def _closed_loop(
     allowed = _estimate_contenders(run, _allowed(run, float_ok), budget_ms)
     if relative is not None:
         budget_ms, allowed = _paired_rounds(run, allowed, budget_ms, *relative, error)
+        allowed = _estimate_contenders(run, allowed, budget_ms)  # what the rounds brought within reach: measured too
         latency_model["budget_ms"] = budget_ms
     else:
         _retime_near_misses(run, allowed, budget_ms, error)
@@ -553,7 +637,9 @@ def _closed_loop(
             f"({len(run.measured)} engines measured in this run); relax --budget or pick a faster profile"
         )
     best = _first_sound(run, sorted(fitting, key=lambda m: (error(m), m.timing.median_ms)), error)
-    by_profile = {id(m.engine) for m in _allowed(run, float_ok)}  # what the profile allows (not: what was in the rounds)
+    by_profile = {
+        id(m.engine) for m in _allowed(run, float_ok)
+    }  # what the profile allows (not: what was in the rounds)
     latency_model["engines"] = [
         {"label": m.label, "plan": _plan_text(run, m.plan), "median_ms": m.timing.median_ms,
          "predicted_error": error(m), "error_source": _error_source(m), "fits": m.timing.median_ms <= budget_ms,
@@ -563,9 +649,13 @@ def _closed_loop(
     ]  # fmt: skip
     why = (
         f"{_describe(best)}: measured {format_ms(best.timing.median_ms)} within the {format_ms(budget_ms)} budget, "
-        + ("exact (no layer quantized)" if not best.plan.layers and best.error is None
-           else f"measured error {best.error:.2e} vs FP32 on the probes" if best.error is not None
-           else f"predicted error {error(best):.2e}")
+        + (
+            "exact (no layer quantized)"
+            if not best.plan.layers and best.error is None
+            else f"measured error {best.error:.2e} vs FP32 on the probes"
+            if best.error is not None
+            else f"predicted error {error(best):.2e}"
+        )
         + f"; the most accurate of the {len(fitting)} of {len(allowed)} engines measured in this run that fit"
     )
     run.say(f"chosen: {why}")
@@ -668,7 +758,9 @@ def _paired_rounds(run: _Run, allowed: list[Measured], budget_ms: float, referen
     for m, timings in zip(engines, rounds, strict=True):
         middle = sorted(timings, key=lambda t: t.median_ms)[len(timings) // 2]
         settled[id(m)] = dataclasses.replace(m, timing=middle)
-        run.measured[run.measured.index(m)] = settled[id(m)]
+        if m in run.measured:  # the user's own engine (--relative-to PATH) is not one of the run's candidates
+            run.measured[run.measured.index(m)] = settled[id(m)]
+    run.settled_reference = settled[id(ref)]
     new_budget = ratio * settled[id(ref)].timing.median_ms
     run.say(f"budget settled at {format_ms(new_budget)} ({ratio:g} x {reference.label} "
             f"{format_ms(settled[id(ref)].timing.median_ms)} in the rounds)")  # fmt: skip
@@ -677,7 +769,9 @@ def _paired_rounds(run: _Run, allowed: list[Measured], budget_ms: float, referen
     return new_budget, [timed[id(m.engine)] for m in allowed if id(m.engine) in timed]
 
 
-def _retime_near_misses(run: _Run, allowed: list[Measured], budget_ms: float, error: Callable[[Measured], float]) -> None:
+def _retime_near_misses(
+    run: _Run, allowed: list[Measured], budget_ms: float, error: Callable[[Measured], float]
+) -> None:
     """Time once more every engine measured at most :data:`NEAR_MISS` over the budget that is more accurate than
     the best engine within it (a baseline timed once, such as the default float engine, included): noise only
     adds time, so a near miss may be the machine's, not the engine's. The faster timing is kept (``allowed`` and
@@ -827,10 +921,16 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
     """The measured cost table of this model on this device (probed now or cached), or None — the analytic
     model then answers — when the builder has no per-layer profiler."""
     if not callable(getattr(run.builder, "layer_times", None)):
-        run.say(f"{run.profile.engine} has no per-layer profiler here: planning on the analytic cost model (an estimate)")
-        return None, {"source": "estimate", "summary": f"analytic cost model of profile {run.profile.name} (an estimate)"}
+        run.say(
+            f"{run.profile.engine} has no per-layer profiler here: planning on the analytic cost model (an estimate)"
+        )
+        return None, {
+            "source": "estimate",
+            "summary": f"analytic cost model of profile {run.profile.name} (an estimate)",
+        }
     floats = [m for m in run.measured if not m.plan.layers]  # FP32 and the default float engine
     reuse = {m.label: m for m in run.measured if m.label == "int8 K=1"}
+
     def make(probe: Probe) -> Measured:
         name = "probe_" + "".join(c if c.isalnum() else "_" for c in probe.label.lower())
         engine, _, path = run.engine_for(probe.plan, name, None, where=probe_dir)
@@ -856,8 +956,10 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
         for m in anchors:
             table = _learn(run, table, m)
         if abs(reanchor - 1.0) > 0.1:
-            run.say(f"cost table: the baselines measured now take {reanchor:.2f}x what the cached table predicts "
-                    "(load or clock changed): every entry rescaled")
+            run.say(
+                f"cost table: the baselines measured now take {reanchor:.2f}x what the cached table predicts "
+                "(load or clock changed): every entry rescaled"
+            )
     n = len(table.probes)
     how = "cached" if table.cached else f"probed now in {table.seconds:.1f} s"
     summary = (f"measured on this device: cost table of {n} engines of this model ({how}; {table.engine}; "
@@ -866,4 +968,3 @@ def _cost_table(run: _Run, probe_dir: Path) -> tuple[CostTable | None, dict[str,
                    "reanchor_scale": reanchor,
                    "probes": [p.to_dict() for p in table.probes], "host": table.host, "engine": table.engine,
                    "summary": summary}  # fmt: skip
-

@@ -72,6 +72,8 @@ class Report:
     latency_model: dict[str, Any] = field(default_factory=dict)  # where the planner's latencies came from
     self_check: dict[str, Any] = field(default_factory=dict)  # the returned engine vs onnxruntime on its ONNX
     bare_load: dict[str, Any] = field(default_factory=dict)  # the IR compiled with no options, where that differs
+    reference_fidelity: Fidelity | None = None  # the user's own engine (--relative-to PATH) on the same probes
+    reference_fidelity_samples: Fidelity | None = None  # ... and on the user's --samples
 
     def with_warning(self, warning: str) -> Report:
         return replace(self, warnings=(*self.warnings, warning))
@@ -95,7 +97,7 @@ class Report:
     def fastest_float(self) -> str | None:
         """The fastest float baseline (FP32, or the device's default float precision where it is faster): what a
         user who does not quantize would run; REx is quoted against it."""
-        floats = [k for k in self.baselines if k != "int8"]
+        floats = [k for k in self.baselines if k not in ("int8", "reference")]
         return min(floats, key=lambda k: self.baselines[k].timing.median_ms) if floats else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +127,41 @@ class Report:
             "latency_model": self.latency_model,
             "self_check": self.self_check,
             "bare_load": self.bare_load,
+            "reference": self.reference_dict(),
         }
+
+    def reference_dict(self) -> dict[str, Any] | None:
+        """``reference`` in report.json: the user's own engine the budget was relative to (``--relative-to PATH``),
+        its label and fidelity vs FP32 on the same synthetic probes as the REx engine (``estimate``) and on the
+        user's samples (``samples``); None without one."""
+        base = self.baselines.get("reference")
+        if base is None:
+            return None
+        return {
+            "label": base.label,
+            "median_ms": base.timing.median_ms,
+            "rex_vs_reference": self.ratio_to("reference"),
+            "fidelity": {
+                "estimate": self.reference_fidelity.to_dict() if self.reference_fidelity else None,
+                "samples": self.reference_fidelity_samples.to_dict() if self.reference_fidelity_samples else None,
+            },
+        }
+
+    def reference_lines(self) -> list[str]:
+        """REx beside the user's own engine, in the same run: latency ratio and fidelity on the same inputs."""
+        base = self.baselines.get("reference")
+        if base is None:
+            return []
+        lines = [f"vs {base.label}: REx runs {self.ratio_to('reference'):.2f}x its latency (same interleaved rounds)"]
+        for what, mine, theirs in (("the probes (estimate)", self.fidelity, self.reference_fidelity),
+                                   ("your samples", self.fidelity_samples, self.reference_fidelity_samples)):  # fmt: skip
+            if mine is None or theirs is None:
+                continue
+            top1 = (f", top-1 agreement {mine.top1_agreement:.1%} vs {theirs.top1_agreement:.1%}"
+                    if mine.top1_agreement is not None and theirs.top1_agreement is not None else "")  # fmt: skip
+            lines.append(f"on {what}: rel. error vs FP32 {mine.relative_error:.2e} (REx) vs {theirs.relative_error:.2e} "
+                         f"(yours){top1}")  # fmt: skip
+        return lines
 
     def fidelity_dict(self) -> dict[str, Any]:
         """``fidelity`` in report.json: ``estimate`` (the data-free estimate: the worst figure over the probe
@@ -172,6 +208,7 @@ class Report:
             of = f", worst output {fs.error_output}" if fs.error_output else ""
             lines.append(f"samples  rel. error {fs.relative_error:.2e}  cosine {fs.cosine:.6f}{top1s}  ({fs.probes} of "
                          f"your samples: measured{of})")  # fmt: skip
+        lines += [f"yours    {line}" for line in self.reference_lines()]
         if self.budget_ms is not None:
             verdict = "within" if self.fits_budget else "OVER"
             lines.append(f"budget   {format_ms(self.budget_ms)}: {verdict} budget")
@@ -222,16 +259,30 @@ class Report:
             )
         engines = self.latency_model.get("engines") or []
         if engines:
-            out += ["", "Every engine measured in this run (the build returns the most accurate one that fits):", "",
-                    "| engine | plan | median | fits | predicted error | |", "|---|---|---|---|---|---|"]
-            out += [f"| {e['label']} | {e['plan']} | {format_ms(e['median_ms'])} | {'yes' if e['fits'] else 'no'} | "
-                    f"{e['predicted_error']:.2e} | {'**returned**' if e['returned'] else ''} |" for e in engines]
+            out += [
+                "",
+                "Every engine measured in this run (the build returns the most accurate one that fits):",
+                "",
+                "| engine | plan | median | fits | predicted error | |",
+                "|---|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {e['label']} | {e['plan']} | {format_ms(e['median_ms'])} | {'yes' if e['fits'] else 'no'} | "
+                f"{e['predicted_error']:.2e} | {'**returned**' if e['returned'] else ''} |"
+                for e in engines
+            ]
         out += ["", *_estimate_markdown(self.fidelity)]
         if self.fidelity_samples is not None:
             fs = self.fidelity_samples
-            out += ["", f"Fidelity vs FP32 on {fs.probes} of your samples (measured): relative error "
-                    f"{fs.relative_error:.3e}, cosine {fs.cosine:.6f}, max abs error {fs.max_abs_error:.3e}"
-                    + (f", top-1 agreement {fs.top1_agreement:.1%}" if fs.top1_agreement is not None else "") + "."]
+            out += [
+                "",
+                f"Fidelity vs FP32 on {fs.probes} of your samples (measured): relative error "
+                f"{fs.relative_error:.3e}, cosine {fs.cosine:.6f}, max abs error {fs.max_abs_error:.3e}"
+                + (f", top-1 agreement {fs.top1_agreement:.1%}" if fs.top1_agreement is not None else "")
+                + ".",
+            ]
+        if self.reference_lines():
+            out += ["", *[f"- {line}" for line in self.reference_lines()]]
         if self.rex.precisions:
             out += ["", "Runtime precisions of the REx engine (layer type: precision × count):", ""]
             for layer_type, per in sorted(self.rex.precisions.items()):

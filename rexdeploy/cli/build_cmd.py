@@ -27,10 +27,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--relative-to",
-        choices=("int8", "fp32", "default"),
-        help="what --budget-ratio is relative to, timed in the same run: the plain int8 engine (default), FP32, or "
-        "the runtime's default float engine (bf16 on AVX-512 BF16 / AMX CPUs), e.g. --budget-ratio 1 --relative-to "
-        "default: at most as slow as just loading the model",
+        metavar="{int8,fp32,default,ENGINE}",
+        help="what --budget-ratio is relative to, timed in the same run: the plain int8 engine (default), FP32, "
+        "the runtime's default float engine (bf16 on AVX-512 BF16 / AMX CPUs), or the engine you would otherwise "
+        "run (an OpenVINO IR .xml such as NNCF's int8 IR, loaded as you load it; an ONNX model; a TensorRT .plan), "
+        "timed in interleaved rounds beside the candidates and compared on the same probes / --samples; e.g. "
+        "--budget-ratio 1 --relative-to default: at most as slow as just loading the model",
     )
     p.add_argument("--out", help="output directory (default rexdeploy-out/<model name>)")
     p.add_argument("--calib", help="optional calibration batch (.npy, N x input shape); never required")

@@ -246,6 +246,11 @@ class OpenVINOBuilder:
         artifacts = (ir, ir.with_suffix(".bin"))
         return _engine(ov, compiled, ir, artifacts, shapes, index, profile.device, build_seconds, options)
 
+    def load_as_user(self, ir: Path, profile: Profile) -> Engine:
+        """An IR compiled the way its user runs it: with the ``runtime_options.json`` rexdeploy wrote beside it,
+        else bare (``core.compile_model(ir)``: an IR from elsewhere, e.g. NNCF's, in OpenVINO's defaults)."""
+        return self.load(ir, profile, options=None if stored_options(Path(ir)) is not None else {})
+
     def time(self, engine: Engine, settings: TimingSettings) -> Timing:
         """Latency of one synchronous infer request on fixed seeded random inputs, set once.
 

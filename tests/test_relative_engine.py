@@ -1,0 +1,170 @@
+"""``build --budget-ratio R --relative-to ENGINE``: the budget relative to the engine the user would otherwise run
+(e.g. NNCF's int8 IR), timed in the build's own interleaved rounds beside the candidates, never returned, and
+compared with the REx engine on the same probes (and samples)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import small_cnn
+from test_measured_planning import FAST, PROFILE, ScriptedBuilder
+
+from rexdeploy import closedloop
+from rexdeploy.api import default_plan, expand_model, quantizable_layers
+from rexdeploy.cli.main import main
+from rexdeploy.demo import demo_model_path
+from rexdeploy.errors import BudgetError, InputError
+from rexdeploy.graph import fold_batchnorm
+
+
+@pytest.fixture
+def cnn_path(tmp_path: Path) -> Path:
+    path = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(seed=3), str(path))
+    return path
+
+
+def _int8_engine_onnx(model_path: Path, out: Path) -> Path:
+    """The user's own engine: the model's plain int8 Q/DQ network (W8A8 K=1), saved as ONNX."""
+    model = onnx.load(str(model_path))
+    layers = quantizable_layers(fold_batchnorm(model)[0])
+    expanded = expand_model(model, default_plan(layers, PROFILE, order=1, act_bits=8), profile=PROFILE)
+    onnx.save(expanded.model, str(out))
+    return out
+
+
+def _build(monkeypatch: pytest.MonkeyPatch, builder: ScriptedBuilder, path: Path, out: Path, **kw: object):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(closedloop, "builder_for", lambda profile: builder)
+    return closedloop.build(path, PROFILE, out_dir=out, timing=FAST, **kw)  # type: ignore[arg-type]
+
+
+def test_the_budget_is_relative_to_the_users_engine_timed_in_the_rounds(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    # the user's engine: the model's plain int8 network, which the scripted device runs 1.1x slower than its layers
+    # say (a layout this device does not like): a budget of 1.0x it lets quantized REx plans through but not FP32
+    yours = _int8_engine_onnx(cnn_path, tmp_path / "yours.onnx")
+    builder = ScriptedBuilder(hiccup={"yours": 1.1})
+    said: list[str] = []
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "r", budget_ratio=1.0, relative_to=str(yours),
+                    progress=said.append)  # fmt: skip
+    base = report.baselines["reference"]
+    assert base.label == "your engine yours.onnx"
+    expected = 1.1 * (builder.overhead_us + sum(builder._node_us(onnx.load(str(yours))).values())) / 1000
+    assert base.timing.median_ms == pytest.approx(expected)
+    assert report.budget_ms == pytest.approx(expected)  # settled in the rounds: 1.0 x its timing there
+    assert [m for m in said if "budget 1 x your engine yours.onnx" in m and "interleaved rounds" in m]
+    assert report.fits_budget and report.plan.layers  # FP32 (slower than the budget) is not returned
+    # never a candidate: not among the engines the build chose from; those that fit were compared on measured errors
+    engines = report.latency_model["engines"]
+    assert not [e for e in engines if "yours" in e["label"]]
+    assert all(e["error_source"] != "error model" for e in engines if e["fits"]), engines
+    # compared on the same probes: both estimates in the report, and the ratio of latencies
+    ref = report.to_dict()["reference"]
+    assert ref["label"] == "your engine yours.onnx" and ref["median_ms"] == pytest.approx(expected)
+    assert ref["rex_vs_reference"] == pytest.approx(report.rex.timing.median_ms / expected)
+    estimate = ref["fidelity"]["estimate"]
+    assert estimate is not None and estimate["relative_error"] > 0.0  # int8: not exact
+    assert report.reference_fidelity is not None and report.reference_fidelity.probes == report.fidelity.probes
+    lines = report.summary_lines()
+    assert any(line.startswith("yours    vs your engine yours.onnx: REx runs") for line in lines)
+    assert any(line.startswith("yours    on the probes (estimate): rel. error vs FP32") for line in lines)
+    assert "vs your engine yours.onnx" in report.to_markdown()
+    assert report.fastest_float == "fp32"  # the user's engine is not a float baseline
+
+
+def test_the_users_engine_is_measured_on_the_samples_too(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    yours = _int8_engine_onnx(cnn_path, tmp_path / "yours.onnx")
+    shape = [d.dim_value or 1 for d in onnx.load(str(cnn_path)).graph.input[0].type.tensor_type.shape.dim]
+    samples = tmp_path / "samples.npy"
+    np.save(samples, np.random.default_rng(0).standard_normal((6, *shape[1:])).astype(np.float32))
+    report = _build(monkeypatch, ScriptedBuilder(hiccup={"yours": 1.5}), cnn_path, tmp_path / "s", budget_ratio=1.0,
+                    relative_to=str(yours), samples=samples)  # fmt: skip
+    assert report.reference_fidelity_samples is not None and report.reference_fidelity_samples.probes == 6
+    assert report.to_dict()["reference"]["fidelity"]["samples"]["probes"] == 6
+    assert any(line.startswith("yours    on your samples: rel. error vs FP32") for line in report.summary_lines())
+
+
+def test_an_engine_of_another_model_is_refused(monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.onnx"
+    model = small_cnn(seed=3)
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value += 2  # another input size
+    onnx.save(model, str(other))
+    out = tmp_path / "x"
+    with pytest.raises(InputError, match=r"--relative-to other.onnx: its inputs .* are not the model's"):
+        _build(monkeypatch, ScriptedBuilder(), cnn_path, out, budget_ratio=1.0, relative_to=str(other))
+    assert not out.exists()
+
+
+def test_an_engine_of_another_runtime_is_refused(monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not for this runtime")
+    with pytest.raises(InputError, match=r"model.plan is a tensorrt engine, but profile .* builds with"):
+        _build(monkeypatch, ScriptedBuilder(), cnn_path, tmp_path / "x", budget_ratio=1.0, relative_to=str(plan))
+
+
+def test_bad_relative_to_values_fail_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model = str(demo_model_path())
+    assert main(["build", model, "--budget-ratio", "1", "--relative-to", "nncf"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "use one of int8, fp32, default, or the path of the engine" in err
+    assert main(["build", model, "--budget-ratio", "1", "--relative-to", str(tmp_path / "missing.xml")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such engine file" in err
+    with pytest.raises(BudgetError):
+        closedloop.reference_path("int4")
+    assert closedloop.reference_path("default") is None
+
+
+@pytest.mark.openvino
+def test_relative_to_an_openvino_ir_loaded_bare(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The digits demo against its own IR converted by OpenVINO (what a user loads with ``core.compile_model``): the
+    IR is compiled bare (OpenVINO's default precision), timed in the rounds, and compared on the same probes."""
+    ov = pytest.importorskip("openvino")
+    ir = tmp_path / "theirs" / "model.xml"
+    ir.parent.mkdir()
+    ov.save_model(ov.convert_model(str(demo_model_path())), str(ir), compress_to_fp16=False)
+    out = tmp_path / "rel"
+    args = ["build", str(demo_model_path()), "--budget-ratio", "1.5", "--relative-to", str(ir), "--out", str(out),
+            "--duration", "0.3s", "--warmup", "50ms", "--json"]  # fmt: skip
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    ref = report["reference"]
+    assert ref["label"] == "your engine model.xml"
+    assert report["budget_ms"] == pytest.approx(1.5 * ref["median_ms"], rel=1e-12)
+    assert report["rex"]["timing"]["median_ms"] <= report["budget_ms"]
+    assert "budget settled at" in captured.err
+    # bare: OpenVINO chose the precision (bf16 on AVX-512 BF16 / AMX hosts, f32 elsewhere): its error on the
+    # probes is what that precision costs, the same figure as the build's own default float engine
+    default = next((k for k in report["baselines"] if k.endswith("(default)")), None)
+    error = ref["fidelity"]["estimate"]["relative_error"]
+    if default is None:
+        assert error < 1e-5  # f32 host: the IR is the FP32 model
+    else:
+        assert 1e-5 < error < 0.05
+
+
+@pytest.mark.openvino
+def test_load_as_user_keeps_rexdeploys_options_and_compiles_foreign_irs_bare(tmp_path: Path) -> None:
+    ov = pytest.importorskip("openvino")
+    from rexdeploy_openvino.builder import OpenVINOBuilder
+
+    profile = closedloop.load_profile("x86-avx512")  # f32 float layers: differs from a bare compile on BF16 hosts
+    builder = OpenVINOBuilder()
+    built = builder.build(demo_model_path(), profile, tmp_path / "built")
+    xml = next(Path(p) for p in built.artifacts if str(p).endswith(".xml"))
+    assert builder.load_as_user(xml, profile).options["INFERENCE_PRECISION_HINT"] == "f32"  # its runtime_options
+    foreign = tmp_path / "foreign" / "model.xml"
+    foreign.parent.mkdir()
+    ov.save_model(ov.convert_model(str(demo_model_path())), str(foreign), compress_to_fp16=False)
+    bare = builder.load_as_user(foreign, profile)
+    plain = ov.Core().compile_model(str(foreign), "CPU")
+    assert bare.options["INFERENCE_PRECISION_HINT"] == plain.get_property("INFERENCE_PRECISION_HINT").get_type_name()
