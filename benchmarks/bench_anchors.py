@@ -12,11 +12,12 @@ Per model, every engine an OpenVINO CPU engine built in this run with the host's
 1. the anchors — FP32 (``INFERENCE_PRECISION_HINT=f32``), the device's default float (the model compiled with no
    config at all: bf16 on AVX-512 BF16 / AMX CPUs, f32 elsewhere) and NNCF ``quantize`` (post-training int8 *with
    calibration data*, :func:`bench_models.calibration_set`), timed in interleaved rounds;
-2. ``rexdeploy.build``, the product's whole closed loop, data-free, at each anchor's latency given as a ratio to
-   the default float engine: ``--budget-ratio r --relative-to default`` with r = 1 for the default float and r = the
-   median per-round NNCF / default ratio of step 1 for NNCF (the build times the default float engine itself, in
-   its own run: ratios hold where the shared host's speed drifts, absolute budgets did not); the engine it returns
-   (``rex/`` with its runtime options) is loaded as the product's user would;
+2. ``rexdeploy.build``, the product's whole closed loop, data-free, at each anchor's latency, relative to the anchor
+   itself: ``--budget-ratio 1 --relative-to default`` for the default float and ``--budget-ratio 1 --relative-to
+   nncf_quantize.xml`` (NNCF's IR, compiled bare as its user loads it) for NNCF — the build times the anchor itself
+   in its own interleaved rounds beside its candidates (ratios hold where the shared host's speed drifts; absolute
+   budgets, and ratios carried over from earlier rounds, did not); the engine it returns (``rex/`` with its runtime
+   options) is loaded as the product's user would;
 3. every engine timed again in interleaved rounds (median of per-round medians; ratios = median of per-round
    ratios, with their quartiles) and its fidelity measured against the FP32 engine on the model's evaluation
    inputs, which played no part in any choice (MobileNetV2: natural-image crops of ``skimage.data`` photographs;
@@ -91,17 +92,19 @@ def paired(medians: dict[str, list[float]], key: str, base: str) -> dict[str, fl
     return {"median": float(np.median(r)), "q1": float(np.percentile(r, 25)), "q3": float(np.percentile(r, 75))}
 
 
-def rex_engine(bench: Bench, key: str, ratio: float, work: Path, duration_s: float) -> dict[str, Any]:
-    """``rexdeploy.build --budget-ratio <ratio> --relative-to default`` (the closed loop, data-free; the budget is
-    ``ratio`` × the default float engine as the build times it, in its own run); its returned engine loaded from
+def rex_engine(bench: Bench, key: str, relative_to: str, work: Path, duration_s: float) -> dict[str, Any]:
+    """``rexdeploy.build --budget-ratio 1 --relative-to <relative_to>`` (the closed loop, data-free; the budget is the
+    anchor's latency as the build times it, in its own interleaved rounds); its returned engine loaded from
     ``rex/``."""
     out = work / f"build_{key}"
     t0 = time.perf_counter()
+    ratio = 1.0
     try:
         report = rexdeploy.build(bench.subject.path, bench.profile, out_dir=out, budget_ratio=ratio,
-                                 relative_to="default", timing=TimingSettings(duration_s=duration_s))  # fmt: skip
+                                 relative_to=relative_to, timing=TimingSettings(duration_s=duration_s))  # fmt: skip
     except BudgetError as exc:  # the product's own answer when nothing it measured fits: a target not met
-        return {"budget_ratio": ratio, "budget_ms": None, "build_s": time.perf_counter() - t0, "error": str(exc)}
+        return {"budget_ratio": ratio, "relative_to": Path(relative_to).name, "budget_ms": None,
+                "build_s": time.perf_counter() - t0, "error": str(exc)}  # fmt: skip
     budget_ms = report.budget_ms
     default_label = next((k for k in report.baselines if k.endswith("(default)")), None)
     default_precision = default_label.split()[0] if default_label else "fp32"
@@ -111,6 +114,8 @@ def rex_engine(bench: Bench, key: str, ratio: float, work: Path, duration_s: flo
     return {
         "budget_ms": budget_ms,
         "budget_ratio": ratio,
+        "relative_to": Path(relative_to).name,
+        "reference": report.reference_dict(),  # NNCF's IR as the build timed it, and on the build's probes
         # the engine returned is the runtime's default float engine itself (no layer quantized, its precision)
         "is_default_float": not report.plan.layers and (report.plan.float_precision or "fp32") == default_precision,
         "build_s": seconds,
@@ -152,13 +157,13 @@ def measure_model(name: str, profile: Any, args: argparse.Namespace, work: Path)
     anchor_ms = {k: statistics.median(first[k]) for k in ANCHORS}
     builds: dict[str, Any] = {}
     for anchor in ANCHORS:
-        # the budget as a ratio to the default float engine, measured in the interleaved rounds (ratios hold where the
-        # shared host's speed drifts: up to 1.5-2x between rounds and a build, which decided earlier runs' verdicts);
-        # the build times the default float engine itself, in its own run, and multiplies
-        ratio = 1.0 if anchor == "default" else paired(first, anchor, "default")["median"]
-        print(f"[{name}] rexdeploy build --budget-ratio {ratio:.3f} --relative-to default (the {anchor} latency; "
-              f"{anchor_ms[anchor]:.3f} ms in the first rounds) ...", flush=True)  # fmt: skip
-        builds[anchor] = rex_engine(bench, f"rex@{anchor}", ratio, work / name, args.build_duration_s)
+        # the budget is the anchor's own latency as the build times it, in its own interleaved rounds (the shared
+        # host's speed drifts up to 1.5-2x between rounds and a build: a ratio carried over from the first rounds put
+        # NNCF's budget at 0.64 x the default float where the final rounds measured 0.82 x)
+        relative_to = "default" if anchor == "default" else str(bench.built[anchor].engine.artifacts[0])
+        print(f"[{name}] rexdeploy build --budget-ratio 1 --relative-to {Path(relative_to).name} (the {anchor} "
+              f"latency; {anchor_ms[anchor]:.3f} ms in the first rounds) ...", flush=True)  # fmt: skip
+        builds[anchor] = rex_engine(bench, f"rex@{anchor}", relative_to, work / name, args.build_duration_s)
         builds[anchor]["anchor_first_rounds_ms"] = anchor_ms[anchor]
     keys = list(bench.built)
     print(f"[{name}] timing {len(keys)} engines, {args.rounds} interleaved rounds ...", flush=True)
@@ -218,6 +223,20 @@ def _pct(x: float) -> str:
     return f"{x:.6f}" if x > 0.999 and x != 1.0 else f"{x:.1%}"
 
 
+def _in_build(b: dict[str, Any]) -> str:
+    """What the build itself saw of the anchor it was relative to (``--relative-to ENGINE``): latency ratio in its
+    rounds and both engines' errors on its synthetic probes."""
+    ref = b.get("reference")
+    if not ref:
+        return ""
+    est = ref["fidelity"]["estimate"] or {}
+    ours = b["estimate"]
+    top1 = (f", top-1 {ours['top1_agreement']:.1%} vs {est['top1_agreement']:.1%}"
+            if ours.get("top1_agreement") is not None and est.get("top1_agreement") is not None else "")  # fmt: skip
+    return (f" In the build: ×{ref['rex_vs_reference']:.2f} {b['relative_to']} in its rounds; on its synthetic probes "
+            f"rel. error {ours['relative_error']:.3g} vs {est.get('relative_error', float('nan')):.3g}{top1}.")
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
@@ -227,9 +246,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Host: {m['cpu']} ({m['flags']}), {m['cpu_count']} CPUs; load average before / after "
         f"{m['loadavg_before'][0]:.1f} / {m['loadavg_after'][0]:.1f}.",
         "",
-        "`rexdeploy build --budget-ratio r --relative-to default` (closed loop, data-free; the build times the default "
-        "float engine itself, beside its candidates) at each anchor's latency: r = 1 for the default float, r = NNCF's "
-        "median per-round ratio to the default float in the first interleaved rounds for NNCF; all engines are then "
+        "`rexdeploy build --budget-ratio 1 --relative-to A` (closed loop, data-free) at each anchor's latency, A = "
+        "`default` (the default float engine) or NNCF's IR itself (`--relative-to nncf_quantize.xml`, compiled bare): "
+        "the build times the anchor in its own interleaved rounds, beside its candidates; all engines are then "
         "timed again in interleaved rounds "
         f"({result['rounds']} × {result['per_round_s']} s per engine). *×anchor*: median (quartiles) of the per-round "
         "latency ratio to the anchor the budget came from. Fidelity against the FP32 engine on evaluation inputs "
@@ -251,7 +270,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [""]
         for anchor, v in r["verdicts"].items():
             b = r["builds"][anchor]
-            budget = (f"{b['budget_ratio']:.3f} × the default float engine"
+            what = "the default float engine" if b.get("relative_to", "default") == "default" else b["relative_to"]
+            budget = (f"{b['budget_ratio']:.3f} × {what}"
                       + (f" = {b['budget_ms']:.3f} ms as the build timed it" if b["budget_ms"] is not None else ""))  # fmt: skip
             if "error" in v:
                 lines.append(f"- **@ {LABELS[anchor]}** (budget {budget}): **not met** — {v['error']}")
@@ -267,7 +287,7 @@ def markdown(result: dict[str, Any]) -> str:
                    "host's noise)" if v.get("same_engine") else "")
                 + (" (its ×anchor quartiles straddle 1.00: within this host's timing noise)"
                    if not v["met"] and v["ratio"]["q1"] <= 1.0 <= v["ratio"]["q3"] else "")
-                + f". Why: {b['choice']}",
+                + f". Why: {b['choice']}." + _in_build(b),
             ]
         lines += [""]
     if result.get("conclusion"):
