@@ -170,8 +170,10 @@ def measure_model(name: str, profile: Any, args: argparse.Namespace, work: Path)
     final = time_rounds(bench, keys, args.rounds, args.per_round_s)
     ref = bench.outputs("fp32")
     rows: dict[str, Any] = {}
+    agrees: dict[str, np.ndarray] = {}  # per input: the engine's top-1 is FP32's
     for key in keys:
         out = bench.outputs(key)
+        agrees[key] = out.reshape(len(out), -1).argmax(axis=1) == ref.reshape(len(ref), -1).argmax(axis=1)
         row = {
             "median_ms": statistics.median(final[key]),
             "round_medians_ms": final[key],
@@ -201,10 +203,20 @@ def measure_model(name: str, profile: Any, args: argparse.Namespace, work: Path)
         verdicts[anchor] = {"ratio": ratio, "agreement": agree, "anchor_agreement": anchor_agree,
                             "metric": "worst embedding cosine" if name == "encoder" else "top-1 agreement",
                             "met": ratio["median"] <= 1.0 and agree >= floor}  # fmt: skip
+        if name != "encoder":
+            verdicts[anchor]["discordant"] = discordant(agrees[rex], agrees[anchor])
         if anchor == "default" and builds[anchor].get("is_default_float"):  # the anchor's own engine, timed against
             verdicts[anchor].update(same_engine=True, met=agree >= floor)  # itself: its ×anchor is the host's noise
     return {"title": subject.title, "data": subject.data, "anchors_first_ms": anchor_ms, "builds": builds,
             "engines": rows, "verdicts": verdicts, "calibration": note}  # fmt: skip
+
+
+def discordant(ours: np.ndarray, theirs: np.ndarray) -> dict[str, Any]:
+    """The inputs on which exactly one of two engines disagrees with FP32's top-1, paired on the same inputs
+    (McNemar): ``ours_only`` / ``theirs_only`` wrong, and whether the difference is within two standard errors of
+    zero (|b − c| ≤ 2·sqrt(b + c): the two engines' top-1 agreements are then the same within sampling noise)."""
+    b, c = int(np.sum(~ours & theirs)), int(np.sum(ours & ~theirs))
+    return {"ours_only_wrong": b, "theirs_only_wrong": c, "within_noise": abs(b - c) <= 2.0 * np.sqrt(b + c)}
 
 
 ENCODER_COSINE = 0.9999  # issue 15: a data-free engine at <= the default float latency with embedding cosine >= this
@@ -221,6 +233,14 @@ LABELS = {"fp32": "FP32", "default": "OpenVINO default (no config)", "nncf_quant
 
 def _pct(x: float) -> str:
     return f"{x:.6f}" if x > 0.999 and x != 1.0 else f"{x:.1%}"
+
+
+def _discordant_text(d: dict[str, Any] | None) -> str:
+    if not d or d["ours_only_wrong"] == d["theirs_only_wrong"] == 0:
+        return ""
+    noise = "within sampling noise" if d["within_noise"] else "beyond sampling noise"
+    return (f"; paired on the same inputs, {d['ours_only_wrong']} where only the build's engine disagrees with FP32, "
+            f"{d['theirs_only_wrong']} where only the anchor does ({noise}: McNemar, 2 SE)")
 
 
 def _in_build(b: dict[str, Any]) -> str:
@@ -287,6 +307,7 @@ def markdown(result: dict[str, Any]) -> str:
                    "host's noise)" if v.get("same_engine") else "")
                 + (" (its ×anchor quartiles straddle 1.00: within this host's timing noise)"
                    if not v["met"] and v["ratio"]["q1"] <= 1.0 <= v["ratio"]["q3"] else "")
+                + _discordant_text(v.get("discordant"))
                 + f". Why: {b['choice']}." + _in_build(b),
             ]
         lines += [""]
