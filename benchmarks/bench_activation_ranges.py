@@ -64,7 +64,7 @@ from rexdeploy.graph import fold_batchnorm
 from rexdeploy.hostcpu import cpu_flags
 from rexdeploy.passes.expand import expand
 from rexdeploy.passes.pipeline import expand_model
-from rexdeploy.passes.residual import quantized_adds
+from rexdeploy.passes.residual import quantized_joins
 from rexdeploy.plans import default_plan
 from rexdeploy.profile import load_profile
 from rexdeploy.ranges import IMAGE_INPUT_RANGE, activation_means, activation_ranges, probe_batch, unsigned_layers
@@ -228,10 +228,11 @@ def quantized(model: onnx.ModelProto, order: int, variant: Variant, act_order: i
 
 def range_tensors(folded: onnx.ModelProto, layers: list[Any], act_order: int = 1) -> list[str]:
     """The tensors expand_model ranges on a uniform W8A8 plan: every layer input, and with one activation order
-    the inputs of the residual Adds between int8 layers (:func:`rexdeploy.passes.residual.quantized_adds`)."""
+    the inputs of the residual Adds and average pools between int8 layers
+    (:func:`rexdeploy.passes.residual.quantized_joins`)."""
     inputs = list(dict.fromkeys(layer.input for layer in layers))
-    adds = quantized_adds(folded, set(inputs) if act_order == 1 else set(), {layer.output for layer in layers})
-    return list(dict.fromkeys([*inputs, *(t for pair in adds.values() for t in pair)]))
+    joins = quantized_joins(folded, set(inputs) if act_order == 1 else set(), {layer.output for layer in layers})
+    return list(dict.fromkeys([*inputs, *(t for pair in joins.values() for t in pair)]))
 
 
 def nncf_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:

@@ -134,13 +134,15 @@ def fold_batchnorm_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def layer_input_ranges(model: onnx.ModelProto, probe: np.ndarray, name: str = "x", adds: bool = False) -> dict[str, float]:
-    """max |x| of every Conv/Gemm input on ``probe`` (``adds``: and of every Add input), computed by the reference
-    interpreter in float64."""
+def layer_input_ranges(
+    model: onnx.ModelProto, probe: np.ndarray, name: str = "x", joins: bool = False
+) -> dict[str, float]:
+    """max |x| of every Conv/Gemm input on ``probe`` (``joins``: and of every Add and GlobalAveragePool input),
+    computed by the reference interpreter in float64."""
     seen: dict[str, float] = {}
     run_reference(model, {name: probe}, inputs_seen=seen)
     ranges = {k: v for k, v in seen.items() if ":" not in k}
-    if adds:
+    if joins:
         ranges.update({k.split(":", 1)[1]: v for k, v in seen.items() if ":" in k})
     return ranges
 
@@ -157,14 +159,20 @@ def bias_correction_means(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def checked_expansion(
-    model: onnx.ModelProto, probe: np.ndarray, profile: Profile, plan: Plan | None = None, **settings: object
+    model: onnx.ModelProto,
+    probe: np.ndarray,
+    profile: Profile,
+    plan: Plan | None = None,
+    *,
+    joins: bool = False,
+    **settings: object,
 ) -> tuple[Expanded, np.ndarray, onnx.ModelProto, dict[str, float]]:
     """Expand ``model`` with ``plan`` or ``settings``, run ``onnx.checker``'s full check, compute it exactly on
-    ``probe``. The activation ranges are the reference's own (max |x| of each layer input on ``probe``), handed
-    to the pass, so the reference derives the scales itself. Returns the expansion, its output, the BN-folded
-    FP32 model (folded by the reference) and those ranges."""
+    ``probe``. The activation ranges are the reference's own (max |x| of each layer input on ``probe``; ``joins``:
+    and of each Add and pool input), handed to the pass, so the reference derives the scales itself. Returns the
+    expansion, its output, the BN-folded FP32 model (folded by the reference) and those ranges."""
     folded = fold_batchnorm_reference(model)
-    ranges = layer_input_ranges(folded, probe)
+    ranges = layer_input_ranges(folded, probe, joins=joins)
     expanded = expand_model(model, plan, profile=profile, ranges=ranges, **settings)
     onnx.checker.check_model(expanded.model, full_check=True)
     return expanded, run_exact(expanded.model, probe), folded, ranges
@@ -223,7 +231,8 @@ def run_reference(
     input_means: Mapping[str, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Interpret ``model`` in float64 numpy. ``weight_map(node_name, w)`` replaces a Conv/Gemm weight
-    (e.g. by its REx reconstruction); ``act_scales`` fake-quantizes a node's input tensor.
+    (e.g. by its REx reconstruction); ``act_scales`` fake-quantizes a node's input tensor (a Conv/Gemm's, an
+    Add's or a GlobalAveragePool's: the joins between int8 layers, rexdeploy.passes.residual).
 
     Activation orders: with ``act_order`` J > 1 a quantized input becomes x_1 = fq(x, s), x_j =
     fq(x − x_1 − … − x_{j−1}, s / 254^(j−1)), and the node computes Σ_{(j, k) in terms} op(x_j, W_k), where
@@ -278,14 +287,21 @@ def run_reference(
             out = np.clip(ins[0], lo, hi)
         elif op == "Add":
             a0, a1 = ins[0], ins[1]
-            if inputs_seen is not None:  # recorded under the Add's name: layer_input_ranges(adds=True) wants them
-                inputs_seen.update({f"{node.name}:{t}": float(np.abs(v).max()) for t, v in zip(node.input, (a0, a1), strict=True)})
+            if inputs_seen is not None:  # recorded under the Add's name: layer_input_ranges(joins=True) wants them
+                inputs_seen.update(
+                    {f"{node.name}:{t}": float(np.abs(v).max()) for t, v in zip(node.input, (a0, a1), strict=True)}
+                )
             if act_scales:  # a residual Add between int8 layers reads Q/DQ'd inputs (rexdeploy.passes.residual)
                 a0, a1 = (_fake_quant(v, act_scales[t], t in unsigned) if t in act_scales else v
                           for t, v in zip(node.input, (a0, a1), strict=True))  # fmt: skip
             out = a0 + a1
         elif op == "GlobalAveragePool":
-            out = ins[0].mean(axis=(2, 3), keepdims=True)
+            x = ins[0]
+            if inputs_seen is not None:  # under the pool's name, like an Add's: layer_input_ranges(joins=True)
+                inputs_seen[f"{node.name}:{node.input[0]}"] = float(np.abs(x).max())
+            if act_scales and node.input[0] in act_scales:  # a pool between int8 layers reads a Q/DQ'd input
+                x = _fake_quant(x, act_scales[node.input[0]], node.input[0] in unsigned)
+            out = x.mean(axis=(2, 3), keepdims=True)
         elif op == "Flatten":
             out = ins[0].reshape(ins[0].shape[0], -1)
         elif op == "BatchNormalization":

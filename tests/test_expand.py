@@ -25,9 +25,10 @@ from rexdeploy.plans import LayerPlan, Plan, uniform_plan
 from rexdeploy.profile import load_profile
 
 PROFILE = load_profile("x86-avx512")
-# small_cnn's quantized inputs that are >= 0 by construction (ReLU outputs, and the pooled ReLU output): an
-# OpenVINO profile quantizes them to uint8 (zero-point 0, range / 255), the image input x to int8
-UNSIGNED = frozenset({"r1", "r2", "flat"})
+# small_cnn's quantized inputs that are >= 0 by construction (ReLU outputs: r1, r2 and the pool's input r3 — a
+# join between the int8 pwconv and fc, rexdeploy.passes.residual — and the pooled ReLU output): an OpenVINO
+# profile quantizes them to uint8 (zero-point 0, range / 255), the image input x to int8
+UNSIGNED = frozenset({"r1", "r2", "r3", "flat"})
 
 
 @pytest.mark.parametrize("trans_b", [True, False])
@@ -44,7 +45,7 @@ def test_expanded_graph_matches_numpy_reference(
 ) -> None:
     model = small_cnn(trans_b=trans_b)
     expanded, got, folded, ranges = checked_expansion(model, probe, PROFILE, bits=bits, order=order,
-                                                      act_bits=act_bits, form=form)  # fmt: skip
+                                                      act_bits=act_bits, form=form, joins=True)  # fmt: skip
     scales = activation_scales(ranges, unsigned=UNSIGNED) if act_bits == 8 else None
     want = run_reference(folded, {"x": probe}, weight_map=rex_weight_map(bits, order), act_scales=scales,
                          unsigned=UNSIGNED, input_means=bias_correction_means(model))[0]  # fmt: skip
@@ -55,8 +56,9 @@ def test_expanded_graph_matches_numpy_reference(
     assert rel_error(got, want) < 1e-5
     assert quant_error > 1e-4
     # the pass used the scales the reference derived from the ranges it was given, on exactly the layer inputs
+    # and the pooled head's input (the pool sits between the int8 pwconv and fc)
     assert expanded.activation_scales == pytest.approx(scales or {}, rel=1e-12)
-    assert (act_bits == 8) == (set(expanded.activation_scales) == {"x", "r1", "r2", "flat"})
+    assert (act_bits == 8) == (set(expanded.activation_scales) == {"x", "r1", "r2", "r3", "flat"})
 
 
 @pytest.mark.parametrize(("bits", "order", "gamma", "act_bits"), [(4, 3, 0.5, 8), (4, 3, 1.0, 0), (8, 2, 0.25, 8),
@@ -70,7 +72,7 @@ def test_sparse_expansion_matches_numpy_reference(
     names = ["conv1", "dwconv", "pwconv", "fc"]
     plan = uniform_plan(names, bits=bits, order=order, gamma=gamma, act_bits=act_bits)
     # a plan that names no profile: int8 activations everywhere (what every engine runs)
-    expanded, got, folded, ranges = checked_expansion(model, probe, PROFILE, plan)
+    expanded, got, folded, ranges = checked_expansion(model, probe, PROFILE, plan, joins=True)
     assert {lp.gamma for lp in expanded.plan.layers.values()} == {gamma}
     scales = activation_scales(ranges) if act_bits == 8 else None
     means = bias_correction_means(model)
@@ -115,8 +117,8 @@ def test_op_sequence_branches() -> None:
         "Add",
     ]
     assert ops.count("Conv") == 6 and ops.count("Gemm") == 2
-    assert ops.count("QuantizeLinear") == 4  # one Q/DQ per quantized layer input
-    assert ops.count("DequantizeLinear") == 4 + 8  # activations + one per weight order
+    assert ops.count("QuantizeLinear") == 5  # one Q/DQ per quantized layer input, one on the pool's input
+    assert ops.count("DequantizeLinear") == 5 + 8  # activations + one per weight order
     assert ops.count("Add") == 4
     assert "BatchNormalization" not in ops
 
@@ -213,7 +215,7 @@ def test_relu_outputs_are_uint8_where_the_engine_runs_them(profile: str, unsigne
     model = small_cnn()
     prof = load_profile(profile)
     bits = min(8, max(prof.weight_bits("conv")))
-    ranges = {"x": 3.0, "r1": 5.1, "r2": 2.55, "flat": 1.0}
+    ranges = {"x": 3.0, "r1": 5.1, "r2": 2.55, "r3": 4.0, "flat": 1.0}  # r3: the pool's input (a join)
     expanded = expand_model(model, profile=prof, bits=bits, order=2, act_bits=8, ranges=ranges)
     onnx.checker.check_model(expanded.model, full_check=True)
     u8, i8 = onnx.TensorProto.UINT8, onnx.TensorProto.INT8

@@ -414,9 +414,11 @@ def test_budget_ratio_is_relative_to_the_plain_int8_engine_measured_in_the_run(
     monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
 ) -> None:
     builder = ScriptedBuilder()
-    report = _build(monkeypatch, builder, cnn_path, tmp_path / "r", budget_ratio=1.2)
+    # 1.15 × the int8 engine (46 us: its pooled head's Q/DQ included) keeps the alternating probe (53.5 us) just
+    # outside the budget, so the planner's plan is built and timed
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "r", budget_ratio=1.15)
     int8 = report.baselines["int8"].timing.median_ms
-    assert report.budget_ms == pytest.approx(1.2 * int8)
+    assert report.budget_ms == pytest.approx(1.15 * int8)
     assert report.fits_budget and report.rex.timing.median_ms <= report.budget_ms
     assert report.rex.timing.median_ms < report.baselines["fp32"].timing.median_ms  # FP32 does not fit here
     assert report.plan.layers

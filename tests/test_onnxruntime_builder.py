@@ -178,7 +178,8 @@ def test_expanded_graph_on_the_builder_matches_the_reference(
     model = small_cnn()
     probes = np.random.default_rng(11).standard_normal((16, 1, 3, 8, 8)).astype(np.float32)
     folded = fold_batchnorm_reference(model)
-    ranges = layer_input_ranges(folded, probes.reshape(16, 3, 8, 8))
+    # with one activation order the head's pool (between the int8 pwconv and fc) reads a Q/DQ'd input: its range too
+    ranges = layer_input_ranges(folded, probes.reshape(16, 3, 8, 8), joins=act_order == 1)
     plan = uniform_plan(NODES, bits=bits, order=order, gamma=gamma, act_bits=act_bits, act_order=act_order, form=form)
     path = tmp_path / "rex.onnx"
     onnx.save(expand_model(model, plan, ranges=ranges).model, str(path))
@@ -230,8 +231,10 @@ def test_cli_expand_output_on_the_builder_matches_the_reference(tmp_path: Path) 
     engine = builder.build(out, PROFILE, tmp_path / "engine")
     got = np.concatenate([builder.run(engine, {"x": x[None]})[0] for x in probes])
     folded = fold_batchnorm_reference(small_cnn())
-    unsigned = {"r1", "r2", "flat"}  # ReLU outputs: uint8 (zero-point 0) on the OpenVINO-engine profile x86-avx512
-    scales = activation_scales(layer_input_ranges(folded, probes), unsigned=unsigned)
+    # ReLU outputs (r3: the head pool's input, a join between int8 layers): uint8 (zero-point 0) on the
+    # OpenVINO-engine profile x86-avx512
+    unsigned = {"r1", "r2", "r3", "flat"}
+    scales = activation_scales(layer_input_ranges(folded, probes, joins=True), unsigned=unsigned)
     want = run_reference(folded, {"x": probes}, weight_map=rex_weight_map(4, 3), act_scales=scales,
                          unsigned=unsigned, input_means=bias_correction_means(small_cnn()))[0]  # fmt: skip
     assert rel_error(got, want) < 1e-5

@@ -310,8 +310,10 @@ def test_expand_model_uses_bn_ranges_and_calibration() -> None:
     profile = load_profile("x86-avx512")
     expanded = expand_model(model, profile=profile, bits=8, order=1, act_bits=8)
     folded, stats = fold_batchnorm(model)
-    unsigned = {"r1", "r2", "flat"}  # ReLU outputs (pooled or not): uint8 on an OpenVINO profile, scale range / 255
-    want = activation_ranges(folded, stats, ["x", "r1", "r2", "flat"], unsigned=unsigned)  # ranged on 255 levels
+    # ReLU outputs (pooled or not; r3 is the head pool's input, quantized between the int8 pwconv and fc): uint8 on
+    # an OpenVINO profile, scale range / 255
+    unsigned = {"r1", "r2", "r3", "flat"}
+    want = activation_ranges(folded, stats, ["x", "r1", "r2", "flat", "r3"], unsigned=unsigned)  # on 255 levels
     scales = {k: activation_scale(v, k in unsigned) for k, v in want.items()}
     assert expanded.activation_scales == pytest.approx(scales)
     # r1 (BN → Relu) comes from the BN statistics, not from the probes
@@ -322,7 +324,7 @@ def test_expand_model_uses_bn_ranges_and_calibration() -> None:
     assert want["x"] == IMAGE_INPUT_RANGE  # an image-shaped input without statistics: standardised pixels
     calibration = np.random.default_rng(9).standard_normal((8, 3, 8, 8)).astype(np.float32) * 4.0
     calibrated = expand_model(model, profile=profile, bits=8, order=1, act_bits=8, calibration=calibration)
-    cal = probe_ranges(folded, ["x", "r1", "r2", "flat"], calibration=calibration)
+    cal = probe_ranges(folded, ["x", "r1", "r2", "flat", "r3"], calibration=calibration)
     assert calibrated.activation_scales == pytest.approx(
         {k: activation_scale(v, k in unsigned) for k, v in cal.items()}
     )

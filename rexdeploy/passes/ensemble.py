@@ -381,7 +381,7 @@ def _difference_nodes(model: onnx.ModelProto, plan: Plan, layout: Layout, by_nam
         name = _cumulative(t, m)
         if name not in summed:
             summed.add(name)
-            # Sum, not Add: a sum of predictors, not a residual block (quantized_adds would give each part its own
+            # Sum, not Add: a sum of predictors, not a residual block (quantized_joins would give each part its own
             # Q/DQ and quantize the sum twice)
             new_nodes.append(helper.make_node("Sum", [cumulative(t, m - 1), rename(t, m)], [name], name=name))
         return name

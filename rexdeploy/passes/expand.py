@@ -57,7 +57,7 @@ from rexdeploy.bnstats import nonnegative_tensors
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import add_initializer, drop_initializers
 from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
-from rexdeploy.passes.residual import quantized_adds
+from rexdeploy.passes.residual import POOLS, pooled_reader, quantized_joins
 from rexdeploy.plans import LayerPlan, Plan
 
 SPARSE_FORMS = ("gather", "dense", "onehot", "auto")
@@ -130,17 +130,21 @@ class _Emitter:
     def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: Any) -> None:
         self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, **attrs))
 
-    def quantized_activation(self, tensor: str, scale: float, unsigned: bool = False) -> str:
+    def quantized_activation(self, tensor: str, scale: float, unsigned: bool = False, owner: str = "") -> str:
         """One shared Q/DQ pair per activation tensor (engines want one scale per tensor); ``unsigned``:
-        uint8 with zero-point 0 (the tensor is ≥ 0), else int8 with zero-point 0."""
+        uint8 with zero-point 0 (the tensor is ≥ 0), else int8 with zero-point 0. ``owner``: a layer name the
+        Q/DQ nodes' names start with (``<owner>_<tensor>_QuantizeLinear``), which makes them that layer's in
+        :func:`rexdeploy.probing.node_owners` (a pooled input's Q/DQ: there because the layer after the pool is
+        int8)."""
         if tensor in self.act_dq:
             return self.act_dq[tensor]
         base = _safe(tensor)
         s = self.const(f"{base}_act_scale", np.array(scale, dtype=np.float32))
         zp = self.const(f"{base}_act_zp", np.array(0, dtype=np.uint8 if unsigned else np.int8))
         q, dq = f"{base}_q", f"{base}_dq"
-        self.node("QuantizeLinear", [tensor, s, zp], [q], f"{base}_QuantizeLinear")
-        self.node("DequantizeLinear", [q, s, zp], [dq], f"{base}_DequantizeLinear")
+        named = f"{owner}_{base}" if owner else base
+        self.node("QuantizeLinear", [tensor, s, zp], [q], f"{named}_QuantizeLinear")
+        self.node("DequantizeLinear", [q, s, zp], [dq], f"{named}_DequantizeLinear")
         self.act_dq[tensor] = dq
         self.act_scales[tensor] = scale
         return dq
@@ -468,13 +472,15 @@ def expand(
     nodes = {n.name or f"{n.op_type}_{i}": n for i, n in enumerate(model.graph.node)}
     int8_jobs = [(nodes[n], j) for n, j in jobs.items() if n in nodes and j.plan.act_bits == 8]
     int8_inputs = {str(n.input[j.layer.act_index]): j for n, j in int8_jobs if j.plan.act_order == 1}
-    adds = quantized_adds(model, int8_inputs, {t for n, _ in int8_jobs for t in n.output})
+    joins = quantized_joins(model, int8_inputs, {t for n, _ in int8_jobs for t in n.output})
     for index, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{index}"
         job = jobs.get(name)
         if job is None:
-            if name in adds and all(t in ranges for t in adds[name]):  # residual Add between int8 layers
-                node = _quantized_add(em, node, ranges, int8_inputs, nonnegative)
+            if name in joins and all(t in ranges for t in joins[name]):  # residual Add or pool between int8 layers
+                reached = pooled_reader(model, node.output[0], int8_inputs) if node.op_type in POOLS else None
+                owner = int8_inputs[reached].layer.name if reached is not None else ""
+                node = _quantized_join(em, node, ranges, int8_inputs, nonnegative, owner)
             em.nodes.append(node)
             continue
         lp, layer = job.plan, job.layer
@@ -521,15 +527,16 @@ def expand(
     return ExpandResult(out, len(jobs), t_numerics, t_graph, dict(em.act_scales))
 
 
-def _quantized_add(em: _Emitter, node: onnx.NodeProto, ranges: Mapping[str, float], int8_inputs: Mapping[str, LayerJob],
-                   nonnegative: Collection[str]) -> onnx.NodeProto:  # fmt: skip
-    """``node`` (a residual Add, :func:`rexdeploy.passes.residual.quantized_adds`) reading Q/DQ'd inputs: the Q/DQ
-    pair an int8 layer shares for the same tensor (same scale and type as that layer gives it), else a new one."""
+def _quantized_join(em: _Emitter, node: onnx.NodeProto, ranges: Mapping[str, float], int8_inputs: Mapping[str, LayerJob],
+                    nonnegative: Collection[str], owner: str = "") -> onnx.NodeProto:  # fmt: skip
+    """``node`` (a residual Add or an average pool, :func:`rexdeploy.passes.residual.quantized_joins`) reading
+    Q/DQ'd inputs: the Q/DQ pair an int8 layer shares for the same tensor (same scale and type as that layer gives
+    it), else a new one, its nodes named after ``owner`` (a pool's: the int8 layer its output reaches)."""
     inputs = []
     for tensor in node.input:
         reader = int8_inputs.get(tensor)
-        unsigned = emits_unsigned(reader.layer.op_type if reader else "Add", tensor, nonnegative)
-        inputs.append(em.quantized_activation(tensor, activation_scale(ranges[tensor], unsigned), unsigned))
+        unsigned = emits_unsigned(reader.layer.op_type if reader else node.op_type, tensor, nonnegative)
+        inputs.append(em.quantized_activation(tensor, activation_scale(ranges[tensor], unsigned), unsigned, owner))
     quantized = onnx.NodeProto()
     quantized.CopyFrom(node)
     quantized.input[:] = inputs

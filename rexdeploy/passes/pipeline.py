@@ -11,12 +11,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
+from rexdeploy.actorders import unsigned_activations_for
 from rexdeploy.analyze import Layer, quantizable_layers
+from rexdeploy.bnstats import nonnegative_tensors
 from rexdeploy.costmodel import engine_float_precision, engine_profile
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
-from rexdeploy.passes.residual import quantized_adds
+from rexdeploy.passes.residual import quantized_joins
 from rexdeploy.passes.smooth import smooth_layernorms, smoothing_note
 from rexdeploy.pins import pin_fp32, set_dynamic_activations, set_float_precision
 from rexdeploy.plans import Plan, default_plan
@@ -86,13 +88,16 @@ def expand_model(
     by_name = {layer.name: layer for layer in layers}
     int8 = {n: lp for n, lp in plan.layers.items() if n in by_name and lp.act_bits == 8}
     act_inputs = [by_name[n].input for n in int8]
-    adds = quantized_adds(folded, {by_name[n].input for n, lp in int8.items() if lp.act_order == 1},
-                          {by_name[n].output for n in int8})  # fmt: skip
-    act_inputs += [t for inputs in adds.values() for t in inputs]  # residual Adds quantized between int8 layers
+    found = quantized_joins(folded, {by_name[n].input for n, lp in int8.items() if lp.act_order == 1},
+                            {by_name[n].output for n in int8})  # fmt: skip
+    joins = [t for inputs in found.values() for t in inputs]  # residual Adds and pools quantized between int8 layers
+    act_inputs += joins
     # BN statistics where they reach, synthetic probes elsewhere; a user calibration batch overrides both
     missing = list(dict.fromkeys(t for t in act_inputs if ranges is None or t not in ranges))
     batch = probe_batch(sum(layer.macs for layer in layers))
     unsigned = {by_name[n].input for n in unsigned_layers(folded, layers, plan.profile)}  # the expansion's rule
+    if joins and unsigned_activations_for(plan.profile):  # expand's rule for a join input: uint8 where it is >= 0
+        unsigned |= set(joins) & nonnegative_tensors(folded)
     computed = {}
     if missing:
         computed = activation_ranges(folded, bn_stats, missing, method="auto", calibration=calibration, batch=batch,
