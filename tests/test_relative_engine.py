@@ -15,6 +15,7 @@ from test_measured_planning import FAST, PROFILE, ScriptedBuilder
 
 from rexdeploy import closedloop
 from rexdeploy.api import default_plan, expand_model, quantizable_layers
+from rexdeploy.budget import format_ms
 from rexdeploy.cli.main import main
 from rexdeploy.demo import demo_model_path
 from rexdeploy.errors import BudgetError, InputError
@@ -168,3 +169,24 @@ def test_load_as_user_keeps_rexdeploys_options_and_compiles_foreign_irs_bare(tmp
     bare = builder.load_as_user(foreign, profile)
     plain = ov.Core().compile_model(str(foreign), "CPU")
     assert bare.options["INFERENCE_PRECISION_HINT"] == plain.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def test_engines_the_rounds_bring_within_the_budget_are_compared_on_measured_errors(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    """The reference's first timing is lucky (half its real latency): the first budget (1.5x it) is tight and no
+    quantized engine is near it; the rounds settle it at 1.5x the real latency, which the fastest engine (always in
+    the rounds) fits. It is chosen among on its error measured on the probes, not the error model's prediction."""
+    builder = ScriptedBuilder(default_float="bf16", slow_first_bf16=0.5)
+    said: list[str] = []
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "lucky", budget_ratio=1.5, relative_to="default",
+                    progress=said.append)  # fmt: skip
+    fp32_ms = (builder.overhead_us + sum(builder._node_us(onnx.load(str(cnn_path))).values())) / 1000
+    assert report.budget_ms == pytest.approx(1.5 * 0.6 * fp32_ms)  # settled: 1.5 x the bf16 engine's real latency
+    assert next(m for m in said if m.startswith("budget: 1.5 x the default float engine")).endswith(
+        f"= {format_ms(1.5 * 0.3 * fp32_ms)}")  # the lucky first timing
+    assert sum(m.startswith("budget 1.5 x") and "interleaved rounds" in m for m in said) == 2  # again around the settled budget: more engines near it
+    engines = report.latency_model["engines"]
+    quantized_fitting = [e for e in engines if e["fits"] and not e["plan"].startswith("no layer quantized")]
+    assert quantized_fitting  # the rounds brought quantized engines within the settled budget ...
+    assert all(e["error_source"] == "measured on the probes" for e in quantized_fitting), engines  # ... measured
