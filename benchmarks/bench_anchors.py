@@ -216,7 +216,7 @@ def discordant(ours: np.ndarray, theirs: np.ndarray) -> dict[str, Any]:
     (McNemar): ``ours_only`` / ``theirs_only`` wrong, and whether the difference is within two standard errors of
     zero (|b − c| ≤ 2·sqrt(b + c): the two engines' top-1 agreements are then the same within sampling noise)."""
     b, c = int(np.sum(~ours & theirs)), int(np.sum(ours & ~theirs))
-    return {"ours_only_wrong": b, "theirs_only_wrong": c, "within_noise": abs(b - c) <= 2.0 * np.sqrt(b + c)}
+    return {"ours_only_wrong": b, "theirs_only_wrong": c, "within_noise": bool(abs(b - c) <= 2.0 * np.sqrt(b + c))}
 
 
 ENCODER_COSINE = 0.9999  # issue 15: a data-free engine at <= the default float latency with embedding cosine >= this
@@ -306,7 +306,7 @@ def markdown(result: dict[str, Any]) -> str:
                 + (" (the returned engine *is* the default float engine: timed against itself, its ×anchor is the "
                    "host's noise)" if v.get("same_engine") else "")
                 + (" (its ×anchor quartiles straddle 1.00: within this host's timing noise)"
-                   if not v["met"] and v["ratio"]["q1"] <= 1.0 <= v["ratio"]["q3"] else "")
+                   if v["ratio"]["median"] > 1.0 and v["ratio"]["q1"] <= 1.0 <= v["ratio"]["q3"] else "")
                 + _discordant_text(v.get("discordant"))
                 + f". Why: {b['choice']}." + _in_build(b),
             ]
