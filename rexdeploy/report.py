@@ -9,7 +9,7 @@ from typing import Any
 
 from rexdeploy.budget import format_ms
 from rexdeploy.builders.timing import Timing
-from rexdeploy.fidelity import Fidelity
+from rexdeploy.fidelity import Fidelity, top1_text
 from rexdeploy.plans import Plan
 
 
@@ -204,7 +204,7 @@ class Report:
         lines += _estimate_console(self.fidelity)
         if self.fidelity_samples is not None:
             fs = self.fidelity_samples
-            top1s = f"  top-1 agreement {fs.top1_agreement:.1%}" if fs.top1_agreement is not None else ""
+            top1s = f"  {top1_text(fs)}" if fs.top1_agreement is not None else ""
             of = f", worst output {fs.error_output}" if fs.error_output else ""
             lines.append(f"samples  rel. error {fs.relative_error:.2e}  cosine {fs.cosine:.6f}{top1s}  ({fs.probes} of "
                          f"your samples: measured{of})")  # fmt: skip
@@ -278,7 +278,7 @@ class Report:
                 "",
                 f"Fidelity vs FP32 on {fs.probes} of your samples (measured): relative error "
                 f"{fs.relative_error:.3e}, cosine {fs.cosine:.6f}, max abs error {fs.max_abs_error:.3e}"
-                + (f", top-1 agreement {fs.top1_agreement:.1%}" if fs.top1_agreement is not None else "")
+                + (f", {top1_text(fs)}" if fs.top1_agreement is not None else "")
                 + ".",
             ]
         if self.reference_lines():
@@ -317,7 +317,7 @@ def _probes_text(f: Fidelity) -> str:
 
 def _estimate_console(f: Fidelity) -> list[str]:
     """The console lines of the data-free estimate: the worst figures, then each family's."""
-    top1 = f"  top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+    top1 = f"  {top1_text(f)}" if f.top1_agreement is not None else ""
     lines = [f"estimate rel. error {f.relative_error:.2e}  cosine {f.cosine:.6f}{top1}  (data-free estimate, "
              f"{_probes_text(f)}; {_families_text(f)})"]  # fmt: skip
     for fam in f.families:
@@ -328,7 +328,7 @@ def _estimate_console(f: Fidelity) -> list[str]:
 
 def _estimate_markdown(f: Fidelity) -> list[str]:
     """The Markdown of the data-free estimate: a sentence with the worst figures, a table of the families."""
-    top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+    top1 = f", {top1_text(f)}" if f.top1_agreement is not None else ""
     out = [f"Fidelity vs FP32, **data-free estimate** ({_probes_text(f)}, no data; "
            f"{_families_text(f)}): relative error {f.relative_error:.3e}, cosine {f.cosine:.6f}, max abs error "
            f"{f.max_abs_error:.3e}{top1}. Real inputs can fare better or worse (docs/report.md, how far the estimate "

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rexdeploy.fidelity import Fidelity, compare_outputs
 
@@ -117,7 +119,9 @@ def test_shape_mismatch_and_json() -> None:
         compare_outputs(np.zeros((2, 3)), np.zeros((3, 2)))
     fid = compare_outputs(np.eye(3), np.eye(3))
     doc = fid.to_dict()
+    ci95 = doc.pop("top1_ci95")  # derived from the figures (below): not a field
     assert doc == {"probes": 3, "relative_error": 0.0, "cosine": 1.0, "max_abs_error": 0.0, "top1_agreement": 1.0}
+    assert ci95 == pytest.approx([0.4385, 1.0], abs=1e-4)  # 3 of 3 agree: Wilson's 95 % interval
     assert Fidelity(**doc) == fid
     assert Fidelity.from_dict(doc) == fid
 
@@ -270,3 +274,43 @@ def test_simulated_fidelity_sees_a_second_output_quantized_harder() -> None:
     assert got.relative_error == pytest.approx(want.relative_error, rel=1e-5)
     assert got.relative_error > 0.1
     assert got.top1_agreement == 1.0  # the scores head is not quantized
+
+
+def test_wilson_interval_matches_the_closed_form_and_brackets_the_figure() -> None:
+    from rexdeploy.fidelity import wilson_interval
+
+    # 55 of 64 (85.9 %): Wilson's 95 % interval, by hand: centre (p + z²/2n)/(1 + z²/n), half-width
+    # z·sqrt(p(1−p)/n + z²/4n²)/(1 + z²/n) with z = 1.96
+    p, n, z = 55 / 64, 64, 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert wilson_interval(p, n) == pytest.approx((centre - half, centre + half))
+    assert wilson_interval(p, n) == pytest.approx((0.7538, 0.9242), abs=1e-4)
+    lo, hi = wilson_interval(1.0, 64)  # all agree: not an empty interval at 100 %
+    assert hi == 1.0 and 0.9 < lo < 1.0
+    # more probes, a narrower interval around the same figure
+    assert np.diff(wilson_interval(0.8, 256)) < np.diff(wilson_interval(0.8, 64)) < np.diff(wilson_interval(0.8, 16))
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(min_value=0, max_value=500), n=st.integers(min_value=1, max_value=500))
+def test_wilson_interval_is_a_valid_interval_containing_the_observed_fraction(k: int, n: int) -> None:
+    from rexdeploy.fidelity import wilson_interval
+
+    k = min(k, n)
+    lo, hi = wilson_interval(k / n, n)
+    assert 0.0 <= lo <= k / n + 1e-12 and k / n - 1e-12 <= hi <= 1.0
+
+
+def test_the_estimates_top1_interval_counts_its_top1_familys_probes() -> None:
+    fam = Fidelity(64, 0.1, 0.99, 1.0, 55 / 64, family="bn-matched")
+    other = Fidelity(32, 0.2, 0.98, 2.0, None, family="gaussian")
+    est = Fidelity(96, 0.2, 0.98, 2.0, 55 / 64, family="bn-matched", error_family="gaussian", families=(fam, other))
+    assert est.top1_probes == 64 and est.top1_ci95 == fam.top1_ci95
+    doc = json.loads(json.dumps(est.to_dict()))
+    assert doc["top1_ci95"] == pytest.approx([0.7538, 0.9242], abs=1e-4)
+    assert Fidelity.from_dict(doc) == est  # the interval is derived, not stored
+    assert Fidelity(10, 0.1, 0.9, 1.0, None).top1_ci95 is None
+    from rexdeploy.fidelity import top1_text
+
+    assert top1_text(est) == "top-1 agreement 85.9% (95 % CI 75%–92%)"
