@@ -177,7 +177,7 @@ def split_layer_times(
 
 def table_key(model_sha256: str, profile: Profile, builder: Builder) -> str:
     parts = [model_sha256, profile.to_toml(), builder.name, builder.version(), engine_format(builder), host_id(),
-             "costtable-5"]
+             "costtable-6"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 

@@ -57,6 +57,7 @@ from rexdeploy.bnstats import nonnegative_tensors
 from rexdeploy.errors import PlanError
 from rexdeploy.graph import add_initializer, drop_initializers
 from rexdeploy.numerics import ResidualOrder, ensemble_groups, expand_weight
+from rexdeploy.passes.attention import attention_sources
 from rexdeploy.passes.residual import POOLS, pooled_reader, quantized_joins
 from rexdeploy.plans import LayerPlan, Plan
 
@@ -473,15 +474,30 @@ def expand(
     int8_jobs = [(nodes[n], j) for n, j in jobs.items() if n in nodes and j.plan.act_bits == 8]
     int8_inputs = {str(n.input[j.layer.act_index]): j for n, j in int8_jobs if j.plan.act_order == 1}
     joins = quantized_joins(model, int8_inputs, {t for n, _ in int8_jobs for t in n.output})
+    # attention between int8 layers: its MatMuls' inputs quantized where they are made (passes/attention.py)
+    sources = {t: owner for t, owner in attention_sources(model, {str(t): j.layer.name for n, j in int8_jobs
+                                                                   for t in n.output}).items() if t in ranges}  # fmt: skip
+    rerouted: dict[str, str] = {}  # a source → its DQ, which its readers read
+
+    def quantize_sources(made: onnx.NodeProto) -> None:
+        for tensor in made.output:
+            if tensor in sources:
+                unsigned = tensor in nonnegative  # a Softmax output, where the engine runs uint8
+                scale = activation_scale(ranges[tensor], unsigned)
+                rerouted[tensor] = em.quantized_activation(tensor, scale, unsigned, sources[tensor])
+
     for index, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{index}"
         job = jobs.get(name)
         if job is None:
+            if any(t in rerouted for t in node.input):
+                node = _reading(node, rerouted)
             if name in joins and all(t in ranges for t in joins[name]):  # residual Add or pool between int8 layers
                 reached = pooled_reader(model, node.output[0], int8_inputs) if node.op_type in POOLS else None
                 owner = int8_inputs[reached].layer.name if reached is not None else ""
                 node = _quantized_join(em, node, ranges, int8_inputs, nonnegative, owner)
             em.nodes.append(node)
+            quantize_sources(node)
             continue
         lp, layer = job.plan, job.layer
         x_scale: float | None = None
@@ -518,6 +534,7 @@ def expand(
                 bias_value = corrected
                 bias_name = em.const(f"{_safe(layer.name)}{job.tag}_bias_corrected", corrected)
         _emit_layer(em, node, job, cache[key], x_scale, bias_value, unsigned, bias_name)
+        quantize_sources(node)
     del out.graph.node[:]
     out.graph.node.extend(em.nodes)
     _drop_dead_nodes(out)
@@ -525,6 +542,14 @@ def expand(
     out.producer_name = "rexdeploy"
     t_graph = time.perf_counter() - t0 - t_numerics
     return ExpandResult(out, len(jobs), t_numerics, t_graph, dict(em.act_scales))
+
+
+def _reading(node: onnx.NodeProto, rerouted: Mapping[str, str]) -> onnx.NodeProto:
+    """A copy of ``node`` whose inputs read the rerouted tensors (a quantized attention source's DQ)."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[:] = [rerouted.get(t, t) for t in node.input]
+    return copy
 
 
 def _quantized_join(em: _Emitter, node: onnx.NodeProto, ranges: Mapping[str, float], int8_inputs: Mapping[str, LayerJob],

@@ -16,6 +16,7 @@ from rexdeploy.analyze import Layer, quantizable_layers
 from rexdeploy.bnstats import nonnegative_tensors
 from rexdeploy.costmodel import engine_float_precision, engine_profile
 from rexdeploy.graph import fold_batchnorm
+from rexdeploy.passes.attention import attention_sources
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
 from rexdeploy.passes.expand import expand
 from rexdeploy.passes.residual import quantized_joins
@@ -91,6 +92,7 @@ def expand_model(
     found = quantized_joins(folded, {by_name[n].input for n, lp in int8.items() if lp.act_order == 1},
                             {by_name[n].output for n in int8})  # fmt: skip
     joins = [t for inputs in found.values() for t in inputs]  # residual Adds and pools quantized between int8 layers
+    joins += list(attention_sources(folded, {by_name[n].output: n for n in int8}))  # attention between int8 layers
     act_inputs += joins
     # BN statistics where they reach, synthetic probes elsewhere; a user calibration batch overrides both
     missing = list(dict.fromkeys(t for t in act_inputs if ranges is None or t not in ranges))
