@@ -29,6 +29,7 @@ from collections.abc import Mapping
 
 import onnx
 
+from rexdeploy.analyze import ConstantResolver
 from rexdeploy.graph import consumers
 
 SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
@@ -40,10 +41,7 @@ def attention_sources(model: onnx.ModelProto, int8_outputs: Mapping[str, str]) -
     sources of the activation × activation MatMuls between int8 layers (module docstring).
 
     ``int8_outputs``: output tensor → name of each int8 layer (act_bits 8)."""
-    constants = {i.name for i in model.graph.initializer}
-    for node in model.graph.node:  # torch's exports share equal initializers through Identity nodes
-        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in constants):
-            constants.update(node.output)
+    consts = ConstantResolver(model)  # initializers, Constant nodes, and Identity / Transpose / ... chains of them
     producers = {o: n for n in model.graph.node for o in n.output}
     readers = consumers(model)
     graph_outputs = {o.name for o in model.graph.output}
@@ -52,10 +50,10 @@ def attention_sources(model: onnx.ModelProto, int8_outputs: Mapping[str, str]) -
         """The input a shape / scale op passes on (None: not such an op, or a scale by a non-constant)."""
         if node.op_type in SHAPE_OPS:
             return str(node.input[0])
-        if node.op_type == "Div" and len(node.input) == 2 and node.input[1] in constants:
+        if node.op_type == "Div" and len(node.input) == 2 and consts.is_constant(node.input[1]):
             return str(node.input[0])
         if node.op_type == "Mul" and len(node.input) == 2:
-            others = [t for t in node.input if t not in constants]
+            others = [t for t in node.input if not consts.is_constant(t)]
             return str(others[0]) if len(others) == 1 else None
         return None
 
@@ -66,8 +64,8 @@ def attention_sources(model: onnx.ModelProto, int8_outputs: Mapping[str, str]) -
 
     def weight_like(tensor: str) -> bool:
         node = producers.get(tensor)
-        return tensor in constants or (node is not None and node.op_type == "DequantizeLinear"
-                                       and node.input[0] in constants)  # fmt: skip
+        return consts.is_constant(tensor) or (node is not None and node.op_type == "DequantizeLinear"
+                                              and consts.is_constant(node.input[0]))  # fmt: skip
 
     def made_by(tensor: str) -> str | None:
         """The int8 layer a source comes from ("" for a Softmax output), None if it is no source."""
@@ -80,7 +78,7 @@ def attention_sources(model: onnx.ModelProto, int8_outputs: Mapping[str, str]) -
             return ""
         if node.op_type == "Add" and len(node.input) == 2:
             made = [t for t in node.input if t in int8_outputs and len(readers.get(t, [])) == 1]
-            if len(made) == 1 and any(t in constants for t in node.input):
+            if len(made) == 1 and any(consts.is_constant(t) for t in node.input):
                 return int8_outputs[made[0]]
         return None
 
