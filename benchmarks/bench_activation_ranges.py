@@ -33,7 +33,9 @@ plus a few alternatives (n = 6; unweighted Laplace), ``expand_model``'s default,
 rexdeploy's graph with ranges = max |x| over 128 other natural-image crops (seed 1), and NNCF ``nncf.quantize``
 (int8, default preset) calibrated on the same 128 crops. Rules 6–8 (the default since): the image input ranged as
 standardised pixels (``IMAGE_INPUT_RANGE``·σ, not the N(0, 1) probes' tail), a sum with a ReLU output keeping the
-unclipped operands' upper tail, and the clipping error weighed by the reading kernels' gain for a patch.
+unclipped operands' upper tail, and the clipping error weighed by the reading kernels' gain for a patch. Rule 9
+(the default since): the channels of each depthwise conv's int8 input equalized through the conv that makes them
+(:mod:`rexdeploy.passes.equalize`: per-channel ranges, same graph).
 
 The *headroom* section (MobileNetV2, ResNet-style) ranges every quantized tensor from the seed-1 crops instead (max
 |x|, 99.99th percentile, MSE-optimal for the tensor, NNCF-style mean of per-crop maxima), swaps such data ranges in
@@ -62,6 +64,7 @@ from rexdeploy.analyze import quantizable_layers
 from rexdeploy.bnstats import DEFAULT_CLIP, DEFAULT_N_STD, nonnegative_tensors, propagate_bn_stats
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.hostcpu import cpu_flags
+from rexdeploy.passes.equalize import equalize_depthwise_inputs
 from rexdeploy.passes.expand import expand
 from rexdeploy.passes.pipeline import expand_model
 from rexdeploy.passes.residual import quantized_joins
@@ -83,18 +86,20 @@ BIAS = "5. + bias correction of the weight error (BN channel means)"
 IMAGE = f"6. + image input ranged as standardised pixels ({IMAGE_INPUT_RANGE:g}σ)"
 TAILS = "7. + a sum with a ReLU output keeps its upper tail"
 PATCH = "8. + clipping error weighed by the kernels' patch gain"
+EQUALIZE = "9. + depthwise inputs equalized (per-channel ranges through the producing conv)"
 AUTO = "expand_model default"
-LADDER = (BEFORE, UINT8, MSE_GAUSS, MSE_LAPLACE, BIAS, IMAGE, TAILS, PATCH)
+LADDER = (BEFORE, UINT8, MSE_GAUSS, MSE_LAPLACE, BIAS, IMAGE, TAILS, PATCH, EQUALIZE)
 
 
 class Variant:
     """A range rule: (clip rule, n·std, uint8 on tensors ≥ 0, channel gains on, bias correction on, the image input
-    at IMAGE_INPUT_RANGE, the rectified-tail rule for sums, the patch gain for the clipping error)."""
+    at IMAGE_INPUT_RANGE, the rectified-tail rule for sums, the patch gain for the clipping error, the depthwise
+    inputs equalized)."""
 
     def __init__(self, clip: str, n_std: float, unsigned: bool, gains: bool = True, bias: bool = False,
-                 image: bool = False, tails: bool = False, patch: bool = False) -> None:  # fmt: skip
+                 image: bool = False, tails: bool = False, patch: bool = False, equalize: bool = False) -> None:  # fmt: skip
         self.clip, self.n_std, self.unsigned, self.gains, self.bias = clip, n_std, unsigned, gains, bias
-        self.image, self.tails, self.patch = image, tails, patch
+        self.image, self.tails, self.patch, self.equalize = image, tails, patch, equalize
 
 
 VARIANTS: dict[str, Variant] = {
@@ -108,6 +113,7 @@ VARIANTS: dict[str, Variant] = {
     IMAGE: Variant("mse-laplace", 4.0, True, bias=True, image=True),
     TAILS: Variant("mse-laplace", 4.0, True, bias=True, image=True, tails=True),
     PATCH: Variant("mse-laplace", 4.0, True, bias=True, image=True, tails=True, patch=True),
+    EQUALIZE: Variant("mse-laplace", 4.0, True, bias=True, image=True, tails=True, patch=True, equalize=True),
 }
 
 
@@ -212,6 +218,11 @@ def quantized(model: onnx.ModelProto, order: int, variant: Variant, act_order: i
     folded, bn_stats = fold_batchnorm(model)
     layers = quantizable_layers(folded)
     plan = default_plan(layers, PROFILE, bits=8, order=order, act_bits=8, act_order=act_order)
+    if variant.equalize and act_order == 1:
+        unsigned = {la.input for la in layers if la.name in unsigned_layers(folded, layers, PROFILE.name)}
+        equalized = equalize_depthwise_inputs(folded, bn_stats, layers, unsigned=unsigned)
+        folded, bn_stats = equalized.model, equalized.bn_stats
+        layers = quantizable_layers(folded)
     tensors = range_tensors(folded, layers, act_order)
     rules = {"image_input_range": IMAGE_INPUT_RANGE if variant.image else None, "rectified_tails": variant.tails}
     if variant.gains:

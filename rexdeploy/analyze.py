@@ -271,3 +271,18 @@ def quantizable_layers(model: onnx.ModelProto, source: str = "the model") -> lis
             f"{source} has no Conv or Gemm node with a constant weight: there is nothing for REx to quantize"
         )
     return layers
+
+
+def clip_bounds(node: onnx.NodeProto, consts: ConstantResolver) -> tuple[float, float]:
+    """A Clip's (min, max): inputs 1 and 2 (opset >= 11) or attributes; ±inf where absent or not constant."""
+
+    def bound(k: int, attr: str, default: float) -> float:
+        if len(node.input) > k and node.input[k]:
+            try:
+                return float(np.asarray(consts.value(node.input[k])).reshape(-1)[0])
+            except Exception:
+                return default
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        return float(attrs.get(attr, default))
+
+    return bound(1, "min", -np.inf), bound(2, "max", np.inf)

@@ -184,16 +184,38 @@ class ChannelStats:
         the clipping error apart from the rounding noise: the rounding noise is independent from element to
         element, the clipping error is not (values beyond α come in patches), so a reading layer passes them with
         different gains (:func:`rexdeploy.ranges.input_channel_gains`)."""
-        a = np.asarray(alphas, dtype=np.float64).reshape(-1, 1)
+        noise, clipped = self._mse_terms(np.asarray(alphas, dtype=np.float64).reshape(-1, 1), levels, family)
+        w = np.ones(self.channels) if gains is None else np.asarray(gains, dtype=np.float64).reshape(-1)
+        wc = w if clip_gains is None else np.asarray(clip_gains, dtype=np.float64).reshape(-1)
+        return np.asarray(noise @ w + clipped @ wc)
+
+    def _mse_terms(self, a: np.ndarray, levels: int, family: ClipFamily) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel (columns) and per range (rows of ``a``, shape (G, 1) or (G, channels)): the rounding noise
+        and the clipping error of :meth:`quantization_mse`, unweighted."""
         mu, sigma, lo, hi = self.mean[None], self.std[None], self.lo[None], self.hi[None]
         upper = _upper_clip_mse(family, mu, sigma, a, hi)
         # the mirrored lower tail, −g beyond the lowest code: −128·Δ for int8 (0 for uint8: there lo ≥ 0)
         lower = _upper_clip_mse(family, -mu, sigma, a * (levels + 1) / levels, -lo)
         p_exact_zero = np.where(lo == 0.0, 1.0 - partial_moments(family, mu, sigma, lo)[0], 0.0)
         step = a / levels
-        w = np.ones(self.channels) if gains is None else np.asarray(gains, dtype=np.float64).reshape(-1)
-        wc = w if clip_gains is None else np.asarray(clip_gains, dtype=np.float64).reshape(-1)
-        return np.asarray((step * step / 12.0 * (1.0 - p_exact_zero)) @ w + (upper + lower) @ wc)
+        return step * step / 12.0 * (1.0 - p_exact_zero), upper + lower
+
+    def channel_mse_ranges(self, family: ClipFamily = "gauss", levels: int | None = None) -> np.ndarray:
+        """Each channel's own MSE-optimal range (what :meth:`mse_range` gives the channel alone), all channels at
+        once: per channel a geometric grid from ``|mean| + std`` to ``|mean| + 16·std`` (capped by its clip
+        bounds). 0 for a channel that is identically 0. ``levels`` as in :meth:`mse_range`."""
+        if self.mean.size == 0:
+            return np.zeros(0)
+        if levels is None:
+            levels = 255 if bool(np.all(self.lo >= 0.0)) else 127
+        bound = np.maximum(np.abs(self.lo), np.abs(self.hi))
+        top = np.minimum(np.abs(self.mean) + 16.0 * self.std, bound)
+        bottom = np.clip(np.minimum(np.abs(self.mean) + self.std, bound), top * 1e-3, top)
+        alive = top > 0.0
+        grid = np.geomspace(np.where(alive, bottom, 1.0), np.where(alive, top, 1.0), _MSE_GRID)  # (G, channels)
+        noise, clipped = self._mse_terms(grid, levels, family)
+        best = grid[np.argmin(noise + clipped, axis=0), np.arange(self.channels)]
+        return np.where(alive, best, 0.0)
 
     def mse_range(
         self,

@@ -12,7 +12,7 @@ from models import small_cnn
 from onnx import TensorProto, helper, numpy_helper
 
 from rexdeploy.actorders import activation_scale
-from rexdeploy.api import expand_model
+from rexdeploy.api import expand_model, quantizable_layers
 from rexdeploy.bnstats import (
     bn_ranges,
     clipped_normal_moments,
@@ -22,6 +22,7 @@ from rexdeploy.bnstats import (
 )
 from rexdeploy.errors import InputError, ModelError
 from rexdeploy.graph import fold_batchnorm
+from rexdeploy.passes.equalize import equalize_depthwise_inputs
 from rexdeploy.profile import load_profile
 from rexdeploy.ranges import (
     DEFAULT_PERCENTILE,
@@ -309,7 +310,12 @@ def test_expand_model_uses_bn_ranges_and_calibration() -> None:
     model = small_cnn()
     profile = load_profile("x86-avx512")
     expanded = expand_model(model, profile=profile, bits=8, order=1, act_bits=8)
-    folded, stats = fold_batchnorm(model)
+    plain, plain_stats = fold_batchnorm(model)
+    # r1, the depthwise conv's input, is equalized per channel first (passes/equalize.py): its range is the
+    # rewritten graph's
+    equalized = equalize_depthwise_inputs(plain, plain_stats, quantizable_layers(plain), unsigned={"r1"})
+    assert [site.tensor for site in equalized.sites] == ["r1"]
+    folded, stats = equalized.model, equalized.bn_stats
     # ReLU outputs (pooled or not; r3 is the head pool's input, quantized between the int8 pwconv and fc): uint8 on
     # an OpenVINO profile, scale range / 255
     unsigned = {"r1", "r2", "r3", "flat"}
@@ -324,7 +330,7 @@ def test_expand_model_uses_bn_ranges_and_calibration() -> None:
     assert want["x"] == IMAGE_INPUT_RANGE  # an image-shaped input without statistics: standardised pixels
     calibration = np.random.default_rng(9).standard_normal((8, 3, 8, 8)).astype(np.float32) * 4.0
     calibrated = expand_model(model, profile=profile, bits=8, order=1, act_bits=8, calibration=calibration)
-    cal = probe_ranges(folded, ["x", "r1", "r2", "flat", "r3"], calibration=calibration)
+    cal = probe_ranges(plain, ["x", "r1", "r2", "flat", "r3"], calibration=calibration)  # the user's: no equalization
     assert calibrated.activation_scales == pytest.approx(
         {k: activation_scale(v, k in unsigned) for k, v in cal.items()}
     )

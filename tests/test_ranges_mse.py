@@ -349,17 +349,18 @@ def test_the_range_rule_counts_the_levels_the_engine_is_given() -> None:
     from rexdeploy.profile import load_profile
     from rexdeploy.ranges import unsigned_layers
 
-    model = small_cnn()
+    model = small_cnn()  # r2: the depthwise conv's ReLU output, read by the pointwise conv (r1, the depthwise conv's
+    # input, is equalized per channel: passes/equalize.py, tests/test_equalize.py)
     folded, stats = fold_batchnorm(model)
     layers = quantizable_layers(folded)
-    as_u8 = activation_ranges(folded, stats, ["r1"], method="bn", unsigned={"r1"})["r1"]
-    as_i8 = activation_ranges(folded, stats, ["r1"], method="bn", unsigned=set())["r1"]
-    assert as_u8 == activation_ranges(folded, stats, ["r1"], method="bn")["r1"]  # None: 255 where ≥ 0
+    as_u8 = activation_ranges(folded, stats, ["r2"], method="bn", unsigned={"r2"})["r2"]
+    as_i8 = activation_ranges(folded, stats, ["r2"], method="bn", unsigned=set())["r2"]
+    assert as_u8 == activation_ranges(folded, stats, ["r2"], method="bn")["r2"]  # None: 255 where ≥ 0
     assert as_i8 < 0.95 * as_u8  # twice the step: clipping more of the tail pays for a finer one
-    readers = {layer.name for layer in layers if layer.input == "r1"}
+    readers = {layer.name for layer in layers if layer.input == "r2"}
     assert readers and readers <= unsigned_layers(folded, layers, "x86-avx512")
     assert unsigned_layers(folded, layers, "a100") == frozenset()  # TensorRT quantizes to int8 only
     for profile, want in (("a100", activation_scale(as_i8)), ("x86-avx512", activation_scale(as_u8, unsigned=True))):
         p = load_profile(profile)
         expanded = expand_model(model, default_plan(layers, p, order=1), profile=p)
-        assert expanded.activation_scales["r1"] == pytest.approx(want, rel=1e-6), profile
+        assert expanded.activation_scales["r2"] == pytest.approx(want, rel=1e-6), profile

@@ -1,6 +1,6 @@
 """The compiler pass as one call: fold BatchNorm, smooth LayerNorm outputs when the plan says so, find the layers,
-make (or take) the Plan, derive the data-free activation ranges, and run the expansion (or the ensemble clone +
-expansion)."""
+make (or take) the Plan, equalize the int8 depthwise inputs' channels, derive the data-free activation ranges, and
+run the expansion (or the ensemble clone + expansion)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from rexdeploy.costmodel import engine_float_precision, engine_profile
 from rexdeploy.graph import fold_batchnorm
 from rexdeploy.passes.attention import attention_sources
 from rexdeploy.passes.ensemble import build_ensemble, float_predictors
+from rexdeploy.passes.equalize import equalization_note, equalize_depthwise_inputs
 from rexdeploy.passes.expand import expand
 from rexdeploy.passes.residual import quantized_joins
 from rexdeploy.passes.smooth import smooth_layernorms, smoothing_note
@@ -88,6 +89,18 @@ def expand_model(
         )
     by_name = {layer.name: layer for layer in layers}
     int8 = {n: lp for n, lp in plan.layers.items() if n in by_name and lp.act_bits == 8}
+    # per-channel ranges for the depthwise inputs quantized at order 1: their channels equalized through the conv
+    # that makes them (passes/equalize.py; same graph, other constants), unless the caller gave the input's range or
+    # a calibration batch (its per-tensor ranges are the user's)
+    unsigned = {by_name[n].input for n in unsigned_layers(folded, layers, plan.profile)}  # the expansion's rule
+    equalize = [n for n, lp in int8.items() if lp.act_order == 1 and by_name[n].input not in (ranges or {})]
+    equalize = equalize if calibration is None else []
+    equalized = equalize_depthwise_inputs(folded, bn_stats, layers, equalize, unsigned=unsigned)
+    if equalized.sites:
+        folded, bn_stats = equalized.model, equalized.bn_stats
+        layers = quantizable_layers(folded)
+        by_name = {layer.name: layer for layer in layers}
+        plan = replace(plan, notes=(*plan.notes, equalization_note(equalized)))
     act_inputs = [by_name[n].input for n in int8]
     found = quantized_joins(folded, {by_name[n].input for n, lp in int8.items() if lp.act_order == 1},
                             {by_name[n].output for n in int8})  # fmt: skip
@@ -97,7 +110,6 @@ def expand_model(
     # BN statistics where they reach, synthetic probes elsewhere; a user calibration batch overrides both
     missing = list(dict.fromkeys(t for t in act_inputs if ranges is None or t not in ranges))
     batch = probe_batch(sum(layer.macs for layer in layers))
-    unsigned = {by_name[n].input for n in unsigned_layers(folded, layers, plan.profile)}  # the expansion's rule
     if joins and unsigned_activations_for(plan.profile):  # expand's rule for a join input: uint8 where it is >= 0
         unsigned |= set(joins) & nonnegative_tensors(folded)
     computed = {}

@@ -34,7 +34,8 @@ import onnx
 
 from rexdeploy.analyze import ConstantResolver
 from rexdeploy.errors import InputError
-from rexdeploy.graph import add_initializer, consumers, drop_initializers
+from rexdeploy.graph import consumers
+from rexdeploy.passes.rewrite import drop_unread, set_constant_input, unique_name
 from rexdeploy.plans import validate_smooth_alpha
 
 NORMALIZED_MAX = 3.0
@@ -321,14 +322,6 @@ def _spread(channel_max: np.ndarray) -> float:
     return float(np.max(channel_max)) / median if median > 0 else float("inf")
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate, i = f"{name}_{i}", i + 1
-    taken.add(candidate)
-    return candidate
-
-
 def find_smoothable(
     model: onnx.ModelProto, consts: ConstantResolver | None = None, clone: bool = False
 ) -> list[MatchResult]:
@@ -379,7 +372,7 @@ def smooth_layernorms(
     replaced: set[str] = set()
 
     def put(at: tuple[str, int], value: np.ndarray, name: str) -> None:
-        _set_input(out, nodes[at[0]], at[1], value, name, taken, replaced, consts)
+        set_constant_input(out, nodes[at[0]], at[1], value, name, taken, replaced, consts)
 
     sites = []
     for m in good:
@@ -415,7 +408,7 @@ def smooth_layernorms(
         sites.append(SmoothedSite(m.name, tail.output, tuple(r.node for r in m.readers), tail.channels,
                                   float(np.min(s)), float(np.max(s)), _spread(x_max), _spread(x_max / s),
                                   cloned=bool(m.kept)))  # fmt: skip
-    _drop_unread(out, replaced)
+    drop_unread(out, replaced)
     return SmoothResult(out, True, tuple(sites), refused)
 
 
@@ -431,9 +424,9 @@ def _clone_affine(
     for name in originals:
         node = onnx.NodeProto()
         node.CopyFrom(nodes[name])
-        node.name = _unique(f"{name}_smoothed", taken)
+        node.name = unique_name(f"{name}_smoothed", taken)
         del node.output[1:]  # LayerNormalization's optional Mean / InvStdDev: not needed twice
-        node.output[0] = renamed[nodes[name].output[0]] = _unique(f"{nodes[name].output[0]}_smoothed", taken)
+        node.output[0] = renamed[nodes[name].output[0]] = unique_name(f"{nodes[name].output[0]}_smoothed", taken)
         for i, value in enumerate(node.input):
             node.input[i] = renamed.get(value, value)
         copies.append(node)
@@ -446,49 +439,6 @@ def _clone_affine(
     beta_at = None if tail.beta_at is None else (new_name[tail.beta_at[0]], tail.beta_at[1])
     return LayerNormTail(new_name[tail.name], tail.form, copies[-1].output[0], (new_name[tail.gamma_at[0]],
                          tail.gamma_at[1]), beta_at, tail.gamma, tail.beta)  # fmt: skip
-
-
-def _set_input(
-    model: onnx.ModelProto,
-    node: onnx.NodeProto,
-    index: int,
-    value: np.ndarray,
-    name: str,
-    taken: set[str],
-    replaced: set[str],
-    consts: ConstantResolver,
-) -> None:
-    """Point ``node.input[index]`` at a new initializer holding ``value``, in the dtype of the tensor it replaces."""
-    old = node.input[index]
-    original = consts.value(old)
-    array = np.asarray(value, dtype=original.dtype if original is not None else np.float32)
-    new = _unique(name, taken)
-    add_initializer(model.graph.initializer, array, new)
-    node.input[index] = new
-    replaced.add(old)
-
-
-def _drop_unread(model: onnx.ModelProto, names: set[str]) -> None:
-    """Remove what the rewrite left unread: the replaced initializers, and the Constant / pass-through nodes that
-    computed a replaced tensor (walked back from it)."""
-    graph_inputs = {i.name for i in model.graph.input}
-    pending = set(names)
-    while pending:
-        read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        unread = pending - read
-        if not unread:
-            return
-        nodes = model.graph.node
-        dead = [
-            j
-            for j, n in enumerate(nodes)
-            if any(o in unread for o in n.output) and not any(o in read for o in n.output)
-        ]
-        upstream = {i for j in dead for i in nodes[j].input if i}
-        for j in reversed(dead):
-            del nodes[j]
-        drop_initializers(model.graph, {i.name for i in model.graph.initializer} - unread)
-        pending = upstream - graph_inputs
 
 
 def smoothing_note(result: SmoothResult, alpha: float) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
+from rexdeploy.analyze import ConstantResolver, Layer, clip_bounds, layer_weight
 from rexdeploy.bnstats import ChannelStats, norm_cdf, propagate_bn_stats
 from rexdeploy.errors import PlanError
 from rexdeploy.numerics import ResidualOrder, bound_u_ens, expand_weight, reconstruct
@@ -180,7 +180,7 @@ def ensemble_layout(model: onnx.ModelProto, planned: Sequence[str] | set[str], l
 
 
 def _clip_keeps_zero(node: onnx.NodeProto, consts: ConstantResolver) -> bool:
-    lo, hi = _clip_bounds(node, consts)
+    lo, hi = clip_bounds(node, consts)
     return lo <= 0.0 <= hi
 
 
@@ -229,28 +229,13 @@ def order_norms(orders: Sequence[ResidualOrder], shape: tuple[int, ...], spectra
     return out
 
 
-def _clip_bounds(node: onnx.NodeProto, consts: ConstantResolver) -> tuple[float, float]:
-    """A Clip's (min, max): inputs 1 and 2 (opset >= 11) or attributes; ±inf where absent or not constant."""
-
-    def bound(k: int, attr: str, default: float) -> float:
-        if len(node.input) > k and node.input[k]:
-            try:
-                return float(np.asarray(consts.value(node.input[k])).reshape(-1)[0])
-            except Exception:
-                return default
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        return float(attrs.get(attr, default))
-
-    return bound(1, "min", -math.inf), bound(2, "max", math.inf)
-
-
 def _off_share(stats: ChannelStats | None, act: onnx.NodeProto, consts: ConstantResolver) -> float:
     """Share of units where the activation ``act`` does not pass its input (σ' ≠ 1), from Gaussian BN
     statistics of its input: below 0 for ReLU-like ops, below ``min`` or above ``max`` for Clip."""
     if stats is None or act.op_type not in ("Relu", "Clip"):
         return UNKNOWN_OFF_SHARE
     std = np.maximum(stats.std, 1e-12)
-    lo, hi = _clip_bounds(act, consts) if act.op_type == "Clip" else (0.0, math.inf)
+    lo, hi = clip_bounds(act, consts) if act.op_type == "Clip" else (0.0, math.inf)
     below = norm_cdf((lo - stats.mean) / std) if math.isfinite(lo) else 0.0
     above = 1.0 - norm_cdf((hi - stats.mean) / std) if math.isfinite(hi) else 0.0
     return float(np.mean(below + above))

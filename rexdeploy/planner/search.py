@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from rexdeploy.analyze import ConstantResolver, Layer, layer_weight
+from rexdeploy.analyze import ConstantResolver, Layer, layer_weight, quantizable_layers
 from rexdeploy.costmodel import (
     engine_float_precision,
     engine_profile,
@@ -30,6 +30,7 @@ from rexdeploy.costmodel import (
 )
 from rexdeploy.errors import BudgetError, PlanError
 from rexdeploy.graph import fold_batchnorm
+from rexdeploy.passes.equalize import equalize_depthwise_inputs
 from rexdeploy.planner.costtable import CostTable, analytic_us
 from rexdeploy.planner.ensembles import ensemble_candidates
 from rexdeploy.planner.fidelity import ErrorModel, LayerOption
@@ -235,7 +236,8 @@ def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What planning one model needs before any budget: the error model and the activation ranges."""
+    """What planning one model needs before any budget: the error model and the activation ranges (those the
+    expansion is handed: the depthwise inputs it equalizes itself left out)."""
 
     errors: ErrorModel
     ranges: dict[str, float]
@@ -333,15 +335,24 @@ def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndar
     fields, 0.070 on natural photographs; AMD EPYC, onnxruntime exact arithmetic)."""
     t0 = time.perf_counter()
     folded, bn_stats = fold_batchnorm(model)
+    # every depthwise input as the expansion emits it at activation order 1: channels equalized (passes/equalize.py;
+    # not with a user calibration batch: its per-tensor ranges are the user's)
+    unsigned = unsigned_layers(folded, layers, profile.name) if profile is not None else frozenset()
+    by_name = {layer.name: layer for layer in layers}
+    equalized = equalize_depthwise_inputs(folded, bn_stats, layers, () if calibration is not None else None,
+                                          unsigned={by_name[n].input for n in unsigned})  # fmt: skip
+    if equalized.sites:  # the same layers, reading the new weight initializers
+        folded, bn_stats = equalized.model, equalized.bn_stats
+        found = {layer.name: layer for layer in quantizable_layers(folded)}
+        layers = [found[layer.name] for layer in layers]
     feeds = _probe_feeds(folded, probes, seed)
     if calibration is not None:
         name = next(iter(feeds))
         feeds = {name: calibration[: max(probes, 1)]}
     sensitivity = measure_sensitivity(folded, layers, feeds, seed=seed)
     batch = probe_batch(sum(layer.macs for layer in layers))  # the same probes expand_model would use
-    # the layers whose input the expansion emits as uint8 (its rule): priced at half the step, ranged on 255 levels
-    unsigned = unsigned_layers(folded, layers, profile.name) if profile is not None else frozenset()
-    by_name = {layer.name: layer for layer in layers}
+    # the layers whose input the expansion emits as uint8 (its rule, above): priced at half the step, ranged on 255
+    # levels
     ranges = activation_ranges(folded, bn_stats, [layer.input for layer in layers], method="auto",
                                calibration=calibration, batch=batch,
                                unsigned={by_name[n].input for n in unsigned} if profile is not None else None)  # fmt: skip
@@ -349,7 +360,10 @@ def prepare(model: onnx.ModelProto, layers: list[Layer], *, calibration: np.ndar
     weights = {layer.name: layer_weight(folded, layer, consts) for layer in layers}
     errors = ErrorModel(layers, weights, sensitivity, ranges, unsigned)
     log.debug("planner: sensitivity and ranges of %d layers in %.2f s", len(layers), time.perf_counter() - t0)
-    return Prepared(errors, dict(ranges), time.perf_counter() - t0)
+    # the ranges handed on to the expansion: not those of the equalized inputs (it equalizes the ones it quantizes
+    # at order 1 and ranges them itself; a given range would keep an input as it is)
+    handed = {k: v for k, v in ranges.items() if k not in equalized.tensors}
+    return Prepared(errors, handed, time.perf_counter() - t0)
 
 
 def plan_model(
