@@ -16,6 +16,8 @@ from test_measured_planning import FAST, PROFILE, ScriptedBuilder
 from rexdeploy import closedloop
 from rexdeploy.api import default_plan, expand_model, quantizable_layers
 from rexdeploy.budget import format_ms
+from rexdeploy.builders.base import Engine, TimingSettings
+from rexdeploy.builders.timing import Timing, timing_from_samples
 from rexdeploy.cli.main import main
 from rexdeploy.demo import demo_model_path
 from rexdeploy.errors import BudgetError, InputError
@@ -192,3 +194,42 @@ def test_engines_the_rounds_bring_within_the_budget_are_compared_on_measured_err
     quantized_fitting = [e for e in engines if e["fits"] and not e["plan"].startswith("no layer quantized")]
     assert quantized_fitting  # the rounds brought quantized engines within the settled budget ...
     assert all(e["error_source"] == "measured on the probes" for e in quantized_fitting), engines  # ... measured
+
+
+class TieBuilder(ScriptedBuilder):
+    """A bf16 default float engine, and an FP32 engine as fast as it give or take the host's noise: each timing of
+    the FP32 engine is the bf16 engine's latency times the next of ``factors`` (cycled)."""
+
+    def __init__(self, factors: list[float]) -> None:
+        super().__init__(default_float="bf16")
+        self.factors, self.fp32_calls = factors, 0
+
+    def time(self, engine: Engine, settings: TimingSettings) -> Timing:
+        timing = super().time(engine, settings)
+        float_engine = not any(n.op_type == "DequantizeLinear" for n in engine.handle.graph.node)
+        if engine.options["INFERENCE_PRECISION_HINT"] != "f32" or not float_engine:
+            return timing
+        factor = self.factors[self.fp32_calls % len(self.factors)]
+        self.fp32_calls += 1
+        return timing_from_samples([timing.median_ms * 0.6 * factor] * 3, warmup_runs=0, warmup_s=0.0, duration_s=0.0)
+
+
+@pytest.mark.parametrize(
+    ("factors", "fp32_returned"),
+    [([0.97, 1.05, 0.98, 1.04, 0.99], False), ([0.97, 0.99, 0.98, 1.01, 0.99], True)],
+)
+def test_an_engine_only_tied_with_the_default_float_is_not_taken_over_it(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path, factors: list[float], fp32_returned: bool
+) -> None:
+    """At 1.0x the default float engine, FP32 (exact) fits at the median of the rounds in both cases; over the
+    budget in two rounds of five it is a tie within the host's noise, and the default float engine itself (which
+    fits the budget it sets) is returned; over it in one round of five, FP32 is."""
+    said: list[str] = []
+    report = _build(monkeypatch, TieBuilder(factors), cnn_path, tmp_path / "tie", budget_ratio=1.0,
+                    relative_to="default", progress=said.append)  # fmt: skip
+    assert report.fits_budget and not report.plan.layers
+    assert report.plan.float_precision == ("fp32" if fp32_returned else "bf16"), report.plan
+    noise = [m for m in said if "within the host's noise of it, not taken over it" in m]
+    assert bool(noise) is not fp32_returned, said
+    if noise:
+        assert "FP32" in noise[0] and "ran 1.04x bf16 (default) in one round in four" in noise[0], noise
