@@ -215,21 +215,27 @@ class TieBuilder(ScriptedBuilder):
 
 
 @pytest.mark.parametrize(
-    ("factors", "fp32_returned"),
-    [([0.97, 1.05, 0.98, 1.04, 0.99], False), ([0.97, 0.99, 0.98, 1.01, 0.99], True)],
+    ("factors", "fp32_returned", "said"),
+    [
+        ([0.97, 1.05, 0.98, 1.04, 0.99], False, "ran 0.99x bf16 (default) in the rounds (upper quartile 1.04x)"),
+        ([0.97, 0.99, 0.98, 0.97, 0.99], False, "ran 0.98x bf16 (default) in the rounds (upper quartile 0.99x)"),
+        ([0.90, 0.91, 1.02, 1.03, 0.92], False, "ran 0.92x bf16 (default) in the rounds (upper quartile 1.02x)"),
+        ([0.90, 0.92, 0.91, 0.93, 0.92], True, ""),
+    ],
 )
 def test_an_engine_only_tied_with_the_default_float_is_not_taken_over_it(
-    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path, factors: list[float], fp32_returned: bool
-) -> None:
-    """At 1.0x the default float engine, FP32 (exact) fits at the median of the rounds in both cases; over the
-    budget in two rounds of five it is a tie within the host's noise, and the default float engine itself (which
-    fits the budget it sets) is returned; over it in one round of five, FP32 is."""
-    said: list[str] = []
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path, factors: list[float], fp32_returned: bool,
+    said: str,
+) -> None:  # fmt: skip
+    """At 1.0x the default float engine, FP32 (exact) fits at the median of the rounds in every case; less than 5 %
+    faster at the median, or over the budget in two rounds of five, it is a tie that the next run may turn over, and
+    the default float engine itself (which fits the budget it sets) is returned; clear of it, FP32 is."""
+    lines: list[str] = []
     report = _build(monkeypatch, TieBuilder(factors), cnn_path, tmp_path / "tie", budget_ratio=1.0,
-                    relative_to="default", progress=said.append)  # fmt: skip
+                    relative_to="default", progress=lines.append)  # fmt: skip
     assert report.fits_budget and not report.plan.layers
     assert report.plan.float_precision == ("fp32" if fp32_returned else "bf16"), report.plan
-    noise = [m for m in said if "within the host's noise of it, not taken over it" in m]
-    assert bool(noise) is not fp32_returned, said
-    if noise:
-        assert "FP32" in noise[0] and "ran 1.04x bf16 (default) in one round in four" in noise[0], noise
+    passed_over = [m for m in lines if m.startswith("the FP32 engine fits the budget but") and "not taken over it" in m]
+    assert bool(passed_over) is not fp32_returned, lines
+    if passed_over:
+        assert said in passed_over[0], passed_over
