@@ -665,10 +665,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"with-data anchors calibrate on {CALIBRATION_CROPS} other crops (seed {CALIBRATION_SEED}). Every variant "
         "quantizes every Conv/Gemm input (per-tensor), the inputs of residual Adds between int8 layers, and every "
         "weight (per channel, int8, K residual orders); the image input has no BN statistics: rows 1–5 take the probe "
-        f"range (N(0, 1) noise, 99.99th percentile of |x|: 3.9), rows 6–8 and the default {IMAGE_INPUT_RANGE:g}.",
+        f"range (N(0, 1) noise, 99.99th percentile of |x|: 3.9), rows 6–9 and the default {IMAGE_INPUT_RANGE:g}.",
         "",
         f"Default now (`expand_model`): `clip = {result['defaults']['clip']!r}`, uint8 for tensors ≥ 0 on OpenVINO / "
-        "onnxruntime profiles (TensorRT profiles keep int8), bias correction from the BN channel means.",
+        "onnxruntime profiles (TensorRT profiles keep int8), bias correction from the BN channel means, depthwise inputs "
+        "equalized per channel (rule 9).",
         "",
     ]
     for key, title in (("resnet_bn", "ResNet-style net with BatchNorm"), ("mobilenet_v2", "MobileNetV2")):
