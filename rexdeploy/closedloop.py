@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -641,8 +642,9 @@ def _closed_loop(
         raise BudgetError(
             f"no engine fits the {format_ms(budget_ms)} budget on {run.profile.name}: the fastest measured, "
             f"{_describe(fastest)}, runs in {format_ms(fastest.timing.median_ms)} "
-            f"({len(run.measured)} engines measured in this run); relax --budget or pick a faster profile"
-        )
+            f"({len(run.measured)} engines measured in this run); "
+            + ("relax --budget or pick a faster profile" if relative is None else _relative_advice(fastest, budget_ms, *relative))
+        )  # fmt: skip
     best = _first_sound(run, sorted(fitting, key=lambda m: (error(m), m.timing.median_ms)), error)
     by_profile = {
         id(m.engine) for m in _allowed(run, float_ok)
@@ -779,6 +781,16 @@ def _paired_rounds(run: _Run, allowed: list[Measured], budget_ms: float, referen
     run.settled_reference = ref
     # only what the rounds timed competes now: an engine left out was less accurate, or over the budget before
     return budget_ms, [timed[id(m.engine)] for m in allowed if id(m.engine) in timed]
+
+
+def _relative_advice(fastest: Measured, budget_ms: float, reference: Measured, ratio: float) -> str:
+    """What to do when nothing fits a relative budget: the ratio that would admit the fastest engine, and whether it
+    missed by so little that it is a tie with the reference (:data:`TIE_MARGIN`) that a rerun may turn over."""
+    over = fastest.timing.median_ms / (budget_ms / ratio)  # to the reference as the rounds timed it
+    advice = f"it ran {over:.2f}x {reference.label} in the rounds: --budget-ratio {math.ceil(over * 100) / 100:.2f} admits it"
+    if over <= ratio * (1.0 + TIE_MARGIN):
+        advice += f" (within {TIE_MARGIN:.0%} of the budget: a tie within the host's timing noise, a rerun may fit)"
+    return advice
 
 
 def _clear_of_the_reference(run: _Run, fitting: list[Measured], reference: Measured, ratio: float) -> list[Measured]:

@@ -239,3 +239,21 @@ def test_an_engine_only_tied_with_the_default_float_is_not_taken_over_it(
     assert bool(passed_over) is not fp32_returned, lines
     if passed_over:
         assert said in passed_over[0], passed_over
+
+
+def test_nothing_fitting_a_relative_budget_says_which_ratio_would(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    """The user's engine runs 0.95x the model's own plain int8 network, the fastest engine the build can make: at
+    1.0x it nothing fits, and the one-line error gives the ratio that admits the fastest and calls it a tie."""
+    yours = _int8_engine_onnx(cnn_path, tmp_path / "yours.onnx")
+    with pytest.raises(BudgetError) as raised:
+        _build(monkeypatch, ScriptedBuilder(hiccup={"yours": 0.95}), cnn_path, tmp_path / "r", budget_ratio=1.0,
+               relative_to=str(yours))  # fmt: skip
+    text = str(raised.value)
+    assert "no engine fits the" in text and "\n" not in text
+    assert "x your engine yours.onnx in the rounds: --budget-ratio 1.06 admits it" in text, text
+    assert "a tie within the host's timing noise" not in text  # 1.05x: just beyond the 5 % margin
+    with pytest.raises(BudgetError, match=r"--budget-ratio 1\.03 admits it \(within 5% of the budget: a tie"):
+        _build(monkeypatch, ScriptedBuilder(hiccup={"yours": 0.98}), cnn_path, tmp_path / "r2", budget_ratio=1.0,
+               relative_to=str(yours))  # fmt: skip
