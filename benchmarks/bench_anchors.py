@@ -235,6 +235,11 @@ def _pct(x: float) -> str:
     return f"{x:.6f}" if x > 0.999 and x != 1.0 else f"{x:.1%}"
 
 
+def _score(v: dict[str, Any], key: str) -> str:
+    """A verdict's figure: a cosine with six decimals (0.998247, not 99.8 %), a top-1 agreement as :func:`_pct`."""
+    return f"{v[key]:.6f}" if "cosine" in v["metric"] else _pct(v[key])
+
+
 def _discordant_text(d: dict[str, Any] | None) -> str:
     if not d or d["ours_only_wrong"] == d["theirs_only_wrong"] == 0:
         return ""
@@ -301,8 +306,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"returned *{b['plan']}* "
                 f"({b['mix']}; float parts {b['float_precision'] or 'the profile default'}), build {b['build_s']:.0f} s, "
                 f"{len(b['attempts'])} REx attempt(s). ×anchor {v['ratio']['median']:.2f} "
-                f"({v['ratio']['q1']:.2f}–{v['ratio']['q3']:.2f}), {v['metric']} {_pct(v['agreement'])} vs "
-                f"{_pct(v['anchor_agreement'])}: **{'met' if v['met'] else 'not met'}**"
+                f"({v['ratio']['q1']:.2f}–{v['ratio']['q3']:.2f}), {v['metric']} {_score(v, 'agreement')} vs "
+                f"{_score(v, 'anchor_agreement')}: **{'met' if v['met'] else 'not met'}**"
                 + (" (the returned engine *is* the default float engine: timed against itself, its ×anchor is the "
                    "host's noise)" if v.get("same_engine") else "")
                 + (" (its ×anchor quartiles straddle 1.00: within this host's timing noise)"
@@ -360,8 +365,8 @@ def main() -> None:
             if "error" in v:
                 print(f"{name} @ {anchor}: NOT met ({v['error']})")
                 continue
-            print(f"{name} @ {anchor}: ×{v['ratio']['median']:.2f}, {v['metric']} {_pct(v['agreement'])} vs "
-                  f"{_pct(v['anchor_agreement'])}: {'met' if v['met'] else 'NOT met'}")  # fmt: skip
+            print(f"{name} @ {anchor}: ×{v['ratio']['median']:.2f}, {v['metric']} {_score(v, 'agreement')} vs "
+                  f"{_score(v, 'anchor_agreement')}: {'met' if v['met'] else 'NOT met'}")  # fmt: skip
     print(f"wrote {out_dir / 'anchors.md'}")
 
 
