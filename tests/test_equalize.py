@@ -199,3 +199,50 @@ def test_planner_hands_on_no_range_of_an_equalized_input() -> None:
     prepared = prepare(model, layers, profile=load_profile("x86-avx512"))
     assert "r" not in prepared.ranges and "x" in prepared.ranges
     assert prepared.errors.ranges["r"] > 0.0  # the error model prices the equalized input
+
+
+def dw_chain_model(seed: int = 0) -> onnx.ModelProto:
+    """x → Conv1x1(8) + BN → Relu → depthwise + BN → Relu → depthwise → y: the first depthwise conv both reads an
+    equalized input and makes the next one's."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.5, (CHANNELS, 4, 1, 1))
+
+    def bn(name: str, var: np.ndarray) -> list[onnx.TensorProto]:
+        return [_init(f"{name}_s", np.geomspace(0.02, 2.0, CHANNELS)[rng.permutation(CHANNELS)]),
+                _init(f"{name}_b", rng.uniform(0.0, 1.0, CHANNELS)), _init(f"{name}_m", np.zeros(CHANNELS)),
+                _init(f"{name}_v", var)]  # fmt: skip
+
+    inits = [_init("w", w), _init("dw1_w", rng.normal(0, 0.4, (CHANNELS, 1, 3, 3))),
+             _init("dw2_w", rng.normal(0, 0.4, (CHANNELS, 1, 3, 3))), *bn("bn1", (w**2).sum(axis=(1, 2, 3))),
+             *bn("bn2", np.ones(CHANNELS))]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "bn1_s", "bn1_b", "bn1_m", "bn1_v"], ["n1"], name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="act1"),
+        helper.make_node("Conv", ["r1", "dw1_w"], ["d1"], name="dw1", group=CHANNELS, pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["d1", "bn2_s", "bn2_b", "bn2_m", "bn2_v"], ["n2"], name="bn2"),
+        helper.make_node("Relu", ["n2"], ["r2"], name="act2"),
+        helper.make_node("Conv", ["r2", "dw2_w"], ["y"], name="dw2", group=CHANNELS, pads=[1] * 4),
+    ]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CHANNELS, 8, 8])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_chain_of_depthwise_convs_keeps_both_scalings() -> None:
+    """dw1's filters are divided by its input's scales and multiplied by its output's: both rewrites kept, the graph
+    still float-exact through the ReLUs."""
+    folded, result, stats = _equalized(dw_chain_model())
+    assert sorted(site.layer for site in result.sites) == ["dw1", "dw2"]
+    onnx.checker.check_model(result.model, full_check=True)
+    x = _x()
+    assert rel_error(run_exact(result.model, x), run_exact(folded, x)) < 1e-5
+    s1, s2 = (eq.equalization_scales(eq.channel_ranges(stats[t], np.inf, 127), np.inf) for t in ("n1", "n2"))
+    dw1 = next(n for n in result.model.graph.node if n.name == "dw1")
+    got = numpy_helper.to_array(next(i for i in result.model.graph.initializer if i.name == dw1.input[1]))
+    want = numpy_helper.to_array(next(i for i in folded.graph.initializer if i.name == next(
+        n for n in folded.graph.node if n.name == "dw1").input[1]))  # fmt: skip
+    np.testing.assert_allclose(got, want / s1.reshape(-1, 1, 1, 1) * s2.reshape(-1, 1, 1, 1), rtol=1e-5)

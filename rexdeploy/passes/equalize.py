@@ -198,19 +198,23 @@ def equalize_depthwise_inputs(
     taken = {i.name for i in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
     taken |= {i.name for i in out.graph.input} | set(nodes)
     replaced: set[str] = set()
+    written: dict[tuple[str, int], np.ndarray] = {}  # a depthwise conv that also makes the next one's input: both
+
+    def scale(node: onnx.NodeProto, index: int, by: np.ndarray, tag: str) -> None:
+        """Input ``index`` of ``node`` (its value as rewritten so far) times ``by`` along axis 0."""
+        value = written.get((node.name, index))
+        value = np.asarray(consts.value(node.input[index]), dtype=np.float64) if value is None else value
+        value = value * by.reshape(-1, *([1] * (value.ndim - 1)))
+        written[(node.name, index)] = value
+        set_constant_input(out, node, index, value, f"{node.name}_equalized_{tag}", taken, replaced, consts)
+
     sites = []
     for m, s, spread in plans:
         conv, layer = nodes[m.producer], nodes[m.layer]
-        w = np.asarray(consts.value(conv.input[1]), dtype=np.float64)
-        set_constant_input(out, conv, 1, w * s.reshape(-1, *([1] * (w.ndim - 1))), f"{m.producer}_equalized_w",
-                           taken, replaced, consts)  # fmt: skip
+        scale(conv, 1, s, "w")
         if len(conv.input) > 2 and conv.input[2]:
-            b = np.asarray(consts.value(conv.input[2]), dtype=np.float64)
-            set_constant_input(out, conv, 2, b * s, f"{m.producer}_equalized_b", taken, replaced, consts)
-        index = by_name[m.layer].weight_index
-        dw = np.asarray(consts.value(layer.input[index]), dtype=np.float64)
-        set_constant_input(out, layer, index, dw / s.reshape(-1, *([1] * (dw.ndim - 1))), f"{m.layer}_equalized_w",
-                           taken, replaced, consts)  # fmt: skip
+            scale(conv, 2, s, "b")
+        scale(layer, by_name[m.layer].weight_index, 1.0 / s, "w")
         beta, gamma = stats[m.produced]
         stats[m.produced] = (np.asarray(beta) * s, np.asarray(gamma) * s)
         sites.append(EqualizedSite(m.layer, m.tensor, int(s.size), spread, float(s.min()), float(s.max())))
