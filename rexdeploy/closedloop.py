@@ -217,6 +217,7 @@ class _Run:
     estimates: dict[int, Fidelity] = field(default_factory=dict)  # id(engine.handle) → its fidelity estimate
     settled_reference: Measured | None = None  # a relative budget's reference as the interleaved rounds timed it
     round_ratios: dict[int, list[float]] = field(default_factory=dict)  # engine id → its per-round ratios to it
+    ties: set[int] = field(default_factory=set)  # engines that fit but were not taken over the reference: a tie
 
     def estimate(self, engine: Engine) -> Fidelity:
         """The data-free fidelity estimate of ``engine`` against the FP32 engine (each engine estimated once)."""
@@ -654,7 +655,7 @@ def _closed_loop(
     latency_model["engines"] = [
         {"label": m.label, "plan": _plan_text(run, m.plan), "median_ms": m.timing.median_ms,
          "predicted_error": error(m), "error_source": _error_source(m),
-         "fits": m.timing.median_ms <= budget_ms and id(m.engine) in compared, "compared": id(m.engine) in compared,
+         "fits": m.timing.median_ms <= budget_ms and id(m.engine) in compared, "compared": id(m.engine) in compared, "tie": id(m.engine) in run.ties,
          "allowed": id(m.engine) in by_profile,
          "returned": m is best, "self_check": run.checks[id(m.engine)].to_dict() if id(m.engine) in run.checks else None}
         for m in sorted(run.measured, key=lambda m: m.timing.median_ms)
@@ -811,6 +812,7 @@ def _clear_of_the_reference(run: _Run, fitting: list[Measured], reference: Measu
                 run.say(f"{_describe(m)} fits the budget but ran {median:.2f}x {reference.label} in the rounds "
                         f"(upper quartile {upper:.2f}x): not clear of it by the {TIE_MARGIN:.0%} that engines' timings "
                         "move between runs on a shared host, so not taken over it")  # fmt: skip
+                run.ties.add(id(m.engine))
                 continue
         kept.append(m)
     return kept

@@ -217,7 +217,7 @@ class Report:
             lines.append(f"engines  measured in this run ({len(engines)}), fastest first:")
             for e in engines:
                 mark = "  <- returned" if e["returned"] else ("" if e["allowed"] else "  (not allowed by the profile)")
-                fits = "fits" if e["fits"] else "over" if e.get("compared", True) else " -- "  # not in the rounds
+                fits = "tie " if e.get("tie") else "fits" if e["fits"] else "over" if e.get("compared", True) else " -- "
                 lines.append(f"         {format_ms(e['median_ms']):>9}  {fits}  error {e['predicted_error']:.2e}  "
                              f"{e['label']}: {e['plan']}{mark}")  # fmt: skip
         if self.choice:

@@ -239,6 +239,10 @@ def test_an_engine_only_tied_with_the_default_float_is_not_taken_over_it(
     assert bool(passed_over) is not fp32_returned, lines
     if passed_over:
         assert said in passed_over[0], passed_over
+    fp32 = next(e for e in report.latency_model["engines"] if e["label"] == "FP32")
+    assert fp32["fits"] and fp32["tie"] is not fp32_returned
+    line = next(x for x in report.summary_lines() if x.strip().endswith("no layer quantized (fp32)" + ("  <- returned" if fp32_returned else "")))
+    assert (" tie   error" in line) is not fp32_returned, line
 
 
 def test_nothing_fitting_a_relative_budget_says_which_ratio_would(
