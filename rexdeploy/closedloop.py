@@ -795,14 +795,15 @@ def _relative_advice(fastest: Measured, budget_ms: float, reference: Measured, r
 
 
 def _clear_of_the_reference(run: _Run, fitting: list[Measured], reference: Measured, ratio: float) -> list[Measured]:
-    """When the reference of a relative budget is itself a candidate that fits (``--relative-to default``), another
+    """When the reference of a relative budget is itself a candidate that fits (``--relative-to default``) and the
+    budget is within :data:`TIE_MARGIN` of it (``ratio`` ≤ 1.05: "no slower than the reference"), another
     engine is taken over it only if it is clear of the budget: its median per-round ratio at most ``ratio`` ×
     (1 − :data:`TIE_MARGIN`), and within ``ratio`` in at least three rounds in four (upper quartile). Closer, it is
     a tie that the next run may turn over: the digits ViT's FP32 engine ran 0.96x its bf16 default float engine in
     a build's rounds and 1.05x (1.01–1.07) it in rounds a minute later; the digits CNN's 1.0x, then 1.02x. The
     reference itself always fits the budget it sets (at ratio ≥ 1)."""
-    if not any(m.engine is reference.engine for m in fitting):
-        return fitting
+    if ratio > 1.0 + TIE_MARGIN or not any(m.engine is reference.engine for m in fitting):
+        return fitting  # a budget well above the reference: an engine near it is no tie with the reference
     kept = []
     for m in fitting:
         ratios = run.round_ratios.get(id(m.engine), [])

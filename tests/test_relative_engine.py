@@ -261,3 +261,17 @@ def test_nothing_fitting_a_relative_budget_says_which_ratio_would(
     with pytest.raises(BudgetError, match=r"--budget-ratio 1\.03 admits it \(within 5% of the budget: a tie"):
         _build(monkeypatch, ScriptedBuilder(hiccup={"yours": 0.98}), cnn_path, tmp_path / "r2", budget_ratio=1.0,
                relative_to=str(yours))  # fmt: skip
+
+
+def test_a_budget_well_above_the_reference_takes_an_engine_near_it(
+    monkeypatch: pytest.MonkeyPatch, cnn_path: Path, tmp_path: Path
+) -> None:
+    """At 1.2x the default float engine, FP32 at 1.18x it is near the budget but no tie with the reference: the
+    margin that guards "no slower than the reference" (ratio ≤ 1.05) does not apply, and the exact engine is
+    returned."""
+    lines: list[str] = []
+    report = _build(monkeypatch, TieBuilder([1.17, 1.19, 1.18, 1.18, 1.16]), cnn_path, tmp_path / "wide",
+                    budget_ratio=1.2, relative_to="default", progress=lines.append)  # fmt: skip
+    assert report.fits_budget and not report.plan.layers and report.plan.float_precision == "fp32", report.plan
+    assert not [m for m in lines if "not taken over it" in m]
+    assert not any(e["tie"] for e in report.latency_model["engines"])
