@@ -117,7 +117,11 @@ def rex_engine(bench: Bench, key: str, relative_to: str, work: Path, duration_s:
         "relative_to": Path(relative_to).name,
         "reference": report.reference_dict(),  # NNCF's IR as the build timed it, and on the build's probes
         # the engine returned is the runtime's default float engine itself (no layer quantized, its precision)
-        "is_default_float": not report.plan.layers and (report.plan.float_precision or "fp32") == default_precision,
+        # (on the runtime's default threads: an engine on the threads the build measured faster is another engine)
+        "is_default_float": not report.plan.layers and (report.plan.float_precision or "fp32") == default_precision
+        and not report.threads.get("threads"),
+        "threads": report.threads.get("threads", 0),
+        "threads_summary": report.threads.get("summary", ""),
         "build_s": seconds,
         "choice": report.choice,
         "plan": report.plan.summary() if report.plan.layers else "no layer quantized",
@@ -165,6 +169,13 @@ def measure_model(name: str, profile: Any, args: argparse.Namespace, work: Path)
               f"latency; {anchor_ms[anchor]:.3f} ms in the first rounds) ...", flush=True)  # fmt: skip
         builds[anchor] = rex_engine(bench, f"rex@{anchor}", relative_to, work / name, args.build_duration_s)
         builds[anchor]["anchor_first_rounds_ms"] = anchor_ms[anchor]
+    for threads in sorted({int(b.get("threads") or 0) for b in builds.values()} - {0}):
+        # the anchors on the thread count a build measured faster, loaded as a user would plus that one property:
+        # how much of a build's edge is the thread count, which any user could set, and how much the engine
+        for anchor in ANCHORS:
+            ir = bench.built[anchor].engine.artifacts[0]
+            engine = bench.builder.load(ir, profile, options={"INFERENCE_NUM_THREADS": str(threads)})
+            bench.built[f"{anchor}@{threads}t"] = Built(engine, 0.0, notes=(f"{anchor} IR, INFERENCE_NUM_THREADS={threads}",))
     keys = list(bench.built)
     print(f"[{name}] timing {len(keys)} engines, {args.rounds} interleaved rounds ...", flush=True)
     final = time_rounds(bench, keys, args.rounds, args.per_round_s)
@@ -231,6 +242,15 @@ LABELS = {"fp32": "FP32", "default": "OpenVINO default (no config)", "nncf_quant
           "rex@default": "rexdeploy build @ default-float latency", "rex@nncf_quantize": "rexdeploy build @ NNCF latency"}  # fmt: skip
 
 
+def label(key: str) -> str:
+    """An engine's row label; ``<anchor>@<n>t``: that anchor's IR on n inference threads."""
+    anchor, _, threads = key.partition("@")
+    if threads.endswith("t") and threads[:-1].isdigit():
+        n = int(threads[:-1])
+        return f"{LABELS[anchor]}, {n} thread{'s' * (n > 1)} (not a user default: the count a build measured faster)"
+    return LABELS.get(key, key)
+
+
 def _pct(x: float) -> str:
     return f"{x:.6f}" if x > 0.999 and x != 1.0 else f"{x:.1%}"
 
@@ -290,7 +310,7 @@ def markdown(result: dict[str, Any]) -> str:
             prec = ", ".join(f"{k} ×{v}" for k, v in e["precisions"].items())
             emb = (f"{e['embedding']['cosine_mean']:.6f} / {e['embedding']['cosine_worst']:.6f}"
                    if "embedding" in e else "")  # fmt: skip
-            lines.append(f"| {LABELS.get(key, key)} | {e['median_ms']:.3f} | {e['vs_fp32']['median']:.2f} | "
+            lines.append(f"| {label(key)} | {e['median_ms']:.3f} | {e['vs_fp32']['median']:.2f} | "
                          f"{e['fidelity']['top1_agreement']:.1%} | {e['fidelity']['rel_l2']:.3g} | {acc} | {emb} | {prec} |")  # fmt: skip
         lines += [""]
         for anchor, v in r["verdicts"].items():
@@ -305,7 +325,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"- **@ {LABELS[anchor]}** (budget {budget}): "
                 f"returned *{b['plan']}* "
                 f"({b['mix']}; float parts {b['float_precision'] or 'the profile default'}), build {b['build_s']:.0f} s, "
-                f"{len(b['attempts'])} REx attempt(s). ×anchor {v['ratio']['median']:.2f} "
+                f"{len(b['attempts'])} REx attempt(s)"
+                + (f", engines on {b['threads']} inference thread{'s' * (b['threads'] > 1)} ({b['threads_summary']})"
+                   if b.get("threads") else "")
+                + f". ×anchor {v['ratio']['median']:.2f} "
                 f"({v['ratio']['q1']:.2f}–{v['ratio']['q3']:.2f}), {v['metric']} {_score(v, 'agreement')} vs "
                 f"{_score(v, 'anchor_agreement')}: **{'met' if v['met'] else 'not met'}**"
                 + (" (the returned engine *is* the default float engine: timed against itself, its ×anchor is the "

@@ -70,6 +70,7 @@ from rexdeploy.probing import (
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import bn_input_scale, graph_inputs, input_shape, load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png
+from rexdeploy.runtime_threads import ThreadChoice, choose_threads
 from rexdeploy.samples import Preprocess, load_samples
 from rexdeploy.selfcheck import FLOOR as SELF_CHECK_FLOOR
 from rexdeploy.selfcheck import SelfCheck, self_check
@@ -123,8 +124,9 @@ def reference_engine(run: _Run, path: Path) -> Measured:
     suffix = path.suffix.lower()
     run.say(f"loading your engine {path.name} (the budget's reference) ...")
     if suffix in ONNX_SUFFIXES:
-        default = default_float_precision(run.builder, run.profile)
-        engine = run.build(path, REFERENCE, profile=run.profile.with_float_precision(default) or run.profile)
+        loaded = run.loaded_profile or run.profile
+        default = default_float_precision(run.builder, loaded)
+        engine = run.build(path, REFERENCE, profile=loaded.with_float_precision(default) or loaded)
     else:
         wants = "openvino" if suffix in IR_SUFFIXES else "tensorrt"
         load = getattr(run.builder, "load_as_user", None) or getattr(run.builder, "load", None)
@@ -218,6 +220,8 @@ class _Run:
     settled_reference: Measured | None = None  # a relative budget's reference as the interleaved rounds timed it
     round_ratios: dict[int, list[float]] = field(default_factory=dict)  # engine id → its per-round ratios to it
     ties: set[int] = field(default_factory=set)  # engines that fit but were not taken over the reference: a tie
+    loaded_profile: Profile | None = None  # the profile as given: how a user's own load of the model runs it
+    threads: ThreadChoice | None = None  # the inference threads measured on the FP32 engine (runtime_threads)
 
     def estimate(self, engine: Engine) -> Fidelity:
         """The data-free fidelity estimate of ``engine`` against the FP32 engine (each engine estimated once)."""
@@ -323,12 +327,15 @@ def build(
         say(f"warning: {warning}")
     out = Path(out_dir) if out_dir is not None else Path("rexdeploy-out") / model_path.stem
     with atomic_dir(out) as tmp:
-        run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name, use_cache, calibration)
+        run = _Run(model, layers, profile, builder, timing, tmp, sha, say, model_path.name, use_cache, calibration,
+                   loaded_profile=profile)  # fmt: skip
         copy_model(model_path, model, tmp / "fp32.onnx")
         say(f"building the FP32 baseline with {profile.engine} ...")
         fp32_engine = run.fp32_engine = run.build(tmp / "fp32.onnx", "fp32", profile=fp32_profile(profile))
         empty = Plan(layers={}, profile=profile.name, model_sha256=sha, float_precision="fp32")
         fp32 = run.measure("FP32", empty, fp32_engine, tmp / "fp32.onnx", timing, "the FP32 baseline")
+        as_loaded = fp32
+        fp32 = _tune_threads(run, fp32)  # from here on run.profile carries the inference threads kept
         baseline_runs = {"fp32": fp32}
         default = _default_float(run, fp32)
         if default is not None:
@@ -337,14 +344,18 @@ def build(
             baseline_runs["int8"] = _plain_int8(run)
         if budget_ratio is not None and ref_path is not None:
             baseline_runs[REFERENCE] = reference_engine(run, ref_path)
+        elif budget_ratio is not None and relative_to != "int8" and fp32 is not as_loaded:
+            # the budget is relative to the model as a user loads it: on the runtime's default threads
+            baseline_runs[REFERENCE] = _as_loaded(run, as_loaded, relative_to == "default")
         baselines = {key: engine_result(_label(key, m), m, tmp, builder) for key, m in baseline_runs.items()}
         ref_key = ""
         if budget_ratio is not None:
             named = {"int8": "int8", "fp32": "fp32", "default": default.label if default is not None else "fp32"}
-            ref_key = REFERENCE if ref_path is not None else named[relative_to]
+            ref_key = REFERENCE if REFERENCE in baseline_runs else named[relative_to]
             budget_ms = budget_ratio * baselines[ref_key].timing.median_ms
+            named_as = baseline_runs[ref_key].label if ref_key == REFERENCE and not ref_path else ref_key
             say(f"budget: {budget_ratio:g} x {baseline_runs[ref_key].label if ref_path else RELATIVE_TO[relative_to]} "
-                f"({ref_key}) = {format_ms(budget_ms)}")  # fmt: skip
+                f"({named_as}) = {format_ms(budget_ms)}")  # fmt: skip
         attempts: list[Attempt] = []
         planned: PlanResult | None = None
         latency_model: dict[str, object] = {}
@@ -432,6 +443,7 @@ def build(
             bare_load=bare,
             reference_fidelity=ref_fidelity,
             reference_fidelity_samples=ref_samples,
+            threads=run.threads.to_dict() if run.threads is not None else {},
         )
         if planned is not None:
             png = write_pareto_png(tmp / "pareto.png", report, planned)
@@ -949,19 +961,63 @@ def default_float_precision(builder: Builder, profile: Profile) -> str:
     return str(query(profile)) if callable(query) else "fp32"
 
 
-def _default_float(run: _Run, fp32: Measured, measure_error: bool = True) -> Measured | None:
+def _tune_threads(run: _Run, fp32: Measured) -> Measured:
+    """The inference threads of the run's engines, measured (:mod:`rexdeploy.runtime_threads`): the FP32 engine
+    on the runtime's default threads and on each count the builder offers, in interleaved rounds. Where fewer
+    threads are clearly faster, ``run.profile`` runs them from here on and the FP32 engine on them replaces
+    ``fp32`` (returned) among the candidates. Nothing is tried where the profile fixes the threads itself."""
+    if run.profile.parallel.threads or not callable(getattr(run.builder, "thread_choices", None)):
+        return fp32
+    fp32_built = fp32_profile(run.profile)
+
+    def variant(threads: int) -> Engine:
+        run.say(f"building the FP32 engine on {threads} inference thread{'s' * (threads > 1)} ...")
+        return run.build(fp32.onnx_path, f"fp32_{threads}threads", run.attempts_dir(), fp32_built.with_threads(threads))
+
+    run.say("timing the FP32 engine on fewer inference threads (interleaved rounds) ...")
+    made = choose_threads(run.builder, fp32.engine, variant, run.timing)
+    if made is None:
+        return fp32
+    choice, variants = made
+    run.threads = choice
+    run.say(f"threads: {choice.summary()}")
+    if not choice.changed:
+        return fp32
+    run.profile = run.profile.with_threads(choice.threads)
+    tuned = run.measure("FP32", fp32.plan, variants[choice.threads], fp32.onnx_path, run.timing,
+                        f"the FP32 baseline ({choice.threads} threads)")  # fmt: skip
+    run.measured.remove(fp32)  # the same engine, slower: not a candidate
+    return tuned
+
+
+def _as_loaded(run: _Run, fp32: Measured, default: bool) -> Measured:
+    """The budget's reference for ``--relative-to fp32`` / ``default`` once the run's threads differ from the
+    runtime's: the model as a user loads it (FP32, or the device's default float precision) on the runtime's
+    default threads. Like a user's own engine, never a candidate."""
+    loaded = run.loaded_profile or run.profile
+    made = _default_float(run, fp32, profile=loaded, candidate=False) if default else None
+    m = made or fp32
+    threads = run.threads.default_threads if run.threads is not None else 0
+    label = f"{m.label}, as loaded ({threads} threads)" if threads else f"{m.label}, as loaded"
+    return dataclasses.replace(m, label=label)
+
+
+def _default_float(run: _Run, fp32: Measured, measure_error: bool = True, profile: Profile | None = None,
+                   candidate: bool = True) -> Measured | None:  # fmt: skip
     """The engine a user gets by just loading the model: the device's default float precision (OpenVINO on a
     CPU with AVX-512 BF16 or AMX: bf16; TensorRT: fp16), built and timed beside FP32 when it is not f32, with
-    its error vs FP32 measured on the synthetic probes (bf16 is not exact)."""
-    if not run.profile.quantization.float_activations:
+    its error vs FP32 measured on the synthetic probes (bf16 is not exact). ``profile``: the run's unless given
+    (the profile as loaded, for a reference); ``candidate``: kept among the run's engines."""
+    base = profile or run.profile
+    if not base.quantization.float_activations:
         return None
-    default = default_float_precision(run.builder, run.profile)
-    variant = run.profile.with_float_precision(default)
+    default = default_float_precision(run.builder, base)
+    variant = base.with_float_precision(default)
     if default == "fp32" or variant is None:
         return None
     label = f"{default} (default)"
-    run.say(f"building the {run.profile.engine} default float engine ({default}) ...")
-    engine = run.build(fp32.onnx_path, default, profile=variant)
+    run.say(f"building the {base.engine} default float engine ({default}) ...")
+    engine = run.build(fp32.onnx_path, default if candidate else f"{default}_as_loaded", profile=variant)
     plan = dataclasses.replace(fp32.plan, float_precision=default,
                                notes=(f"float engine in {default} (the runtime's default float precision)",))  # fmt: skip
     m = run.measure(label, plan, engine, fp32.onnx_path, run.timing if measure_error else PROBE_TIMING,
@@ -970,6 +1026,8 @@ def _default_float(run: _Run, fp32: Measured, measure_error: bool = True) -> Mea
         err = run.estimate(engine).relative_error
         m = dataclasses.replace(m, error=err)
         run.measured[-1] = m
+    if not candidate:
+        run.measured.remove(m)
     return m
 
 

@@ -74,6 +74,7 @@ class Report:
     bare_load: dict[str, Any] = field(default_factory=dict)  # the IR compiled with no options, where that differs
     reference_fidelity: Fidelity | None = None  # the user's own engine (--relative-to PATH) on the same probes
     reference_fidelity_samples: Fidelity | None = None  # ... and on the user's --samples
+    threads: dict[str, Any] = field(default_factory=dict)  # the inference threads measured and kept (runtime_threads)
 
     def with_warning(self, warning: str) -> Report:
         return replace(self, warnings=(*self.warnings, warning))
@@ -128,6 +129,7 @@ class Report:
             "self_check": self.self_check,
             "bare_load": self.bare_load,
             "reference": self.reference_dict(),
+            "threads": self.threads,
         }
 
     def reference_dict(self) -> dict[str, Any] | None:
@@ -185,6 +187,8 @@ class Report:
         lines = [f"model    {self.model}  ({self.profile}: {self.engine} on {self.device})"]
         if self.latency_model:
             lines.append(f"latency  {self.latency_model.get('summary', '')}")
+        if self.threads:
+            lines.append(f"threads  {self.threads['summary']}")
         lines.append(f"plan     {self.plan_text}  [{self.plan.hash[:12]}]")
         for a in self.attempts:
             lines.append(
@@ -245,6 +249,7 @@ class Report:
             *([f"- self-check: {self.self_check['text']}"] if self.self_check else []),
             *([f"- loaded with no options: {self.bare_load['text']}"] if self.bare_load.get("text") else []),
             *([f"- planner latencies: {self.latency_model.get('summary', '')}"] if self.latency_model else []),
+            *([f"- inference threads: {self.threads['summary']}"] if self.threads else []),
             "",
             f"| engine | median | mean | p90 | p99 | CoV | runs | ratio to {self.fastest_float or 'FP32'} | build s |",
             "|---|---|---|---|---|---|---|---|---|",

@@ -276,6 +276,12 @@ def export_triton(
         # Triton OpenVINO backend parameters (triton-inference-server/openvino_backend README)
         parameters["PERFORMANCE_HINT"] = "LATENCY" if instances == 1 else "THROUGHPUT"
         parameters["NUM_STREAMS"] = str(instances)
+        threads = _stored_threads(engine_files[0].with_name("runtime_options.json"))
+        if threads and instances == 1:  # the build measured fewer threads faster (rexdeploy.runtime_threads)
+            parameters["INFERENCE_NUM_THREADS"] = threads
+        elif threads:
+            notes.append(f"the engine was measured on {threads} inference thread(s) per request; with {instances} "
+                         "instances (THROUGHPUT) OpenVINO shares its threads among the streams itself")  # fmt: skip
         if batch > 1:  # the backend compiles the IR at max_batch_size: pad smaller batches instead of failing
             parameters["ENABLE_BATCH_PADDING"] = "YES"
             notes.append(
@@ -382,6 +388,16 @@ def python_parameters(device: str = "CPU") -> dict[str, str]:
         "REXDEPLOY_PYTHON": f"{sys.version_info[0]}.{sys.version_info[1]}",
         "REXDEPLOY_DEVICE": device,
     }
+
+
+def _stored_threads(stored: Path) -> str:
+    """The ``INFERENCE_NUM_THREADS`` the engine was measured with ('' where its runtime options leave it to
+    OpenVINO, or there are none)."""
+    try:
+        options = json.loads(stored.read_text(encoding="utf-8")).get("options", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return str(options.get("INFERENCE_NUM_THREADS", "")) if isinstance(options, dict) else ""
 
 
 def _openvino_option_notes(stored: Path) -> list[str]:

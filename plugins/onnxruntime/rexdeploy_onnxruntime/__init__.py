@@ -164,8 +164,8 @@ class OnnxRuntimeBuilder:
     ``build`` copies the model (and its external-data files) into ``out_dir`` and opens an
     ``InferenceSession`` on the copy with every graph optimization (``ORT_ENABLE_ALL``, which also
     fuses Q/DQ pairs into QLinear* integer kernels; for a model with weight-only layers without the Q/DQ fusion
-    pass, :data:`DYNAMIC_QUANT_TRANSFORMER`, which would quantize their activations dynamically) and ``profile.parallel.cores`` intra-op threads
-    (0: ONNX Runtime's default). The profile's device is not used: this engine always runs on the CPU.
+    pass, :data:`DYNAMIC_QUANT_TRANSFORMER`, which would quantize their activations dynamically) and
+    ``profile.parallel.threads`` (else ``cores``) intra-op threads (0: ONNX Runtime's default). The profile's device is not used: this engine always runs on the CPU.
     """
 
     name = NAME
@@ -189,7 +189,7 @@ class OnnxRuntimeBuilder:
         start = _time.perf_counter()
         files = [model.name, *_external_files(model)]
         out_dir.mkdir(parents=True, exist_ok=True)
-        recorded = _options(profile.parallel.cores)
+        recorded = _options(profile.parallel.threads or profile.parallel.cores)
         if has_weight_only_layers(model):  # keep the plan's float activations: no dynamic int8 behind its back
             recorded["disabled_optimizers"] = DYNAMIC_QUANT_TRANSFORMER
         options = session_options(ort, recorded)

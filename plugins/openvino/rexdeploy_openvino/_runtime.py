@@ -64,6 +64,7 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 RUNTIME_OPTIONS_FILE = "runtime_options.json"
 """Written beside every IR ``build`` writes: the compile properties the engine was measured with."""
 
+THREADS_OPTION = "INFERENCE_NUM_THREADS"
 IR_RUNTIME_OPTIONS = ("DYNAMIC_QUANTIZATION_GROUP_SIZE",)
 """The properties OpenVINO's CPU plugin reads back from an IR's ``rt_info`` ``runtime_options`` (2026.4: it ignores
 ``INFERENCE_PRECISION_HINT`` there), so a bare ``core.compile_model(ir)`` honours them."""
@@ -97,11 +98,13 @@ def model_dynamic(model_metadata: dict[str, str], profile: Profile | None) -> bo
 
 
 def runtime_options(core: Any, device: str, precision: str, mode: str = "LATENCY",
-                    dynamic: bool = False) -> dict[str, str]:  # fmt: skip
+                    dynamic: bool = False, threads: int = 0) -> dict[str, str]:  # fmt: skip
     """The compile properties of an engine: the performance hint, the inference precision, and — where the
     device has it — ``DYNAMIC_QUANTIZATION_GROUP_SIZE``: 0 unless the plan chose dynamic activations, so that
     the activations of compressed-weight (weight-only) MatMuls are not quantized behind the plan's back
-    (OpenVINO's CPU default, 32, adds ~100× the planned error to a weight-only K=2 layer; docs/precision.md)."""
+    (OpenVINO's CPU default, 32, adds ~100× the planned error to a weight-only K=2 layer; docs/precision.md);
+    ``INFERENCE_NUM_THREADS`` where ``threads`` > 0 (the profile's ``[parallel] threads``, which ``rexdeploy build``
+    sets when fewer threads measure faster; 0: the hint's own, every core for ``LATENCY``)."""
     options = {"PERFORMANCE_HINT": mode, "INFERENCE_PRECISION_HINT": precision}
     try:
         supported = {str(p) for p in core.get_property(device, "SUPPORTED_PROPERTIES")}
@@ -109,6 +112,13 @@ def runtime_options(core: Any, device: str, precision: str, mode: str = "LATENCY
         supported = set()
     if "DYNAMIC_QUANTIZATION_GROUP_SIZE" in supported:
         options["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = str(DYNAMIC_GROUP if dynamic else 0)
+    if threads > 0:
+        if THREADS_OPTION not in supported:
+            raise BuildError(
+                f"OpenVINO device {device} has no {THREADS_OPTION} property: remove [parallel] threads = {threads} "
+                "from the profile"
+            )
+        options[THREADS_OPTION] = str(threads)
     return options
 
 

@@ -23,6 +23,7 @@ from rexdeploy_openvino._runtime import (
     OV_PRECISION,
     PIP_EXTRA,
     RUNTIME_OPTIONS_FILE,
+    THREADS_OPTION,
     check_device,
     import_openvino,
     inference_precision,
@@ -98,6 +99,13 @@ def _write_options(path: Path, options: dict[str, str], default_precision: str) 
             f" A bare compile_model on this host runs {default_precision}, not "
             f"{options['INFERENCE_PRECISION_HINT']}: the engine's fidelity and latency need these options."
             if bare_differs
+            else ""
+        )
+        + (
+            f" {THREADS_OPTION}={options[THREADS_OPTION]} (the profile's [parallel] threads, which rexdeploy build "
+            "sets where it measured fewer threads faster) is not read from the IR either: a bare compile_model runs "
+            "OpenVINO's default threads."
+            if THREADS_OPTION in options
             else ""
         )
     )
@@ -191,7 +199,7 @@ class OpenVINOBuilder:
         ov_model, shapes, index = read_static_model(core, model)
         meta = onnx_metadata(model)
         options = runtime_options(core, profile.device, model_precision(meta, profile),
-                                  dynamic=model_dynamic(meta, profile))  # fmt: skip
+                                  dynamic=model_dynamic(meta, profile), threads=profile.parallel.threads)  # fmt: skip
         if model.suffix != ".xml":  # weight-only layers in their fastest exact compressed/folded form
             compress_for_engine(ov_model, options)
         for key in IR_RUNTIME_OPTIONS:  # what the CPU plugin honours from the IR itself
@@ -238,7 +246,8 @@ class OpenVINOBuilder:
         ov_model, shapes, index = read_static_model(core, ir)
         if options is None:
             options = stored_options(ir) or runtime_options(core, profile.device, inference_precision(profile),
-                                                            dynamic=profile.quantization.dynamic_activations)  # fmt: skip
+                                                            dynamic=profile.quantization.dynamic_activations,
+                                                            threads=profile.parallel.threads)  # fmt: skip
         compiled = _compile(core, ov_model, ir.name, profile.device, options)
         if not options:  # bare: record what OpenVINO chose, so a profile run or a reload reproduces it
             options = _chosen_options(compiled)
@@ -284,6 +293,22 @@ class OpenVINOBuilder:
             duration_s=loop.duration_s,
             batch=loop.batch,
         )
+
+    def thread_choices(self, engine: Engine) -> tuple[int, list[int]]:
+        """The engine's inference threads and the counts worth timing beside them (``rexdeploy build`` keeps the
+        fastest; :mod:`rexdeploy.runtime_threads`): on a CPU compiled for latency with n > 1 threads, 1 and, from
+        4 threads up, n // 2. A small model's nodes take a few µs each, and waking the other threads for every node
+        can cost more than they save (the digits ViT on a 2-core EPYC: 50 µs on 1 thread, 143 µs on 2). No counts
+        on a GPU, for the throughput hint, or where the engine's threads are already fixed."""
+        try:
+            threads = int(compiled_model(engine).get_property(THREADS_OPTION))
+        except Exception:
+            return 0, []
+        fixed = THREADS_OPTION in engine.options
+        latency = engine.options.get("PERFORMANCE_HINT", "LATENCY") == "LATENCY"
+        if engine.device.split(".")[0] != "CPU" or not latency or fixed or threads <= 1:
+            return threads, []
+        return threads, sorted({1, threads // 2} - {threads})
 
     def default_float_precision(self, profile: Profile) -> str:
         """The precision OpenVINO runs float layers in on the profile's device when nothing pins it —
