@@ -292,7 +292,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['loadavg_before'][0]:.1f} / {m['loadavg_after'][0]:.1f}.",
         "",
         "`rexdeploy build --budget-ratio 1 --relative-to A` (closed loop, data-free) at each anchor's latency, A = "
-        "`default` (the default float engine) or NNCF's IR itself (`--relative-to nncf_quantize.xml`, compiled bare): "
+        "`default` (the default float engine) or NNCF's IR itself (`--relative-to nncf_quantize.xml`, compiled bare; "
+        "every anchor with its dynamic batch fixed to 1, as rexdeploy's loader compiles an IR): "
         "the build times the anchor in its own interleaved rounds, beside its candidates; all engines are then "
         "timed again in interleaved rounds "
         f"({result['rounds']} × {result['per_round_s']} s per engine). *×anchor*: median (quartiles) of the per-round "
