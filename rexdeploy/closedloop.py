@@ -70,7 +70,7 @@ from rexdeploy.probing import (
 from rexdeploy.profile import Profile, load_profile
 from rexdeploy.ranges import bn_input_scale, graph_inputs, input_shape, load_calibration
 from rexdeploy.report import Attempt, EngineResult, Report, write_pareto_png
-from rexdeploy.runtime_threads import ThreadChoice, choose_threads
+from rexdeploy.runtime_threads import THREAD_MAX_MS, ThreadChoice, choose_threads
 from rexdeploy.samples import Preprocess, load_samples
 from rexdeploy.selfcheck import FLOOR as SELF_CHECK_FLOOR
 from rexdeploy.selfcheck import SelfCheck, self_check
@@ -967,6 +967,10 @@ def _tune_threads(run: _Run, fp32: Measured) -> Measured:
     threads are clearly faster, ``run.profile`` runs them from here on and the FP32 engine on them replaces
     ``fp32`` (returned) among the candidates. Nothing is tried where the profile fixes the threads itself."""
     if run.profile.parallel.threads or not callable(getattr(run.builder, "thread_choices", None)):
+        return fp32
+    if fp32.timing.median_ms > THREAD_MAX_MS:
+        run.say(f"threads: the runtime's default kept, fewer not tried: the FP32 engine takes "
+                f"{format_ms(fp32.timing.median_ms)} (> {THREAD_MAX_MS:g} ms: its nodes' work dominates)")  # fmt: skip
         return fp32
     fp32_built = fp32_profile(run.profile)
 

@@ -26,6 +26,8 @@ from rexdeploy.builders.base import Builder, Engine, TimingSettings
 THREAD_GAIN = 0.05  # fewer threads are kept only when their median per-round ratio is at least this much under 1
 THREAD_ROUNDS = 5  # interleaved rounds (each times every variant once, in a rotated order)
 THREAD_ROUND_S = 0.2  # seconds per variant per round
+THREAD_MAX_MS = 20.0  # an FP32 engine slower than this is not tried on fewer threads: its nodes' work dominates the
+# per-node thread wake-ups (µs each), and its rounds would cost seconds of build time for nothing
 DEFAULT = 0  # the key of the runtime's default threads in the rounds
 
 
@@ -111,10 +113,11 @@ def choose_threads(builder: Builder, engine: Engine, variant: Callable[[int], En
     if not counts:
         return None
     variants = {n: variant(n) for n in counts}
-    settings = dataclasses.replace(timing, duration_s=THREAD_ROUND_S, warmup_s=min(timing.warmup_s, 0.1), runs=None)
+    settings = dataclasses.replace(timing, duration_s=THREAD_ROUND_S, warmup_s=min(timing.warmup_s, 0.1), runs=None,
+                                   min_runs=min(timing.min_runs, 5))  # fmt: skip
     measured = rounds(builder, {DEFAULT: engine, **variants}, settings)
     threads, ratios, upper = pick_threads(measured)
     return ThreadChoice(threads, int(default_threads), float(np.median(measured[DEFAULT])), ratios, upper), variants
 
 
-__all__ = ["THREAD_GAIN", "ThreadChoice", "choose_threads", "pick_threads", "rounds"]
+__all__ = ["THREAD_GAIN", "THREAD_MAX_MS", "ThreadChoice", "choose_threads", "pick_threads", "rounds"]

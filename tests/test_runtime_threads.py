@@ -19,7 +19,7 @@ from rexdeploy.builders.base import Engine, TimingSettings
 from rexdeploy.builders.timing import Timing, timing_from_samples
 from rexdeploy.errors import ProfileError
 from rexdeploy.profile import Profile, load_profile, profile_from_dict
-from rexdeploy.runtime_threads import THREAD_GAIN, ThreadChoice, pick_threads
+from rexdeploy.runtime_threads import THREAD_GAIN, THREAD_MAX_MS, ThreadChoice, pick_threads
 
 
 @pytest.fixture
@@ -147,6 +147,15 @@ def test_a_tie_keeps_the_runtimes_default_threads(monkeypatch: pytest.MonkeyPatc
     report = _build(monkeypatch, builder, cnn_path, tmp_path / "tie", budget_ms=_fp32_ms(builder, cnn_path) * 0.8)
     assert report.threads["threads"] == 0 and report.threads["summary"].startswith("the runtime's default (2 threads)")
     assert [p for p in builder.profiles if p[1]] == [("fp32", 1)]  # only the FP32 engine tried on 1 thread
+
+
+def test_a_slow_fp32_engine_is_not_tried_on_fewer_threads(monkeypatch: pytest.MonkeyPatch, cnn_path: Path,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    builder = ThreadedBuilder(0.4, overhead_us=1000.0 * THREAD_MAX_MS)  # FP32 over THREAD_MAX_MS
+    said: list[str] = []
+    report = _build(monkeypatch, builder, cnn_path, tmp_path / "slow", budget_ms=2 * THREAD_MAX_MS, progress=said.append)
+    assert report.threads == {} and {threads for _, threads in builder.profiles} == {0}
+    assert [m for m in said if m.startswith("threads: the runtime's default kept, fewer not tried")]
 
 
 def test_threads_fixed_by_the_profile_are_not_tried(monkeypatch: pytest.MonkeyPatch, cnn_path: Path,
