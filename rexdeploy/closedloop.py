@@ -289,6 +289,7 @@ def build(
     use_cache: bool = True,
     samples: str | Path | None = None,
     preprocess: Preprocess | None = None,
+    threads: int = 0,
     **overrides: object,
 ) -> Report:
     """Plan (or take ``plan`` / the flag ``overrides``), expand, build, time next to the baselines, report.
@@ -298,7 +299,9 @@ def build(
     gets by just loading the model: bf16 on AVX-512 BF16 / AMX CPUs, else the FP32 engine).
     ``samples`` (``.npy`` / ``.npz`` / a folder of images, preprocessed by ``preprocess``) are the user's own
     inputs: the returned engine's fidelity against FP32 is measured on them beside the synthetic estimate —
-    they never touch quantization.
+    they never touch quantization. ``threads``: the inference threads of every engine; 0 (default) measures
+    whether fewer than the runtime's default are faster (:mod:`rexdeploy.runtime_threads`), unless the profile
+    fixes them.
     Engines are reused from the engine cache (:mod:`rexdeploy.builders.cache`), and the model's measured
     cost table from its cache, unless ``use_cache`` is off.
     Artifacts (expanded.onnx, plan.json, the engines, report.json, report.md, pareto.png) are written to
@@ -307,6 +310,8 @@ def build(
     say = progress or _quiet
     ref_path = reference_path(relative_to)
     profile = load_profile(profile) if isinstance(profile, str) else profile
+    if threads:  # fixed by the caller (--threads N): nothing measured, every engine runs it
+        profile = profile.with_threads(threads)
     model_path = Path(model_path)
     timing = timing or TimingSettings()
     model = load_model(model_path)

@@ -224,3 +224,36 @@ def test_openvino_engines_carry_the_threads_and_offer_fewer(tmp_path: Path) -> N
     again = builder.load(tmp_path / "one" / "model.xml", profile)  # type: ignore[attr-defined]
     assert int(compiled_model(again).get_property("INFERENCE_NUM_THREADS")) == 1
     assert "INFERENCE_NUM_THREADS" not in default.options
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def test_threads_flag_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
+    from rexdeploy.cli.main import main
+    from rexdeploy.demo import demo_model_path
+
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SystemExit) as exc:
+            main(["build", str(demo_model_path()), "--threads", bad])
+        assert exc.value.code == 2  # a usage error
+        assert "use auto or a whole number of threads >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.openvino
+def test_threads_flag_fixes_every_engine(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--threads 1: nothing measured, every engine (and the returned one's runtime options) runs 1 thread."""
+    pytest.importorskip("openvino")
+    from rexdeploy.cli.main import main
+    from rexdeploy.demo import demo_model_path
+
+    out = tmp_path / "t1"
+    args = ["build", str(demo_model_path()), "--profile", "x86-avx2", "--order", "1", "--threads", "1",
+            "--out", str(out), "--duration", "0.2s", "--warmup", "50ms", "--json"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["threads"] == {} and "fewer inference threads" not in captured.err
+    for folder in ("rex", "fp32"):
+        stored = json.loads((out / folder / "runtime_options.json").read_text())
+        assert stored["options"]["INFERENCE_NUM_THREADS"] == "1", folder

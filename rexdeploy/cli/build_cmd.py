@@ -46,6 +46,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--form", choices=("branches", "concat"), help="dense expansion form")
     p.add_argument("--block", type=int, help="int4 weight-only with per-block scales on Gemm/MatMul (e.g. 64)")
     common.add_smooth_arg(p)
+    p.add_argument(
+        "--threads",
+        type=common.threads,
+        default=0,
+        metavar="{auto,N}",
+        help="inference threads per request of every engine: auto (default) times the FP32 engine on the runtime's "
+        "default threads and on fewer and keeps the fastest (at least 5%% faster); N fixes it (written to the "
+        "engine's runtime options), e.g. 1 when other work shares the CPU",
+    )
     p.add_argument("--duration", type=common.duration, default=3.0, help="timed duration per engine (default 3s)")
     p.add_argument("--warmup", type=common.duration, default=0.2, help="warm-up per engine (default 200ms)")
     p.add_argument("--no-cache", action="store_true", help="rebuild engines even if the engine cache holds them")
@@ -87,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         form=args.form,
         block=args.block,
         smooth_alpha=args.smooth,
+        threads=args.threads,
     )
     if args.json:
         print(report.to_json())

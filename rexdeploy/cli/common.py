@@ -77,6 +77,15 @@ def ensemble(text: str) -> tuple[int, ...]:
     return split
 
 
+def threads(text: str) -> int:
+    """``auto`` → 0 (measured by the build), ``N`` ≥ 1 → N inference threads per request."""
+    if text == "auto":
+        return 0
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"invalid --threads {text!r}: use auto or a whole number of threads >= 1, e.g. 1")
+
+
 def duration(text: str) -> float:
     """``3s`` / ``500ms`` / ``2`` → seconds."""
     from rexdeploy.budget import parse_budget
