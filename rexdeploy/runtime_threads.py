@@ -3,7 +3,7 @@
 A runtime compiled for latency runs each request on every core (OpenVINO's ``LATENCY`` hint). On a small model
 that is not the fastest: each node takes a few µs, and waking the other threads for every node can cost more
 than they save. On a 2-core AMD EPYC (avx512_bf16) the digits ViT ran 143 µs on 2 threads and 50 µs on 1, the
-digits CNN 31 µs and 14 µs; MobileNetV2's int8 engine, whose nodes are larger, ran 1.75x *slower* on 1 thread.
+digits CNN 31 µs and 14 µs; MobileNetV2's int8 engine, whose nodes are larger, ran 1.4-1.75x *slower* on 1 thread.
 Which is faster depends on the model and the host, so ``rexdeploy build`` measures it: the FP32 engine on the
 runtime's default threads and on each count the builder offers (``Builder.thread_choices``), timed in
 interleaved rounds, and keeps a count only when it is clearly faster (:data:`THREAD_GAIN`); every engine of
