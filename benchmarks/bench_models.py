@@ -216,8 +216,10 @@ class Bench:
         return key
 
     def default_engine(self, key: str) -> Built:
-        """The model as a user loads it: ``openvino.convert_model`` of the ONNX file, saved as IR, compiled with no
-        config at all (``core.compile_model(ir)``: OpenVINO's default precision, hint and dynamic quantization)."""
+        """The model in OpenVINO's defaults: ``openvino.convert_model`` of the ONNX file, saved as IR, compiled with no
+        config at all (OpenVINO's default precision, hint and dynamic quantization), its batch fixed to 1 as
+        rexdeploy builds every engine (a bare ``core.compile_model(ir)`` keeps a dynamic batch: 1.00-1.29x this
+        engine's latency on the anchors' models, docs/measured-planning.md)."""
         import openvino as ov
 
         t0 = time.perf_counter()
@@ -232,7 +234,9 @@ class Bench:
 
     def nncf_quantize_engine(self, key: str, calibration: np.ndarray, note: str) -> Built:
         """``nncf.quantize`` (post-training int8 of weights and activations, ranges calibrated on ``calibration``,
-        one sample at a time) on the OpenVINO model; the IR compiled with no config, as a user would."""
+        one sample at a time) on the OpenVINO model; the IR compiled with no config, as a user would, its batch fixed to
+        1 as rexdeploy's loader compiles every IR (a bare ``core.compile_model(ir)`` keeps the ONNX file's dynamic
+        batch: docs/measured-planning.md)."""
         import nncf
         import openvino as ov
 
