@@ -51,13 +51,14 @@ class ThreadChoice:
         return self.threads > 0
 
     def summary(self) -> str:
-        tried = ", ".join(f"{n} thread{'s' * (n > 1)} {r:.2f}x" for n, r in sorted(self.ratios.items()))
+        tried = ", ".join(f"{r:.2f}x on {n} thread{'s' * (n > 1)}" for n, r in sorted(self.ratios.items()))
         default = f"the runtime's default ({self.default_threads} threads)"
         if self.changed:
             return (f"{self.threads} thread{'s' * (self.threads > 1)} per request: the FP32 engine ran "
                     f"{self.ratios[self.threads]:.2f}x {default} in {THREAD_ROUNDS} interleaved rounds "
                     f"({tried}); every engine of this build runs it")  # fmt: skip
-        return f"{default} kept: fewer threads ran the FP32 engine {tried} it (kept below {1 - THREAD_GAIN:.2f}x)"
+        return (f"{default} kept: the FP32 engine ran {tried} in {THREAD_ROUNDS} interleaved rounds (fewer threads "
+                f"are kept from {1 - THREAD_GAIN:.2f}x down)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {

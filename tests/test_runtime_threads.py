@@ -60,8 +60,8 @@ def test_the_choice_says_what_was_measured() -> None:
     assert json.loads(json.dumps(raw)) == raw
     stayed = ThreadChoice(0, 2, 1.9, {1: 1.75}, {1: 1.8})
     assert not stayed.changed
-    assert stayed.summary() == ("the runtime's default (2 threads) kept: fewer threads ran the FP32 engine "
-                                "1 thread 1.75x it (kept below 0.95x)")  # fmt: skip
+    assert stayed.summary() == ("the runtime's default (2 threads) kept: the FP32 engine ran 1.75x on 1 thread in 5 "
+                                "interleaved rounds (fewer threads are kept from 0.95x down)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the profile
