@@ -234,9 +234,8 @@ class Bench:
 
     def nncf_quantize_engine(self, key: str, calibration: np.ndarray, note: str) -> Built:
         """``nncf.quantize`` (post-training int8 of weights and activations, ranges calibrated on ``calibration``,
-        one sample at a time) on the OpenVINO model; the IR compiled with no config, as a user would, its batch fixed to
-        1 as rexdeploy's loader compiles every IR (a bare ``core.compile_model(ir)`` keeps the ONNX file's dynamic
-        batch: docs/measured-planning.md)."""
+        one sample at a time) on the OpenVINO model; the IR compiled as a user's ``core.compile_model(ir)`` does: no
+        config, its own input shapes (the ONNX file's dynamic batch stays dynamic; timed and run at batch 1)."""
         import nncf
         import openvino as ov
 
@@ -253,7 +252,7 @@ class Bench:
         ov.save_model(quantized, str(ir), compress_to_fp16=False)
         quantize_s = time.perf_counter() - t0
         fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
-        engine = self.builder.load(ir, self.profile, options={})
+        engine = self.builder.load_as_user(ir, self.profile)  # bare and as it is: the dynamic batch stays dynamic
         notes = (f"{fq} FakeQuantize ops; calibration: {note}"
                  + (", model_type TRANSFORMER" if "model_type" in kwargs else ", default preset"), bare_report(engine))  # fmt: skip
         built = Built(engine, quantize_s + engine.build_seconds, quantize_s, notes=notes)

@@ -173,6 +173,17 @@ def test_load_as_user_keeps_rexdeploys_options_and_compiles_foreign_irs_bare(tmp
     bare = builder.load_as_user(foreign, profile)
     plain = ov.Core().compile_model(str(foreign), "CPU")
     assert bare.options["INFERENCE_PRECISION_HINT"] == plain.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    # as it is: the demo's dynamic batch stays dynamic, as in the plain compile; timed and run at batch 1
+    from rexdeploy_openvino.builder import compiled_model
+
+    assert compiled_model(bare).inputs[0].get_partial_shape().is_dynamic
+    assert plain.inputs[0].get_partial_shape().is_dynamic
+    assert bare.inputs == {"input": (1, 1, 8, 8)}
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(builder.run(bare, {"input": x})[0], plain.create_infer_request().infer([x])[0], rtol=1e-6)
+    assert builder.time(bare, TimingSettings(warmup_s=0.0, duration_s=0.0, runs=3, min_runs=1)).median_ms > 0
+    # rexdeploy's own engines keep the batch they were built with (fixed to 1)
+    assert not compiled_model(builder.load_as_user(xml, profile)).inputs[0].get_partial_shape().is_dynamic
 
 
 def test_engines_the_rounds_bring_within_the_budget_are_compared_on_measured_errors(
@@ -275,3 +286,50 @@ def test_a_budget_well_above_the_reference_takes_an_engine_near_it(
     assert report.fits_budget and not report.plan.layers and report.plan.float_precision == "fp32", report.plan
     assert not [m for m in lines if "not taken over it" in m]
     assert not any(e["tie"] for e in report.latency_model["engines"])
+
+
+DYNAMIC_SEQUENCE = """
+import sys
+from pathlib import Path
+import numpy as np
+import openvino as ov
+from rexdeploy.builders.base import TimingSettings
+from rexdeploy.builders.registry import get_builder
+from rexdeploy.demo import demo_model_path
+from rexdeploy.profile import load_profile
+ir = Path(sys.argv[1])
+ov.save_model(ov.convert_model(str(demo_model_path())), str(ir), compress_to_fp16=False)
+builder, profile = get_builder("openvino"), load_profile("x86-avx2")
+engine = builder.load_as_user(ir, profile)  # compiled as it is: the demo's dynamic batch stays dynamic
+for _ in range(3):
+    builder.time(engine, TimingSettings(warmup_s=0.05, duration_s=0.2))
+ov.convert_model(str(demo_model_path()))  # what building the next engine does
+x = np.random.default_rng(1).standard_normal((160, 1, 8, 8)).astype(np.float32)
+for _ in range(3):
+    for i in range(len(x)):
+        builder.run(engine, {"input": x[i : i + 1]})
+print("ok")
+"""
+
+
+@pytest.mark.openvino
+def test_a_dynamic_batch_engine_timed_then_run_after_another_conversion_does_not_crash(tmp_path: Path) -> None:
+    """OpenVINO 2026.4 aborted the process (3 of 3 runs on a loaded 2-core host) when a request of a dynamic-shape
+    model that had been given set_input_tensor was destroyed, another ONNX model was converted, and the model ran
+    again: what a build relative to a foreign IR does (time it in the rounds, build candidates, run it on the
+    probes). The timing loop of such a model hands its inputs to each call instead. Run in a subprocess under load
+    (two busy processes), where the crash showed."""
+    pytest.importorskip("openvino")
+    import subprocess
+    import sys
+
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 60: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        for attempt in range(2):
+            done = subprocess.run([sys.executable, "-c", DYNAMIC_SEQUENCE, str(tmp_path / f"m{attempt}.xml")],
+                                  capture_output=True, text=True, timeout=240)  # fmt: skip
+            assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-2000:])
+    finally:
+        for process in busy:
+            process.kill()

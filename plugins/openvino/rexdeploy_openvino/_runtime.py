@@ -142,12 +142,15 @@ def check_device(core: Any, device: str) -> None:
         )
 
 
-def read_static_model(core: Any, model: Path) -> tuple[Any, dict[str, tuple[int, ...]], dict[str, str]]:
+def read_static_model(core: Any, model: Path, fix_batch: bool = True) -> tuple[Any, dict[str, tuple[int, ...]],
+                                                                             dict[str, str]]:  # fmt: skip
     """Read an ONNX model (``openvino.convert_model``) or an IR ``.xml`` and fix its input shapes.
 
     A dynamic leading (batch) dimension becomes 1; any other dynamic dimension is an error, since a
     timed engine needs one shape. Returns the reshaped ``openvino.Model``, the input shapes, and the
     ONNX node index of :func:`~rexdeploy_openvino.precisions.onnx_node_index` ({} for an IR).
+    ``fix_batch=False`` leaves the model as it is (a dynamic batch stays dynamic, as a bare
+    ``core.compile_model`` compiles it) and returns the batch-1 shapes it is timed and run at.
     """
     ov = import_openvino()
     if not model.is_file():
@@ -189,7 +192,7 @@ def read_static_model(core: Any, model: Path) -> tuple[Any, dict[str, tuple[int,
         shapes[name] = tuple(dims)
         if pshape.is_dynamic:
             new_shapes[position] = ov.PartialShape(dims)
-    if new_shapes:
+    if new_shapes and fix_batch:
         try:
             ov_model.reshape(new_shapes)
         except Exception as exc:
