@@ -36,7 +36,7 @@ from rexdeploy.budget import format_ms
 from rexdeploy.builders.base import Builder, Engine, TimingSettings
 from rexdeploy.builders.cache import cached_build
 from rexdeploy.builders.registry import builder_for
-from rexdeploy.builders.timing import Timing
+from rexdeploy.builders.timing import interleaved_rounds
 from rexdeploy.costmodel import engine_float_precision, engine_profile, float_precision
 from rexdeploy.errors import BudgetError, BuildError, InputError
 from rexdeploy.fidelity import (
@@ -841,10 +841,7 @@ def _rounds(run: _Run, engines: list[Measured]) -> tuple[list[Measured], np.ndar
     each with the timing of its median round (the run's records updated; the user's own engine is not one), and
     the median latency of each engine (rows) in each round (columns)."""
     settings = dataclasses.replace(run.timing, duration_s=PAIRED_ROUND_S, warmup_s=min(run.timing.warmup_s, 0.1))
-    rounds: list[list[Timing]] = [[] for _ in engines]
-    for r in range(PAIRED_ROUNDS):
-        for i in [(r + k) % len(engines) for k in range(len(engines))]:
-            rounds[i].append(run.builder.time(engines[i].engine, settings))
+    rounds = interleaved_rounds(run.builder, [m.engine for m in engines], settings, PAIRED_ROUNDS)
     out = []
     for m, timings in zip(engines, rounds, strict=True):
         settled = dataclasses.replace(m, timing=sorted(timings, key=lambda t: t.median_ms)[len(timings) // 2])

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from rexdeploy.builders.base import Builder, Engine, TimingSettings
+from rexdeploy.builders.timing import interleaved_rounds
 
 THREAD_GAIN = 0.05  # fewer threads are kept only when their median per-round ratio is at least this much under 1
 THREAD_ROUNDS = 5  # interleaved rounds (each times every variant once, in a rotated order)
@@ -92,12 +93,8 @@ def pick_threads(rounds: Mapping[int, Sequence[float]]) -> tuple[int, dict[int, 
 def rounds(builder: Builder, engines: Mapping[int, Engine], timing: TimingSettings,
            n_rounds: int = THREAD_ROUNDS) -> dict[int, list[float]]:  # fmt: skip
     """Each engine's median latency (ms) in ``n_rounds`` interleaved rounds of ``timing`` (rotated order)."""
-    keys = list(engines)
-    out: dict[int, list[float]] = {k: [] for k in keys}
-    for r in range(n_rounds):
-        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            out[key].append(builder.time(engines[key], timing).median_ms)
-    return out
+    timed = interleaved_rounds(builder, list(engines.values()), timing, n_rounds)
+    return {key: [t.median_ms for t in timings] for key, timings in zip(engines, timed, strict=True)}
 
 
 def choose_threads(builder: Builder, engine: Engine, variant: Callable[[int], Engine],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -135,6 +135,17 @@ def measure(infer: Callable[[], object], settings: TimingSettings) -> Timing:
         duration_s=clock() - t_begin,
         batch=settings.batch,
     )
+
+
+def interleaved_rounds(builder: Builder, engines: Sequence[Engine], settings: TimingSettings,
+                       rounds: int) -> list[list[Timing]]:  # fmt: skip
+    """Each engine timed once per round for ``rounds`` rounds, round r starting at engine r (a rotated order), so
+    that every engine meets the machine's drift alike. Returns each engine's timings, one per round."""
+    out: list[list[Timing]] = [[] for _ in engines]
+    for r in range(rounds):
+        for i in [(r + k) % len(engines) for k in range(len(engines))]:
+            out[i].append(builder.time(engines[i], settings))
+    return out
 
 
 def random_inputs(

@@ -261,7 +261,7 @@ class OpenVINOBuilder:
         """An IR compiled the way its user runs it: with the ``runtime_options.json`` rexdeploy wrote beside it,
         else bare and as it is (``core.compile_model(ir)``: an IR from elsewhere, e.g. NNCF's, in OpenVINO's
         defaults, a dynamic batch left dynamic: on MobileNetV2 NNCF's int8 IR ran 1.05x its batch-1 reshape
-        on an AMD EPYC, the BERT-style encoder's 0.99x)."""
+        on an AMD EPYC (avx512_bf16), the BERT-style encoder's 0.99x)."""
         if stored_options(Path(ir)) is not None:
             return self.load(ir, profile, options=None)
         return self.load(ir, profile, options={}, as_is=True)
@@ -316,7 +316,7 @@ class OpenVINOBuilder:
         """The engine's inference threads and the counts worth timing beside them (``rexdeploy build`` keeps the
         fastest; :mod:`rexdeploy.runtime_threads`): on a CPU compiled for latency with n > 1 threads, 1 and, from
         4 threads up, n // 2. A small model's nodes take a few µs each, and waking the other threads for every node
-        can cost more than they save (the digits ViT on a 2-core EPYC: 50 µs on 1 thread, 143 µs on 2). No counts
+        can cost more than they save (the digits ViT on a 2-core AMD EPYC, avx512_bf16: 50 µs on 1 thread, 143 µs on 2). No counts
         on a GPU, for the throughput hint, or where the engine's threads are already fixed."""
         try:
             threads = int(compiled_model(engine).get_property(THREADS_OPTION))
